@@ -1,0 +1,214 @@
+"""VisionConfig: everything needed to build a library, and where it comes from.
+
+A config is made from a preset (``configs/<name>.json``) or from a checkpoint's
+``config.json`` (the family module turns the Hugging Face fields into ours).
+Compile options (``--select-layer``, ``--feature``, ``--image-size``,
+``--projector``) are applied on top with :func:`with_options`.
+
+The dataclass is a superset of what the families need; each family reads the
+fields that describe it and the defaults keep the others inert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MlcVisionError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+if not PRESET_DIR.is_dir():  # installed as a wheel: presets ship inside the package
+    PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+FEATURES = ("patch", "cls_patch")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes ``pixel_values`` (the transformers image processor's fields).
+
+    resize: ``shortest_edge`` (resize the short side to ``size`` keeping the
+    aspect ratio, then center-crop ``crop_size``; CLIP) or ``exact`` (resize to
+    ``size`` x ``size``; SigLIP, InternViT).
+    """
+
+    resize: str = "shortest_edge"
+    size: int = 224
+    crop_size: int | None = 224
+    resample: str = "bicubic"
+    rescale_factor: float = 1 / 255
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    pad_to_square: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocess":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise MlcVisionError(f"unknown preprocessing field(s) {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(float(v) for v in data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Architecture + preprocessing + feature selection of one vision encoder."""
+
+    family: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # quick_gelu | gelu | gelu_tanh
+    norm_type: str = "layer_norm"  # layer_norm | rms_norm
+    qkv_bias: bool = True  # family-specific meaning (EVA: q and v only)
+    qk_norm: bool = False  # InternViT-6B: RMSNorm over all channels of q and k
+    layer_scale: bool = False  # InternViT: ls1/ls2
+    post_norm_blocks: bool = False  # EVA-CLIP-E: x + LN(attn(x)) instead of x + attn(LN(x))
+    class_token: bool = True
+    patch_bias: bool = False
+    projection_dim: int | None = None  # CLIP/EVA visual_projection output width
+    use_head: bool = False  # SigLIP attention-pooling head
+    # The image size the checkpoint's position embedding was trained for. When it
+    # differs from image_size, convert interpolates the position embedding.
+    checkpoint_image_size: int | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    select_layer: int = -1
+    feature: str = "patch"
+    projector: str | None = None  # None | linear | mlp2x_gelu | mlp1
+    projector_hidden_size: int | None = None  # LLM width the projector maps to
+    downsample_ratio: float = 0.5  # InternVL pixel_shuffle ratio for the mlp1 projector
+    preset: str | None = None
+
+    # ---- derived geometry -------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side; the conv drops trailing pixels (384/14 -> 27, 6 px lost)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + (1 if self.class_token else 0)
+
+    @property
+    def num_hidden_states(self) -> int:
+        """Length of ``hidden_states`` in the reference: embeddings + one per layer."""
+        return self.num_hidden_layers + 1
+
+    @property
+    def layer_index(self) -> int:
+        """``select_layer`` as a non-negative index into the hidden states."""
+        return normalize_layer(self.select_layer, self.num_hidden_states)
+
+    @property
+    def num_layers_compiled(self) -> int:
+        """Encoder layers that run: those after the selected hidden state are not compiled."""
+        return self.layer_index
+
+    # ---- (de)serialization ---------------------------------------------------
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["preprocess"] = self.preprocess.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VisionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise MlcVisionError(f"unknown config field(s) {sorted(unknown)}")
+        data = dict(data)
+        if isinstance(data.get("preprocess"), dict):
+            data["preprocess"] = Preprocess.from_dict(data["preprocess"])
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise MlcVisionError(f"config is missing field(s) {missing}")
+        return cls(**data).validated()
+
+    def validated(self) -> "VisionConfig":
+        if self.feature not in FEATURES:
+            raise MlcVisionError(f"feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise MlcVisionError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.image_size < self.patch_size:
+            raise MlcVisionError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        normalize_layer(self.select_layer, self.num_hidden_states)
+        return self
+
+
+def normalize_layer(select_layer: int, num_hidden_states: int) -> int:
+    """Python-style index into ``hidden_states`` (``-1`` is the last)."""
+    index = select_layer + num_hidden_states if select_layer < 0 else select_layer
+    if not 0 <= index < num_hidden_states:
+        raise MlcVisionError(
+            f"select_layer {select_layer} is out of range: the model has {num_hidden_states} hidden states "
+            f"(valid: {-num_hidden_states}..{num_hidden_states - 1})"
+        )
+    return index
+
+
+def with_options(config: VisionConfig, **options: Any) -> VisionConfig:
+    """Apply compile options that are not None (``image_size`` also fixes the preprocessing size)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    image_size = options.get("image_size")
+    if image_size is not None and image_size != config.image_size:
+        if config.checkpoint_image_size is None:
+            options["checkpoint_image_size"] = config.image_size
+        pre = config.preprocess
+        options["preprocess"] = dataclasses.replace(
+            pre, size=image_size, crop_size=image_size if pre.crop_size is not None else None
+        )
+    return dataclasses.replace(config, **options).validated()
+
+
+# ---- presets ----------------------------------------------------------------
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> VisionConfig:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise MlcVisionError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}")
+    data = json.loads(path.read_text())
+    data.pop("description", None)
+    data.pop("hf_repo", None)
+    data["preset"] = name
+    return VisionConfig.from_dict(data)
+
+
+def preset_info(name: str) -> dict:
+    """The preset's JSON as written (description and hub repo included)."""
+    return json.loads((PRESET_DIR / f"{name}.json").read_text())
