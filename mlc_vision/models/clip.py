@@ -1,0 +1,161 @@
+"""CLIP vision tower (OpenAI ViT-B/16, ViT-L/14, ViT-L/14-336; LLaVA-1.5's encoder).
+
+Semantics follow transformers' ``CLIPVisionModel``: ``hidden_states[0]`` is
+the embeddings after ``pre_layrnorm``; ``post_layernorm`` and
+``visual_projection`` apply only to the pooled class token (``feature="pooled"``).
+Layers after the selected hidden state are not built.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor
+
+from ..config import Preprocess, VisionConfig
+from ..weights.mapping import WeightMap
+from . import layers
+
+FAMILY = "clip"
+MODEL_TYPES = ("clip_vision_model", "clip")
+ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
+
+
+# ---- config ------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict) -> VisionConfig:
+    """Our config from a ``CLIPVisionConfig`` dict (the vision part of a CLIP/LLaVA config)."""
+    return VisionConfig(
+        family=FAMILY,
+        hidden_size=hf.get("hidden_size", 768),
+        intermediate_size=hf.get("intermediate_size", 3072),
+        num_hidden_layers=hf.get("num_hidden_layers", 12),
+        num_attention_heads=hf.get("num_attention_heads", 12),
+        image_size=hf.get("image_size", 224),
+        patch_size=hf.get("patch_size", 32),
+        num_channels=hf.get("num_channels", 3),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+        hidden_act=hf.get("hidden_act", "quick_gelu"),
+        class_token=True,
+        patch_bias=False,
+        projection_dim=hf.get("projection_dim"),
+        preprocess=Preprocess(size=hf.get("image_size", 224), crop_size=hf.get("image_size", 224)),
+    ).validated()
+
+
+# ---- module -------------------------------------------------------------------------
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        self.class_embedding = nn.Parameter((config.hidden_size,))
+        self.patch_embedding = layers.PatchEmbedding(config, bias=False)
+        self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        patches = self.patch_embedding(pixel_values)
+        tokens = layers.prepend_class_token(patches, self.class_embedding)
+        return tokens + self.position_embedding.weight
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = layers.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
+        return self.out_proj(out)
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = layers.Mlp(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: VisionConfig, num_layers: int):
+        self.layers = nn.ModuleList([CLIPEncoderLayer(config) for _ in range(num_layers)])
+
+
+class VisionModel(nn.Module):
+    """CLIP's vision transformer, built up to the selected layer (``full`` builds everything)."""
+
+    def __init__(self, config: VisionConfig, full: bool = False):
+        self.config = config
+        pooled = full or config.feature == "pooled"
+        num_layers = config.num_hidden_layers if pooled else config.num_layers_compiled
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = CLIPEncoder(config, num_layers)
+        if pooled:
+            self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            if config.projection_dim:
+                self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def hidden_states(self, pixel_values: Tensor) -> list[Tensor]:
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        states = [x]
+        for layer in self.encoder.layers:
+            x = layer(x)
+            states.append(x)
+        return states
+
+    def pooled(self, last_hidden: Tensor) -> Tensor:
+        """``[b, 1, width]``: post-norm of the class token, projected when a projection exists."""
+        cls = layers.slice_axis(last_hidden, 1, 0, 1, "class_token")
+        cls = self.post_layernorm(cls)
+        if getattr(self, "visual_projection", None) is not None:
+            cls = self.visual_projection(cls)
+        return cls
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        states = self.hidden_states(pixel_values)
+        if self.config.feature == "pooled":
+            return self.pooled(states[-1])
+        return layers.select_feature(states[self.config.layer_index], self.config)
+
+
+# ---- weights -------------------------------------------------------------------------
+
+WEIGHTS = WeightMap(
+    prefixes=(
+        ("vision_model.", ""),  # CLIPModel, CLIPVisionModelWithProjection; CLIPVisionModel in transformers v4
+        # CLIPVisionModel as transformers v5 saves it: no vision_model. prefix
+        ("embeddings.", "embeddings."),
+        ("pre_layrnorm.", "pre_layrnorm."),
+        ("encoder.", "encoder."),
+        ("post_layernorm.", "post_layernorm."),
+        ("visual_projection.", "visual_projection."),
+        ("model.vision_tower.vision_tower.vision_model.", ""),  # LLaVA-1.5 (original repo)
+        ("model.vision_tower.vision_model.", ""),  # transformers Llava, v4.52+ / v5
+        ("vision_tower.vision_model.", ""),  # transformers Llava, older v4
+    ),
+    ignore=(
+        r"^text_model\.",
+        r"^text_projection\.",
+        r"^logit_scale$",
+        r"position_ids$",
+        # the language model and projector of a LLaVA checkpoint (the projector
+        # has its own map in models/projector.py when one is compiled in)
+        r"^(model\.)?language_model\.",
+        r"^model\.layers\.",
+        r"^model\.embed_tokens\.",
+        r"^model\.norm\.",
+        r"^lm_head\.",
+        r"^(model\.)?mm_projector\.",
+        r"^(model\.)?multi_modal_projector\.",
+        r"^model\.image_newline$",
+    ),
+)
