@@ -1,0 +1,177 @@
+"""VisionEncoder: a compiled library + its params dir, called on images.
+
+It mirrors what LLaVA's ``CLIPVisionTower`` offers (``hidden_size``,
+``num_patches``, ``image_size``, ``dtype``, ``device``, ``dummy_feature``), so a
+Python chat runtime can swap it in. Everything it needs to know about the
+library comes from the library's own ``_metadata()``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import MlcVisionError
+from ..weights.params import load_params, read_params
+from .preprocess import preprocess
+
+RUNNABLE_SUFFIXES = (".so", ".dylib", ".dll")
+
+
+def parse_device(device: str) -> tvm.runtime.Device:
+    """``cpu``, ``cuda``, ``cuda:1``, ``metal``, ``vulkan``, ``opencl`` -> a TVM device."""
+    kind, _, index = str(device).partition(":")
+    try:
+        dev = tvm.device(kind, int(index or 0))
+    except (ValueError, tvm.TVMError) as err:
+        raise MlcVisionError(f"unknown device {device!r}: {err}") from None
+    if not dev.exist:
+        raise MlcVisionError(f"device {device!r} is not available on this machine")
+    return dev
+
+
+def load_library(lib: str | Path) -> tvm.runtime.Module:
+    lib = Path(lib)
+    if not lib.is_file():
+        raise MlcVisionError(f"library {lib} does not exist")
+    if lib.suffix not in RUNNABLE_SUFFIXES:
+        raise MlcVisionError(
+            f"library {lib} is a {lib.suffix or 'suffix-less'} file: only {', '.join(RUNNABLE_SUFFIXES)} "
+            "libraries load in this process (a Metal .tar is linked into an app on macOS/iOS)"
+        )
+    try:
+        return tvm.runtime.load_module(str(lib))
+    except Exception as err:  # TVM raises its own error types
+        raise MlcVisionError(f"cannot load library {lib}: {str(err).splitlines()[0]}") from None
+
+
+def read_metadata(module: tvm.runtime.Module, lib: Path) -> dict:
+    try:
+        return json.loads(module["_metadata"]())
+    except Exception:
+        raise MlcVisionError(f"library {lib} has no mlc-vision _metadata(); was it built by mlc-vision compile?") from None
+
+
+def check_params_match(metadata: dict, params_dir: Path) -> None:
+    """Refuse params that do not fit the library, naming the first difference."""
+    records, params_meta = read_params(params_dir)
+    ours = (params_meta or {}).get("mlc_vision", {})
+    family = ours.get("family")
+    if family and family != metadata["family"]:
+        raise MlcVisionError(f"params {params_dir} are for family {family!r} but the library is {metadata['family']!r}")
+    for spec in metadata["params"]:
+        name = spec["name"]
+        record = records.get(name)
+        if record is None:
+            raise MlcVisionError(f"params {params_dir} lack parameter {name!r} that the library takes")
+        if list(record["shape"]) != list(spec["shape"]):
+            raise MlcVisionError(
+                f"parameter {name!r}: params {params_dir} have shape {list(record['shape'])}, "
+                f"the library expects {list(spec['shape'])}"
+            )
+        if record["dtype"] != spec["dtype"]:
+            raise MlcVisionError(
+                f"dtype mismatch: params {params_dir} hold {record['dtype']} ({name!r}) but the library was "
+                f"compiled for {spec['dtype']}; convert with --dtype {spec['dtype']}"
+            )
+
+
+class VisionEncoder:
+    """Images (or preprocessed pixel arrays) -> features, with a compiled mlc-vision library."""
+
+    def __init__(self, lib: str | Path, params: str | Path, device: str = "cpu"):
+        self.lib_path = Path(lib)
+        self.params_dir = Path(params)
+        self._device_name = str(device)
+        self.tvm_device = parse_device(device)
+        module = load_library(self.lib_path)
+        self.metadata = read_metadata(module, self.lib_path)
+        check_params_match(self.metadata, self.params_dir)
+        self._vm = relax.VirtualMachine(module, self.tvm_device)
+        names = [p["name"] for p in self.metadata["params"]]
+        self._params = load_params(self.params_dir, names, self.tvm_device)
+
+    # ---- what LLaVA's CLIPVisionTower exposes ------------------------------------
+    @property
+    def config(self) -> dict:
+        return self.metadata["config"]
+
+    @property
+    def dtype(self) -> str:
+        return self.metadata["dtype"]
+
+    @property
+    def device(self) -> str:
+        return self._device_name
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of each output feature (the projector's width when one is compiled in)."""
+        return self.metadata["output_width"]
+
+    @property
+    def image_size(self) -> int:
+        return self.metadata["image_size"]
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.metadata["image_size"] // self.metadata["patch_size"]
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per image in the output (576 for LLaVA-1.5's CLIP-L/336)."""
+        return self.metadata["num_tokens"]
+
+    @property
+    def dummy_feature(self) -> np.ndarray:
+        return np.zeros((1, self.hidden_size), dtype=np.float32)
+
+    # ---- calling -----------------------------------------------------------------
+    def preprocess(self, images) -> np.ndarray:
+        from ..config import Preprocess
+
+        return preprocess(images, Preprocess.from_dict(self.metadata["preprocess"]))
+
+    def encode_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
+        """``[batch, 3, H, W]`` normalized pixels -> ``[batch, tokens, width]``."""
+        expected = (self.metadata["config"]["num_channels"], self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise MlcVisionError(
+                f"pixel_values has shape {list(pixel_values.shape)}; the library takes [batch, {', '.join(map(str, expected))}]"
+            )
+        array = np.ascontiguousarray(pixel_values.astype(_numpy_dtype(self.dtype)))
+        out = self._vm["encode"](tvm.runtime.tensor(array, self.tvm_device), self._params)
+        return out.numpy()
+
+    def __call__(self, images) -> np.ndarray:
+        """A PIL image, a path, a list of them (any sizes), or a float ``[batch,3,H,W]`` array."""
+        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+            return self.encode_pixels(images)
+        return self.encode_pixels(self.preprocess(images))
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        return (
+            f"VisionEncoder({m['family']}, preset={m['preset']}, {m['image_size']}px -> "
+            f"[batch, {m['num_tokens']}, {m['output_width']}] {m['dtype']} on {self.device})"
+        )
+
+
+def _numpy_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def encode_batches(encoder: VisionEncoder, items: Iterable, batch_size: int) -> np.ndarray:
+    """Run ``encoder`` over ``items`` in chunks of ``batch_size`` and stack the results."""
+    items = list(items)
+    chunks = [encoder(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    return np.concatenate(chunks, axis=0)
