@@ -25,7 +25,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q --run-slow tests
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py
+	$(VENV)/bin/mlc-vision bench
 
 clean:
 	rm -rf dist build bench-results

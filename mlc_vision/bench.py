@@ -1,0 +1,293 @@
+"""Latency of our compiled library against the torch reference, in one process.
+
+Weights are random (speed does not depend on their values). For every preset
+and batch size we time ``encode`` of our CPU library and the torch reference
+(eager, and ``torch.compile`` when it builds within its time budget), report
+the median of ``runs`` timed calls after warm-up, the ratio ours / torch
+(below 1.0 means we are faster), and the achieved GFLOP/s against this
+machine's nominal peak. Results go to ``<output>/bench.json`` and
+``<output>/bench.md``.
+
+torch, transformers and timm are test dependencies: this module needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import VisionConfig, list_presets, load_preset
+
+DEFAULT_MODELS = (
+    "clip-vit-base-patch16",
+    "clip-vit-large-patch14-336",
+    "internvit-300m-448px",
+    "siglip-so400m-patch14-384",
+)
+TORCH_COMPILE_BUDGET_S = 240.0
+
+
+# ---- FLOPs and peak -------------------------------------------------------------------
+
+
+def encoder_flops(config: VisionConfig, batch: int, layers: int) -> float:
+    """Multiply-adds x 2 of the patch embedding and ``layers`` transformer layers."""
+    n, d, i = config.num_positions, config.hidden_size, config.intermediate_size
+    patch = config.num_patches * config.num_channels * config.patch_size**2 * d
+    per_layer = 4 * n * d * d + 2 * n * d * i + 2 * n * n * d
+    return 2.0 * batch * (patch + layers * per_layer)
+
+
+def nominal_peak_gflops() -> tuple[float, str]:
+    """Cores x GHz x FLOP/cycle (AVX-512: 2 FMA pipes x 16 fp32 lanes x 2)."""
+    cores = os.cpu_count() or 1
+    ghz = 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                ghz = float(line.split(":")[1]) / 1000
+                break
+    except OSError:
+        pass
+    ghz = ghz or 2.5
+    flops_per_cycle = 64 if "avx512f" in _cpu_flags() else 32
+    peak = cores * ghz * flops_per_cycle
+    return peak, f"{cores} cores x {ghz:.2f} GHz x {flops_per_cycle} FLOP/cycle"
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+# ---- torch references --------------------------------------------------------------------
+
+
+def _torch_clip(c: VisionConfig):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    hf = CLIPVisionConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers_compiled,
+        num_attention_heads=c.num_attention_heads, image_size=c.image_size, patch_size=c.patch_size,
+        hidden_act=c.hidden_act,
+    )
+    return CLIPVisionModel(hf)
+
+
+def _torch_siglip(c: VisionConfig):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    hf = SiglipVisionConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers_compiled,
+        num_attention_heads=c.num_attention_heads, image_size=c.image_size, patch_size=c.patch_size,
+        vision_use_head=False,
+    )
+    return SiglipVisionModel(hf)
+
+
+def _torch_intern_vit(c: VisionConfig):
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+
+    hf = InternVLVisionConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers_compiled,
+        num_attention_heads=c.num_attention_heads, image_size=[c.image_size] * 2, patch_size=[c.patch_size] * 2,
+        use_qk_norm=c.qk_norm, norm_type="rms_norm" if c.norm_type == "rms_norm" else "layer_norm",
+        attention_bias=c.qkv_bias, use_mean_pooling=True,
+    )
+    return InternVLVisionModel(hf)
+
+
+def _torch_eva_clip(c: VisionConfig):
+    import timm
+
+    return timm.models.eva.Eva(
+        img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.hidden_size, depth=c.num_layers_compiled,
+        num_heads=c.num_attention_heads, mlp_ratio=c.intermediate_size / c.hidden_size, num_classes=0,
+        qkv_bias=c.qkv_bias, use_post_norm=c.post_norm_blocks,
+    )
+
+
+TORCH_BUILDERS = {
+    "clip": _torch_clip,
+    "siglip": _torch_siglip,
+    "intern_vit": _torch_intern_vit,
+    "eva_clip": _torch_eva_clip,
+}
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+def median_ms(fn, runs: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    layers: int
+    tokens: int
+    tvm_ms: float
+    torch_eager_ms: float
+    ratio_eager: float
+    torch_compile_ms: float | None
+    ratio_compile: float | None
+    gflops: float
+    tvm_gflops_per_s: float
+    pct_peak: float
+    compile_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+class OurLibrary:
+    """A CPU library compiled from a config, with random params of the right shapes."""
+
+    def __init__(self, config: VisionConfig, workdir: Path):
+        import tvm
+        from tvm import relax
+
+        from .compiler.build import build_library
+        from .compiler.module import build_module
+
+        start = time.perf_counter()
+        built = build_module(config, "float32", "cpu")
+        lib = build_library(built.mod, "cpu", workdir / f"{config.preset}-cpu.so", metadata=built.metadata)
+        self.compile_s = time.perf_counter() - start
+        self.device = tvm.cpu()
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
+        rng = np.random.default_rng(0)
+        self.params = [
+            tvm.runtime.tensor((rng.standard_normal(p["shape"]) * 0.02).astype("float32"), self.device)
+            for p in built.metadata["params"]
+        ]
+        self.tokens = built.metadata["num_tokens"]
+
+    def timer(self, pixels: np.ndarray):
+        import tvm
+
+        x = tvm.runtime.tensor(pixels, self.device)
+        return lambda: self.vm["encode"](x, self.params)
+
+
+def torch_timers(config: VisionConfig, pixels: np.ndarray, torch_compile: bool, notes: list[str]):
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = TORCH_BUILDERS[config.family](config).eval()
+    x = torch.from_numpy(pixels)
+
+    def eager():
+        with torch.inference_mode():
+            model(x)
+
+    compiled = None
+    if torch_compile:
+        try:
+            start = time.perf_counter()
+            fn = torch.compile(model)
+            with torch.inference_mode():
+                fn(x)
+            spent = time.perf_counter() - start
+            if spent > TORCH_COMPILE_BUDGET_S:
+                notes.append(f"torch.compile took {spent:.0f}s")
+
+            def compiled():
+                with torch.inference_mode():
+                    fn(x)
+
+        except Exception as err:  # torch.compile fails in many environment-specific ways
+            notes.append(f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+            compiled = None
+    return eager, compiled
+
+
+def bench_one(preset: str, batches: list[int], runs: int, workdir: Path, torch_compile: bool, peak: float) -> list[Row]:
+    config = replace(load_preset(preset), select_layer=-1, feature="cls_patch")
+    ours = OurLibrary(config, workdir)
+    rows = []
+    for batch in batches:
+        notes: list[str] = []
+        rng = np.random.default_rng(batch)
+        pixels = rng.standard_normal((batch, 3, config.image_size, config.image_size)).astype("float32")
+        tvm_ms = median_ms(ours.timer(pixels), runs)
+        eager, compiled = torch_timers(config, pixels, torch_compile, notes)
+        eager_ms = median_ms(eager, runs)
+        compile_ms = median_ms(compiled, runs) if compiled else None
+        flops = encoder_flops(config, batch, config.num_layers_compiled)
+        achieved = flops / (tvm_ms / 1000) / 1e9
+        rows.append(
+            Row(
+                model=preset, batch=batch, layers=config.num_layers_compiled, tokens=config.num_positions,
+                tvm_ms=round(tvm_ms, 2), torch_eager_ms=round(eager_ms, 2), ratio_eager=round(tvm_ms / eager_ms, 3),
+                torch_compile_ms=round(compile_ms, 2) if compile_ms else None,
+                ratio_compile=round(tvm_ms / compile_ms, 3) if compile_ms else None,
+                gflops=round(flops / 1e9, 1), tvm_gflops_per_s=round(achieved, 1),
+                pct_peak=round(100 * achieved / peak, 1), compile_s=round(ours.compile_s, 1), notes=notes,
+            )
+        )
+        print(_row_line(rows[-1]), flush=True)
+    return rows
+
+
+def _row_line(r: Row) -> str:
+    tc = f"{r.torch_compile_ms:9.1f} ({r.ratio_compile:.2f})" if r.torch_compile_ms else "        n/a     "
+    return (
+        f"{r.model:<28} b={r.batch:<2} tvm {r.tvm_ms:9.1f} ms | eager {r.torch_eager_ms:9.1f} ms "
+        f"ratio {r.ratio_eager:.2f} | compile {tc} | {r.tvm_gflops_per_s:6.1f} GFLOP/s ({r.pct_peak:.0f}% peak)"
+    )
+
+
+def markdown_table(rows: list[Row], peak_note: str) -> str:
+    lines = [
+        "| model | batch | layers | tokens | TVM ms | torch eager ms | TVM / eager | torch.compile ms | TVM / compile | TVM GFLOP/s | % of peak | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.batch} | {r.layers} | {r.tokens} | {r.tvm_ms:.1f} | {r.torch_eager_ms:.1f} | "
+            f"{r.ratio_eager:.2f} | {r.torch_compile_ms if r.torch_compile_ms else 'n/a'} | "
+            f"{r.ratio_compile if r.ratio_compile else 'n/a'} | {r.tvm_gflops_per_s:.0f} | {r.pct_peak:.0f} | {r.compile_s:.1f} |"
+        )
+    lines.append("")
+    lines.append(f"Peak: {peak_note}. Median of the timed runs after 2 warm-up calls, fp32, random weights.")
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(models, target: str, batches: list[int], runs: int, output: Path, torch_compile: bool = True):
+    from .errors import MlcVisionError
+
+    if target != "cpu":
+        raise MlcVisionError(f"bench runs on the cpu target only here (got {target!r}): no other device is on this machine")
+    models = models or [m for m in DEFAULT_MODELS if m in list_presets()]
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    peak, peak_note = nominal_peak_gflops()
+    rows: list[Row] = []
+    for preset in models:
+        rows += bench_one(preset, batches, runs, output, torch_compile, peak)
+    report = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "peak_gflops": peak, "peak": peak_note},
+        "runs": runs,
+        "rows": [asdict(r) for r in rows],
+    }
+    (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / "bench.md").write_text(markdown_table(rows, peak_note))
+    print(f"wrote {output / 'bench.json'} and {output / 'bench.md'}")
+    return rows
