@@ -1,0 +1,77 @@
+"""The C++ loader in examples/cpp, linked only against the TVM runtime, gives
+the same features as the Python runtime for the same library and params."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from mlc_vision.cli import main as cli_main
+from mlc_vision.runtime.encoder import VisionEncoder
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cpp"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def cpp_encode(tmp_path_factory):
+    if not shutil.which("make") or not shutil.which("c++"):
+        pytest.skip("no C++ toolchain (make, c++) on this machine")
+    build = tmp_path_factory.mktemp("cpp-build")
+    proc = subprocess.run(
+        ["make", "-C", str(EXAMPLE), f"PYTHON={sys.executable}", f"BUILD={build}"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return build / "encode"
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """A tiny CLIP checkpoint, compiled and converted through the CLI."""
+    root = tmp_path_factory.mktemp("cpp-lib")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**TINY)).save_pretrained(root / "ckpt")
+    lib, params = root / "clip.so", root / "params"
+    assert cli_main(["compile", "--model", str(root / "ckpt"), "--target", "cpu", "--select-layer", "-2", "-o", str(lib)]) == 0
+    assert cli_main(["convert", "--model", str(root / "ckpt"), "-o", str(params)]) == 0
+    return lib, params
+
+
+def run_cpp(binary: Path, lib: Path, params: Path, input_path: Path, out: Path, *extra: str) -> np.ndarray:
+    proc = subprocess.run([str(binary), str(lib), str(params), str(input_path), str(out), *extra], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return np.load(out)
+
+
+def test_cpp_matches_python_runtime(cpp_encode, library, tmp_path):
+    lib, params = library
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype("float32")
+    np.save(tmp_path / "pixels.npy", pixels)
+    ours_cpp = run_cpp(cpp_encode, lib, params, tmp_path / "pixels.npy", tmp_path / "cpp.npy")
+    ours_py = VisionEncoder(lib, params)(pixels)
+    assert ours_cpp.shape == (3, 16, 64)
+    np.testing.assert_array_equal(ours_cpp, ours_py)
+
+
+def test_cpp_reads_raw_float32(cpp_encode, library, tmp_path):
+    lib, params = library
+    pixels = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype("float32")
+    pixels.tofile(tmp_path / "pixels.f32")
+    ours_cpp = run_cpp(cpp_encode, lib, params, tmp_path / "pixels.f32", tmp_path / "cpp.npy")
+    np.testing.assert_array_equal(ours_cpp, VisionEncoder(lib, params)(pixels))
+
+
+def test_cpp_refuses_wrong_shape(cpp_encode, library, tmp_path):
+    lib, params = library
+    np.save(tmp_path / "bad.npy", np.zeros((1, 3, 31, 32), dtype="float32"))
+    proc = subprocess.run([str(cpp_encode), str(lib), str(params), str(tmp_path / "bad.npy"), str(tmp_path / "o.npy")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "shape does not match" in proc.stderr
+    assert not (tmp_path / "o.npy").exists()
