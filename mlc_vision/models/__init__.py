@@ -61,6 +61,12 @@ def route(hf_config: dict, keys: Iterable[str] | None = None) -> ModuleType:
         claimed = [f for f in pool if hasattr(f, "claims") and f.claims(hf_config, keys or [])]
         if len(claimed) == 1:
             return claimed[0]
+        # A port that reuses another family's model_type (InternVL's EVA-CLIP says
+        # "clip") claims its own configs; the others stay with the family that
+        # owns the model_type, the one candidate that needs no claims().
+        owners = [f for f in candidates if not hasattr(f, "claims")]
+        if not claimed and len(owners) == 1:
+            return owners[0]
     if len(candidates) == 1:
         return candidates[0]
     what = f"model_type={model_type!r}, architectures={sorted(archs)}"
