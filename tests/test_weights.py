@@ -338,3 +338,44 @@ def test_corrupt_header_is_one_line(tmp_path):
     path.write_bytes(struct.pack("<Q", 10) + b"not json!!")
     with pytest.raises(MlcVisionError, match=r"corrupt or truncated safetensors file .*x\.safetensors"):
         list(iter_tensors([path]))
+
+
+# ---- hub ids ------------------------------------------------------------------------------
+
+
+def test_hub_fetches_config_then_only_needed_shards(tmp_path, clip_ckpt, monkeypatch):
+    """A hub id downloads config/index first, then only the tower's shard, never the LLM's."""
+    import huggingface_hub
+
+    snapshot = _llava_checkpoint(tmp_path / "snapshot", clip_ckpt)
+    calls = []
+
+    def fake_snapshot_download(repo_id, *, revision=None, allow_patterns=None, local_files_only=False, **_):
+        calls.append((repo_id, sorted(allow_patterns)))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    out = convert("someone/tiny-llava", tmp_path / "p", projector=False)
+    assert calls == [
+        ("someone/tiny-llava", sorted(["config.json", "preprocessor_config.json", "*.safetensors.index.json",
+                                       "pytorch_model*.bin.index.json"])),
+        ("someone/tiny-llava", ["model-00001-of-00002.safetensors"]),
+    ]
+    assert read_params(out)[1]["mlc_vision"]["source"] == "hf://someone/tiny-llava"
+
+
+def test_hub_offline_uses_the_cache(tmp_path, clip_ckpt, monkeypatch):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-clip"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((clip_ckpt / name).read_bytes())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    records, meta = read_params(convert("someone/tiny-clip", tmp_path / "p"))
+    assert "encoder.layers.1.mlp.fc2.weight" in records and meta["mlc_vision"]["source"] == "hf://someone/tiny-clip"

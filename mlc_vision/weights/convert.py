@@ -109,13 +109,18 @@ def _family_module(family: str | ModuleType) -> ModuleType:
 
 
 def expected_params(fam: ModuleType, config: VisionConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, dtype)}`` of the full model (every layer, post-norm, heads) in ``dtype``."""
+    """``{name: (shape, dtype)}`` of the full model (every layer, post-norm, heads, projector) in ``dtype``."""
     if "full" in inspect.signature(fam.VisionModel).parameters:
         module = fam.VisionModel(config, full=True)
     else:
         module = fam.VisionModel(dataclasses.replace(config, select_layer=-1))
     module.to(dtype)
-    return {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
+    expected = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
+    if config.projector:
+        from ..models.projector import projector_params
+
+        expected.update(projector_params(config, dtype))
+    return expected
 
 
 # ---- key resolution -----------------------------------------------------------------------
