@@ -1,0 +1,591 @@
+"""CPU (llvm, x86-64 AVX-512 / AVX2) Relax pipeline with hand-written schedule rules.
+
+TVM's stock llvm pipeline only legalizes: no fusion, no scheduling, one thread.
+``cpu_relax_pipeline(target)`` returns a pass that
+
+1. rewrites ``R.nn.attention`` (from ``op.scaled_dot_product_attention``) into
+   ``permute -> NT batched matmul (scale fused) -> softmax -> batched matmul``
+   so each piece hits a schedule rule below;
+2. fuses ``matmul(x, permute_dims(w))`` into one ``NT_matmul`` (weights are read
+   in their checkpoint ``[out, in]`` layout: no lifted weight transform, no
+   ``transform_params``, the library takes the params exactly as stored);
+3. legalizes, fuses (bias / quick-GELU / residual become GEMM epilogues,
+   LayerNorm and softmax become single kernels);
+4. schedules every PrimFunc with the rules of this module
+   (``tvm.s_tir.dlight.ApplyDefaultSchedule``), first match wins:
+   ``GEMM`` -> ``RowReduction`` (LayerNorm, softmax) -> ``Fallback``;
+5. runs the usual VM lowering passes (same as ``default_build_pipeline``).
+
+Functions and signatures (``encode``, ``_metadata``, ``hidden_states``) are
+unchanged; the batch dim may be symbolic; token counts need not be multiples
+of any tile (GEMM rows are padded inside the kernel with ``pad_einsum``).
+
+Numerics: ``exp`` (softmax, sigmoid) is replaced by a vectorizable
+range-reduced polynomial (see ``_exp_f32``), max relative error ~2 ulp in fp32:
+LLVM would otherwise call scalar ``expf`` per element. Everything else is
+IEEE fp32 (FMA contraction aside). Non-fp32 PrimFuncs (e.g. fp16 models) only
+get the ``Fallback`` rule (parallel + vectorize), correct but not fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir import dlight
+
+# Register tile of the GEMM micro-kernel, fp32 AVX-512:
+# MR rows x NR columns = MR * NR / 16 zmm accumulators. 8 x 32 -> 16 zmm
+# accumulators + 2 B vectors + 1 A broadcast = 19 of 32 zmm registers; every k
+# step does 2 vector loads + 8 broadcasts for 16 FMAs, enough to keep both FMA
+# pipes busy while B comes from L1/L2. Token counts (197, 257, 577, ...) are
+# padded up to a multiple of MR.
+GEMM_MR = 8
+GEMM_NR = 32
+VEC = 16  # fp32 lanes of a zmm register
+
+
+def _as_int(x):
+    return int(x) if isinstance(x, (int, tirx.IntImm)) else None
+
+
+def _loops(sch, block):
+    return list(sch.get_loops(block))
+
+
+def _extent(sch, loop):
+    return _as_int(sch.get(loop).extent)
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _vectorize_inner(sch, loop, max_lanes=VEC):
+    """Vectorize ``loop`` if its extent is static, else split off a static tail.
+
+    Splits by the largest power-of-two lane count <= ``max_lanes`` dividing the
+    extent, so no predicate ends up inside the vector loop."""
+    ext = _extent(sch, loop)
+    if ext is None:
+        return None
+    lanes = max_lanes
+    while lanes > 1 and ext % lanes:
+        lanes //= 2
+    if lanes <= 1:
+        return None
+    if ext == lanes:
+        sch.vectorize(loop)
+        return loop
+    _, inner = sch.split(loop, [None, lanes])
+    sch.vectorize(inner)
+    return inner
+
+
+def _parallel_outer(sch, loops, min_extent=2):
+    """Fuse leading spatial loops and mark them parallel (both cores busy)."""
+    if not loops:
+        return None
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    sch.parallel(fused)
+    return fused
+
+
+# --------------------------------------------------------------------------- GEMM
+
+
+def _single_var(expr):
+    return expr if isinstance(expr, tirx.Var) else None
+
+
+def _gemm_info(sch, block):
+    """Recognize ``C[b.., m, n] += A[.., m, k] * B[.., n, k] (NT) or B[.., k, n] (NN)``.
+
+    Returns a dict or None. All of m, n, k must be static (token counts are
+    static per image size; only the batch may be symbolic)."""
+    blk = sch.get(block)
+    ivs = list(blk.iter_vars)
+    if len(ivs) < 3 or ivs[-1].iter_type != tirx.IterVar.CommReduce:
+        return None
+    if any(iv.iter_type != tirx.IterVar.DataPar for iv in ivs[:-1]):
+        return None
+    if len(blk.reads) != 2 or len(blk.writes) != 1 or blk.init is None:
+        return None
+    store = blk.body
+    if not isinstance(store, tirx.BufferStore):
+        return None
+    val = store.value
+    if not isinstance(val, tirx.Add) or not isinstance(val.b, tirx.Mul):
+        return None
+    out_dtype = store.buffer.ty.dtype
+    if out_dtype != "float32":
+        return None
+    vm, vn, vk = ivs[-3].var, ivs[-2].var, ivs[-1].var
+    if [_single_var(i) for i in store.indices[-2:]] != [vm, vn]:
+        return None
+    exts = [_as_int(iv.dom.extent) for iv in ivs[-3:]]
+    if any(e is None for e in exts):
+        return None
+    a_idx = b_idx = None
+    b_layout = None
+    batch_vars = {iv.var for iv in ivs[:-3]}
+    b_batched = False
+    for i, reg in enumerate(blk.reads):
+        idx = [r.min for r in reg.region]
+        ext_ok = all(_as_int(r.extent) == 1 for r in reg.region)
+        vars_ = [_single_var(x) for x in idx]
+        if not ext_ok or any(v is None and _as_int(x) is None for v, x in zip(vars_, idx)):
+            return None
+        if reg.source.ty.dtype != "float32":
+            return None
+        if vars_[-2:] == [vm, vk]:
+            a_idx = i
+        elif vars_[-2:] == [vn, vk]:
+            b_idx, b_layout = i, "NT"
+            b_batched = any(v in batch_vars for v in vars_[:-2])
+        elif vars_[-2:] == [vk, vn]:
+            b_idx, b_layout = i, "NN"
+            b_batched = any(v in batch_vars for v in vars_[:-2])
+    if a_idx is None or b_idx is None:
+        return None
+    return {
+        "m": exts[0], "n": exts[1], "k": exts[2], "nbatch": len(ivs) - 3,
+        "a": a_idx, "b": b_idx, "b_layout": b_layout, "b_batched": b_batched,
+    }
+
+
+def _writer_of(sch, blocks, buf):
+    for b in blocks:
+        if any(w.source.same_as(buf) for w in sch.get(b).writes):
+            return b
+    return None
+
+
+class GEMM(dlight.ScheduleRule):
+    """Dense / batched GEMM with a fused epilogue (bias, quick-GELU, residual, scale).
+
+    Loop nest (one parallel loop over N panels, or batch x N panels when B is
+    batched as in attention)::
+
+        parallel for n_o in N / NR:              # both cores, >= 24 panels for ViT-B
+          pack B[n_o*NR : +NR, :] -> Bp[K, NR]   # contiguous panel, L2-resident
+          for b, m_o in batch, ceil(M / MR):     # rows padded to MR (pad_einsum)
+            acc[MR, NR] = 0                      # registers
+            for k in K:
+              for mi in MR (unrolled):
+                acc[mi, :] += A[m, k] * Bp[k, :] # broadcast + 2 zmm FMAs
+            out[m, n] = epilogue(acc)            # bias / gelu / residual, vectorized
+
+    Weights keep their ``[out, in]`` layout: the panel pack reads each weight
+    element once per call (1/M of the FLOPs), so no ``transform_params``.
+    """
+
+    def __init__(self, mr: int = GEMM_MR, nr: int = GEMM_NR):
+        self.mr, self.nr = mr, nr
+
+    def apply(self, func, target, tunable):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        root = sch.get_sblock("root") if _has_root(sch) else None
+        blocks = list(sch.get_child_blocks(root)) if root is not None else []
+        gemms = [b for b in blocks if _is_reduction(sch, b)]
+        if len(gemms) != 1:
+            return None
+        gemm = gemms[0]
+        info = _gemm_info(sch, gemm)
+        if info is None:
+            return None
+        if getattr(self, "strict", False):
+            return self._schedule(sch, gemm, info)
+        try:
+            return self._schedule(sch, gemm, info)
+        except Exception:  # noqa: BLE001  (schedule error: leave it to the next rule)
+            return None
+
+    def _schedule(self, sch, gemm, info):
+        mr, nr = self.mr, self.nr
+        nb = info["nbatch"]
+        m, n = info["m"], info["n"]
+        if m < mr:
+            mr = m
+        pads = [1] * nb + [mr if m % mr else 1, nr if n % nr else 1, 1]
+        if any(p > 1 for p in pads):
+            sch.pad_einsum(gemm, pads)
+        blk = sch.get(gemm)
+        a_buf = blk.reads[info["a"]].source
+        b_buf = blk.reads[info["b"]].source
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        gpos = [i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(gemm))][0]
+        a_src = _writer_of(sch, blocks[:gpos], a_buf)
+        b_src = _writer_of(sch, blocks[:gpos], b_buf)
+        keep = {sch.get(x) for x in (a_src, b_src) if x is not None}
+        # producers of the producers (transposes, reshapes) -> inline
+        for b in reversed(blocks[:gpos]):
+            if sch.get(b) in keep:
+                continue
+            sch.compute_inline(b)
+        # epilogue chain -> inline all but the last block
+        post = blocks[gpos + 1:]
+        for b in post[:-1]:
+            sch.compute_inline(b)
+        final = post[-1] if post else None
+
+        # tile the GEMM
+        loops = _loops(sch, gemm)
+        batch_loops, lm, ln, lk = loops[:nb], loops[nb], loops[nb + 1], loops[nb + 2]
+        mo, mi = sch.split(lm, [None, mr])
+        no, ni = sch.split(ln, [None, nr])
+        if info["b_batched"]:
+            sch.reorder(*batch_loops, no, mo, lk, mi, ni)
+            par = sch.fuse(*batch_loops, no) if batch_loops else no
+        else:
+            sch.reorder(no, *batch_loops, mo, lk, mi, ni)
+            par = no
+        sch.parallel(par)
+
+        # pack B panel contiguously: Bp[.., n // nr, k, n % nr]
+        if b_src is None:
+            b_src = sch.cache_read(gemm, info["b"], "global")
+        nbd = len(b_buf.ty.shape)
+        if info["b_layout"] == "NT":
+            imap = lambda *ix: (*ix[:-2], ix[-2] // nr, ix[-1], ix[-2] % nr)  # noqa: E731
+        else:
+            imap = lambda *ix: (*ix[:-2], ix[-1] // nr, ix[-2], ix[-1] % nr)  # noqa: E731
+        sch.transform_layout(b_src, ("write", 0), tirx.IndexMap.from_func(imap, ndim=nbd, index_dtype=_index_dtype(b_buf)))
+        sch.compute_at(b_src, par)
+        bl = _loops(sch, b_src)[-2:]
+        if info["b_layout"] == "NN":
+            _vectorize_inner(sch, bl[-1])
+
+        # A pad (ragged M) stays a separate, parallel copy
+        if a_src is not None:
+            _schedule_elementwise(sch, a_src)
+
+        # accumulator in registers; epilogue at the tile
+        if final is None:
+            wb = sch.cache_write(gemm, 0, "local")
+            final = wb
+        else:
+            sch.set_scope(gemm, 0, "local")
+        sch.reverse_compute_at(final, mo)
+        fl = _loops(sch, final)
+        _vectorize_inner(sch, fl[-1])
+        sch.unroll(mi)
+        sch.vectorize(ni)
+        init = sch.decompose_reduction(gemm, lk)
+        il = _loops(sch, init)
+        sch.unroll(il[-2])
+        return sch
+
+
+def _index_dtype(buf):
+    shp = buf.ty.shape
+    for d in shp:
+        if hasattr(d, "dtype"):
+            return str(d.dtype)
+    return "int32"
+
+
+def _has_root(sch):
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _schedule_elementwise(sch, block):
+    """Parallel over the fused outer loops, vectorize the innermost (static) loop."""
+    loops = _loops(sch, block)
+    if not loops:
+        return
+    inner = loops[-1]
+    vec = _vectorize_inner(sch, inner) if len(loops) >= 1 else None
+    loops = _loops(sch, block)
+    outer = loops[:-2] if vec is not None and len(loops) >= 2 and loops[-2] is not None else loops[:-1]
+    if vec is not None:
+        # loops[-1] is the vector loop; everything before its parent stays outer
+        outer = loops[:-1]
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+# ------------------------------------------------------------------ row reductions
+
+
+class RowReduction(dlight.ScheduleRule):
+    """LayerNorm / softmax / RMSNorm: every block shares the leading (row) loops.
+
+    All leading spatial loops of the output block (batch x tokens, or
+    batch x heads x queries) are fused into one parallel loop; every other
+    block is computed at that row loop, so a row (768..4096 or 197..1025
+    floats, in L1) is read from memory once and reduced + normalized while hot.
+    Spatial blocks vectorize their inner loop (16 lanes); reductions over the
+    row stay scalar (a few hundred adds per row, cheap next to the GEMMs).
+    """
+
+    def apply(self, func, target, tunable):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc) or not _has_root(func_sch := s_tir.Schedule(func)):
+            return None
+        sch = func_sch
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        if len(blocks) < 2 or not any(_is_reduction(sch, b) for b in blocks):
+            return None
+        out = blocks[-1]
+        if _is_reduction(sch, out):
+            return None
+        try:
+            loops = _loops(sch, out)
+            if len(loops) < 2:
+                return None
+            # every reduction must reduce over exactly the innermost output axis
+            for b in blocks:
+                ivs = sch.get(b).iter_vars
+                nred = sum(iv.iter_type == tirx.IterVar.CommReduce for iv in ivs)
+                if nred > 1 or (nred == 1 and ivs[-1].iter_type != tirx.IterVar.CommReduce):
+                    return None
+            # inline pure elementwise producers that feed a single consumer
+            for b in blocks[:-1]:
+                if not _is_reduction(sch, b) and len(sch.get_consumers(b)) == 1:
+                    try:
+                        sch.compute_inline(b)
+                    except Exception:  # noqa: BLE001
+                        pass
+            blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+            out = blocks[-1]
+            loops = _loops(sch, out)
+            row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+            sch.parallel(row)
+            for b in reversed(blocks[:-1]):
+                sch.compute_at(b, row, preserve_unit_loops=True)
+            for b in sch.get_child_blocks(sch.get_sblock("root")) if False else blocks:
+                if not _is_reduction(sch, b):
+                    _vectorize_inner(sch, _loops(sch, b)[-1])
+            return sch
+        except Exception:  # noqa: BLE001
+            return None
+
+
+# ------------------------------------------------------------------- fallback
+
+
+class Fallback(dlight.ScheduleRule):
+    """Everything else (reshape/transpose/concat/pos-embedding add, fp16 GEMMs).
+
+    Each root block: fuse its outer loops into one parallel loop and vectorize
+    the innermost loop when its extent is static. Reduction blocks get their
+    spatial outer loops parallelized. Never fails: a primitive that does not
+    apply is skipped, leaving a correct (serial) loop."""
+
+    def apply(self, func, target, tunable):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        for b in list(sch.get_child_blocks(sch.get_sblock("root"))):
+            try:
+                if _is_reduction(sch, b):
+                    ivs = sch.get(b).iter_vars
+                    loops = _loops(sch, b)
+                    nsp = 0
+                    for iv in ivs:
+                        if iv.iter_type != tirx.IterVar.DataPar:
+                            break
+                        nsp += 1
+                    if nsp and len(loops) == len(ivs):
+                        outer = loops[:nsp]
+                        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                else:
+                    _schedule_elementwise(sch, b)
+            except Exception:  # noqa: BLE001
+                continue
+        return sch
+
+
+# ---------------------------------------------------- Relax-level rewrites
+
+
+def _exp_f32(x):
+    """exp(x) for fp32 as a vectorizable expression (Cephes expf).
+
+    exp(x) = 2^n * p(r), n = round(x / ln2), r = x - n ln2 (ln2 split in two
+    constants for exactness), p a degree-7 minimax polynomial. Max relative
+    error ~2 ulp on [-87, 88]; below -87.3 returns 0 (as expf underflows).
+    LLVM would otherwise scalarize ``llvm.exp`` into one ``expf`` call per
+    element (softmax of L/14-336 needs 128 M of them)."""
+    f32 = "float32"
+    x = tirx.max(tirx.min(x, tirx.const(88.3762626647949, f32)), tirx.const(-88.3762626647949, f32))
+    n = tirx.floor(x * tirx.const(1.44269504088896341, f32) + tirx.const(0.5, f32))
+    r = x - n * tirx.const(0.693359375, f32)
+    r = r - n * tirx.const(-2.12194440e-4, f32)
+    p = tirx.const(1.9875691500e-4, f32)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + tirx.const(c, f32)
+    p = p * r * r + r + tirx.const(1.0, f32)
+    bits = tirx.shift_left(n.astype("int32") + tirx.const(127, "int32"), tirx.const(23, "int32"))
+    return p * tirx.reinterpret(f32, bits)
+
+
+def _exp(x):
+    return _exp_f32(x) if str(x.ty) == "float32" else tirx.exp(x)
+
+
+def _legalize_softmax(bb, call):
+    from tvm import te
+
+    axis = int(call.attrs.axis)
+
+    def fte(x):
+        nd = len(x.shape)
+        ax = axis % nd
+        if ax != nd - 1:
+            from tvm import topi
+
+            return topi.nn.softmax(x, axis=ax)
+        k1 = te.reduce_axis((0, x.shape[-1]), "k")
+        mx = te.compute(x.shape[:-1], lambda *i: te.max(x[(*i, k1)], axis=k1), name="T_softmax_maxelem")
+        e = te.compute(x.shape, lambda *i: _exp(x[i] - mx[i[:-1]]), name="T_softmax_exp")
+        k2 = te.reduce_axis((0, x.shape[-1]), "k")
+        s = te.compute(x.shape[:-1], lambda *i: te.sum(e[(*i, k2)], axis=k2), name="T_softmax_expsum")
+        return te.compute(x.shape, lambda *i: e[i] / s[i[:-1]], name="T_softmax_norm")
+
+    return bb.call_te(fte, call.args[0], primfunc_name_hint="softmax")
+
+
+def _legalize_sigmoid(bb, call):
+    from tvm import te
+
+    def fte(x):
+        one = tirx.const(1.0, str(x.dtype))
+        return te.compute(x.shape, lambda *i: one / (one + _exp(-x[i])), name="compute")
+
+    return bb.call_te(fte, call.args[0], primfunc_name_hint="sigmoid")
+
+
+def _legalize_exp(bb, call):
+    from tvm import te
+
+    return bb.call_te(lambda x: te.compute(x.shape, lambda *i: _exp(x[i]), name="compute"),
+                      call.args[0], primfunc_name_hint="exp")
+
+
+LEGALIZE_OVERRIDES = {
+    "relax.nn.softmax": _legalize_softmax,
+    "relax.sigmoid": _legalize_sigmoid,
+    "relax.exp": _legalize_exp,
+}
+
+
+@relax.expr_functor.mutator
+class _AttentionSplitter(relax.PyExprMutator):  # pylint: disable=abstract-method
+    """``R.nn.attention(q, k, v)`` (no bias, no causal mask) ->
+    permute -> matmul(q, k^T) * scale -> softmax -> matmul(., v) -> permute."""
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.op = tvm.ir.Op.get("relax.nn.attention")
+
+    def visit_call_(self, call):  # noqa: D102
+        call = super().visit_call_(call)
+        if not isinstance(call, relax.Call) or not call.op.same_as(self.op) or len(call.args) != 3:
+            return call
+        if call.attrs.causal_mask is not None:
+            return call
+        q, k, v = call.args
+        qty = q.ty
+        if qty.ndim != 4 or not all(isinstance(a.ty, relax.TensorType) for a in (k, v)):
+            return call
+        d = qty.shape[3]
+        scale = call.attrs.scale
+        if scale is None:
+            if _as_int(d) is None:
+                return call
+            scale = 1.0 / float(_as_int(d)) ** 0.5
+        else:
+            scale = float(scale)
+        op = relax.op
+        perm = [0, 2, 1, 3]
+        qt = self.builder_.emit(op.permute_dims(q, perm))
+        kt = self.builder_.emit(op.permute_dims(k, perm))
+        vt = self.builder_.emit(op.permute_dims(v, perm))
+        s = self.builder_.emit(op.matmul(qt, op.permute_dims(kt, [0, 1, 3, 2])))
+        s = self.builder_.emit(op.multiply(s, relax.const(scale, qty.dtype)))
+        p = self.builder_.emit(op.nn.softmax(s, axis=-1))
+        o = self.builder_.emit(op.matmul(p, vt))
+        return op.permute_dims(o, perm)
+
+
+@tvm.transform.module_pass(opt_level=0, name="SplitAttention")
+def split_attention(mod, _ctx):
+    """Module pass wrapping ``_AttentionSplitter`` (Relax functions only)."""
+    m = _AttentionSplitter(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            m.builder_.update_func(gv, m.visit_expr(func))
+    return m.builder_.get()
+
+
+# ------------------------------------------------------------------ pipeline
+
+
+class _Traced(dlight.ScheduleRule):
+    """Wraps a rule; with ``MLC_VISION_CPU_TRACE=1`` prints which rule took which PrimFunc."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):  # noqa: D102
+        sch = self.rule.apply(func, target, tunable)
+        if sch is not None and os.environ.get("MLC_VISION_CPU_TRACE"):
+            s0 = s_tir.Schedule(func)
+            name = ",".join(s0.get(b).name_hint for b in s0.get_child_blocks(s0.get_sblock("root")))
+            print(f"[cpu] {type(self.rule).__name__:12s} {name}")
+        return sch
+
+
+def cpu_schedule_rules():
+    """The rules, in priority order (first one that returns a schedule wins)."""
+    return [_Traced(r) for r in (GEMM(), RowReduction(), Fallback())]
+
+
+def cpu_relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)`` on llvm CPU."""
+
+    @tvm.transform.module_pass(opt_level=0, name="MlcVisionCPUPipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        t = relax.transform
+        seq = [
+            split_attention,
+            t.CanonicalizeBindings(),
+            t.FuseTransposeMatmul(),
+            t.LegalizeOps(customize_legalize_map=LEGALIZE_OVERRIDES),
+            t.AnnotateTIROpPattern(),
+            t.FoldConstant(),
+            t.FuseOps(),
+            t.FuseTIR(),
+            t.DeadCodeElimination(),
+        ]
+        with target:
+            mod = tvm.transform.Sequential(seq)(mod)
+            mod = dlight.ApplyDefaultSchedule(*cpu_schedule_rules())(mod)
+        mod = tvm.transform.Sequential(
+            [
+                t.RewriteDataflowReshape(),
+                t.ToNonDataflow(),
+                t.RemovePurityChecking(),
+                t.CallTIRRewrite(),
+                t.StaticPlanBlockMemory(),
+                t.LowerAllocTensor(),
+                t.KillAfterLastUse(),
+                t.LowerRuntimeBuiltin(),
+                t.ComputePrimValue(),
+                t.VMShapeLower(),
+                t.AttachGlobalSymbol(),
+            ]
+        )(mod)
+        return mod
+
+    return _pipeline
