@@ -211,7 +211,10 @@ def _llava_checkpoint(root: Path, clip_ckpt: Path) -> Path:
     }
     (root / "config.json").write_text(json.dumps(config))
     tower = {f"model.vision_tower.vision_model.{k}": v for k, v in load_file(clip_ckpt / "model.safetensors").items()}
-    tower["model.multi_modal_projector.linear_1.weight"] = np.zeros((48, 32), np.float32)
+    rng = np.random.default_rng(5)
+    for name, shape in {"linear_1.weight": (48, 32), "linear_1.bias": (48,), "linear_2.weight": (48, 48),
+                        "linear_2.bias": (48,)}.items():
+        tower[f"multi_modal_projector.{name}"] = rng.standard_normal(shape).astype(np.float32)
     save_file(tower, root / "model-00001-of-00002.safetensors")
     # The language model's shard is garbage: converting must never open it.
     (root / "model-00002-of-00002.safetensors").write_bytes(b"\xff" * 64)
@@ -235,14 +238,28 @@ def test_convert_llava_reads_only_the_tower(tmp_path, clip_ckpt):
     records, meta = read_params(convert(ckpt, tmp_path / "p", projector=False))
     assert "embeddings.class_embedding" in records and not any("projector" in n for n in records)
     assert meta["mlc_vision"]["config"]["select_layer"] == -2
+    assert meta["mlc_vision"]["config"]["projector"] is None
+
+
+def test_convert_llava_with_projector(tmp_path, clip_ckpt):
+    pytest.importorskip("mlc_vision.models.projector")
+    ckpt = _llava_checkpoint(tmp_path / "llava", clip_ckpt)
+    records, meta = read_params(convert(ckpt, tmp_path / "p"))
+    state = load_file(ckpt / "model-00001-of-00002.safetensors")
+    assert _same(records["projector.linear_2.weight"].read(), state["multi_modal_projector.linear_2.weight"])
+    assert _same(records["encoder.layers.1.mlp.fc2.weight"].read(),
+                 state["model.vision_tower.vision_model.encoder.layers.1.mlp.fc2.weight"])
+    config = meta["mlc_vision"]["config"]
+    assert (config["projector"], config["projector_hidden_size"], config["projection_dim"]) == ("mlp2x_gelu", 48, None)
 
 
 @pytest.mark.parametrize("model_type, vision_type", [
     ("clip", "clip_vision_model"), ("siglip", "siglip_vision_model"), ("internvl_chat", "intern_vit_6b"),
 ])
 def test_load_hf_config_composites(tmp_path, model_type, vision_type):
-    full = {"model_type": model_type, "vision_config": {"hidden_size": 8}, "select_layer": -1,
-            "downsample_ratio": 0.5, "llm_config": {"hidden_size": 20}}
+    full = {"model_type": model_type, "vision_config": {"hidden_size": 8}}
+    if model_type == "internvl_chat":
+        full.update(select_layer=-1, downsample_ratio=0.5, llm_config={"hidden_size": 20}, ps_version="v2")
     (tmp_path / "config.json").write_text(json.dumps(full))
     vision, got_full = load_hf_config(tmp_path)
     assert vision == {"hidden_size": 8, "model_type": vision_type} and got_full == full

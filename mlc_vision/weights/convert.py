@@ -115,12 +115,10 @@ def expected_params(fam: ModuleType, config: VisionConfig, dtype: str) -> dict[s
     else:
         module = fam.VisionModel(dataclasses.replace(config, select_layer=-1))
     module.to(dtype)
-    expected = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
-    if config.projector:
-        from ..models.projector import projector_params
-
-        expected.update(projector_params(config, dtype))
-    return expected
+    params = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
+    if config.projector and not any(name.startswith("projector.") for name in params):
+        params.update(_projector_module(config).projector_params(config, dtype))
+    return params
 
 
 # ---- key resolution -----------------------------------------------------------------------
@@ -162,9 +160,9 @@ class KeyMapper:
         return any(re.search(pattern, name) for m in maps for pattern, _ in m.transforms)
 
 
-def _projector_map(config: VisionConfig) -> WeightMap:
+def _projector_module(config: VisionConfig) -> ModuleType:
     try:
-        module = importlib.import_module("mlc_vision.models.projector")
+        return importlib.import_module("mlc_vision.models.projector")
     except ModuleNotFoundError as err:
         if err.name != "mlc_vision.models.projector":
             raise
@@ -172,6 +170,10 @@ def _projector_map(config: VisionConfig) -> WeightMap:
             f"this checkpoint has a {config.projector} projector, which this installation cannot convert "
             "(no mlc_vision.models.projector); convert the vision tower alone with projector=False (--no-projector)"
         ) from None
+
+
+def _projector_map(config: VisionConfig) -> WeightMap:
+    module = _projector_module(config)
     weight_map = getattr(module, "weight_map", None)
     return weight_map(config) if callable(weight_map) else module.WEIGHTS
 

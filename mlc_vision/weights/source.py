@@ -113,22 +113,27 @@ OUTER_FIELDS = (
     ("select_layer", "select_layer", lambda v: v if isinstance(v, int) else None),
     ("vision_feature_select_strategy", "feature", FEATURE_STRATEGIES.get),
     ("mm_vision_select_feature", "feature", FEATURE_STRATEGIES.get),
-    ("mm_projector_type", "projector", lambda v: v if isinstance(v, str) else None),
     ("downsample_ratio", "downsample_ratio", lambda v: float(v) if isinstance(v, (int, float)) else None),
 )
 
-# The projector a composite has when its config does not say (transformers Llava: 2 linears + GELU).
+# Used only when models/projector.py is absent: the projector a composite has by default.
 DEFAULT_PROJECTORS = {"llava": "mlp2x_gelu", "llava_next": "mlp2x_gelu", "internvl_chat": "mlp1"}
+
+
+def is_composite(full_config: dict) -> bool:
+    """Whether the vision tower is only part of this config (CLIPModel, LLaVA, InternVL-chat, ...)."""
+    return isinstance(full_config.get("vision_config"), dict) or "mm_vision_tower" in full_config
 
 
 def outer_options(full_config: dict) -> dict:
     """VisionConfig options a composite config sets: select layer, feature, projector.
 
-    Empty for a plain vision checkpoint. ``projector_hidden_size`` is the
-    language model's width (what the projector maps to).
+    Empty for a plain vision checkpoint. The projector (kind, the language
+    model's width, InternVL's ``downsample_ratio``) comes from
+    ``models.projector.projector_from_hf``, which refuses variants we cannot
+    compile.
     """
-    model_type = full_config.get("model_type")
-    if model_type not in DEFAULT_PROJECTORS:
+    if not is_composite(full_config):
         return {}
     options = {}
     for field, option, convert in OUTER_FIELDS:
@@ -136,7 +141,26 @@ def outer_options(full_config: dict) -> dict:
             value = convert(full_config[field])
             if value is not None:
                 options[option] = value
-    options.setdefault("projector", DEFAULT_PROJECTORS[model_type])
+    options.update(projector_options(full_config))
+    return options
+
+
+def projector_options(full_config: dict) -> dict:
+    try:
+        from ..models import projector
+    except ModuleNotFoundError as err:
+        if err.name != "mlc_vision.models.projector":
+            raise
+        return _fallback_projector_options(full_config)
+    spec = projector.projector_from_hf(full_config)
+    return spec.options() if spec is not None else {}
+
+
+def _fallback_projector_options(full_config: dict) -> dict:
+    kind = full_config.get("mm_projector_type") or DEFAULT_PROJECTORS.get(full_config.get("model_type"))
+    if kind is None:
+        return {}
+    options = {"projector": kind}
     for text_key in ("text_config", "llm_config"):
         width = (full_config.get(text_key) or {}).get("hidden_size")
         if width:
