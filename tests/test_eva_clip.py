@@ -147,17 +147,28 @@ def save_port_checkpoint(model: Eva, style: str, dims: dict, path) -> None:
 # ---- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=sorted(STYLES))
-def reference(request, tmp_path_factory):
-    style = request.param
+def build_reference(style: str, workdir) -> dict:
+    """Checkpoint, fp32 and fp16 params dirs, inputs and timm's outputs for one style."""
     model = make_timm(style, TINY, seed=0)
-    ckpt = tmp_path_factory.mktemp(f"eva-{style}-ckpt")
-    save_port_checkpoint(model, style, TINY, ckpt)
+    save_port_checkpoint(model, style, TINY, workdir / "ckpt")
     pixels = np.random.default_rng(0).standard_normal((2, 3, 30, 30)).astype("float32")
-    out = tmp_path_factory.mktemp(f"eva-{style}-params")
-    params = {"float32": convert_checkpoint(ckpt, out / "f32"),
-              "float16": convert_checkpoint(ckpt, out / "f16", dtype="float16")}
-    return dict(style=style, ckpt=ckpt, pixels=pixels, params=params, expected=reference_outputs(model, pixels))
+    params = {"float32": convert_checkpoint(workdir / "ckpt", workdir / "f32"),
+              "float16": convert_checkpoint(workdir / "ckpt", workdir / "f16", dtype="float16")}
+    return dict(style=style, ckpt=workdir / "ckpt", pixels=pixels, params=params,
+                expected=reference_outputs(model, pixels))
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """``references(style)``: built once per style and module."""
+    cache = {}
+
+    def get(style: str) -> dict:
+        if style not in cache:
+            cache[style] = build_reference(style, tmp_path_factory.mktemp(f"eva-{style}"))
+        return cache[style]
+
+    return get
 
 
 def compiled(ref, tmp_path, dtype="float32", **options):
@@ -169,7 +180,9 @@ def compiled(ref, tmp_path, dtype="float32", **options):
 # ---- parity --------------------------------------------------------------------------------------
 
 
-def test_every_hidden_state_and_pooled_fp32(reference, tmp_path):
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_every_hidden_state_and_pooled_fp32(references, tmp_path, style):
+    reference = references(style)
     lib = compiled(reference, tmp_path, select_layer=-1, feature="pooled")
     ours = lib.hidden_states(reference["pixels"])
     expected = reference["expected"]["hidden_states"]
@@ -182,7 +195,8 @@ def test_every_hidden_state_and_pooled_fp32(reference, tmp_path):
 
 
 @pytest.mark.parametrize("select_layer,feature", [(-2, "patch"), (1, "cls_patch")])
-def test_encode_selects_layer_and_feature(reference, tmp_path, select_layer, feature):
+def test_encode_selects_layer_and_feature(references, tmp_path, select_layer, feature):
+    reference = references("E")
     lib = compiled(reference, tmp_path, select_layer=select_layer, feature=feature)
     ref = reference["expected"]["hidden_states"][select_layer]
     ref = ref[:, 1:] if feature == "patch" else ref
@@ -193,7 +207,9 @@ def test_encode_selects_layer_and_feature(reference, tmp_path, select_layer, fea
     assert len({n.split(".")[2] for n in names if n.startswith("encoder.layers.")}) == n_layers
 
 
-def test_fp16_against_fp32_reference(reference, tmp_path):
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_fp16_against_fp32_reference(references, tmp_path, style):
+    reference = references(style)
     lib = compiled(reference, tmp_path, dtype="float16", select_layer=-1, feature="pooled")
     for i, (a, ref) in enumerate(zip(lib.hidden_states(reference["pixels"]), reference["expected"]["hidden_states"])):
         assert_fp16_close(a, ref, f"fp16 hidden_states[{i}]")
