@@ -85,6 +85,9 @@ class VisionConfig:
     patch_bias: bool = False
     projection_dim: int | None = None  # CLIP/EVA visual_projection output width
     use_head: bool = False  # SigLIP attention-pooling head
+    # Apply the final norm after the last layer to the returned tokens (SigLIP:
+    # transformers' last_hidden_state = post_layernorm(hidden_states[-1])).
+    post_norm_tokens: bool = False
     # The image size the checkpoint's position embedding was trained for. When it
     # differs from image_size, convert interpolates the position embedding.
     checkpoint_image_size: int | None = None
