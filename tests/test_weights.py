@@ -258,11 +258,14 @@ def test_convert_llava_with_projector(tmp_path, clip_ckpt):
 ])
 def test_load_hf_config_composites(tmp_path, model_type, vision_type):
     full = {"model_type": model_type, "vision_config": {"hidden_size": 8}}
+    if model_type == "clip":
+        full["projection_dim"] = 24  # CLIPModel's width wins over the nested config's stale default
     if model_type == "internvl_chat":
         full.update(select_layer=-1, downsample_ratio=0.5, llm_config={"hidden_size": 20}, ps_version="v2")
     (tmp_path / "config.json").write_text(json.dumps(full))
     vision, got_full = load_hf_config(tmp_path)
-    assert vision == {"hidden_size": 8, "model_type": vision_type} and got_full == full
+    inherited = {"projection_dim": 24} if model_type == "clip" else {}
+    assert vision == {"hidden_size": 8, "model_type": vision_type, **inherited} and got_full == full
     if model_type == "internvl_chat":
         assert outer_options(full) == {
             "select_layer": -1, "downsample_ratio": 0.5, "projector": "mlp1", "projector_hidden_size": 20,

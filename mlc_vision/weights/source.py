@@ -41,12 +41,16 @@ class Composite:
     """How a composite ``config.json`` nests its vision tower.
 
     ``vision_model_type`` fills ``model_type`` for a nested vision config that
-    lacks one (transformers omits it when it equals the default); ``language``
-    lists the checkpoint keys of the language model, never read.
+    lacks one (transformers omits it when it equals the default); ``inherit``
+    names outer fields that describe the tower and override the nested ones
+    (CLIPModel's ``projection_dim`` sizes ``visual_projection``; the nested
+    config carries a stale default); ``language`` lists the checkpoint keys of
+    the language model, never read.
     """
 
     vision_model_type: str
     vision_key: str = "vision_config"
+    inherit: tuple[str, ...] = ()
     language: tuple[str, ...] = ()
 
 
@@ -58,7 +62,7 @@ LLM_KEYS = (
 )
 
 COMPOSITES = {
-    "clip": Composite("clip_vision_model"),
+    "clip": Composite("clip_vision_model", inherit=("projection_dim",)),
     "siglip": Composite("siglip_vision_model"),
     "llava": Composite("clip_vision_model", language=LLM_KEYS),
     "llava_next": Composite("clip_vision_model", language=LLM_KEYS),
@@ -88,8 +92,10 @@ def load_hf_config(path: str | Path) -> tuple[dict | None, dict]:
     nested = full.get(composite.vision_key if composite else "vision_config")
     if isinstance(nested, dict):
         vision = dict(nested)
-        if not vision.get("model_type") and composite:
-            vision["model_type"] = composite.vision_model_type
+        if composite:
+            if not vision.get("model_type"):
+                vision["model_type"] = composite.vision_model_type
+            vision.update({field: full[field] for field in composite.inherit if field in full})
         return vision, full
     if full.get("mm_vision_tower"):  # the tower is named, its config is not in this checkpoint
         return None, full
