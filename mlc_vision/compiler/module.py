@@ -1,7 +1,11 @@
-"""From a VisionConfig to an IRModule with ``encode`` and ``_metadata``.
+"""From a VisionConfig to an IRModule with ``encode``, ``encode_rgb8`` and ``_metadata``.
 
 Nothing here needs weights, a GPU or the network: parameters are arguments
 (one packed tuple), described in the metadata by name, shape and dtype.
+
+``encode_rgb8`` takes the resized image as bytes (``uint8 [batch, H, W, 3]``,
+the layout image decoders give) and does the rescale, normalization and
+NHWC -> NCHW transpose in the graph, so a chat runtime only has to resize.
 """
 
 from __future__ import annotations
@@ -9,14 +13,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
 
 from .. import __version__
 from ..config import VisionConfig
 from ..errors import MlcVisionError
 from ..models import get_family
+from ..models import projector as projectors
 
 DTYPES = ("float32", "float16", "bfloat16")
 BATCH = "batch"
@@ -37,7 +44,17 @@ def build_vision_model(config: VisionConfig, dtype: str, full: bool = False) -> 
     return model
 
 
-def output_tokens(config: VisionConfig) -> int:
+def build_projector(config: VisionConfig, dtype: str) -> nn.Module | None:
+    """The projector compiled after feature selection, or None when ``config.projector`` is unset."""
+    if config.projector is None:
+        return None
+    projector = projectors.Projector(config)
+    projector.to(dtype)
+    return projector
+
+
+def selected_tokens(config: VisionConfig) -> int:
+    """Tokens per image after feature selection (before any projector)."""
     if config.feature == "pooled":
         return 1
     if config.feature == "patch" and config.class_token:
@@ -45,20 +62,50 @@ def output_tokens(config: VisionConfig) -> int:
     return config.num_positions
 
 
+def output_tokens(config: VisionConfig) -> int:
+    """Tokens per image that ``encode`` returns (InternVL's mlp1 merges 2x2 patches)."""
+    tokens = selected_tokens(config)
+    return projectors.output_tokens(config, tokens) if config.projector else tokens
+
+
 def output_width(config: VisionConfig) -> int:
+    if config.projector:
+        return config.projector_hidden_size
     if config.feature == "pooled" and config.projection_dim:
         return config.projection_dim
     return config.hidden_size
 
 
+def projector_metadata(config: VisionConfig) -> dict | None:
+    if config.projector is None:
+        return None
+    meta = {
+        "type": config.projector,
+        "input_tokens": selected_tokens(config),
+        "input_width": config.hidden_size,
+        "output_tokens": output_tokens(config),
+        "hidden_size": config.projector_hidden_size,
+    }
+    if config.projector == "mlp1":
+        meta["downsample_ratio"] = config.downsample_ratio
+    return meta
+
+
 class _Exported(nn.Module):
     """Wraps a family model so that its entry points have the names of the calling convention."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, projector: nn.Module | None, config: VisionConfig, dtype: str):
         self.model = model
+        self.projector = projector
+        self.preprocess = config.preprocess
+        self.dtype = dtype
 
     def encode(self, pixel_values: nn.Tensor) -> nn.Tensor:
-        return self.model(pixel_values)
+        features = self.model(pixel_values)
+        return self.projector(features) if self.projector is not None else features
+
+    def encode_rgb8(self, pixels: nn.Tensor) -> nn.Tensor:
+        return self.encode(normalize_rgb8(pixels, self.preprocess, self.dtype))
 
     def hidden_states(self, pixel_values: nn.Tensor):
         return tuple(self.model.hidden_states(pixel_values))
@@ -72,14 +119,17 @@ def build_module(
 ) -> BuiltModule:
     """Export the encoder as an IRModule and describe it in the metadata."""
     model = build_vision_model(config, dtype)
+    projector = build_projector(config, dtype)
     size = config.image_size
+    options = {"param_mode": "packed", "effect_mode": "none"}
     pixel_spec = nn.spec.Tensor([BATCH, config.num_channels, size, size], dtype)
-    method = {"pixel_values": pixel_spec, "$": {"param_mode": "packed", "effect_mode": "none"}}
-    spec = {"encode": method}
+    method = {"pixel_values": pixel_spec, "$": options}
+    spec = {"encode": method, "encode_rgb8": {"pixels": nn.spec.Tensor(rgb8_shape(config), "uint8"), "$": options}}
     if expose_hidden_states:
         spec["hidden_states"] = dict(method)
-    # The wrapper's parameters are the model's, prefixed with "model.": strip it.
-    mod, named_params = _Exported(model).export_tvm(spec=spec)
+    # The wrapper's parameters are the model's, prefixed with "model." (strip it), then
+    # the projector's, already named "projector.*" as in the params dir.
+    mod, named_params = _Exported(model, projector, config, dtype).export_tvm(spec=spec)
     params = [
         {"name": name.removeprefix("model."), "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
         for name, p in named_params
@@ -92,12 +142,18 @@ def build_module(
 def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[dict], hidden_states: bool) -> dict:
     """The JSON a chat runtime reads instead of hard-coding numbers."""
     tokens = output_tokens(config)
+    output = {"shape": [BATCH, tokens, output_width(config)], "dtype": dtype}
     entries = {
         "encode": {
             "inputs": [{"name": "pixel_values", "shape": [BATCH, config.num_channels, config.image_size, config.image_size],
                         "dtype": dtype, "layout": "NCHW, normalized"}],
-            "output": {"shape": [BATCH, tokens, output_width(config)], "dtype": dtype},
-        }
+            "output": output,
+        },
+        "encode_rgb8": {
+            "inputs": [{"name": "pixels", "shape": rgb8_shape(config), "dtype": "uint8",
+                        "layout": "NHWC, RGB 0..255, resized and cropped to image_size; the graph rescales and normalizes"}],
+            "output": output,
+        },
     }
     if hidden_states:
         entries["hidden_states"] = {"inputs": entries["encode"]["inputs"], "output": "tuple of [batch, tokens, hidden]"}
@@ -116,11 +172,31 @@ def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[di
         "target": target,
         "select_layer": config.select_layer,
         "feature": config.feature,
-        "projector": config.projector,
+        "projector": projector_metadata(config),
         "preprocess": config.preprocess.to_dict(),
         "entries": entries,
         "params": params,
     }
+
+
+def rgb8_shape(config: VisionConfig) -> list:
+    return [BATCH, config.image_size, config.image_size, config.num_channels]
+
+
+def normalize_rgb8(pixels: nn.Tensor, pre, dtype: str) -> nn.Tensor:
+    """``uint8 [b, H, W, c] -> dtype [b, c, H, W]``: ``(x * rescale - mean) / std``, as preprocess does.
+
+    The arithmetic is float32 (as the CPU preprocessing does) and only the
+    result is cast to the compiled dtype, so fp16 libraries see the same input
+    as ``encode`` fed by our preprocess.
+    """
+    channels = pixels.shape[-1]
+    mean = nn.Tensor.from_const(np.asarray(pre.mean, dtype="float32").reshape(1, 1, 1, channels))
+    std = nn.Tensor.from_const(np.asarray(pre.std, dtype="float32").reshape(1, 1, 1, channels))
+    x = (pixels.astype("float32") * float(pre.rescale_factor) - mean) / std
+    if dtype != "float32":
+        x = x.astype(dtype)
+    return op.permute_dims(x, [0, 3, 1, 2])
 
 
 def add_metadata_function(mod: tvm.IRModule, metadata: dict) -> tvm.IRModule:

@@ -141,6 +141,10 @@ WEIGHTS = WeightMap(
         ("model.vision_tower.vision_tower.vision_model.", ""),  # LLaVA-1.5 (original repo)
         ("model.vision_tower.vision_model.", ""),  # transformers Llava, v4.52+ / v5
         ("vision_tower.vision_model.", ""),  # transformers Llava, older v4
+        # transformers v5 Llava: the tower is a CLIPVisionModel without vision_model.
+        # (in memory under model.vision_tower., saved by save_pretrained under vision_tower.)
+        ("model.vision_tower.", ""),
+        ("vision_tower.", ""),
     ),
     ignore=(
         r"^text_model\.",
