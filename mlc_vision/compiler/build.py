@@ -47,12 +47,9 @@ FATBIN_MAGIC = 0xBA55ED50
 
 
 def _cpu_pipeline(target):
-    """Our CPU pipeline, or TVM's default while ``compiler/cpu.py`` does not exist yet."""
-    try:
-        from mlc_vision.compiler.cpu import cpu_relax_pipeline
-    except ImportError:  # TODO: remove once mlc_vision/compiler/cpu.py lands
-        logger.warning("mlc_vision.compiler.cpu missing: CPU kernels stay unscheduled (slow)")
-        return "default"
+    """Our CPU pipeline (compiler/cpu.py): TVM's stock one leaves CPU kernels unscheduled."""
+    from mlc_vision.compiler.cpu import cpu_relax_pipeline
+
     return cpu_relax_pipeline(target)
 
 
@@ -129,14 +126,14 @@ def gpu_relax_pipeline(target):
 
 
 def _preload_tensor_intrinsics() -> None:
-    """Import ``tvm.s_tir.tensor_intrin`` quickly (53 s -> 14 s here).
+    """Import ``tvm.s_tir.tensor_intrin`` quickly (50 s -> 14 s on this machine).
 
     dlight's CUDA/Metal matmul rules import that package, which parses ~500
-    TVMScript functions; each parse calls ``inspect.stack()``, and for frames
-    whose file is not a real file (``<frozen importlib._bootstrap>``,
-    ``<ast>``, ``<string>``) ``inspect.getmodule`` rescans all of
-    ``sys.modules`` every time. Telling inspect's own cache that those names
-    belong to no module gives exactly the answer the scan gives (None),
+    TVMScript functions; each parse calls ``inspect.stack()``, and for every
+    frame whose "file" is not a file (``<frozen runpy>``, ``<frozen
+    importlib._bootstrap>``, ``<ast>``, ``<string>``) ``inspect.getmodule``
+    rescans all of ``sys.modules``. Recording in inspect's own cache that
+    those names belong to no module gives the answer the scan gives (None),
     without the scan.
     """
     import inspect
@@ -144,12 +141,18 @@ def _preload_tensor_intrinsics() -> None:
 
     if "tvm.s_tir.tensor_intrin" in sys.modules:
         return
-    for pseudo_file in (
-        "<frozen importlib._bootstrap>",
-        "<frozen importlib._bootstrap_external>",
-        "<ast>",
-        "<string>",
-    ):
+    pseudo_files = {"<ast>", "<string>", "<stdin>"}
+    pseudo_files.update(
+        f"<frozen {name}>"
+        for name, module in list(sys.modules.items())
+        if getattr(getattr(module, "__spec__", None), "origin", None) == "frozen"
+    )
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<"):
+            pseudo_files.add(frame.f_code.co_filename)
+        frame = frame.f_back
+    for pseudo_file in pseudo_files:
         inspect.modulesbyfile.setdefault(pseudo_file, "<no module>")
     import tvm.s_tir.tensor_intrin  # noqa: F401
 
