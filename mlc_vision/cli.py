@@ -54,10 +54,10 @@ def compile_cmd(model, target, arch, host, dtype, select_layer, feature, image_s
     """Build a library from a preset or a checkpoint's config (no weights needed)."""
     from .compiler.build import build_library
     from .compiler.module import build_module
-    from .compiler.targets import check_buildable, output_suffix
+    from .compiler.targets import check_buildable, output_suffixes
     from .resolve import resolve_config
 
-    check_buildable(target, arch=arch, host=host)
+    check_buildable(target)
     config = resolve_config(
         model,
         select_layer=select_layer,
@@ -67,7 +67,7 @@ def compile_cmd(model, target, arch, host, dtype, select_layer, feature, image_s
         projector_hidden_size=projector_hidden_size,
     )
     dtype = dtype or default_dtype(target)
-    output = output or default_output(model, target, output_suffix(target))
+    output = output or default_output(model, target, output_suffixes(target)[0])
     built = build_module(config, dtype, target)
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     meta = built.metadata
@@ -151,19 +151,32 @@ def run_cmd(lib, params, images, pixel_values, device, output):
 @cli.command("inspect")
 @click.argument("lib", type=click.Path(path_type=Path))
 def inspect_cmd(lib):
-    """Print a library's metadata (from the library itself, or its .json for .tar)."""
-    from .runtime.encoder import load_library, read_metadata
-
-    if lib.suffix in (".so", ".dylib", ".dll"):
-        metadata = read_metadata(load_library(lib), lib)
-    else:
+    """Print a library's metadata: from the library itself, else from the JSON beside it."""
+    if not lib.exists():
+        raise MlcVisionError(f"library {lib} does not exist")
+    try:
+        metadata = _metadata_from_library(lib)
+    except MlcVisionError as err:
         sidecar = Path(f"{lib}.json")
-        if not lib.exists():
-            raise MlcVisionError(f"library {lib} does not exist")
         if not sidecar.is_file():
-            raise MlcVisionError(f"{lib} cannot be loaded here and has no {sidecar.name} beside it")
+            raise
+        click.echo(f"note: {err}; showing {sidecar}", err=True)
         metadata = json.loads(sidecar.read_text())
     click.echo(json.dumps(metadata, indent=2, sort_keys=True))
+
+
+def _metadata_from_library(lib: Path) -> dict:
+    import tvm
+    from tvm import relax
+
+    from .runtime.encoder import load_library, read_metadata
+
+    module = load_library(lib)
+    try:
+        vm = relax.VirtualMachine(module, tvm.cpu())
+    except Exception as err:  # e.g. a CUDA library on a machine without the CUDA driver
+        raise MlcVisionError(f"cannot start {lib} here: {str(err).splitlines()[0]}") from None
+    return read_metadata(vm, lib)
 
 
 @cli.command("targets")
@@ -173,7 +186,7 @@ def targets_cmd():
 
     for row in availability():
         mark = "yes" if row.buildable else "no "
-        click.echo(f"{row.name:<8} {mark}  {row.output:<28} {row.reason}")
+        click.echo(f"{row.name:<8} {mark}  {row.output_suffix:<6} {row.reason}")
 
 
 @cli.command("bench")

@@ -50,9 +50,10 @@ def load_library(lib: str | Path) -> tvm.runtime.Module:
         raise MlcVisionError(f"cannot load library {lib}: {str(err).splitlines()[0]}") from None
 
 
-def read_metadata(module: tvm.runtime.Module, lib: Path) -> dict:
+def read_metadata(vm: relax.VirtualMachine, lib: Path) -> dict:
+    """The library's own ``_metadata()`` JSON (a function of its Relax VM)."""
     try:
-        return json.loads(module["_metadata"]())
+        return json.loads(vm["_metadata"]())
     except Exception:
         raise MlcVisionError(f"library {lib} has no mlc-vision _metadata(); was it built by mlc-vision compile?") from None
 
@@ -80,10 +81,9 @@ class VisionEncoder:
         self.params_dir = Path(params)
         self._device_name = str(device)
         self.tvm_device = parse_device(device)
-        module = load_library(self.lib_path)
-        self.metadata = read_metadata(module, self.lib_path)
+        self._vm = relax.VirtualMachine(load_library(self.lib_path), self.tvm_device)
+        self.metadata = read_metadata(self._vm, self.lib_path)
         check_params_match(self.metadata, self.params_dir)
-        self._vm = relax.VirtualMachine(module, self.tvm_device)
         self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
 
     # ---- what LLaVA's CLIPVisionTower exposes ------------------------------------
