@@ -35,6 +35,10 @@ class Preprocess:
     resize: ``shortest_edge`` (resize the short side to ``size`` keeping the
     aspect ratio, then center-crop ``crop_size``; CLIP) or ``exact`` (resize to
     ``size`` x ``size``; SigLIP, InternViT).
+
+    backend: whose resize arithmetic to reproduce bit for bit: ``torchvision``
+    (transformers 5's default image processors) or ``pil`` (Pillow; what
+    InternVL's own torchvision-on-PIL transform does).
     """
 
     resize: str = "shortest_edge"
@@ -45,6 +49,7 @@ class Preprocess:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     pad_to_square: bool = False
+    backend: str = "torchvision"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -61,9 +61,10 @@ HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"
 
 
 def preprocess(
-    images: ImageLike | Sequence[ImageLike], pre: Preprocess, *, backend: str = "torchvision"
+    images: ImageLike | Sequence[ImageLike], pre: Preprocess, *, backend: str | None = None
 ) -> np.ndarray:
     """One image or a list of them (any sizes) -> ``[batch, 3, H, W]`` float32."""
+    backend = backend or pre.backend
     if backend not in BACKENDS:
         raise MlcVisionError(f"unknown preprocessing backend {backend!r}; known: {', '.join(BACKENDS)}")
     _check(pre, backend)
