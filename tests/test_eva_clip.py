@@ -125,7 +125,7 @@ def port_config(style: str, dims: dict, eps: float) -> dict:
         intermediate_size=dims["intermediate_size"], num_hidden_layers=dims["num_hidden_layers"],
         num_attention_heads=dims["num_attention_heads"], image_size=dims["image_size"],
         patch_size=dims["patch_size"], num_channels=3, hidden_act="gelu", layer_norm_eps=eps,
-        projection_dim=dims["projection_dim"], **fields,
+        projection_dim=512, **fields,  # the port's stale default: EvaCLIPModel's outer value sizes the head
     )
     text = dict(model_type="clip_text_model", hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
     return dict(model_type="clip", architectures=["EvaCLIPModel"], projection_dim=dims["projection_dim"],
@@ -194,7 +194,7 @@ def test_every_hidden_state_and_pooled_fp32(references, tmp_path, style):
     assert_fp32_close(embeds[:, 0], reference["expected"]["image_embeds"], f"{reference['style']} image_embeds")
 
 
-@pytest.mark.parametrize("select_layer,feature", [(-2, "patch"), (1, "cls_patch")])
+@pytest.mark.parametrize("select_layer,feature", [(1, "cls_patch")])  # (-2, "patch"): the test below
 def test_encode_selects_layer_and_feature(references, tmp_path, select_layer, feature):
     reference = references("E")
     lib = compiled(reference, tmp_path, select_layer=select_layer, feature=feature)
@@ -214,6 +214,23 @@ def test_fp16_against_fp32_reference(references, tmp_path, style):
     for i, (a, ref) in enumerate(zip(lib.hidden_states(reference["pixels"]), reference["expected"]["hidden_states"])):
         assert_fp16_close(a, ref, f"fp16 hidden_states[{i}]")
     assert_fp16_close(lib.encode(reference["pixels"])[:, 0], reference["expected"]["image_embeds"], "fp16 embeds")
+
+
+def test_vision_model_checkpoint_without_projection(tmp_path):
+    """EvaCLIPVisionModel (LLaVA's tower): flat vision config, no visual_projection keys."""
+    model = make_timm("E", TINY, seed=7)
+    tensors = {k: v for k, v in port_state_dict(model).items() if not k.startswith("visual_projection.")}
+    (tmp_path / "ckpt").mkdir()
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    vision = dict(port_config("E", TINY, model.norm.eps)["vision_config"], architectures=["EvaCLIPVisionModel"])
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(vision))
+    params_dir = convert_checkpoint(tmp_path / "ckpt", tmp_path / "params")
+    config = resolve_config(str(tmp_path / "ckpt"), select_layer=-2, feature="patch")
+    assert config.family == "eva_clip"
+    pixels = np.random.default_rng(2).standard_normal((1, 3, 30, 30)).astype("float32")
+    ref = reference_outputs(model, pixels)["hidden_states"][-2][:, 1:]
+    lib = CompiledCPU(config, params_dir, "float32", tmp_path, hidden_states=False)
+    assert_fp32_close(lib.encode(pixels), ref, "EvaCLIPVisionModel patch features")
 
 
 # ---- routing and config --------------------------------------------------------------------------

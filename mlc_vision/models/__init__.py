@@ -5,7 +5,10 @@ Each family is one module in this package that defines:
 - ``FAMILY``: its name (``clip``, ``eva_clip``, ``intern_vit``, ``siglip``).
 - ``MODEL_TYPES`` / ``ARCHITECTURES``: the ``config.json`` values it claims.
 - ``claims(hf_config, keys) -> bool`` (optional): tie-breaker from the
-  checkpoint's keys when the config alone is ambiguous.
+  checkpoint's keys when the config alone is ambiguous. A port that reuses
+  another family's ``model_type`` (InternVL's EVA-CLIP says ``clip``) lists
+  it too and claims its own configs; when no candidate claims, the one
+  candidate without ``claims`` (the model_type's owner) is chosen.
 - ``config_from_hf(hf_vision_config: dict) -> VisionConfig``.
 - ``VisionModel(config)``: the Relax ``nn.Module``; ``hidden_states(x)``
   returns the hidden states up to ``config.layer_index`` and ``forward(x)``

@@ -35,8 +35,9 @@ from ..weights.mapping import WeightMap
 from . import layers
 
 FAMILY = "eva_clip"
-# The port saves CLIP's model types; other EVA-CLIP ports use their own.
-MODEL_TYPES = ("clip_vision_model", "clip", "eva_clip", "evaclip", "eva_clip_vision_model", "evaclip_vision_model")
+# The port saves CLIP's model types. Other EVA-CLIP ports ("eva_clip" in CogVLM,
+# "evaclip_vision_model") name their keys differently and are not claimed.
+MODEL_TYPES = ("clip_vision_model", "clip")
 ARCHITECTURES = ("EvaCLIPVisionModel", "EvaCLIPVisionModelWithProjection", "EvaCLIPModel")
 
 # Fields that only EVA-CLIP vision configs have (transformers' CLIPVisionConfig has none of them).
