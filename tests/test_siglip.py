@@ -246,11 +246,16 @@ def test_llava_onevision_checkpoint(tmp_path, pixels):
 
 
 def test_llava_next_siglip_checkpoint(tmp_path, pixels):
-    """LLaVA-NeXT with a SigLIP tower: its config's select layer (-2) is kept."""
-    tower, ckpt = _llava_tower_checkpoint(tmp_path, LlavaNextForConditionalGeneration, LlavaNextConfig, 6)
+    """LLaVA-NeXT with a SigLIP tower: its config's select layer (-2) is kept, all tokens.
+
+    ("full" strategy: transformers' "default" drops token 0, a real patch for
+    SigLIP, and LlavaNext warns that this does not fit a tower without CLS.)
+    """
+    tower, ckpt = _llava_tower_checkpoint(tmp_path, LlavaNextForConditionalGeneration, LlavaNextConfig, 6,
+                                          vision_feature_select_strategy="full")
     params_dir = convert_checkpoint(ckpt, tmp_path / "params")
     config = resolve_config(str(ckpt), projector="none")
-    assert (config.family, config.select_layer) == ("siglip", -2)
+    assert (config.family, config.select_layer, config.feature) == ("siglip", -2, "cls_patch")
     ref = _reference_outputs(tower, pixels)
     lib = CompiledCPU(config, params_dir, "float32", tmp_path, hidden_states=False)
     assert_fp32_close(lib.encode(pixels), ref["hidden_states"][-2], "LLaVA-NeXT SigLIP image features")
