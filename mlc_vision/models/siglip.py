@@ -32,6 +32,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from ..config import Preprocess, VisionConfig
 from ..errors import MlcVisionError
 from ..weights.mapping import WeightMap
+from ..weights.transforms import interpolate_position_embedding
 from . import layers
 
 FAMILY = "siglip"
@@ -235,13 +236,6 @@ class VisionModel(nn.Module):
 # ---- weights -------------------------------------------------------------------------
 
 
-def _interpolate_position_embedding(array, config):
-    """Resample the position table to the compiled grid (transformers' ``interpolate_pos_encoding``)."""
-    from ..weights.transforms import interpolate_position_embedding
-
-    return interpolate_position_embedding(array, config)
-
-
 WEIGHTS = WeightMap(
     prefixes=(
         # SiglipModel, SiglipForImageClassification; SiglipVisionModel in transformers v4
@@ -276,5 +270,6 @@ WEIGHTS = WeightMap(
         r"^(model\.)?image_newline$",
     ),
     # a library compiled at another image size gets the position table resampled
-    transforms=((r"^embeddings\.position_embedding\.weight$", _interpolate_position_embedding),),
+    # (bicubic, as transformers' interpolate_pos_encoding does)
+    transforms=((r"^embeddings\.position_embedding\.weight$", interpolate_position_embedding),),
 )
