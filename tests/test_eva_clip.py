@@ -252,7 +252,7 @@ def test_preset_is_eva02_clip_e14():
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1792, 64, 16)
     assert (config.intermediate_size, config.patch_size, config.image_size, config.head_dim) == (15360, 14, 224, 112)
     assert config.post_norm_blocks and config.qkv_bias and config.patch_bias and config.norm_type == "layer_norm"
-    assert (config.projection_dim, config.feature, config.num_positions) == (1024, "pooled", 257)
+    assert (config.projection_dim, config.feature, config.num_positions) == (1024, "patch", 257)
 
 
 # ---- the real width ------------------------------------------------------------------------------
