@@ -19,6 +19,7 @@ import json
 import re
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -248,6 +249,9 @@ def test_interpolate_position_embedding_2d_no_class_token_and_noop():
     assert out.shape == (36, 8) and out.dtype == np.float16
     same = np.ones((1, 17, 8), "float32")
     assert interpolate_position_embedding(same, _Geometry(56)) is same
+    bf16 = np.random.default_rng(2).standard_normal((1, 17, 8)).astype(ml_dtypes.bfloat16)  # checkpoints are bf16
+    out = interpolate_position_embedding(bf16, _Geometry(84))
+    assert out.dtype == bf16.dtype and out.shape == (1, 37, 8) and np.array_equal(out[:, 0], bf16[:, 0])
 
 
 def test_interpolate_position_embedding_refuses_wrong_checkpoint_size():
