@@ -28,8 +28,12 @@ DIM, HIDDEN, SEQ = 128, 256, 128  # every matmul extent > 64: dlight may use ten
 METADATA = {"family": "tiny", "dtype": "float16", "note": "test"}
 
 
+HEADS = 2
+SCALE = 0.1  # explicit scale, as the families pass it (checks the attention legalization path)
+
+
 class Tiny(nn.Module):
-    """Linear + LayerNorm + softmax + a bias-free Linear (a matmul without epilogue)."""
+    """Linear + LayerNorm + softmax + attention with an explicit scale + a bias-free Linear."""
 
     def __init__(self, dtype):
         self.fc1 = nn.Linear(DIM, HIDDEN, dtype=dtype)
@@ -39,7 +43,11 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         h = nn.op.softmax(self.norm(self.fc1(x)), axis=-1)
-        return self.proj(self.fc2(h))
+        h = self.fc2(h)
+        batch = x.shape[0]
+        q = nn.op.reshape(h, [batch, SEQ, HEADS, DIM // HEADS])
+        h = nn.op.scaled_dot_product_attention(q, q, q, scale=SCALE)
+        return self.proj(nn.op.reshape(h, [batch, SEQ, DIM]))
 
 
 def tiny_module(dtype="float32"):
@@ -59,6 +67,11 @@ def reference(x, w):
     h = np.exp(h - h.max(-1, keepdims=True))
     h = h / h.sum(-1, keepdims=True)
     h = h @ w["fc2.weight"].T + w["fc2.bias"]
+    q = h.reshape(h.shape[0], SEQ, HEADS, DIM // HEADS).transpose(0, 2, 1, 3)
+    scores = q @ q.transpose(0, 1, 3, 2) * SCALE
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    h = (p / p.sum(-1, keepdims=True)) @ q
+    h = h.transpose(0, 2, 1, 3).reshape(h.shape[0], SEQ, DIM)
     return h @ w["proj.weight"].T
 
 
