@@ -79,29 +79,6 @@ def _matmul_rule():
     return MatmulWithFallback()
 
 
-def _attention_scale_in_input_dtype(bb, call):
-    """Legalize ``R.nn.attention`` with its ``scale`` in the dtype of q/k/v.
-
-    TVM 0.27's legalization multiplies the fp16 scores by the scale as a
-    float32 constant, which makes the result float32 and breaks the next
-    matmul ("Binary operators must have the same datatype"). Casting the
-    constant first keeps the whole attention in the model's dtype.
-    """
-    import tvm
-    from tvm import relax
-
-    legalize = tvm.ir.Op.get("relax.nn.attention").get_attr("FLegalize")
-    scale, dtype = call.attrs.scale, call.args[0].ty.dtype
-    if scale is not None and str(scale.dtype) != dtype:
-        call = relax.op.nn.attention(
-            *call.args[:3],
-            scale=tvm.tirx.FloatImm(dtype, float(scale.value)),
-            causal_mask=call.attrs.causal_mask,
-            window_size=call.attrs.window_size,
-        )
-    return legalize(bb, call)
-
-
 def gpu_schedule_pass():
     """dlight's default GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback)."""
     from tvm.s_tir import dlight as dl
@@ -127,18 +104,16 @@ def gpu_relax_pipeline(target):
     else:
         from tvm.relax.backend.gpu_generic import pipeline as rp
 
-    # R.nn.attention is split into matmul/softmax/matmul first, as on the CPU:
-    # TVM's own fp16 legalization of it mixes a float32 scale into fp16
-    # tensors and fails to type-check.
+    # R.nn.attention is split into matmul / softmax / matmul first, as on the
+    # CPU: TVM 0.27's own legalization of it multiplies fp16 scores by a
+    # float32 scale, and the next matmul then fails to type-check.
     from .cpu import split_attention
 
     passes = (
         [split_attention]
         + rp.library_dispatch_passes(target)
         + [
-            relax.transform.LegalizeOps(
-                customize_legalize_map={"relax.nn.attention": _attention_scale_in_input_dtype}
-            ),
+            relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
