@@ -6,6 +6,8 @@ fp16: cosine >= 0.999 against the fp32 reference).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,8 @@ class CompiledCPU:
 
     def __init__(self, config: VisionConfig, params_dir: Path, dtype: str, workdir: Path, hidden_states=True):
         built = build_module(config, dtype, "cpu", expose_hidden_states=hidden_states)
-        tag = f"{config.family}-{config.select_layer}-{config.feature}-{dtype}"
+        digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        tag = f"{config.family}-{config.select_layer}-{config.feature}-{dtype}-{digest}"
         lib_path = build_library(built.mod, "cpu", Path(workdir) / f"{tag}.so", metadata=built.metadata)
         self.metadata = built.metadata
         self.dtype = dtype
