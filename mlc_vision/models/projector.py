@@ -210,7 +210,7 @@ def projector_from_hf(full_config: dict) -> ProjectorSpec | None:
     """
     if "llm_config" in full_config and "downsample_ratio" in full_config:
         return _internvl_chat(full_config)
-    if full_config.get("model_type") in ("llava", "llava_next") and "text_config" in full_config:
+    if full_config.get("model_type") in ("llava", "llava_next", "llava_onevision") and "text_config" in full_config:
         return _transformers_llava(full_config)
     if "mm_hidden_size" in full_config or "mm_projector_type" in full_config:
         return _original_llava(full_config)

@@ -66,6 +66,7 @@ COMPOSITES = {
     "siglip": Composite("siglip_vision_model"),
     "llava": Composite("clip_vision_model", language=LLM_KEYS),
     "llava_next": Composite("clip_vision_model", language=LLM_KEYS),
+    "llava_onevision": Composite("siglip_vision_model", language=LLM_KEYS),
     "internvl_chat": Composite("intern_vit_6b", language=LLM_KEYS),
 }
 
@@ -123,7 +124,12 @@ OUTER_FIELDS = (
 )
 
 # Used only when models/projector.py is absent: the projector a composite has by default.
-DEFAULT_PROJECTORS = {"llava": "mlp2x_gelu", "llava_next": "mlp2x_gelu", "internvl_chat": "mlp1"}
+DEFAULT_PROJECTORS = {
+    "llava": "mlp2x_gelu",
+    "llava_next": "mlp2x_gelu",
+    "llava_onevision": "mlp2x_gelu",
+    "internvl_chat": "mlp1",
+}
 
 
 def is_composite(full_config: dict) -> bool:
