@@ -58,59 +58,25 @@ class CLIPVisionEmbeddings(nn.Module):
         return tokens + self.position_embedding.weight
 
 
-class CLIPAttention(nn.Module):
-    def __init__(self, config: VisionConfig):
-        d = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = layers.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
-        return self.out_proj(out)
-
-
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: VisionConfig):
-        self.self_attn = CLIPAttention(config)
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = layers.Mlp(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPEncoder(nn.Module):
-    def __init__(self, config: VisionConfig, num_layers: int):
-        self.layers = nn.ModuleList([CLIPEncoderLayer(config) for _ in range(num_layers)])
-
-
 class VisionModel(nn.Module):
     """CLIP's vision transformer, built up to the selected layer (``full`` builds everything)."""
 
     def __init__(self, config: VisionConfig, full: bool = False):
         self.config = config
         pooled = full or config.feature == "pooled"
-        num_layers = config.num_hidden_layers if pooled else config.num_layers_compiled
+        num_layers = layers.layers_to_build(config, full)
         self.embeddings = CLIPVisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.encoder = CLIPEncoder(config, num_layers)
+        self.encoder = layers.Encoder(
+            [layers.EncoderLayer(config, layers.SelfAttention(config)) for _ in range(num_layers)]
+        )
         if pooled:
             self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             if config.projection_dim:
                 self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def hidden_states(self, pixel_values: Tensor) -> list[Tensor]:
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        states = [x]
-        for layer in self.encoder.layers:
-            x = layer(x)
-            states.append(x)
-        return states
+        return self.encoder.hidden_states(self.pre_layrnorm(self.embeddings(pixel_values)))
 
     def pooled(self, last_hidden: Tensor) -> Tensor:
         """``[b, 1, width]``: post-norm of the class token, projected when a projection exists."""

@@ -123,64 +123,27 @@ class EvaCLIPVisionEmbeddings(nn.Module):
         return tokens + self.position_embedding.weight
 
 
-class EvaCLIPAttention(nn.Module):
-    """q and v carry a bias (``qkv_bias``), k never does: its bias would not change the softmax."""
-
-    def __init__(self, config: VisionConfig):
-        d = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.q_proj = nn.Linear(d, d, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=config.qkv_bias)
-        self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = layers.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
-        return self.out_proj(out)
-
-
-class EvaCLIPEncoderLayer(nn.Module):
-    def __init__(self, config: VisionConfig):
-        self.post_norm = config.post_norm_blocks
-        self.self_attn = EvaCLIPAttention(config)
-        self.layer_norm1 = layers.make_norm(config)
-        self.mlp = layers.Mlp(config)
-        self.layer_norm2 = layers.make_norm(config)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.post_norm:  # EVA02-CLIP-E: normalize each branch's output, not its input
-            x = x + self.layer_norm1(self.self_attn(x))
-            return x + self.layer_norm2(self.mlp(x))
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class EvaCLIPEncoder(nn.Module):
-    def __init__(self, config: VisionConfig, num_layers: int):
-        self.layers = nn.ModuleList([EvaCLIPEncoderLayer(config) for _ in range(num_layers)])
-
-
 class VisionModel(nn.Module):
     """EVA-CLIP's vision transformer, built up to the selected layer (``full`` builds everything)."""
 
     def __init__(self, config: VisionConfig, full: bool = False):
         self.config = config
         pooled = full or config.feature == "pooled"
-        num_layers = config.num_hidden_layers if pooled else config.num_layers_compiled
         self.embeddings = EvaCLIPVisionEmbeddings(config)
-        self.encoder = EvaCLIPEncoder(config, num_layers)
+        # q and v carry a bias (qkv_bias), k never does: its bias would not change the softmax
+        self.encoder = layers.Encoder(
+            [
+                layers.EncoderLayer(config, layers.SelfAttention(config, qv_bias=config.qkv_bias, k_bias=False))
+                for _ in range(layers.layers_to_build(config, full))
+            ]
+        )
         if pooled:
             self.post_layernorm = layers.make_norm(config)
             if config.projection_dim:
                 self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=True)
 
     def hidden_states(self, pixel_values: Tensor) -> list[Tensor]:
-        x = self.embeddings(pixel_values)
-        states = [x]
-        for layer in self.encoder.layers:
-            x = layer(x)
-            states.append(x)
-        return states
+        return self.encoder.hidden_states(self.embeddings(pixel_values))
 
     def pooled(self, last_hidden: Tensor) -> Tensor:
         """``[b, 1, width]``: the normed class token, projected when a projection exists."""

@@ -169,28 +169,18 @@ class InternVisionEncoderLayer(nn.Module):
         return x + self._scaled(self.mlp(self.norm2(x)), self.ls2)
 
 
-class InternVisionEncoder(nn.Module):
-    def __init__(self, config: VisionConfig, num_layers: int):
-        self.layers = nn.ModuleList([InternVisionEncoderLayer(config) for _ in range(num_layers)])
-
-
 class VisionModel(nn.Module):
     """InternViT built up to the selected layer (``full`` builds every layer, for convert)."""
 
     def __init__(self, config: VisionConfig, full: bool = False):
         self.config = config
-        all_layers = full or config.feature == "pooled"
-        num_layers = config.num_hidden_layers if all_layers else config.num_layers_compiled
         self.embeddings = InternVisionEmbeddings(config)
-        self.encoder = InternVisionEncoder(config, num_layers)
+        self.encoder = layers.Encoder(
+            [InternVisionEncoderLayer(config) for _ in range(layers.layers_to_build(config, full))]
+        )
 
     def hidden_states(self, pixel_values: Tensor) -> list[Tensor]:
-        x = self.embeddings(pixel_values)
-        states = [x]
-        for layer in self.encoder.layers:
-            x = layer(x)
-            states.append(x)
-        return states
+        return self.encoder.hidden_states(self.embeddings(pixel_values))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         states = self.hidden_states(pixel_values)

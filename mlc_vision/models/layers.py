@@ -175,3 +175,71 @@ def select_feature(hidden: Tensor, config: VisionConfig) -> Tensor:
     if config.feature == "patch" and config.class_token:
         return slice_axis(hidden, 1, 1, hidden.shape[1], "patch_tokens")
     return hidden
+
+
+# ---- the transformer stack shared by the families ------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Separate q/k/v projections and an output projection (CLIP, SigLIP, EVA-CLIP names).
+
+    ``k_bias=False`` for EVA-CLIP: a bias on k adds the same value to every
+    score of a query row, which the softmax cancels, so the port drops it.
+    """
+
+    def __init__(self, config: VisionConfig, qv_bias: bool = True, k_bias: bool = True):
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_proj = nn.Linear(d, d, bias=qv_bias)
+        self.k_proj = nn.Linear(d, d, bias=k_bias)
+        self.v_proj = nn.Linear(d, d, bias=qv_bias)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
+        return self.out_proj(out)
+
+
+class EncoderLayer(nn.Module):
+    """``self_attn`` + ``mlp`` with ``layer_norm1``/``layer_norm2``.
+
+    Pre-norm (``x + f(norm(x))``, CLIP and SigLIP) or, with
+    ``config.post_norm_blocks``, post-norm on each branch's output
+    (``x + norm(f(x))``, EVA02-CLIP-E).
+    """
+
+    def __init__(self, config: VisionConfig, self_attn: nn.Module):
+        self.post_norm = config.post_norm_blocks
+        self.self_attn = self_attn
+        self.layer_norm1 = make_norm(config)
+        self.mlp = Mlp(config)
+        self.layer_norm2 = make_norm(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.post_norm:
+            x = x + self.layer_norm1(self.self_attn(x))
+            return x + self.layer_norm2(self.mlp(x))
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    """``encoder.layers.N``: the stack, built only as deep as it is used."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.layers = nn.ModuleList(blocks)
+
+    def hidden_states(self, x: Tensor) -> list[Tensor]:
+        """The input followed by every layer's output (``hidden_states`` as transformers counts them)."""
+        states = [x]
+        for layer in self.layers:
+            x = layer(x)
+            states.append(x)
+        return states
+
+
+def layers_to_build(config: VisionConfig, full: bool) -> int:
+    """Every layer for convert (``full``) and for pooled outputs; else up to the selected one."""
+    if full or config.feature == "pooled":
+        return config.num_hidden_layers
+    return config.num_layers_compiled

@@ -100,37 +100,6 @@ class SiglipVisionEmbeddings(nn.Module):
         return self.patch_embedding(pixel_values) + self.position_embedding.weight
 
 
-class SiglipAttention(nn.Module):
-    def __init__(self, config: VisionConfig):
-        d = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = layers.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
-        return self.out_proj(out)
-
-
-class SiglipEncoderLayer(nn.Module):
-    def __init__(self, config: VisionConfig):
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = SiglipAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = layers.Mlp(config)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class SiglipEncoder(nn.Module):
-    def __init__(self, config: VisionConfig, num_layers: int):
-        self.layers = nn.ModuleList([SiglipEncoderLayer(config) for _ in range(num_layers)])
-
-
 class PackedMultiheadAttention(nn.Module):
     """``torch.nn.MultiheadAttention`` with its packed ``in_proj_weight`` ``[3d, d]`` kept as saved.
 
@@ -201,7 +170,9 @@ class VisionModel(nn.Module):
         needs_post_norm = full or pooled or config.post_norm_tokens
         num_layers = config.num_hidden_layers if needs_post_norm else config.num_layers_compiled
         self.embeddings = SiglipVisionEmbeddings(config)
-        self.encoder = SiglipEncoder(config, num_layers)
+        self.encoder = layers.Encoder(
+            [layers.EncoderLayer(config, layers.SelfAttention(config)) for _ in range(num_layers)]
+        )
         if needs_post_norm:
             self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if config.use_head and (full or pooled):
@@ -209,12 +180,7 @@ class VisionModel(nn.Module):
 
     def hidden_states(self, pixel_values: Tensor) -> list[Tensor]:
         """Embeddings, then the output of every built layer (none has the post-norm)."""
-        x = self.embeddings(pixel_values)
-        states = [x]
-        for layer in self.encoder.layers:
-            x = layer(x)
-            states.append(x)
-        return states
+        return self.encoder.hidden_states(self.embeddings(pixel_values))
 
     def last_hidden_state(self, last_hidden: Tensor) -> Tensor:
         """transformers' ``last_hidden_state``: the post-norm over every token of the last layer."""
