@@ -12,7 +12,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor
 
 from ..config import Preprocess, VisionConfig
-from ..weights.mapping import WeightMap
+from ..weights.mapping import LLAVA_NON_VISION_KEYS, WeightMap
 from . import layers
 
 FAMILY = "clip"
@@ -117,15 +117,6 @@ WEIGHTS = WeightMap(
         r"^text_projection\.",
         r"^logit_scale$",
         r"position_ids$",
-        # the language model and projector of a LLaVA checkpoint (the projector
-        # has its own map in models/projector.py when one is compiled in)
-        r"^(model\.)?language_model\.",
-        r"^model\.layers\.",
-        r"^model\.embed_tokens\.",
-        r"^model\.norm\.",
-        r"^lm_head\.",
-        r"^(model\.)?mm_projector\.",
-        r"^(model\.)?multi_modal_projector\.",
-        r"^model\.image_newline$",
+        *LLAVA_NON_VISION_KEYS,
     ),
 )

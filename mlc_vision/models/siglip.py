@@ -31,7 +31,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import Preprocess, VisionConfig
 from ..errors import MlcVisionError
-from ..weights.mapping import WeightMap
+from ..weights.mapping import LLAVA_NON_VISION_KEYS, WeightMap
 from ..weights.transforms import interpolate_position_embedding
 from . import layers
 
@@ -224,16 +224,7 @@ WEIGHTS = WeightMap(
         r"^logit_bias$",
         r"position_ids$",
         r"^classifier\.",  # SiglipForImageClassification's linear head
-        # the language model and projector of a LLaVA checkpoint (the projector
-        # has its own map in models/projector.py when one is compiled in)
-        r"^(model\.)?language_model\.",
-        r"^model\.layers\.",
-        r"^model\.embed_tokens\.",
-        r"^model\.norm\.",
-        r"^lm_head\.",
-        r"^(model\.)?mm_projector\.",
-        r"^(model\.)?multi_modal_projector\.",
-        r"^(model\.)?image_newline$",
+        *LLAVA_NON_VISION_KEYS,
     ),
     # a library compiled at another image size gets the position table resampled
     # (bicubic, as transformers' interpolate_pos_encoding does)

@@ -30,6 +30,20 @@ import numpy as np
 
 Transform = Callable[[np.ndarray, object], np.ndarray]
 
+# What a LLaVA-style checkpoint holds besides its vision tower: the language
+# model and the projector (which models/projector.py maps when one is
+# compiled in). Families whose towers LLaVA ships add these to ``ignore``.
+LLAVA_NON_VISION_KEYS = (
+    r"^(model\.)?language_model\.",
+    r"^model\.layers\.",
+    r"^model\.embed_tokens\.",
+    r"^model\.norm\.",
+    r"^lm_head\.",
+    r"^(model\.)?mm_projector\.",
+    r"^(model\.)?multi_modal_projector\.",
+    r"^(model\.)?image_newline$",
+)
+
 
 @dataclass(frozen=True)
 class WeightMap:
