@@ -26,6 +26,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/mlc-vision bench
+	$(PY) scripts/convert_memory.py
 
 clean:
 	rm -rf dist build bench-results

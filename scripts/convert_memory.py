@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ LAYER_BYTES = 4 * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * MLP)
 
 def write_checkpoint(path: Path, gib: float) -> None:
     """Stream a safetensors file tensor by tensor (so generating it stays small too)."""
-    layers = max(1, round(gib * (1 << 30) / LAYER_BYTES))
+    layers = max(1, math.ceil(gib * (1 << 30) / LAYER_BYTES))  # at least `gib`
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({
         "model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"], "hidden_size": HIDDEN,
@@ -65,7 +66,7 @@ def write_checkpoint(path: Path, gib: float) -> None:
 
 
 MEASURE = r"""
-import resource, sys, time, tracemalloc
+import json, resource, sys, time, tracemalloc
 import tvm, mlc_vision.weights.convert as c, mlc_vision.models.clip  # imports are not the conversion
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tracemalloc.start()
@@ -76,6 +77,8 @@ _, peak = tracemalloc.get_traced_memory()
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(f"convert: {elapsed:.1f} s; tracemalloc peak {peak / 2**20:.1f} MiB; "
       f"ru_maxrss {rss / 1024:.0f} MiB (after imports {base / 1024:.0f} MiB, growth {(rss - base) / 1024:.0f} MiB)")
+print("JSON", json.dumps({"seconds": round(elapsed, 1), "tracemalloc_peak_mib": round(peak / 2**20, 1),
+                          "rss_after_imports_mib": round(base / 1024), "rss_growth_mib": round((rss - base) / 1024)}))
 """
 
 
@@ -84,11 +87,27 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlcv-mem"))
     parser.add_argument("--dtype", default="keep")
+    parser.add_argument("--output", type=Path, default=Path("bench-results/convert_memory.json"))
     args = parser.parse_args()
     ckpt, out = args.workdir / "ckpt", args.workdir / "params"
     if not (ckpt / "model.safetensors").is_file():
         write_checkpoint(ckpt, args.gib)
-    subprocess.run([sys.executable, "-c", MEASURE, str(ckpt), str(out), args.dtype], check=True)
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(ckpt), str(out), args.dtype],
+                          check=True, capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    print("\n".join(line for line in lines if not line.startswith("JSON ")))
+    result = json.loads(next(line for line in lines if line.startswith("JSON "))[5:])
+    largest_mib = HIDDEN * MLP * 4 / (1 << 20)
+    result.update(
+        checkpoint_gib=round((ckpt / "model.safetensors").stat().st_size / (1 << 30), 2),
+        largest_tensor_mib=largest_mib,
+        dtype=args.dtype,
+        within_budget=result["rss_growth_mib"] <= largest_mib + 256,
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"peak growth {result['rss_growth_mib']} MiB vs budget largest tensor + 256 = {largest_mib + 256:.0f} MiB "
+          f"-> {'OK' if result['within_budget'] else 'OVER'}; wrote {args.output}")
 
 
 if __name__ == "__main__":
