@@ -202,3 +202,15 @@ def test_wrong_pixel_shape(built, tmp_path, capsys):
     np.save(tmp_path / "px.npy", np.zeros((1, 3, 30, 32), np.float32))
     code, _, err = run_cli(capsys, "run", "--lib", lib, "--params", params, "--pixel-values", tmp_path / "px.npy", "-o", tmp_path / "f.npy")
     assert code != 0 and "[1, 3, 30, 32]" in err and err.count("\n") == 1
+
+
+def test_encode_rgb8_equals_encode(built):
+    """The uint8 entry normalizes inside the library exactly as the float path does outside."""
+    from mlc_vision.runtime.encoder import VisionEncoder
+
+    lib, params = built
+    encoder = VisionEncoder(lib, params)
+    rgb = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    via_rgb8 = encoder.encode_rgb8(rgb)
+    via_float = encoder([Image.fromarray(image) for image in rgb])
+    np.testing.assert_allclose(via_rgb8, via_float, rtol=1e-5, atol=1e-5)

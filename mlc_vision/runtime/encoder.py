@@ -138,6 +138,17 @@ class VisionEncoder:
         out = self._vm["encode"](tvm.runtime.tensor(array, self.tvm_device), self._params)
         return out.numpy()
 
+    def encode_rgb8(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 ``[batch, H, W, 3]`` (already resized/cropped) -> features; normalization runs in the library."""
+        expected = (self.image_size, self.image_size, 3)
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise MlcVisionError(
+                f"encode_rgb8 takes uint8 [batch, {self.image_size}, {self.image_size}, 3], "
+                f"got {pixels.dtype} {list(pixels.shape)}"
+            )
+        out = self._vm["encode_rgb8"](tvm.runtime.tensor(np.ascontiguousarray(pixels), self.tvm_device), self._params)
+        return out.numpy()
+
     def __call__(self, images) -> np.ndarray:
         """A PIL image, a path, a list of them (any sizes), or a float ``[batch,3,H,W]`` array."""
         if isinstance(images, np.ndarray) and images.dtype.kind == "f":
