@@ -75,3 +75,11 @@ def test_cpp_refuses_wrong_shape(cpp_encode, library, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "shape does not match" in proc.stderr
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_cpp_encode_rgb8_matches_python(cpp_encode, library, tmp_path):
+    lib, params = library
+    rgb = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "rgb.npy", rgb)
+    ours_cpp = run_cpp(cpp_encode, lib, params, tmp_path / "rgb.npy", tmp_path / "cpp.npy", "--entry", "encode_rgb8")
+    np.testing.assert_array_equal(ours_cpp, VisionEncoder(lib, params).encode_rgb8(rgb))
