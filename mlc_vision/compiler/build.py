@@ -5,7 +5,8 @@ Pipeline per target:
 * ``cpu``: ``mlc_vision.compiler.cpu.cpu_relax_pipeline`` (our own schedules;
   TVM's stock pipeline leaves CPU kernels unscheduled).
 * GPU targets: TVM's default Relax pipeline (legalize, fuse, lower, plan
-  memory) with dlight's GPU rules scheduling every TIR function. On CUDA with
+  memory) with dlight's GPU rules scheduling every TIR function. On CUDA,
+  attention runs as one fused kernel of ours (``compiler/attention.py``). On CUDA with
   fp16 the big matmuls use tensor cores (WMMA); a matmul that dlight cannot
   tensorize (one without epilogue, such as the patch embedding, raises "is not
   a stage pipeline") is scheduled again with ``dlight.do_not_tensorize``.
@@ -92,8 +93,13 @@ def gpu_schedule_pass():
     )
 
 
-def gpu_relax_pipeline(target):
-    """TVM's default Relax pipeline for ``target`` with our dlight scheduling step."""
+def gpu_relax_pipeline(target, fused_attention: bool = True):
+    """TVM's default Relax pipeline for ``target`` with our dlight scheduling step.
+
+    On CUDA, ``fused_attention`` replaces ``R.nn.attention`` (head_dim <= 128)
+    with our flash-style kernel (``compiler/attention.py``): the scores never
+    reach global memory. Attention it does not take is split as elsewhere.
+    """
     import tvm
     from tvm import relax
 
@@ -107,10 +113,13 @@ def gpu_relax_pipeline(target):
     # R.nn.attention is split into matmul / softmax / matmul first, as on the
     # CPU: TVM 0.27's own legalization of it multiplies fp16 scores by a
     # float32 scale, and the next matmul then fails to type-check.
+    from .attention import fuse_attention
     from .cpu import split_attention
 
+    attention = [fuse_attention] if fused_attention and target.kind.name == "cuda" else []
     passes = (
-        [split_attention]
+        attention
+        + [split_attention]
         + rp.library_dispatch_passes(target)
         + [
             relax.transform.LegalizeOps(),
