@@ -270,11 +270,158 @@ def markdown_table(rows: list[Row], peak_note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- GPU: kernel launches (no GPU needed) ------------------------------------------------
+
+GPU_TIMING_NOTE = (
+    "Timing needs a GPU; none is used here. This report comes from the compiled program: "
+    "kernel launches that `encode` makes, read from the lowered Relax function."
+)
+
+
+def _lowered_gpu_module(config: VisionConfig, target_name: str, dtype: str):
+    """The IRModule after our GPU Relax pipeline (what the VM runs; no device codegen)."""
+    from .compiler.build import gpu_relax_pipeline
+    from .compiler.module import build_module
+    from .compiler.targets import make_target
+
+    target = make_target(target_name)
+    mod = build_module(config, dtype, target_name).mod
+    return gpu_relax_pipeline(target)(mod)
+
+
+def kernel_calls(mod, entry: str = "encode") -> list[str]:
+    """Names of the PrimFuncs ``entry`` calls, in call order, one per launch.
+
+    After lowering, a kernel launch is a Relax call whose callee is a GlobalVar
+    bound to a PrimFunc. Relax functions that ``entry`` reaches (e.g. CUDA-graph
+    capture functions) are followed. Each of our GPU PrimFuncs is one kernel.
+    """
+    from tvm import relax, tirx
+
+    calls: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str):
+        if name in seen:
+            return
+        seen.add(name)
+
+        def on_expr(expr):
+            if isinstance(expr, relax.Call) and isinstance(expr.op, relax.GlobalVar):
+                callee = mod[expr.op]
+                if isinstance(callee, tirx.PrimFunc):
+                    calls.append(expr.op.name_hint)
+                elif isinstance(callee, relax.Function):
+                    visit(expr.op.name_hint)
+            elif isinstance(expr, relax.GlobalVar) and isinstance(mod[expr], relax.Function):
+                visit(expr.name_hint)
+
+        relax.analysis.post_order_visit(mod[name], on_expr)
+
+    visit(entry)
+    return calls
+
+
+def _tensorized_kernels(source: str) -> tuple[list[str], list[str]]:
+    """``(all kernels, kernels using tensor cores)`` of a CUDA source (``mma_sync`` in the body)."""
+    import re
+
+    heads = list(re.finditer(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^)]*\)\s*\{", source))
+    names, tensorized = [], []
+    for i, head in enumerate(heads):
+        body = source[head.end() : heads[i + 1].start() if i + 1 < len(heads) else len(source)]
+        names.append(head.group(1))
+        if "mma_sync" in body or "mma.sync" in body:
+            tensorized.append(head.group(1))
+    return names, tensorized
+
+
+def gpu_kernel_report(preset: str | VisionConfig, target: str = "cuda", dtype: str = "float16") -> dict:
+    """Kernel launches per encoder layer of ``preset`` compiled for ``target``, without a GPU.
+
+    Builds the model at 1 and 2 layers through the real GPU Relax pipeline and
+    counts the PrimFunc calls in ``encode``: the difference is what one layer
+    costs in launches (every layer is the same), the rest is the embedding and
+    the head. Tensor-core use comes from the generated CUDA of the 1-layer build.
+    """
+    from .compiler.build import compile_module, generated_source
+    from .compiler.module import build_module
+
+    config = load_preset(preset) if isinstance(preset, str) else preset
+    base = replace(config, select_layer=-1, feature="cls_patch")
+    calls = {n: kernel_calls(_lowered_gpu_module(replace(base, num_hidden_layers=n), target, dtype)) for n in (1, 2)}
+    per_layer = len(calls[2]) - len(calls[1])
+    layer_kernels = list(calls[2])
+    for name in calls[1]:  # what the second layer adds, in call order
+        layer_kernels.remove(name)
+    report = {
+        "model": base.preset, "target": target, "dtype": dtype,
+        "tokens": base.num_positions, "heads": base.num_attention_heads,
+        "head_dim": base.hidden_size // base.num_attention_heads,
+        "launches_1_layer": len(calls[1]), "launches_2_layers": len(calls[2]),
+        "launches_per_layer": per_layer, "launches_outside_layers": len(calls[1]) - per_layer,
+        "layer_kernels": layer_kernels,
+        "distinct_kernels": len(set(calls[1])),
+        "fused_attention": any(n.startswith("fused_attention") for n in calls[1]),
+        "timing": GPU_TIMING_NOTE,
+    }  # fmt: skip
+    if target == "cuda":
+        one = replace(base, num_hidden_layers=1)
+        source = generated_source(compile_module(build_module(one, dtype, target).mod, target))
+        names, tensorized = _tensorized_kernels(source)
+        matmuls = [n for n in names if "matmul" in n]
+        report.update(
+            device_kernels=len(names), tensorized_kernels=tensorized,
+            matmul_kernels=matmuls, matmuls_tensorized=[n for n in matmuls if n in tensorized],
+        )  # fmt: skip
+    return report
+
+
+def gpu_report_markdown(reports: list[dict]) -> str:
+    lines = [
+        "| model | dtype | tokens | launches / layer | outside layers | distinct kernels | fused attention | matmuls on tensor cores |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        mm = r.get("matmul_kernels")
+        tc = f"{len(r['matmuls_tensorized'])} / {len(mm)}" if mm is not None else "n/a"
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['tokens']} | {r['launches_per_layer']} | "
+            f"{r['launches_outside_layers']} | {r['distinct_kernels']} | {'yes' if r['fused_attention'] else 'no'} | {tc} |"
+        )
+    lines += ["", GPU_TIMING_NOTE, ""]
+    for r in reports:
+        lines.append(f"- {r['model']}: one layer = {', '.join(r['layer_kernels'])}")
+    return "\n".join(lines) + "\n"
+
+
+def run_gpu_report(models, target: str, output: Path, dtype: str = "float16") -> list[dict]:
+    """``bench --target cuda``: the kernel report for each model, to gpu-kernels.json / .md."""
+    output.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for preset in models:
+        reports.append(gpu_kernel_report(preset, target, dtype))
+        r = reports[-1]
+        print(f"{preset:<28} {target} {dtype}: {r['launches_per_layer']} launches/layer, "
+              f"{r['distinct_kernels']} distinct kernels, fused attention: {r['fused_attention']}", flush=True)  # fmt: skip
+    stem = f"gpu-kernels-{target}"
+    (output / f"{stem}.json").write_text(json.dumps({"note": GPU_TIMING_NOTE, "rows": reports}, indent=2) + "\n")
+    (output / f"{stem}.md").write_text(gpu_report_markdown(reports))
+    print(GPU_TIMING_NOTE)
+    print(f"wrote {output / (stem + '.json')} and {output / (stem + '.md')}")
+    return reports
+
+
 def run_benchmark(models, target: str, batches: list[int], runs: int, output: Path, torch_compile: bool = True):
     from .errors import MlcVisionError
 
+    if target == "cuda":
+        models = models or [m for m in DEFAULT_MODELS if m in list_presets()]
+        return run_gpu_report(models, target, Path(output))
     if target != "cpu":
-        raise MlcVisionError(f"bench runs on the cpu target only here (got {target!r}): no other device is on this machine")
+        raise MlcVisionError(
+            f"bench runs on the cpu target, and reports kernel launches for cuda (got {target!r})"
+        )
     models = models or [m for m in DEFAULT_MODELS if m in list_presets()]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

@@ -49,3 +49,22 @@ def test_kernel_count_per_layer_is_stable(clip_b16_fp16):
 def test_every_family_compiles_for_cuda_fp16(preset):
     source = cuda_source(preset, layers=1)
     assert "mma_sync" in source
+
+
+def test_gpu_kernel_report():
+    """The bench's CUDA report: launches per layer from the lowered `encode`, same for every layer."""
+    from mlc_vision.bench import _lowered_gpu_module, gpu_kernel_report, kernel_calls
+
+    small = dataclasses.replace(load_preset("clip-vit-base-patch16"), image_size=112)  # 50 tokens: faster
+    report = gpu_kernel_report(small)
+    for key in ("launches_per_layer", "launches_outside_layers", "distinct_kernels", "layer_kernels",
+                "matmul_kernels", "matmuls_tensorized", "fused_attention", "timing"):  # fmt: skip
+        assert key in report, key
+    per_layer = report["launches_per_layer"]
+    assert per_layer > 0 and len(report["layer_kernels"]) == per_layer
+    assert report["launches_2_layers"] - report["launches_1_layer"] == per_layer
+    config = dataclasses.replace(small, num_hidden_layers=3, select_layer=-1, feature="cls_patch")
+    three = len(kernel_calls(_lowered_gpu_module(config, "cuda", "float16")))
+    assert three - report["launches_2_layers"] == per_layer  # the third layer adds what the second did
+    assert report["fused_attention"] and report["matmuls_tensorized"]
+    assert "GPU" in report["timing"]
