@@ -278,14 +278,14 @@ GPU_TIMING_NOTE = (
 )
 
 
-def _lowered_gpu_module(config: VisionConfig, target_name: str, dtype: str):
+def _lowered_gpu_module(config: VisionConfig, target_name: str, dtype: str, attention: str):
     """The IRModule after our GPU Relax pipeline (what the VM runs; no device codegen)."""
     from .compiler.build import gpu_relax_pipeline
     from .compiler.module import build_module
     from .compiler.targets import make_target
 
     target = make_target(target_name)
-    mod = build_module(config, dtype, target_name).mod
+    mod = build_module(config, dtype, target_name, attention=attention).mod
     return gpu_relax_pipeline(target)(mod)
 
 
@@ -336,7 +336,9 @@ def _tensorized_kernels(source: str) -> tuple[list[str], list[str]]:
     return names, tensorized
 
 
-def gpu_kernel_report(preset: str | VisionConfig, target: str = "cuda", dtype: str = "float16") -> dict:
+def gpu_kernel_report(
+    preset: str | VisionConfig, target: str = "cuda", dtype: str = "float16", attention: str = "split"
+) -> dict:
     """Kernel launches per encoder layer of ``preset`` compiled for ``target``, without a GPU.
 
     Builds the model at 1 and 2 layers through the real GPU Relax pipeline and
@@ -349,7 +351,7 @@ def gpu_kernel_report(preset: str | VisionConfig, target: str = "cuda", dtype: s
 
     config = load_preset(preset) if isinstance(preset, str) else preset
     base = replace(config, select_layer=-1, feature="cls_patch")
-    calls = {n: kernel_calls(_lowered_gpu_module(replace(base, num_hidden_layers=n), target, dtype)) for n in (1, 2)}
+    calls = {n: kernel_calls(_lowered_gpu_module(replace(base, num_hidden_layers=n), target, dtype, attention)) for n in (1, 2)}
     per_layer = len(calls[2]) - len(calls[1])
     layer_kernels = list(calls[2])
     for name in calls[1]:  # what the second layer adds, in call order
@@ -367,7 +369,7 @@ def gpu_kernel_report(preset: str | VisionConfig, target: str = "cuda", dtype: s
     }  # fmt: skip
     if target == "cuda":
         one = replace(base, num_hidden_layers=1)
-        source = generated_source(compile_module(build_module(one, dtype, target).mod, target))
+        source = generated_source(compile_module(build_module(one, dtype, target, attention=attention).mod, target))
         names, tensorized = _tensorized_kernels(source)
         matmuls = [n for n in names if "matmul" in n]
         report.update(
@@ -400,10 +402,11 @@ def run_gpu_report(models, target: str, output: Path, dtype: str = "float16") ->
     output.mkdir(parents=True, exist_ok=True)
     reports = []
     for preset in models:
-        reports.append(gpu_kernel_report(preset, target, dtype))
-        r = reports[-1]
-        print(f"{preset:<28} {target} {dtype}: {r['launches_per_layer']} launches/layer, "
-              f"{r['distinct_kernels']} distinct kernels, fused attention: {r['fused_attention']}", flush=True)  # fmt: skip
+        for attention in ("split", "fused"):  # the default, and the opt-in --attention fused
+            r = gpu_kernel_report(preset, target, dtype, attention)
+            reports.append(r)
+            print(f"{preset:<28} {target} {dtype} attention={attention}: {r['launches_per_layer']} launches/layer, "
+                  f"{r['distinct_kernels']} distinct kernels", flush=True)  # fmt: skip
     stem = f"gpu-kernels-{target}"
     (output / f"{stem}.json").write_text(json.dumps({"note": GPU_TIMING_NOTE, "rows": reports}, indent=2) + "\n")
     (output / f"{stem}.md").write_text(gpu_report_markdown(reports))

@@ -49,8 +49,17 @@ def default_output(model: str, target: str, suffix: str) -> Path:
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the model's).")
 @click.option("--projector", type=PROJECTOR_CHOICE, default=None, help="Compile a projector in (default: the checkpoint's).")
 @click.option("--projector-hidden-size", type=int, default=None, help="Projector output width (LLM width).")
+@click.option(
+    "--attention",
+    type=click.Choice(["split", "fused"]),
+    default="split",
+    show_default=True,
+    help="cuda: 'fused' uses our flash-style kernel (scores never reach GPU memory; not yet timed on a GPU).",
+)
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Library path (.so / .tar).")
-def compile_cmd(model, target, arch, host, dtype, select_layer, feature, image_size, projector, projector_hidden_size, output):
+def compile_cmd(
+    model, target, arch, host, dtype, select_layer, feature, image_size, projector, projector_hidden_size, attention, output
+):
     """Build a library from a preset or a checkpoint's config (no weights needed)."""
     from .compiler.build import build_library
     from .compiler.module import build_module
@@ -68,7 +77,7 @@ def compile_cmd(model, target, arch, host, dtype, select_layer, feature, image_s
     )
     dtype = dtype or default_dtype(target)
     output = output or default_output(model, target, output_suffixes(target)[0])
-    built = build_module(config, dtype, target)
+    built = build_module(config, dtype, target, attention=attention)
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     meta = built.metadata
     click.echo(

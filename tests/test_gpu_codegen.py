@@ -56,7 +56,7 @@ def test_gpu_kernel_report():
     from mlc_vision.bench import _lowered_gpu_module, gpu_kernel_report, kernel_calls
 
     small = dataclasses.replace(load_preset("clip-vit-base-patch16"), image_size=112)  # 50 tokens: faster
-    report = gpu_kernel_report(small)
+    report = gpu_kernel_report(small, attention="fused")
     for key in ("launches_per_layer", "launches_outside_layers", "distinct_kernels", "layer_kernels",
                 "matmul_kernels", "matmuls_tensorized", "fused_attention", "timing"):  # fmt: skip
         assert key in report, key
@@ -64,7 +64,19 @@ def test_gpu_kernel_report():
     assert per_layer > 0 and len(report["layer_kernels"]) == per_layer
     assert report["launches_2_layers"] - report["launches_1_layer"] == per_layer
     config = dataclasses.replace(small, num_hidden_layers=3, select_layer=-1, feature="cls_patch")
-    three = len(kernel_calls(_lowered_gpu_module(config, "cuda", "float16")))
+    three = len(kernel_calls(_lowered_gpu_module(config, "cuda", "float16", "fused")))
     assert three - report["launches_2_layers"] == per_layer  # the third layer adds what the second did
     assert report["fused_attention"] and report["matmuls_tensorized"]
     assert "GPU" in report["timing"]
+
+
+def test_fused_attention_is_opt_in():
+    """The split path is the default; --attention fused swaps in our kernel and drops the score matmuls."""
+    from mlc_vision.bench import _lowered_gpu_module, kernel_calls
+
+    config = dataclasses.replace(load_preset("clip-vit-base-patch16"), image_size=112, num_hidden_layers=1)
+    split = kernel_calls(_lowered_gpu_module(config, "cuda", "float16", "split"))
+    fused = kernel_calls(_lowered_gpu_module(config, "cuda", "float16", "fused"))
+    assert not any(name.startswith("fused_attention") for name in split)
+    assert any(name.startswith("fused_attention") for name in fused)
+    assert not any("softmax" in name for name in fused)

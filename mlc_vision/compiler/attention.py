@@ -234,7 +234,16 @@ class _FusedAttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-
 
 @tvm.transform.module_pass(opt_level=0, name="FuseAttentionCUDA")
 def fuse_attention(mod, _ctx):
-    """Replace every eligible ``R.nn.attention`` with our fused kernel (others are left as they are)."""
+    """Replace every eligible ``R.nn.attention`` with our fused kernel (others are left as they are).
+
+    Only for modules built with ``attention="fused"`` (``--attention fused``):
+    the kernel's numerics are checked on the CPU, but it has not yet run on a
+    GPU, so the dlight-scheduled split path stays the default.
+    """
+    from .module import ATTENTION_ATTR
+
+    if mod.attrs is None or str(mod.attrs.get(ATTENTION_ATTR, "split")) != "fused":
+        return mod
     rewriter = _FusedAttentionRewriter(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):

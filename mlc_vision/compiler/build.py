@@ -93,12 +93,13 @@ def gpu_schedule_pass():
     )
 
 
-def gpu_relax_pipeline(target, fused_attention: bool = True):
+def gpu_relax_pipeline(target):
     """TVM's default Relax pipeline for ``target`` with our dlight scheduling step.
 
-    On CUDA, ``fused_attention`` replaces ``R.nn.attention`` (head_dim <= 128)
-    with our flash-style kernel (``compiler/attention.py``): the scores never
-    reach global memory. Attention it does not take is split as elsewhere.
+    On CUDA, a module built with ``attention="fused"`` gets our flash-style
+    kernel (``compiler/attention.py``, head_dim <= 128) in place of
+    ``R.nn.attention``: the scores never reach global memory. Everything else
+    (the default) is split into matmul / softmax / matmul.
     """
     import tvm
     from tvm import relax
@@ -116,12 +117,15 @@ def gpu_relax_pipeline(target, fused_attention: bool = True):
     from .attention import fuse_attention
     from .cpu import split_attention
 
-    attention = [fuse_attention] if fused_attention and target.kind.name == "cuda" else []
+    attention = [fuse_attention] if target.kind.name == "cuda" else []
     passes = (
         attention
         + [split_attention]
         + rp.library_dispatch_passes(target)
         + [
+            # nn.Linear is matmul(x, permute_dims(w)): fold the transpose into
+            # the matmul, else every call transposes every weight first.
+            relax.transform.FuseTransposeMatmul(),
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),

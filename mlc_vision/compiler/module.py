@@ -26,6 +26,11 @@ from ..models import get_family
 from ..models import projector as projectors
 
 DTYPES = ("float32", "float16", "bfloat16")
+# How the GPU pipeline lowers attention: split into matmul/softmax/matmul
+# (dlight-scheduled, the scores go through global memory), or our fused
+# flash-style CUDA kernel (compiler/attention.py; not yet timed on a GPU).
+ATTENTION = ("split", "fused")
+ATTENTION_ATTR = "mlc_vision.attention"
 BATCH = "batch"
 
 
@@ -116,8 +121,11 @@ def build_module(
     dtype: str,
     target: str,
     expose_hidden_states: bool = False,
+    attention: str = "split",
 ) -> BuiltModule:
     """Export the encoder as an IRModule and describe it in the metadata."""
+    if attention not in ATTENTION:
+        raise MlcVisionError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     model = build_vision_model(config, dtype)
     projector = build_projector(config, dtype)
     size = config.image_size
@@ -135,7 +143,8 @@ def build_module(
         for name, p in named_params
     ]
     metadata = make_metadata(config, dtype, target, params, expose_hidden_states)
-    mod = add_metadata_function(mod, metadata)
+    metadata["attention"] = attention
+    mod = add_metadata_function(mod, metadata).with_attr(ATTENTION_ATTR, attention)
     return BuiltModule(mod=mod, metadata=metadata)
 
 
