@@ -127,15 +127,22 @@ TORCH_BUILDERS = {
 # ---- timing ---------------------------------------------------------------------------------
 
 
-def median_ms(fn, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians_ms(fns: dict, runs: int, warmup: int = 2) -> dict:
+    """Median ms of each callable, timed in alternation (A, B, C, A, B, C, ...).
+
+    On a shared 2-core VM the machine's speed drifts by tens of percent over a
+    minute; timing the contenders in turn gives each the same conditions.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 @dataclass
@@ -226,10 +233,12 @@ def bench_one(preset: str, batches: list[int], runs: int, workdir: Path, torch_c
         notes: list[str] = []
         rng = np.random.default_rng(batch)
         pixels = rng.standard_normal((batch, 3, config.image_size, config.image_size)).astype("float32")
-        tvm_ms = median_ms(ours.timer(pixels), runs)
         eager, compiled = torch_timers(config, pixels, torch_compile, notes)
-        eager_ms = median_ms(eager, runs)
-        compile_ms = median_ms(compiled, runs) if compiled else None
+        contenders = {"tvm": ours.timer(pixels), "eager": eager}
+        if compiled:
+            contenders["compile"] = compiled
+        ms = interleaved_medians_ms(contenders, runs)
+        tvm_ms, eager_ms, compile_ms = ms["tvm"], ms["eager"], ms.get("compile")
         flops = encoder_flops(config, batch, config.num_layers_compiled)
         achieved = flops / (tvm_ms / 1000) / 1e9
         rows.append(
@@ -266,7 +275,7 @@ def markdown_table(rows: list[Row], peak_note: str) -> str:
             f"{r.ratio_compile if r.ratio_compile else 'n/a'} | {r.tvm_gflops_per_s:.0f} | {r.pct_peak:.0f} | {r.compile_s:.1f} |"
         )
     lines.append("")
-    lines.append(f"Peak: {peak_note}. Median of the timed runs after 2 warm-up calls, fp32, random weights.")
+    lines.append(f"Peak: {peak_note}. Median of the timed runs (ours and torch timed in alternation) after 2 warm-up calls, fp32, random weights.")
     return "\n".join(lines) + "\n"
 
 
