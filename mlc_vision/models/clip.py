@@ -80,11 +80,7 @@ class VisionModel(nn.Module):
 
     def pooled(self, last_hidden: Tensor) -> Tensor:
         """``[b, 1, width]``: post-norm of the class token, projected when a projection exists."""
-        cls = layers.slice_axis(last_hidden, 1, 0, 1, "class_token")
-        cls = self.post_layernorm(cls)
-        if getattr(self, "visual_projection", None) is not None:
-            cls = self.visual_projection(cls)
-        return cls
+        return layers.pooled_class_token(last_hidden, self.post_layernorm, getattr(self, "visual_projection", None))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         states = self.hidden_states(pixel_values)

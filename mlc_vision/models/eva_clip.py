@@ -31,7 +31,7 @@ from tvm.relax.frontend.nn import Tensor
 
 from ..config import Preprocess, VisionConfig
 from ..errors import MlcVisionError
-from ..weights.mapping import WeightMap
+from ..weights.mapping import LLAVA_NON_VISION_KEYS, WeightMap
 from . import layers
 
 FAMILY = "eva_clip"
@@ -147,10 +147,7 @@ class VisionModel(nn.Module):
 
     def pooled(self, last_hidden: Tensor) -> Tensor:
         """``[b, 1, width]``: the normed class token, projected when a projection exists."""
-        cls = self.post_layernorm(layers.slice_axis(last_hidden, 1, 0, 1, "class_token"))
-        if getattr(self, "visual_projection", None) is not None:
-            cls = self.visual_projection(cls)
-        return cls
+        return layers.pooled_class_token(last_hidden, self.post_layernorm, getattr(self, "visual_projection", None))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         states = self.hidden_states(pixel_values)
@@ -176,13 +173,6 @@ WEIGHTS = WeightMap(
         # A k bias adds q.b_k to every score of a query row, which the softmax
         # cancels: the attention output does not depend on it (port default k_bias=True).
         r"self_attn\.k_proj\.bias$",
-        # the language model and projector of a LLaVA-style checkpoint
-        r"^(model\.)?language_model\.",
-        r"^model\.layers\.",
-        r"^model\.embed_tokens\.",
-        r"^model\.norm\.",
-        r"^lm_head\.",
-        r"^(model\.)?mm_projector\.",
-        r"^model\.image_newline$",
+        *LLAVA_NON_VISION_KEYS,
     ),
 )

@@ -238,6 +238,12 @@ class Encoder(nn.Module):
         return states
 
 
+def pooled_class_token(last_hidden: Tensor, norm: nn.Module, projection: nn.Module | None) -> Tensor:
+    """``[b, 1, width]``: the class token of the last layer, normed, then projected if there is a projection."""
+    cls = norm(slice_axis(last_hidden, 1, 0, 1, "class_token"))
+    return projection(cls) if projection is not None else cls
+
+
 def layers_to_build(config: VisionConfig, full: bool) -> int:
     """Every layer for convert (``full``) and for pooled outputs; else up to the selected one."""
     if full or config.feature == "pooled":
