@@ -75,5 +75,17 @@ class CompiledCPU:
         return [t.numpy().astype(np.float32) for t in out]
 
 
+def randomize_layer_norms(model) -> None:
+    """Random init leaves LayerNorms at 1/0, which would hide a swapped weight and bias."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
+
+
 def convert_checkpoint(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) -> Path:
     return convert(checkpoint_dir, out_dir, dtype=dtype)

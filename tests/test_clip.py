@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from mlc_vision.resolve import resolve_config
-from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint
+from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_layer_norms
 
 # Small, but with every feature of the real geometry: 30 px with 8 px patches
 # drops trailing pixels like SigLIP's 384/14, and 3 layers give 4 hidden states.
@@ -27,21 +27,11 @@ TINY = dict(
 )
 
 
-def _randomize_layer_norms(model: torch.nn.Module) -> None:
-    """Random init leaves LayerNorms at 1/0, which would hide a swapped weight and bias."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=gen))
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     torch.manual_seed(0)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY)).eval()
-    _randomize_layer_norms(model)
+    randomize_layer_norms(model)
     ckpt = tmp_path_factory.mktemp("clip-ckpt")
     model.save_pretrained(ckpt)
     return model, ckpt

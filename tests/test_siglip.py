@@ -29,7 +29,7 @@ from mlc_vision.models import route, siglip
 from mlc_vision.resolve import resolve_config
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
-from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint
+from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_layer_norms
 
 # Small, but with the real geometry's quirk: 30 px with 8 px patches drops the
 # last 6 pixel rows/columns like SigLIP's 384/14; 3 layers give 4 hidden states.
@@ -43,16 +43,6 @@ TINY_LLM = dict(
     model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
     num_attention_heads=4, num_key_value_heads=2, vocab_size=200,
 )
-
-
-def _randomize_layer_norms(model: torch.nn.Module) -> None:
-    """Random init leaves LayerNorms at 1/0, which would hide a swapped weight and bias."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=gen))
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
 
 
 def _reference_outputs(tower: torch.nn.Module, pixels: np.ndarray, **kwargs) -> dict:
@@ -75,7 +65,7 @@ def pixels():
 def reference(tmp_path_factory):
     torch.manual_seed(0)
     model = SiglipVisionModel(SiglipVisionConfig(**TINY)).eval()
-    _randomize_layer_norms(model)
+    randomize_layer_norms(model)
     ckpt = tmp_path_factory.mktemp("siglip-ckpt")
     model.save_pretrained(ckpt)
     return model, ckpt
@@ -184,7 +174,7 @@ def test_siglip_model_checkpoint_ignores_text_tower(tmp_path, pixels):
     """A whole SiglipModel (model_type siglip, as SigLIP2 fixed-resolution checkpoints are too)."""
     torch.manual_seed(3)
     model = SiglipModel(SiglipConfig(vision_config=TINY, text_config=TINY_TEXT)).eval()
-    _randomize_layer_norms(model)
+    randomize_layer_norms(model)
     model.save_pretrained(tmp_path / "ckpt")
     params_dir = convert_checkpoint(tmp_path / "ckpt", tmp_path / "params")
     config = resolve_config(str(tmp_path / "ckpt"), feature="pooled")
@@ -200,7 +190,7 @@ def _llava_tower_checkpoint(tmp_path, model_cls, config_cls, seed, **outer):
     torch.manual_seed(seed)
     vision = dict(TINY, model_type="siglip_vision_model", vision_use_head=False)
     model = model_cls(config_cls(vision_config=vision, text_config=TINY_LLM, image_token_index=150, **outer)).eval()
-    _randomize_layer_norms(model)
+    randomize_layer_norms(model)
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     return model.model.vision_tower, ckpt
@@ -305,7 +295,7 @@ def test_real_width_layer_so400m(tmp_path):
         num_attention_heads=base.num_attention_heads, image_size=base.image_size, patch_size=base.patch_size,
     )
     model = SiglipVisionModel(hf).eval()
-    _randomize_layer_norms(model)
+    randomize_layer_norms(model)
     model.save_pretrained(tmp_path / "ckpt")
     params_dir = convert_checkpoint(tmp_path / "ckpt", tmp_path / "params")
     config = resolve_config(str(tmp_path / "ckpt"), feature="pooled")
