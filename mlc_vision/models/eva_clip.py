@@ -150,10 +150,7 @@ class VisionModel(nn.Module):
         return layers.pooled_class_token(last_hidden, self.post_layernorm, getattr(self, "visual_projection", None))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        states = self.hidden_states(pixel_values)
-        if self.config.feature == "pooled":
-            return self.pooled(states[-1])
-        return layers.select_feature(states[self.config.layer_index], self.config)
+        return layers.features(self.hidden_states(pixel_values), self.config, self.pooled)
 
 
 # ---- weights -----------------------------------------------------------------------------------

@@ -182,12 +182,13 @@ class VisionModel(nn.Module):
     def hidden_states(self, pixel_values: Tensor) -> list[Tensor]:
         return self.encoder.hidden_states(self.embeddings(pixel_values))
 
+    @staticmethod
+    def pooled(last_hidden: Tensor) -> Tensor:
+        """InternVisionModel's pooler_output: the last layer's class token, no norm."""
+        return layers.slice_axis(last_hidden, 1, 0, 1, "class_token")
+
     def forward(self, pixel_values: Tensor) -> Tensor:
-        states = self.hidden_states(pixel_values)
-        if self.config.feature == "pooled":
-            # InternVisionModel's pooler_output: the last layer's class token, no norm.
-            return layers.slice_axis(states[-1], 1, 0, 1, "class_token")
-        return layers.select_feature(states[self.config.layer_index], self.config)
+        return layers.features(self.hidden_states(pixel_values), self.config, self.pooled)
 
 
 # ---- weights -------------------------------------------------------------------------

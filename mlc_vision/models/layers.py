@@ -170,6 +170,13 @@ def prepend_class_token(x: Tensor, class_embedding: Tensor) -> Tensor:
 # ---- feature selection ---------------------------------------------------------------
 
 
+def features(states: list[Tensor], config: VisionConfig, pooled) -> Tensor:
+    """What ``encode`` returns: ``pooled(last state)`` for ``feature="pooled"``, else the selected state."""
+    if config.feature == "pooled":
+        return pooled(states[-1])
+    return select_feature(states[config.layer_index], config)
+
+
 def select_feature(hidden: Tensor, config: VisionConfig) -> Tensor:
     """``patch`` drops the class token where there is one; ``cls_patch`` keeps every token."""
     if config.feature == "patch" and config.class_token:

@@ -192,11 +192,9 @@ class VisionModel(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         states = self.hidden_states(pixel_values)
-        if self.config.feature == "pooled":
-            return self.pooled(states[-1])
-        if self.config.post_norm_tokens:
+        if self.config.post_norm_tokens and self.config.feature != "pooled":
             return self.last_hidden_state(states[-1])
-        return layers.select_feature(states[self.config.layer_index], self.config)
+        return layers.features(states, self.config, self.pooled)
 
 
 # ---- weights -------------------------------------------------------------------------
