@@ -249,3 +249,60 @@ def fuse_attention(mod, _ctx):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
     return rewriter.builder_.get()
+
+
+# ---- the portable lowering: split into matmul / softmax / matmul ------------------------------
+#
+# Every target's pipeline runs this (the GPU one after fuse_attention): TVM
+# 0.27's own legalization of R.nn.attention multiplies fp16 scores by a float32
+# scale and the next matmul fails to type-check, and our CPU GEMM rule
+# schedules the resulting batched matmuls.
+
+
+@relax.expr_functor.mutator
+class _AttentionSplitter(relax.PyExprMutator):  # pylint: disable=abstract-method
+    """``R.nn.attention(q, k, v)`` (no bias, no causal mask) ->
+    permute -> matmul(q, k^T) * scale -> softmax -> matmul(., v) -> permute."""
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.op = tvm.ir.Op.get("relax.nn.attention")
+
+    def visit_call_(self, call):  # noqa: D102
+        call = super().visit_call_(call)
+        if not isinstance(call, relax.Call) or not call.op.same_as(self.op) or len(call.args) != 3:
+            return call
+        if call.attrs.causal_mask is not None:
+            return call
+        q, k, v = call.args
+        qty = q.ty
+        if qty.ndim != 4 or not all(isinstance(a.ty, relax.TensorType) for a in (k, v)):
+            return call
+        d = qty.shape[3]
+        scale = call.attrs.scale
+        if scale is None:
+            if _static_int(d) is None:
+                return call
+            scale = 1.0 / float(_static_int(d)) ** 0.5
+        else:
+            scale = float(scale)
+        op = relax.op
+        perm = [0, 2, 1, 3]
+        qt = self.builder_.emit(op.permute_dims(q, perm))
+        kt = self.builder_.emit(op.permute_dims(k, perm))
+        vt = self.builder_.emit(op.permute_dims(v, perm))
+        s = self.builder_.emit(op.matmul(qt, op.permute_dims(kt, [0, 1, 3, 2])))
+        s = self.builder_.emit(op.multiply(s, relax.const(scale, qty.dtype)))
+        p = self.builder_.emit(op.nn.softmax(s, axis=-1))
+        o = self.builder_.emit(op.matmul(p, vt))
+        return op.permute_dims(o, perm)
+
+
+@tvm.transform.module_pass(opt_level=0, name="SplitAttention")
+def split_attention(mod, _ctx):
+    """Module pass wrapping ``_AttentionSplitter`` (Relax functions only)."""
+    m = _AttentionSplitter(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            m.builder_.update_func(gv, m.visit_expr(func))
+    return m.builder_.get()

@@ -114,8 +114,7 @@ def gpu_relax_pipeline(target):
     # R.nn.attention is split into matmul / softmax / matmul first, as on the
     # CPU: TVM 0.27's own legalization of it multiplies fp16 scores by a
     # float32 scale, and the next matmul then fails to type-check.
-    from .attention import fuse_attention
-    from .cpu import split_attention
+    from .attention import fuse_attention, split_attention
 
     attention = [fuse_attention] if target.kind.name == "cuda" else []
     passes = (

@@ -45,6 +45,8 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight
 
+from .attention import split_attention
+
 # Register tile of the GEMM micro-kernel, fp32 AVX-512:
 # MR rows x NR columns = MR * NR / 16 zmm accumulators. 12 x 32 -> 24 zmm
 # accumulators + 2 B vectors + 1 A broadcast = 27 of 32 zmm registers; every k
@@ -492,53 +494,6 @@ LEGALIZE_OVERRIDES = {
 }
 
 
-@relax.expr_functor.mutator
-class _AttentionSplitter(relax.PyExprMutator):  # pylint: disable=abstract-method
-    """``R.nn.attention(q, k, v)`` (no bias, no causal mask) ->
-    permute -> matmul(q, k^T) * scale -> softmax -> matmul(., v) -> permute."""
-
-    def __init__(self, mod):
-        super().__init__(mod)
-        self.op = tvm.ir.Op.get("relax.nn.attention")
-
-    def visit_call_(self, call):  # noqa: D102
-        call = super().visit_call_(call)
-        if not isinstance(call, relax.Call) or not call.op.same_as(self.op) or len(call.args) != 3:
-            return call
-        if call.attrs.causal_mask is not None:
-            return call
-        q, k, v = call.args
-        qty = q.ty
-        if qty.ndim != 4 or not all(isinstance(a.ty, relax.TensorType) for a in (k, v)):
-            return call
-        d = qty.shape[3]
-        scale = call.attrs.scale
-        if scale is None:
-            if _as_int(d) is None:
-                return call
-            scale = 1.0 / float(_as_int(d)) ** 0.5
-        else:
-            scale = float(scale)
-        op = relax.op
-        perm = [0, 2, 1, 3]
-        qt = self.builder_.emit(op.permute_dims(q, perm))
-        kt = self.builder_.emit(op.permute_dims(k, perm))
-        vt = self.builder_.emit(op.permute_dims(v, perm))
-        s = self.builder_.emit(op.matmul(qt, op.permute_dims(kt, [0, 1, 3, 2])))
-        s = self.builder_.emit(op.multiply(s, relax.const(scale, qty.dtype)))
-        p = self.builder_.emit(op.nn.softmax(s, axis=-1))
-        o = self.builder_.emit(op.matmul(p, vt))
-        return op.permute_dims(o, perm)
-
-
-@tvm.transform.module_pass(opt_level=0, name="SplitAttention")
-def split_attention(mod, _ctx):
-    """Module pass wrapping ``_AttentionSplitter`` (Relax functions only)."""
-    m = _AttentionSplitter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            m.builder_.update_func(gv, m.visit_expr(func))
-    return m.builder_.get()
 
 
 # ------------------------------------------------------------------ pipeline
