@@ -12,10 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
 
-from mlc_vision.compiler.build import build_library
-from mlc_vision.compiler.module import build_module
 from mlc_vision.config import VisionConfig
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
@@ -54,13 +51,20 @@ class CompiledCPU:
     """A CPU library built from a config, loaded with the params converted from a checkpoint."""
 
     def __init__(self, config: VisionConfig, params_dir: Path, dtype: str, workdir: Path, hidden_states=True):
+        # The compiler is imported here so that the rest of this file loads with a runtime-only
+        # TVM (scripts/gpu_check.py uses the helpers on a machine with no TVM compiler).
+        from tvm.runtime.vm import VirtualMachine
+
+        from mlc_vision.compiler.build import build_library
+        from mlc_vision.compiler.module import build_module
+
         built = build_module(config, dtype, "cpu", expose_hidden_states=hidden_states)
         digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
         tag = f"{config.family}-{config.select_layer}-{config.feature}-{dtype}-{digest}"
         lib_path = build_library(built.mod, "cpu", Path(workdir) / f"{tag}.so", metadata=built.metadata)
         self.metadata = built.metadata
         self.dtype = dtype
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
         names = [p["name"] for p in built.metadata["params"]]
         self.params = load_params(params_dir, names, tvm.cpu())
 

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must load without TVM's compiler library
 
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
@@ -50,7 +50,7 @@ def load_library(lib: str | Path) -> tvm.runtime.Module:
         raise MlcVisionError(f"cannot load library {lib}: {str(err).splitlines()[0]}") from None
 
 
-def read_metadata(vm: relax.VirtualMachine, lib: Path) -> dict:
+def read_metadata(vm: VirtualMachine, lib: Path) -> dict:
     """The library's own ``_metadata()`` JSON (a function of its Relax VM)."""
     try:
         return json.loads(vm["_metadata"]())
@@ -81,7 +81,7 @@ class VisionEncoder:
         self.params_dir = Path(params)
         self._device_name = str(device)
         self.tvm_device = parse_device(device)
-        self._vm = relax.VirtualMachine(load_library(self.lib_path), self.tvm_device)
+        self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
         self.metadata = read_metadata(self._vm, self.lib_path)
         check_params_match(self.metadata, self.params_dir)
         self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
