@@ -3,9 +3,10 @@
 TVM's stock llvm pipeline only legalizes: no fusion, no scheduling, one thread.
 ``cpu_relax_pipeline(target)`` returns a pass that
 
-1. rewrites ``R.nn.attention`` (from ``op.scaled_dot_product_attention``) into
-   ``permute -> NT batched matmul (scale fused) -> softmax -> batched matmul``
-   so each piece hits a schedule rule below;
+1. replaces fp32 ``R.nn.attention`` (from ``op.scaled_dot_product_attention``)
+   with our fused kernel (``cpu_attention.py``: the scores of a tile of queries
+   stay in cache); any other attention becomes ``permute -> NT batched matmul
+   (scale fused) -> softmax -> batched matmul``, each piece hitting a rule below;
 2. fuses ``matmul(x, permute_dims(w))`` into one ``NT_matmul`` (weights are read
    in their checkpoint ``[out, in]`` layout: no lifted weight transform, no
    ``transform_params``, the library takes the params exactly as stored);
@@ -23,7 +24,8 @@ of any tile (GEMM rows are padded inside the kernel with ``pad_einsum``).
 Numerics: ``exp`` (softmax, sigmoid) is replaced by a vectorizable
 range-reduced polynomial (see ``_exp_f32``), max relative error < 5e-7 in fp32:
 LLVM would otherwise call scalar ``expf`` per element. ``erf``/``tanh`` (exact
-GELU, SigLIP's tanh GELU) are left to libm (correct, scalar). Everything else
+GELU, SigLIP's tanh GELU) use TVM's polynomial ``fast_erf``/``fast_tanh`` in
+fp32 (max abs error ~1e-7; libm's would be scalar calls). Everything else
 is IEEE fp32 (FMA contraction aside). Non-fp32 PrimFuncs (e.g. fp16 models)
 only get the ``Fallback`` rule (parallel + vectorize), correct but not fast.
 
@@ -39,6 +41,7 @@ of falling through to the next rule (tests use it).
 
 from __future__ import annotations
 
+import math
 import os
 
 import tvm
@@ -46,6 +49,7 @@ from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight
 
 from .attention import split_attention
+from .cpu_attention import fuse_attention_cpu
 
 # Register tile of the GEMM micro-kernel, fp32 AVX-512:
 # MR rows x NR columns = MR * NR / 16 zmm accumulators. 12 x 32 -> 24 zmm
@@ -487,7 +491,61 @@ def _legalize_exp(bb, call):
                       call.args[0], primfunc_name_hint="exp")
 
 
+def _erf(x):
+    """erf of a te tensor with TVM's polynomial ``fast_erf``, in fp32 (max abs error ~1e-7).
+
+    ``tirx.erf`` becomes one scalar ``erff`` libm call per element; in
+    InternViT's fc1 epilogue that was 30 % of the layer's largest GEMM. Other
+    dtypes (fp16 libraries) go through fp32: LLVM has no fp16 erf."""
+    from tvm import topi
+
+    return _in_fp32(topi.fast_erf, x)
+
+
+def _tanh(x):
+    """tanh of a te tensor with TVM's polynomial ``fast_tanh``, in fp32 (LLVM would scalarize tanh)."""
+    from tvm import topi
+
+    return _in_fp32(topi.fast_tanh, x)
+
+
+def _in_fp32(fn, x):
+    from tvm import topi
+
+    if x.dtype == "float32":
+        return fn(x)
+    return topi.cast(fn(topi.cast(x, "float32")), x.dtype)
+
+
+def _legalize_gelu(bb, call):
+    """0.5 x (1 + erf(x / sqrt 2))."""
+    from tvm import te
+
+    def fte(x):
+        c = tirx.const(math.sqrt(0.5), x.dtype)
+        erf = _erf(te.compute(x.shape, lambda *i: x[i] * c, name="T_gelu_scaled"))
+        half, one = tirx.const(0.5, x.dtype), tirx.const(1.0, x.dtype)
+        return te.compute(x.shape, lambda *i: half * x[i] * (one + erf[i]), name="T_gelu")
+
+    return bb.call_te(fte, call.args[0], primfunc_name_hint="gelu")
+
+
+def _legalize_gelu_tanh(bb, call):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    from tvm import te
+
+    def fte(x):
+        c, k = tirx.const(math.sqrt(2 / math.pi), x.dtype), tirx.const(0.044715, x.dtype)
+        tanh = _tanh(te.compute(x.shape, lambda *i: c * (x[i] + k * x[i] * x[i] * x[i]), name="T_gelu_inner"))
+        half, one = tirx.const(0.5, x.dtype), tirx.const(1.0, x.dtype)
+        return te.compute(x.shape, lambda *i: half * x[i] * (one + tanh[i]), name="T_gelu_tanh")
+
+    return bb.call_te(fte, call.args[0], primfunc_name_hint="gelu_tanh")
+
+
 LEGALIZE_OVERRIDES = {
+    "relax.nn.gelu": _legalize_gelu,
+    "relax.nn.gelu_tanh": _legalize_gelu_tanh,
     "relax.nn.softmax": _legalize_softmax,
     "relax.sigmoid": _legalize_sigmoid,
     "relax.exp": _legalize_exp,
@@ -526,7 +584,8 @@ def cpu_relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     def _pipeline(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
         t = relax.transform
         seq = [
-            split_attention,
+            fuse_attention_cpu,  # fp32 attention without masks: one fused kernel
+            split_attention,  # anything else: matmul -> softmax -> matmul
             t.CanonicalizeBindings(),
             t.FuseTransposeMatmul(),
             t.LegalizeOps(customize_legalize_map=LEGALIZE_OVERRIDES),
