@@ -31,7 +31,7 @@ only get the ``Fallback`` rule (parallel + vectorize), correct but not fast.
 
 Runtime contract: none beyond the usual one. Weights are NOT lifted: there is
 no ``transform_params`` function and no ``param_transform`` metadata key; the
-GEMM kernels read ``[out, in]`` weights directly and pack a 32-column panel
+GEMM kernels read ``[out, in]`` weights directly and pack a 64-column panel
 per parallel task (cost: one read of each weight per call, ~1/M of the FLOPs).
 
 Debug: ``MLC_VISION_CPU_TRACE=1`` prints which rule scheduled which PrimFunc
@@ -52,15 +52,16 @@ from .attention import split_attention
 from .cpu_attention import fuse_attention_cpu
 
 # Register tile of the GEMM micro-kernel, fp32 AVX-512:
-# MR rows x NR columns = MR * NR / 16 zmm accumulators. 12 x 32 -> 24 zmm
-# accumulators + 2 B vectors + 1 A broadcast = 27 of 32 zmm registers; every k
-# step does 2 vector loads + 12 broadcasts for 24 FMAs, enough to keep both FMA
-# pipes busy while B comes from L1/L2. Measured on 197x768x3072 (1 thread):
-# 12x32 82 GFLOPS, 8x32 78, 4x64 73, 16x16 72, 6x64 72, 14x32 68 (spills),
-# torch/oneDNN 79. Token counts (197, 257, 577, ...) are padded up to a
-# multiple of MR (197 -> 204).
-GEMM_MR = 12
-GEMM_NR = 32
+# MR rows x NR columns = MR * NR / 16 zmm accumulators. 6 x 64 -> 24 zmm
+# accumulators + 4 B vectors + 1 A broadcast = 29 of 32 zmm registers; every k
+# step does 4 vector loads + 6 broadcasts for 24 FMAs (12 x 32 needs 2 + 12).
+# Measured with both threads on the ViT GEMMs (577 or 8 x 577 rows, K x N =
+# 1024 x 4096, 4096 x 1024, 1024 x 1024; scripts/dev_gemm_tiles.py):
+# 6x64 150-192 GFLOP/s, 4x64 about the same, 10x32 148-173, 12x32 111-125,
+# 3x128 106-149, 12x16 107-132, 8x48 7 (the N tail is not a whole panel).
+# Token counts (197, 257, 577, ...) are padded up to a multiple of MR (577 -> 582).
+GEMM_MR = 6
+GEMM_NR = 64
 VEC = 16  # fp32 lanes of a zmm register
 
 
@@ -186,13 +187,13 @@ class GEMM(dlight.ScheduleRule):
     Loop nest (one parallel loop over N panels, or batch x N panels when B is
     batched as in attention)::
 
-        parallel for n_o in N / NR:              # both cores, >= 24 panels for ViT-B
+        parallel for n_o in N / NR:              # both cores, >= 12 panels for ViT-B
           pack B[n_o*NR : +NR, :] -> Bp[K, NR]   # contiguous panel, L2-resident
           for b, m_o in batch, ceil(M / MR):     # rows padded to MR (pad_einsum)
             acc[MR, NR] = 0                      # registers
             for k in K:
               for mi in MR (unrolled):
-                acc[mi, :] += A[m, k] * Bp[k, :] # broadcast + 2 zmm FMAs
+                acc[mi, :] += A[m, k] * Bp[k, :] # broadcast + 4 zmm FMAs
             out[m, n] = epilogue(acc)            # bias / gelu / residual, vectorized
 
     Weights keep their ``[out, in]`` layout: the panel pack reads each weight
