@@ -176,13 +176,13 @@ def inspect_cmd(lib):
 
 def _metadata_from_library(lib: Path) -> dict:
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine
 
     from .runtime.encoder import load_library, read_metadata
 
     module = load_library(lib)
     try:
-        vm = relax.VirtualMachine(module, tvm.cpu())
+        vm = VirtualMachine(module, tvm.cpu())
     except Exception as err:  # e.g. a CUDA library on a machine without the CUDA driver
         raise MlcVisionError(f"cannot start {lib} here: {str(err).splitlines()[0]}") from None
     return read_metadata(vm, lib)

@@ -5,6 +5,7 @@ nothing at the output path."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,23 @@ def test_run_pixel_values_and_inspect(built, tmp_path, capsys):
     assert (meta["num_tokens"], meta["output_width"], meta["select_layer"], meta["feature"]) == (16, 64, -2, "patch")
     assert meta["preprocess"]["mean"] == list(CLIPImageProcessor().image_mean)
     assert [p["name"] for p in meta["params"]][:2] == ["embeddings.class_embedding", "embeddings.patch_embedding.weight"]
+
+
+def test_run_and_inspect_with_runtime_only_tvm(built, tmp_path, capsys):
+    """`run` and `inspect` load with TVM's runtime alone (a deployment box, scripts/gpu_check.py)."""
+    lib, params = built
+    pixels = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype("float32")
+    np.save(tmp_path / "px.npy", pixels)
+    assert run_cli(capsys, "run", "--lib", lib, "--params", params, "--pixel-values", tmp_path / "px.npy", "-o", tmp_path / "a.npy")[0] == 0
+    script = (
+        "import sys, tvm; from mlc_vision.cli import main; code = main(sys.argv[1:]); "
+        "assert tvm.base._RUNTIME_ONLY and 'tvm.relax' not in sys.modules; sys.exit(code)"
+    )
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    for args in (["run", "--lib", lib, "--params", params, "--pixel-values", tmp_path / "px.npy", "-o", tmp_path / "b.npy"], ["inspect", lib]):
+        proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
 def test_console_script_help():
