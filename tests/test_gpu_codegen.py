@@ -39,6 +39,22 @@ def test_fp16_matmuls_use_tensor_cores(clip_b16_fp16):
     assert tensorized, "no kernel uses tensor cores"
 
 
+def test_attention_matmuls_use_tensor_cores(clip_b16_fp16):
+    """Q·K^T (K = head_dim 64) and P·V (N = 64) are on tensor cores too, not only the big GEMMs.
+
+    dlight's own rule skips any matmul with a static extent <= 64; on an H100
+    these two then ran at a tenth of the GEMMs' speed. Only the patch embedding
+    (a matmul without epilogue, see build._matmul_rule) may stay off.
+    """
+    from mlc_vision.bench import _tensorized_kernels
+
+    names, tensorized = _tensorized_kernels(clip_b16_fp16[1])
+    matmuls = [n for n in names if "matmul" in n]
+    attention = [n for n in matmuls if n == "matmul_kernel" or n.endswith("_multiply_kernel")]
+    assert len(attention) == 2, matmuls  # q·k^T * scale, p·v
+    assert set(matmuls) - set(tensorized) <= {"NT_matmul_kernel"}, sorted(set(matmuls) - set(tensorized))
+
+
 def test_kernel_count_per_layer_is_stable(clip_b16_fp16):
     one, two = (len(kernel_names(clip_b16_fp16[n])) for n in (1, 2))
     # Layers share kernels: a second layer adds none (all shapes repeat).
