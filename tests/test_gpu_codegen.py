@@ -55,6 +55,21 @@ def test_attention_matmuls_use_tensor_cores(clip_b16_fp16):
     assert set(matmuls) - set(tensorized) <= {"NT_matmul_kernel"}, sorted(set(matmuls) - set(tensorized))
 
 
+def test_attention_softmax_is_one_warp_per_row(clip_b16_fp16):
+    """The split attention's softmax is ours (compiler/softmax.py), not dlight's 3-pass block reduction."""
+    from mlc_vision.bench import _tensorized_kernels
+
+    source = clip_b16_fp16[1]
+    names, _ = _tensorized_kernels(source)
+    assert "softmax_kernel" not in names
+    softmax = [n for n in names if n.startswith("warp_softmax")]
+    assert softmax == ["warp_softmax_h12_s197_n197_float16_kernel"], names
+    start = re.search(softmax[0] + r"\([^)]*\)\s*\{", source).end()  # the definition, not the declaration
+    body = source[start : source.index("\n}\n", start)]
+    assert "__shfl_xor_sync" in body and "__syncthreads" not in body
+    assert "float vals" in body  # the row is held (and reduced) in fp32 registers
+
+
 def test_kernel_count_per_layer_is_stable(clip_b16_fp16):
     one, two = (len(kernel_names(clip_b16_fp16[n])) for n in (1, 2))
     # Layers share kernels: a second layer adds none (all shapes repeat).

@@ -148,7 +148,9 @@ def gpu_relax_pipeline(target):
     On CUDA, a module built with ``attention="fused"`` gets our flash-style
     kernel (``compiler/attention.py``, head_dim <= 128) in place of
     ``R.nn.attention``: the scores never reach global memory. Everything else
-    (the default) is split into matmul / softmax / matmul.
+    (the default) is split into matmul / softmax / matmul; on CUDA the two
+    matmuls run on tensor cores (see :func:`_small_fp16_cuda_matmul`) and the
+    softmax is our warp-per-row kernel (``compiler/softmax.py``).
     """
     import tvm
     from tvm import relax
@@ -163,12 +165,11 @@ def gpu_relax_pipeline(target):
     # R.nn.attention is split into matmul / softmax / matmul first, as on the
     # CPU: TVM 0.27's own legalization of it multiplies fp16 scores by a
     # float32 scale, and the next matmul then fails to type-check.
-    from .attention import fuse_attention, split_attention
+    from .attention import fuse_attention, split_attention, split_attention_cuda
 
-    attention = [fuse_attention] if target.kind.name == "cuda" else []
+    cuda = target.kind.name == "cuda"
     passes = (
-        attention
-        + [split_attention]
+        ([fuse_attention, split_attention_cuda] if cuda else [split_attention])
         + rp.library_dispatch_passes(target)
         + [
             # nn.Linear is matmul(x, permute_dims(w)): fold the transpose into
