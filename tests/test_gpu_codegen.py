@@ -50,7 +50,7 @@ def test_attention_matmuls_use_tensor_cores(clip_b16_fp16):
 
     names, tensorized = _tensorized_kernels(clip_b16_fp16[1])
     matmuls = [n for n in names if "matmul" in n]
-    attention = [n for n in matmuls if n == "matmul_kernel" or n.endswith("_multiply_kernel")]
+    attention = [n for n in matmuls if "attn_" in n]
     assert len(attention) == 2, matmuls  # q·k^T * scale, p·v
     assert set(matmuls) - set(tensorized) <= {"NT_matmul_kernel"}, sorted(set(matmuls) - set(tensorized))
 
@@ -68,6 +68,23 @@ def test_attention_softmax_is_one_warp_per_row(clip_b16_fp16):
     body = source[start : source.index("\n}\n", start)]
     assert "__shfl_xor_sync" in body and "__syncthreads" not in body
     assert "float vals" in body  # the row is held (and reduced) in fp32 registers
+
+
+def test_cuda_attention_needs_no_transposes():
+    """The CUDA split reads q, k, v in [batch, seq, heads, head_dim] and writes the output in it.
+
+    The portable split permutes q, k, v and the output (4 transpose kernels
+    per layer); on CUDA the two matmuls index the projections' layout instead,
+    so a CLIP layer is 11 launches: LN, q, k, v, scores, softmax, context,
+    out-proj, LN, fc1, fc2.
+    """
+    from mlc_vision.bench import gpu_kernel_report
+
+    small = dataclasses.replace(load_preset("clip-vit-base-patch16"), image_size=112)
+    report = gpu_kernel_report(small)
+    assert not any("transpose" in n for n in report["layer_kernels"]), report["layer_kernels"]
+    assert report["launches_per_layer"] == 11, report["layer_kernels"]
+    assert not report["fused_attention"]
 
 
 def test_kernel_count_per_layer_is_stable(clip_b16_fp16):

@@ -20,8 +20,8 @@ So we write the kernel ourselves, in TVMScript, with its schedule built in:
   are in the model's dtype (fp16 or fp32);
 * masked (padding) keys get a large negative score, so ``exp`` makes them 0.
 
-It runs on CUDA cores (no tensor cores: dlight does not tensorize the split
-path's attention matmuls either). Phases that touch shared memory are separate
+It runs on CUDA cores, and is therefore slower than the default split path on
+CUDA, whose two matmuls run on tensor cores (``split_attention_cuda`` below). Phases that touch shared memory are separate
 thread loops; TVM's ``ThreadSync`` pass puts ``__syncthreads()`` between them.
 
 ``cpu=True`` builds the same algorithm with serial loops and global scratch
@@ -259,7 +259,34 @@ def fuse_attention(mod, _ctx):
 # Every target's pipeline runs this (the GPU one after fuse_attention): TVM
 # 0.27's own legalization of R.nn.attention multiplies fp16 scores by a float32
 # scale and the next matmul fails to type-check, and our CPU GEMM rule
-# schedules the resulting batched matmuls.
+# schedules the resulting batched matmuls. CUDA gets its own variant
+# (split_attention_cuda): no permutes, our softmax kernel; the matmuls go to
+# tensor cores through build._matmul_rule.
+
+
+def _scores_te(q, k):
+    """``[b, s, h, d] x [b, t, h, d] -> [b, h, s, t]``: Q·K^T per head, read in the projections' layout.
+
+    The Relax split permutes q, k and v to ``[b, h, s, d]`` first: three
+    transpose kernels per layer (and one for the output). dlight's matmul rule
+    finds batch (b, h), rows, columns and reduction from the indices, so the
+    matmul can read the strided layout itself (a row of head_dim values stays
+    contiguous), and the permutes disappear.
+    """
+    from tvm import te
+
+    d = te.reduce_axis((0, q.shape[3]), name="d")
+    shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    return te.compute(shape, lambda n, h, i, j: te.sum(q[n, i, h, d] * k[n, j, h, d], axis=d), name="scores")
+
+
+def _context_te(p, v):
+    """``[b, h, s, t] x [b, t, h, d] -> [b, s, h, d]``: P·V written straight in the output layout."""
+    from tvm import te
+
+    t = te.reduce_axis((0, p.shape[3]), name="t")
+    shape = (p.shape[0], p.shape[2], p.shape[1], v.shape[3])
+    return te.compute(shape, lambda n, i, h, c: te.sum(p[n, h, i, t] * v[n, t, h, c], axis=t), name="context")
 
 
 @relax.expr_functor.mutator
@@ -267,17 +294,17 @@ class _AttentionSplitter(relax.PyExprMutator):  # pylint: disable=abstract-metho
     """``R.nn.attention(q, k, v)`` (no bias, no causal mask) ->
     permute -> matmul(q, k^T) * scale -> softmax -> matmul(., v) -> permute."""
 
-    def __init__(self, mod, warp_softmax: bool = False):
+    def __init__(self, mod, cuda: bool = False):
         super().__init__(mod)
         self.op = tvm.ir.Op.get("relax.nn.attention")
-        self.warp_softmax = warp_softmax
+        self.cuda = cuda
         self.softmax_kernels = {}
 
     def softmax(self, s):
         """``softmax(s, axis=-1)``: our warp-per-row kernel on CUDA where it applies, else the Relax op."""
         ty = s.ty
         dims = [_static_int(x) for x in ty.shape.values[1:]] if ty.shape is not None and ty.ndim == 4 else [None]
-        if not self.warp_softmax or None in dims or not warp_softmax_supports(dims[-1], ty.dtype):
+        if not self.cuda or None in dims or not warp_softmax_supports(dims[-1], ty.dtype):
             return relax.op.nn.softmax(s, axis=-1)
         key = (*dims, ty.dtype)
         if key not in self.softmax_kernels:
@@ -304,6 +331,12 @@ class _AttentionSplitter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         else:
             scale = float(scale)
         op = relax.op
+        if self.cuda:
+            # No permutes: the two matmuls index [batch, seq, heads, head_dim] directly.
+            s = self.builder_.emit_te(_scores_te, q, k, primfunc_name_hint="attn_scores_matmul")
+            s = self.builder_.emit(op.multiply(s, relax.const(scale, qty.dtype)))
+            p = self.builder_.emit(self.softmax(s))
+            return self.builder_.call_te(_context_te, p, v, primfunc_name_hint="attn_context_matmul")
         perm = [0, 2, 1, 3]
         qt = self.builder_.emit(op.permute_dims(q, perm))
         kt = self.builder_.emit(op.permute_dims(k, perm))
@@ -318,7 +351,7 @@ class _AttentionSplitter(relax.PyExprMutator):  # pylint: disable=abstract-metho
 @tvm.transform.module_pass(opt_level=0, name="SplitAttention")
 def split_attention(mod, _ctx):
     """Module pass wrapping ``_AttentionSplitter`` (Relax functions only)."""
-    return _split(mod, warp_softmax=False)
+    return _split(mod, cuda=False)
 
 
 @tvm.transform.module_pass(opt_level=0, name="SplitAttentionCUDA")
@@ -329,11 +362,11 @@ def split_attention_cuda(mod, _ctx):
     per row, three passes over global memory, fp16 max and sum); ours reads
     the row once into registers and reduces in fp32 with warp shuffles.
     """
-    return _split(mod, warp_softmax=True)
+    return _split(mod, cuda=True)
 
 
-def _split(mod, warp_softmax: bool):
-    m = _AttentionSplitter(mod, warp_softmax=warp_softmax)
+def _split(mod, cuda: bool):
+    m = _AttentionSplitter(mod, cuda=cuda)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             m.builder_.update_func(gv, m.visit_expr(func))

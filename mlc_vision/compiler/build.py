@@ -6,8 +6,10 @@ Pipeline per target:
   TVM's stock pipeline leaves CPU kernels unscheduled).
 * GPU targets: TVM's default Relax pipeline (legalize, fuse, lower, plan
   memory) with dlight's GPU rules scheduling every TIR function. On CUDA,
-  attention runs as one fused kernel of ours (``compiler/attention.py``). On CUDA with
-  fp16 the big matmuls use tensor cores (WMMA); a matmul that dlight cannot
+  attention is split into two matmuls around our softmax kernel
+  (``split_attention_cuda``), or, with ``--attention fused``, runs as one fused
+  kernel of ours (``compiler/attention.py``). On CUDA with fp16 the matmuls,
+  the attention ones included, use tensor cores (WMMA); a matmul that dlight cannot
   tensorize (one without epilogue, such as the patch embedding, raises "is not
   a stage pipeline") is scheduled again with ``dlight.do_not_tensorize``.
 
