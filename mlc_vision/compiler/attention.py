@@ -20,9 +20,10 @@ So we write the kernel ourselves, in TVMScript, with its schedule built in:
   are in the model's dtype (fp16 or fp32);
 * masked (padding) keys get a large negative score, so ``exp`` makes them 0.
 
-It runs on CUDA cores, and is therefore slower than the default split path on
-CUDA, whose two matmuls run on tensor cores (``split_attention_cuda`` below). Phases that touch shared memory are separate
-thread loops; TVM's ``ThreadSync`` pass puts ``__syncthreads()`` between them.
+It runs on CUDA cores (``--attention tensorcore``, ``split_attention_cuda``
+below, is the split path with its two matmuls on tensor cores). Phases that
+touch shared memory are separate thread loops; TVM's ``ThreadSync`` pass puts
+``__syncthreads()`` between them.
 
 ``cpu=True`` builds the same algorithm with serial loops and global scratch
 buffers, so the numerics can be checked on the CPU against numpy: each phase is
@@ -259,9 +260,9 @@ def fuse_attention(mod, _ctx):
 # Every target's pipeline runs this (the GPU one after fuse_attention): TVM
 # 0.27's own legalization of R.nn.attention multiplies fp16 scores by a float32
 # scale and the next matmul fails to type-check, and our CPU GEMM rule
-# schedules the resulting batched matmuls. CUDA gets its own variant
-# (split_attention_cuda): no permutes, our softmax kernel; the matmuls go to
-# tensor cores through build._matmul_rule.
+# schedules the resulting batched matmuls. CUDA's opt-in "tensorcore" mode uses
+# its own variant (split_attention_cuda): no permutes, our softmax kernel; the
+# matmuls go to tensor cores through build._matmul_rule.
 
 
 def _scores_te(q, k):
@@ -356,11 +357,15 @@ def split_attention(mod, _ctx):
 
 @tvm.transform.module_pass(opt_level=0, name="SplitAttentionCUDA")
 def split_attention_cuda(mod, _ctx):
-    """:func:`split_attention` with the softmax as our warp-per-row kernel (``compiler/softmax.py``).
+    """The split for ``--attention tensorcore`` on CUDA (``gpu_relax_pipeline`` picks it).
 
-    dlight's softmax schedule was 10-12 % of the CUDA time (a 256-thread block
-    per row, three passes over global memory, fp16 max and sum); ours reads
-    the row once into registers and reduces in fp32 with warp shuffles.
+    * No permutes: the two matmuls index q, k, v and the output in
+      ``[batch, seq, heads, head_dim]`` (``_scores_te``, ``_context_te``).
+    * The softmax is our warp-per-row kernel (``compiler/softmax.py``):
+      dlight's schedule was 10-12 % of the H100 time (a 256-thread block per
+      row, three passes over global memory, fp16 max and sum); ours reads the
+      row once into registers and reduces in fp32 with warp shuffles.
+    * The matmuls reach tensor cores through ``build._matmul_rule``.
     """
     return _split(mod, cuda=True)
 

@@ -6,10 +6,11 @@ Pipeline per target:
   TVM's stock pipeline leaves CPU kernels unscheduled).
 * GPU targets: TVM's default Relax pipeline (legalize, fuse, lower, plan
   memory) with dlight's GPU rules scheduling every TIR function. On CUDA,
-  attention is split into two matmuls around our softmax kernel
-  (``split_attention_cuda``), or, with ``--attention fused``, runs as one fused
-  kernel of ours (``compiler/attention.py``). On CUDA with fp16 the matmuls,
-  the attention ones included, use tensor cores (WMMA); a matmul that dlight cannot
+  attention is split into matmul / softmax / matmul (default), runs as one
+  fused kernel of ours (``--attention fused``, ``compiler/attention.py``), or
+  as two tensor-core matmuls around our softmax kernel (``--attention
+  tensorcore``; see :func:`gpu_relax_pipeline`). On CUDA with fp16 the big
+  matmuls use tensor cores (WMMA); a matmul that dlight cannot
   tensorize (one without epilogue, such as the patch embedding, raises "is not
   a stage pipeline") is scheduled again with ``dlight.do_not_tensorize``.
 
@@ -56,8 +57,12 @@ def _cpu_pipeline(target):
     return cpu_relax_pipeline(target)
 
 
-def _matmul_rule():
-    """dlight's GPU matmul rule, retried without tensor cores where tensorizing fails."""
+def _matmul_rule(small_tensor_core: bool = False):
+    """dlight's GPU matmul rule, retried without tensor cores where tensorizing fails.
+
+    ``small_tensor_core``: also put fp16 CUDA matmuls with an extent of 32..64
+    (the attention matmuls) on tensor cores; see :func:`_small_fp16_cuda_matmul`.
+    """
     from tvm.s_tir import dlight as dl
 
     class MatmulWithFallback(dl.gpu.Matmul):
@@ -70,7 +75,7 @@ def _matmul_rule():
         """
 
         def apply(self, func, target, tunable):
-            if _small_fp16_cuda_matmul(func, target):
+            if small_tensor_core and _small_fp16_cuda_matmul(func, target):
                 try:
                     sch = dl.gpu.matmul.MatmulTensorization().apply(func, target, tunable)
                 except Exception as err:  # pylint: disable=broad-except
@@ -131,12 +136,12 @@ def _small_fp16_cuda_matmul(func, target) -> bool:
     return bool(static) and min(static) <= 64 and min(static) >= MIN_TENSOR_CORE_EXTENT
 
 
-def gpu_schedule_pass():
+def gpu_schedule_pass(small_tensor_core: bool = False):
     """dlight's default GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback)."""
     from tvm.s_tir import dlight as dl
 
     return dl.ApplyDefaultSchedule(
-        _matmul_rule(),
+        _matmul_rule(small_tensor_core),
         dl.gpu.GEMV(),
         dl.gpu.Reduction(),
         dl.gpu.GeneralReduction(),
@@ -147,14 +152,33 @@ def gpu_schedule_pass():
 def gpu_relax_pipeline(target):
     """TVM's default Relax pipeline for ``target`` with our dlight scheduling step.
 
-    On CUDA, a module built with ``attention="fused"`` gets our flash-style
-    kernel (``compiler/attention.py``, head_dim <= 128) in place of
-    ``R.nn.attention``: the scores never reach global memory. Everything else
-    (the default) is split into matmul / softmax / matmul; on CUDA the two
-    matmuls run on tensor cores (see :func:`_small_fp16_cuda_matmul`) and the
-    softmax is our warp-per-row kernel (``compiler/softmax.py``).
+    How ``R.nn.attention`` is lowered depends on the module's attention mode
+    (``module.ATTENTION_ATTR``, ``--attention``):
+
+    * ``split`` (the default): matmul / softmax / matmul with permutes, as on
+      the CPU; dlight leaves the attention matmuls (head_dim 64) on CUDA cores.
+    * ``fused`` (CUDA): our flash-style kernel (``compiler/attention.py``,
+      head_dim <= 128, CUDA cores): the scores never reach global memory.
+    * ``tensorcore`` (CUDA): ``split_attention_cuda``: no permutes, the two
+      matmuls on tensor cores (:func:`_small_fp16_cuda_matmul`), our
+      warp-per-row softmax (``compiler/softmax.py``). Opt-in until timed on a GPU.
+
+    On other GPU targets every mode is the plain split.
     """
     import tvm
+
+    from .module import ATTENTION_ATTR
+
+    @tvm.transform.module_pass(opt_level=0, name="MlcVisionGPUPipeline")
+    def _pipeline(mod, _ctx):
+        mode = str(mod.attrs.get(ATTENTION_ATTR, "split")) if mod.attrs is not None else "split"
+        with target:
+            return tvm.transform.Sequential(_gpu_passes(target, mode))(mod)
+
+    return _pipeline
+
+
+def _gpu_passes(target, attention: str) -> list:
     from tvm import relax
 
     # The per-backend modules, not tvm.relax.pipeline's dispatchers: in 0.27
@@ -170,8 +194,15 @@ def gpu_relax_pipeline(target):
     from .attention import fuse_attention, split_attention, split_attention_cuda
 
     cuda = target.kind.name == "cuda"
-    passes = (
-        ([fuse_attention, split_attention_cuda] if cuda else [split_attention])
+    tensorcore = cuda and attention == "tensorcore"
+    if tensorcore:
+        lower_attention = [split_attention_cuda]
+    elif cuda:
+        lower_attention = [fuse_attention, split_attention]  # fuse_attention acts only in "fused" mode
+    else:
+        lower_attention = [split_attention]
+    return (
+        lower_attention
         + rp.library_dispatch_passes(target)
         + [
             # nn.Linear is matmul(x, permute_dims(w)): fold the transpose into
@@ -182,18 +213,11 @@ def gpu_relax_pipeline(target):
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
-            gpu_schedule_pass(),
+            gpu_schedule_pass(small_tensor_core=tensorcore),
         ]
         + rp.dataflow_lower_passes(target)
         + rp.finalize_passes(target)
     )
-
-    @tvm.transform.module_pass(opt_level=0, name="MlcVisionGPUPipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline
 
 
 def _preload_tensor_intrinsics() -> None:
