@@ -411,7 +411,7 @@ def run_gpu_report(models, target: str, output: Path, dtype: str = "float16") ->
     output.mkdir(parents=True, exist_ok=True)
     reports = []
     for preset in models:
-        for attention in ("split", "fused"):  # the default, and the opt-in --attention fused
+        for attention in ("split", "fused", "tensorcore"):  # the default, and the opt-in --attention modes
             r = gpu_kernel_report(preset, target, dtype, attention)
             reports.append(r)
             print(f"{preset:<28} {target} {dtype} attention={attention}: {r['launches_per_layer']} launches/layer, "

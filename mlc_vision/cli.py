@@ -51,10 +51,11 @@ def default_output(model: str, target: str, suffix: str) -> Path:
 @click.option("--projector-hidden-size", type=int, default=None, help="Projector output width (LLM width).")
 @click.option(
     "--attention",
-    type=click.Choice(["split", "fused"]),
+    type=click.Choice(["split", "fused", "tensorcore"]),
     default="split",
     show_default=True,
-    help="cuda: 'fused' uses our flash-style kernel (scores never reach GPU memory; not yet timed on a GPU).",
+    help="cuda: 'fused' uses our flash-style kernel (scores never reach GPU memory); 'tensorcore' puts the "
+    "attention matmuls on tensor cores with our softmax kernel. Both not yet timed on a GPU.",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Library path (.so / .tar).")
 def compile_cmd(

@@ -9,7 +9,8 @@ no GPU:
     TVM_USE_RUNTIME_LIB=1 python scripts/gpu_check.py run --dir .gpu --out results/   # on the GPU machine
 
 ``build`` compiles each model for cuda (``split`` attention: matmul -> softmax
--> matmul with the scores in global memory; ``fused``: our flash-style kernel)
+-> matmul with the scores in global memory; ``fused``: our flash-style kernel;
+``tensorcore``: the split on tensor cores with our softmax kernel)
 and runs our fp32 CPU library, whose parity with transformers the tests prove,
 on a fixed input with seeded params: that output is the reference. ``run``
 makes the same params on the GPU (``numpy.random.RandomState``, whose stream is
@@ -47,7 +48,7 @@ MODELS = [
     ("internvit-300m-448px", "float16"),
     ("clip-vit-base-patch16", "float32"),
 ]
-ATTENTIONS = ("split", "fused")
+ATTENTIONS = ("split", "fused", "tensorcore")
 PARAM_SEED = 0
 
 

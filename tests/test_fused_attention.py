@@ -42,3 +42,28 @@ def test_tiles_fit_shared_memory():
     assert block_k(64, "float16") == 32 and block_k(128, "float16") == 32
     with pytest.raises(ValueError):
         flash_attention_kernel(10, 1, 256, "float16", 1.0)
+
+
+def test_cuda_split_matmuls_match_numpy():
+    """The CUDA split's transpose-free matmuls (q, k, v, out in [batch, seq, heads, head_dim]) on the CPU."""
+    from tvm import te
+
+    from mlc_vision.compiler.attention import _context_te, _scores_te
+
+    b, seq, heads, d = 2, 13, 3, 8
+    q, k, v = (te.placeholder((b, seq, heads, d), "float32", name=n) for n in "qkv")
+    p = te.placeholder((b, heads, seq, seq), "float32", name="p")
+    scores = _scores_te(q, k)
+    context = _context_te(p, v)
+    fs = tvm.compile(te.create_prim_func([q, k, scores]).with_attr("global_symbol", "main"), target="llvm")
+    fc = tvm.compile(te.create_prim_func([p, v, context]).with_attr("global_symbol", "main"), target="llvm")
+    rng = np.random.default_rng(0)
+    qn, kn, vn = (rng.standard_normal((b, seq, heads, d)).astype("float32") for _ in range(3))
+    pn = rng.standard_normal((b, heads, seq, seq)).astype("float32")
+    s_out = tvm.runtime.tensor(np.zeros((b, heads, seq, seq), "float32"))
+    c_out = tvm.runtime.tensor(np.zeros((b, seq, heads, d), "float32"))
+    fs["main"](tvm.runtime.tensor(qn), tvm.runtime.tensor(kn), s_out)
+    fc["main"](tvm.runtime.tensor(pn), tvm.runtime.tensor(vn), c_out)
+    qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (qn, kn, vn))
+    np.testing.assert_allclose(s_out.numpy(), qt @ kt.transpose(0, 1, 3, 2), atol=1e-5)
+    np.testing.assert_allclose(c_out.numpy(), (pn @ vt).transpose(0, 2, 1, 3), atol=1e-5)

@@ -17,9 +17,9 @@ from mlc_vision.config import load_preset
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 
 
-def cuda_source(preset: str, layers: int, dtype: str = "float16") -> str:
+def cuda_source(preset: str, layers: int, dtype: str = "float16", attention: str = "split") -> str:
     config = dataclasses.replace(load_preset(preset), num_hidden_layers=layers, select_layer=-1)
-    built = build_module(config, dtype, "cuda")
+    built = build_module(config, dtype, "cuda", attention=attention)
     return generated_source(compile_module(built.mod, "cuda", arch="sm_80"))
 
 
@@ -32,11 +32,67 @@ def clip_b16_fp16():
     return {layers: cuda_source("clip-vit-base-patch16", layers) for layers in (1, 2)}
 
 
+@pytest.fixture(scope="module")
+def clip_b16_tensorcore():
+    """One CLIP-B/16 layer with ``--attention tensorcore``."""
+    return cuda_source("clip-vit-base-patch16", 1, attention="tensorcore")
+
+
 def test_fp16_matmuls_use_tensor_cores(clip_b16_fp16):
     source = clip_b16_fp16[1]
     assert "wmma::mma_sync" in source or "mma.sync" in source, "no tensor-core instruction in the CUDA source"
     tensorized = [name for name in kernel_names(source) if re.search(name + r"\b[\s\S]{0,20000}?mma_sync", source)]
     assert tensorized, "no kernel uses tensor cores"
+
+
+def test_attention_matmuls_use_tensor_cores(clip_b16_tensorcore):
+    """tensorcore: Q·K^T (K = head_dim 64) and P·V (N = 64) are on tensor cores too, not only the big GEMMs.
+
+    dlight's own rule skips any matmul with a static extent <= 64; on an H100
+    these two then ran at a tenth of the GEMMs' speed. Only the patch embedding
+    (a matmul without epilogue, see build._matmul_rule) may stay off.
+    """
+    from mlc_vision.bench import _tensorized_kernels
+
+    names, tensorized = _tensorized_kernels(clip_b16_tensorcore)
+    matmuls = [n for n in names if "matmul" in n]
+    attention = [n for n in matmuls if "attn_" in n]
+    assert len(attention) == 2, matmuls  # q·k^T * scale, p·v
+    assert set(matmuls) - set(tensorized) <= {"NT_matmul_kernel"}, sorted(set(matmuls) - set(tensorized))
+
+
+def test_attention_softmax_is_one_warp_per_row(clip_b16_tensorcore):
+    """tensorcore: the softmax is ours (compiler/softmax.py), not dlight's 3-pass block reduction."""
+    from mlc_vision.bench import _tensorized_kernels
+
+    source = clip_b16_tensorcore
+    names, _ = _tensorized_kernels(source)
+    assert "softmax_kernel" not in names
+    softmax = [n for n in names if n.startswith("warp_softmax")]
+    assert softmax == ["warp_softmax_h12_s197_n197_float16_kernel"], names
+    start = re.search(softmax[0] + r"\([^)]*\)\s*\{", source).end()  # the definition, not the declaration
+    body = source[start : source.index("\n}\n", start)]
+    assert "__shfl_xor_sync" in body and "__syncthreads" not in body
+    assert "float vals" in body  # the row is held (and reduced) in fp32 registers
+
+
+def test_tensorcore_attention_needs_no_transposes():
+    """tensorcore reads q, k, v in [batch, seq, heads, head_dim] and writes the output in it.
+
+    The portable split permutes q, k, v and the output (4 transpose kernels
+    per layer); tensorcore's two matmuls index the projections' layout
+    instead, so a CLIP layer is 11 launches: LN, q, k, v, scores, softmax,
+    context, out-proj, LN, fc1, fc2. The default stays the portable split.
+    """
+    from mlc_vision.bench import _lowered_gpu_module, gpu_kernel_report, kernel_calls
+
+    small = dataclasses.replace(load_preset("clip-vit-base-patch16"), image_size=112)
+    report = gpu_kernel_report(small, attention="tensorcore")
+    assert not any("transpose" in n for n in report["layer_kernels"]), report["layer_kernels"]
+    assert report["launches_per_layer"] == 11, report["layer_kernels"]
+    assert not report["fused_attention"]
+    split = kernel_calls(_lowered_gpu_module(dataclasses.replace(small, num_hidden_layers=1), "cuda", "float16", "split"))
+    assert "softmax" in split and not any(n.startswith(("warp_softmax", "attn_", "fused_attn_")) for n in split)
 
 
 def test_kernel_count_per_layer_is_stable(clip_b16_fp16):

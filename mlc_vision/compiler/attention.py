@@ -20,9 +20,10 @@ So we write the kernel ourselves, in TVMScript, with its schedule built in:
   are in the model's dtype (fp16 or fp32);
 * masked (padding) keys get a large negative score, so ``exp`` makes them 0.
 
-It runs on CUDA cores (no tensor cores: dlight does not tensorize the split
-path's attention matmuls either). Phases that touch shared memory are separate
-thread loops; TVM's ``ThreadSync`` pass puts ``__syncthreads()`` between them.
+It runs on CUDA cores (``--attention tensorcore``, ``split_attention_cuda``
+below, is the split path with its two matmuls on tensor cores). Phases that
+touch shared memory are separate thread loops; TVM's ``ThreadSync`` pass puts
+``__syncthreads()`` between them.
 
 ``cpu=True`` builds the same algorithm with serial loops and global scratch
 buffers, so the numerics can be checked on the CPU against numpy: each phase is
@@ -37,6 +38,9 @@ import math
 import tvm
 from tvm import relax
 from tvm.script import tirx as T
+
+from .softmax import supports as warp_softmax_supports
+from .softmax import warp_softmax_kernel
 
 BLOCK_Q = 32  # query rows per thread block
 THREADS = 128
@@ -256,7 +260,34 @@ def fuse_attention(mod, _ctx):
 # Every target's pipeline runs this (the GPU one after fuse_attention): TVM
 # 0.27's own legalization of R.nn.attention multiplies fp16 scores by a float32
 # scale and the next matmul fails to type-check, and our CPU GEMM rule
-# schedules the resulting batched matmuls.
+# schedules the resulting batched matmuls. CUDA's opt-in "tensorcore" mode uses
+# its own variant (split_attention_cuda): no permutes, our softmax kernel; the
+# matmuls go to tensor cores through build._matmul_rule.
+
+
+def _scores_te(q, k):
+    """``[b, s, h, d] x [b, t, h, d] -> [b, h, s, t]``: Q·K^T per head, read in the projections' layout.
+
+    The Relax split permutes q, k and v to ``[b, h, s, d]`` first: three
+    transpose kernels per layer (and one for the output). dlight's matmul rule
+    finds batch (b, h), rows, columns and reduction from the indices, so the
+    matmul can read the strided layout itself (a row of head_dim values stays
+    contiguous), and the permutes disappear.
+    """
+    from tvm import te
+
+    d = te.reduce_axis((0, q.shape[3]), name="d")
+    shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    return te.compute(shape, lambda n, h, i, j: te.sum(q[n, i, h, d] * k[n, j, h, d], axis=d), name="scores")
+
+
+def _context_te(p, v):
+    """``[b, h, s, t] x [b, t, h, d] -> [b, s, h, d]``: P·V written straight in the output layout."""
+    from tvm import te
+
+    t = te.reduce_axis((0, p.shape[3]), name="t")
+    shape = (p.shape[0], p.shape[2], p.shape[1], v.shape[3])
+    return te.compute(shape, lambda n, i, h, c: te.sum(p[n, h, i, t] * v[n, t, h, c], axis=t), name="context")
 
 
 @relax.expr_functor.mutator
@@ -264,9 +295,23 @@ class _AttentionSplitter(relax.PyExprMutator):  # pylint: disable=abstract-metho
     """``R.nn.attention(q, k, v)`` (no bias, no causal mask) ->
     permute -> matmul(q, k^T) * scale -> softmax -> matmul(., v) -> permute."""
 
-    def __init__(self, mod):
+    def __init__(self, mod, cuda: bool = False):
         super().__init__(mod)
         self.op = tvm.ir.Op.get("relax.nn.attention")
+        self.cuda = cuda
+        self.softmax_kernels = {}
+
+    def softmax(self, s):
+        """``softmax(s, axis=-1)``: our warp-per-row kernel on CUDA where it applies, else the Relax op."""
+        ty = s.ty
+        dims = [_static_int(x) for x in ty.shape.values[1:]] if ty.shape is not None and ty.ndim == 4 else [None]
+        if not self.cuda or None in dims or not warp_softmax_supports(dims[-1], ty.dtype):
+            return relax.op.nn.softmax(s, axis=-1)
+        key = (*dims, ty.dtype)
+        if key not in self.softmax_kernels:
+            name = "warp_softmax_h{}_s{}_n{}_{}".format(*key)
+            self.softmax_kernels[key] = self.builder_.add_func(warp_softmax_kernel(*key), name)
+        return relax.call_tir(self.softmax_kernels[key], [s], ty)
 
     def visit_call_(self, call):  # noqa: D102
         call = super().visit_call_(call)
@@ -287,13 +332,19 @@ class _AttentionSplitter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         else:
             scale = float(scale)
         op = relax.op
+        if self.cuda:
+            # No permutes: the two matmuls index [batch, seq, heads, head_dim] directly.
+            s = self.builder_.emit_te(_scores_te, q, k, primfunc_name_hint="attn_scores_matmul")
+            s = self.builder_.emit(op.multiply(s, relax.const(scale, qty.dtype)))
+            p = self.builder_.emit(self.softmax(s))
+            return self.builder_.call_te(_context_te, p, v, primfunc_name_hint="attn_context_matmul")
         perm = [0, 2, 1, 3]
         qt = self.builder_.emit(op.permute_dims(q, perm))
         kt = self.builder_.emit(op.permute_dims(k, perm))
         vt = self.builder_.emit(op.permute_dims(v, perm))
         s = self.builder_.emit(op.matmul(qt, op.permute_dims(kt, [0, 1, 3, 2])))
         s = self.builder_.emit(op.multiply(s, relax.const(scale, qty.dtype)))
-        p = self.builder_.emit(op.nn.softmax(s, axis=-1))
+        p = self.builder_.emit(self.softmax(s))
         o = self.builder_.emit(op.matmul(p, vt))
         return op.permute_dims(o, perm)
 
@@ -301,7 +352,26 @@ class _AttentionSplitter(relax.PyExprMutator):  # pylint: disable=abstract-metho
 @tvm.transform.module_pass(opt_level=0, name="SplitAttention")
 def split_attention(mod, _ctx):
     """Module pass wrapping ``_AttentionSplitter`` (Relax functions only)."""
-    m = _AttentionSplitter(mod)
+    return _split(mod, cuda=False)
+
+
+@tvm.transform.module_pass(opt_level=0, name="SplitAttentionCUDA")
+def split_attention_cuda(mod, _ctx):
+    """The split for ``--attention tensorcore`` on CUDA (``gpu_relax_pipeline`` picks it).
+
+    * No permutes: the two matmuls index q, k, v and the output in
+      ``[batch, seq, heads, head_dim]`` (``_scores_te``, ``_context_te``).
+    * The softmax is our warp-per-row kernel (``compiler/softmax.py``):
+      dlight's schedule was 10-12 % of the H100 time (a 256-thread block per
+      row, three passes over global memory, fp16 max and sum); ours reads the
+      row once into registers and reduces in fp32 with warp shuffles.
+    * The matmuls reach tensor cores through ``build._matmul_rule``.
+    """
+    return _split(mod, cuda=True)
+
+
+def _split(mod, cuda: bool):
+    m = _AttentionSplitter(mod, cuda=cuda)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             m.builder_.update_func(gv, m.visit_expr(func))

@@ -6,8 +6,11 @@ Pipeline per target:
   TVM's stock pipeline leaves CPU kernels unscheduled).
 * GPU targets: TVM's default Relax pipeline (legalize, fuse, lower, plan
   memory) with dlight's GPU rules scheduling every TIR function. On CUDA,
-  attention runs as one fused kernel of ours (``compiler/attention.py``). On CUDA with
-  fp16 the big matmuls use tensor cores (WMMA); a matmul that dlight cannot
+  attention is split into matmul / softmax / matmul (default), runs as one
+  fused kernel of ours (``--attention fused``, ``compiler/attention.py``), or
+  as two tensor-core matmuls around our softmax kernel (``--attention
+  tensorcore``; see :func:`gpu_relax_pipeline`). On CUDA with fp16 the big
+  matmuls use tensor cores (WMMA); a matmul that dlight cannot
   tensorize (one without epilogue, such as the patch embedding, raises "is not
   a stage pipeline") is scheduled again with ``dlight.do_not_tensorize``.
 
@@ -54,8 +57,12 @@ def _cpu_pipeline(target):
     return cpu_relax_pipeline(target)
 
 
-def _matmul_rule():
-    """dlight's GPU matmul rule, retried without tensor cores where tensorizing fails."""
+def _matmul_rule(small_tensor_core: bool = False):
+    """dlight's GPU matmul rule, retried without tensor cores where tensorizing fails.
+
+    ``small_tensor_core``: also put fp16 CUDA matmuls with an extent of 32..64
+    (the attention matmuls) on tensor cores; see :func:`_small_fp16_cuda_matmul`.
+    """
     from tvm.s_tir import dlight as dl
 
     class MatmulWithFallback(dl.gpu.Matmul):
@@ -68,6 +75,14 @@ def _matmul_rule():
         """
 
         def apply(self, func, target, tunable):
+            if small_tensor_core and _small_fp16_cuda_matmul(func, target):
+                try:
+                    sch = dl.gpu.matmul.MatmulTensorization().apply(func, target, tunable)
+                except Exception as err:  # pylint: disable=broad-except
+                    logger.debug("tensor-core attention matmul failed (%s)", err)
+                    sch = None
+                if sch is not None:
+                    return sch
             try:
                 return super().apply(func, target, tunable)
             except Exception as err:  # pylint: disable=broad-except
@@ -80,12 +95,53 @@ def _matmul_rule():
     return MatmulWithFallback()
 
 
-def gpu_schedule_pass():
+#: Smallest static extent (rows, columns or reduction) that we still put on tensor cores.
+MIN_TENSOR_CORE_EXTENT = 32
+
+
+def _small_fp16_cuda_matmul(func, target) -> bool:
+    """True for a CUDA fp16 matmul that dlight leaves on CUDA cores only for its size.
+
+    ``gpu.Matmul`` tensorizes only when every static extent of the normalized
+    ``[batch, I, J, K]`` matmul is above 64. The attention matmuls of a ViT
+    have head_dim 64 as K (Q·K^T) or as J (P·V), so with that rule they ran at
+    a tenth of the tensor-core matmuls' speed (18 vs ~180 TFLOP/s on an H100).
+    WMMA tiles are 16 x 16 x 16 and dlight's WMMA schedule pads every extent
+    (128 x 128 output tiles, K in steps of 64), so an extent of 64 wastes at
+    most half a tile: still several times faster than CUDA cores. Below
+    ``MIN_TENSOR_CORE_EXTENT`` we leave dlight's choice alone.
+    """
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import get_root_block
+    from tvm.s_tir.dlight.gpu.matmul import get_in_out_dtypes, get_index_map, get_reduction_blocks
+
+    if target.kind.name != "cuda" or not isinstance(func, tirx.PrimFunc):
+        return False
+    if "dlight.do_not_tensorize" in func.attrs:  # (every CUDA arch we accept is sm_70+)
+        return False
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
+        if not blocks:
+            return False
+        block = sch.get(blocks[0])
+        maps = get_index_map(block)
+        if maps is None or get_in_out_dtypes(block) not in (("float16", "float16"), ("float16", "float32")):
+            return False
+        sch.transform_block_layout(blocks[0], maps[0])  # -> [batch, I, J, K], as gpu.Matmul does
+        normalized = [iv.dom.extent for iv in sch.get(blocks[0]).iter_vars[1:]]
+    except Exception:  # pylint: disable=broad-except
+        return False
+    static = [int(e) for e in normalized if isinstance(e, tirx.IntImm)]
+    return bool(static) and min(static) <= 64 and min(static) >= MIN_TENSOR_CORE_EXTENT
+
+
+def gpu_schedule_pass(small_tensor_core: bool = False):
     """dlight's default GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback)."""
     from tvm.s_tir import dlight as dl
 
     return dl.ApplyDefaultSchedule(
-        _matmul_rule(),
+        _matmul_rule(small_tensor_core),
         dl.gpu.GEMV(),
         dl.gpu.Reduction(),
         dl.gpu.GeneralReduction(),
@@ -96,12 +152,33 @@ def gpu_schedule_pass():
 def gpu_relax_pipeline(target):
     """TVM's default Relax pipeline for ``target`` with our dlight scheduling step.
 
-    On CUDA, a module built with ``attention="fused"`` gets our flash-style
-    kernel (``compiler/attention.py``, head_dim <= 128) in place of
-    ``R.nn.attention``: the scores never reach global memory. Everything else
-    (the default) is split into matmul / softmax / matmul.
+    How ``R.nn.attention`` is lowered depends on the module's attention mode
+    (``module.ATTENTION_ATTR``, ``--attention``):
+
+    * ``split`` (the default): matmul / softmax / matmul with permutes, as on
+      the CPU; dlight leaves the attention matmuls (head_dim 64) on CUDA cores.
+    * ``fused`` (CUDA): our flash-style kernel (``compiler/attention.py``,
+      head_dim <= 128, CUDA cores): the scores never reach global memory.
+    * ``tensorcore`` (CUDA): ``split_attention_cuda``: no permutes, the two
+      matmuls on tensor cores (:func:`_small_fp16_cuda_matmul`), our
+      warp-per-row softmax (``compiler/softmax.py``). Opt-in until timed on a GPU.
+
+    On other GPU targets every mode is the plain split.
     """
     import tvm
+
+    from .module import ATTENTION_ATTR
+
+    @tvm.transform.module_pass(opt_level=0, name="MlcVisionGPUPipeline")
+    def _pipeline(mod, _ctx):
+        mode = str(mod.attrs.get(ATTENTION_ATTR, "split")) if mod.attrs is not None else "split"
+        with target:
+            return tvm.transform.Sequential(_gpu_passes(target, mode))(mod)
+
+    return _pipeline
+
+
+def _gpu_passes(target, attention: str) -> list:
     from tvm import relax
 
     # The per-backend modules, not tvm.relax.pipeline's dispatchers: in 0.27
@@ -114,12 +191,18 @@ def gpu_relax_pipeline(target):
     # R.nn.attention is split into matmul / softmax / matmul first, as on the
     # CPU: TVM 0.27's own legalization of it multiplies fp16 scores by a
     # float32 scale, and the next matmul then fails to type-check.
-    from .attention import fuse_attention, split_attention
+    from .attention import fuse_attention, split_attention, split_attention_cuda
 
-    attention = [fuse_attention] if target.kind.name == "cuda" else []
-    passes = (
-        attention
-        + [split_attention]
+    cuda = target.kind.name == "cuda"
+    tensorcore = cuda and attention == "tensorcore"
+    if tensorcore:
+        lower_attention = [split_attention_cuda]
+    elif cuda:
+        lower_attention = [fuse_attention, split_attention]  # fuse_attention acts only in "fused" mode
+    else:
+        lower_attention = [split_attention]
+    return (
+        lower_attention
         + rp.library_dispatch_passes(target)
         + [
             # nn.Linear is matmul(x, permute_dims(w)): fold the transpose into
@@ -130,18 +213,11 @@ def gpu_relax_pipeline(target):
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
-            gpu_schedule_pass(),
+            gpu_schedule_pass(small_tensor_core=tensorcore),
         ]
         + rp.dataflow_lower_passes(target)
         + rp.finalize_passes(target)
     )
-
-    @tvm.transform.module_pass(opt_level=0, name="MlcVisionGPUPipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline
 
 
 def _preload_tensor_intrinsics() -> None:

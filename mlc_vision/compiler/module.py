@@ -27,9 +27,11 @@ from ..models import projector as projectors
 
 DTYPES = ("float32", "float16", "bfloat16")
 # How the GPU pipeline lowers attention: split into matmul/softmax/matmul
-# (dlight-scheduled, the scores go through global memory), or our fused
-# flash-style CUDA kernel (compiler/attention.py; not yet timed on a GPU).
-ATTENTION = ("split", "fused")
+# (dlight-scheduled, the scores go through global memory), our fused
+# flash-style CUDA kernel (compiler/attention.py), or "tensorcore": the split
+# without permutes, tensor-core attention matmuls and our warp softmax
+# (CUDA; build.gpu_relax_pipeline). The last two are not yet timed on a GPU.
+ATTENTION = ("split", "fused", "tensorcore")
 ATTENTION_ATTR = "mlc_vision.attention"
 BATCH = "batch"
 
