@@ -54,8 +54,9 @@ def default_output(model: str, target: str, suffix: str) -> Path:
     type=click.Choice(["split", "fused", "tensorcore"]),
     default="split",
     show_default=True,
-    help="cuda: 'fused' uses our flash-style kernel (scores never reach GPU memory); 'tensorcore' puts the "
-    "attention matmuls on tensor cores with our softmax kernel. Both not yet timed on a GPU.",
+    help="cuda: 'fused' uses our flash-style kernel (scores never reach GPU memory; correct but slower than "
+    "'split' on an H100); 'tensorcore' puts the attention matmuls on tensor cores with our softmax kernel "
+    "(not yet timed on a GPU).",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Library path (.so / .tar).")
 def compile_cmd(

@@ -241,8 +241,8 @@ def fuse_attention(mod, _ctx):
     """Replace every eligible ``R.nn.attention`` with our fused kernel (others are left as they are).
 
     Only for modules built with ``attention="fused"`` (``--attention fused``):
-    the kernel's numerics are checked on the CPU, but it has not yet run on a
-    GPU, so the dlight-scheduled split path stays the default.
+    on an H100 it matched the split path (cosine 0.9999999) but was 5-50 %
+    slower (CUDA cores only), so the split path stays the default.
     """
     from .module import ATTENTION_ATTR
 

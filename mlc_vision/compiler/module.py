@@ -30,7 +30,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 # (dlight-scheduled, the scores go through global memory), our fused
 # flash-style CUDA kernel (compiler/attention.py), or "tensorcore": the split
 # without permutes, tensor-core attention matmuls and our warp softmax
-# (CUDA; build.gpu_relax_pipeline). The last two are not yet timed on a GPU.
+# (CUDA; build.gpu_relax_pipeline). On an H100 "fused" was correct but slower than
+# "split"; "tensorcore" is not yet timed on a GPU.
 ATTENTION = ("split", "fused", "tensorcore")
 ATTENTION_ATTR = "mlc_vision.attention"
 BATCH = "batch"
