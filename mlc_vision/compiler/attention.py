@@ -184,13 +184,13 @@ def _static_int(expr):
     return int(expr) if isinstance(expr, tvm.tirx.IntImm) else None
 
 
-def _kernel_key(call):
-    """``(seq, heads, head_dim, dtype, scale)`` when ``call`` can use the fused kernel, else None.
+def plain_attention_shape(call):
+    """``(seq, heads, head_dim, dtype, scale)`` of a plain ``R.nn.attention``, else None.
 
-    Requirements: plain bidirectional attention (no bias, no causal mask, no
-    window), q/k/v of one static shape ``[batch, seq, heads, head_dim]`` (batch may be
-    symbolic) and one dtype (fp16 or fp32), and a head_dim whose tiles fit in
-    shared memory (<= 128).
+    Plain: no bias, causal mask or window; q, k, v of one static shape
+    ``[batch, seq, heads, head_dim]`` (batch may be symbolic) and one dtype.
+    The fused kernels (this file's for CUDA, cpu_attention.py's) take exactly
+    these; each adds its own limits in its ``kernel_for``.
     """
     if len(call.args) != 3 or call.attrs.causal_mask is not None:
         return None
@@ -200,40 +200,65 @@ def _kernel_key(call):
     if not all(isinstance(t, relax.TensorType) and t.ndim == 4 and t.shape is not None for t in tys):
         return None
     dtype = tys[0].dtype
-    if dtype not in ("float16", "float32") or any(t.dtype != dtype for t in tys):
+    if any(t.dtype != dtype for t in tys):
         return None
     dims = [[_static_int(x) for x in t.shape.values[1:]] for t in tys]
     if any(dims[i] != dims[0] for i in (1, 2)) or None in dims[0]:
         return None
     seq, heads, head_dim = dims[0]
-    if head_dim > MAX_HEAD_DIM or shared_bytes(head_dim, dtype, block_k(head_dim, dtype)) > SHARED_BYTES:
-        return None
     scale = call.attrs.scale
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    return seq, heads, head_dim, dtype, scale
+    return seq, heads, head_dim, dtype, 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
 @relax.expr_functor.mutator
-class _FusedAttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
-    """``R.nn.attention(q, k, v)`` -> ``call_tir(flash_attention_kernel, [q, k, v])``."""
+class _AttentionKernelRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+    """``R.nn.attention(q, k, v)`` -> ``call_tir(kernel, [q, k, v])`` wherever ``kernel_for`` offers one.
 
-    def __init__(self, mod):
+    ``kernel_for(shape)`` takes ``plain_attention_shape``'s tuple and returns
+    ``(name, make_primfunc)`` or None; one PrimFunc is added per name.
+    """
+
+    def __init__(self, mod, kernel_for):
         super().__init__(mod)
         self.op = tvm.ir.Op.get("relax.nn.attention")
+        self.kernel_for = kernel_for
         self.kernels = {}
 
     def visit_call_(self, call):  # noqa: D102
         call = super().visit_call_(call)
         if not isinstance(call, relax.Call) or not call.op.same_as(self.op):
             return call
-        key = _kernel_key(call)
-        if key is None:
+        shape = plain_attention_shape(call)
+        kernel = self.kernel_for(shape) if shape is not None else None
+        if kernel is None:
             return call
-        if key not in self.kernels:
-            seq, heads, head_dim, dtype, _ = key
-            name = f"fused_attention_s{seq}_h{heads}_d{head_dim}_{dtype}"
-            self.kernels[key] = self.builder_.add_func(flash_attention_kernel(*key), name)
-        return relax.call_tir(self.kernels[key], list(call.args), call.args[0].ty)
+        name, make = kernel
+        if name not in self.kernels:
+            self.kernels[name] = self.builder_.add_func(make(), name)
+        return relax.call_tir(self.kernels[name], list(call.args), call.args[0].ty)
+
+
+def rewrite_relax_functions(mod, mutator):
+    """Run ``mutator`` (a ``relax.PyExprMutator`` built on ``mod``) over every Relax function of ``mod``."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def replace_attention(mod, kernel_for):
+    """Replace every plain ``R.nn.attention`` for which ``kernel_for`` offers a kernel (others stay)."""
+    return rewrite_relax_functions(mod, _AttentionKernelRewriter(mod, kernel_for))
+
+
+def _cuda_kernel_for(shape):
+    """This file's flash kernel: fp16/fp32 and a head_dim whose tiles fit in shared memory (<= 128)."""
+    seq, heads, head_dim, dtype, _ = shape
+    if dtype not in ("float16", "float32") or head_dim > MAX_HEAD_DIM:
+        return None
+    if shared_bytes(head_dim, dtype, block_k(head_dim, dtype)) > SHARED_BYTES:
+        return None
+    return f"fused_attention_s{seq}_h{heads}_d{head_dim}_{dtype}", lambda: flash_attention_kernel(*shape)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseAttentionCUDA")
@@ -248,11 +273,7 @@ def fuse_attention(mod, _ctx):
 
     if mod.attrs is None or str(mod.attrs.get(ATTENTION_ATTR, "split")) != "fused":
         return mod
-    rewriter = _FusedAttentionRewriter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return replace_attention(mod, _cuda_kernel_for)
 
 
 # ---- the portable lowering: split into matmul / softmax / matmul ------------------------------
@@ -371,8 +392,4 @@ def split_attention_cuda(mod, _ctx):
 
 
 def _split(mod, cuda: bool):
-    m = _AttentionSplitter(mod, cuda=cuda)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            m.builder_.update_func(gv, m.visit_expr(func))
-    return m.builder_.get()
+    return rewrite_relax_functions(mod, _AttentionSplitter(mod, cuda=cuda))

@@ -22,13 +22,10 @@ masked/causal attention keep the split lowering.
 
 from __future__ import annotations
 
-import math
-
 import tvm
-from tvm import relax
 from tvm.script import tirx as T
 
-from .attention import _static_int
+from .attention import replace_attention
 
 KEYS = 64  # keys per register tile: 4 x 16 fp32 lanes
 ACCUMULATORS = 24  # vector registers given to one register tile (of 32)
@@ -175,60 +172,15 @@ def cpu_attention_kernel(seq: int, heads: int, head_dim: int, scale: float):
     return kernel
 
 
-def _kernel_key(call):
-    """``(seq, heads, head_dim, scale)`` when ``call`` can use the CPU kernel, else None.
-
-    Plain bidirectional fp32 attention (no bias, mask or window), q/k/v all of
-    one static ``[batch, seq, heads, head_dim]`` shape (batch may be symbolic),
-    head_dim <= 128.
-    """
-    if len(call.args) != 3 or call.attrs.causal_mask is not None:
+def _cpu_kernel_for(shape):
+    """``cpu_attention_kernel`` for fp32 attention with head_dim <= 128 (``replace_attention``'s hook)."""
+    seq, heads, head_dim, dtype, scale = shape
+    if dtype != "float32" or head_dim > 128:
         return None
-    if getattr(call.attrs, "window_size", None) is not None:
-        return None
-    tys = [a.ty for a in call.args]
-    if not all(isinstance(t, relax.TensorType) and t.ndim == 4 and t.shape is not None for t in tys):
-        return None
-    if any(t.dtype != "float32" for t in tys):
-        return None
-    dims = [[_static_int(x) for x in t.shape.values[1:]] for t in tys]
-    if any(dims[i] != dims[0] for i in (1, 2)) or None in dims[0]:
-        return None
-    seq, heads, head_dim = dims[0]
-    if head_dim > 128:
-        return None
-    scale = call.attrs.scale
-    return seq, heads, head_dim, 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-
-
-@relax.expr_functor.mutator
-class _CPUAttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
-    """``R.nn.attention(q, k, v)`` -> ``call_tir(cpu_attention_kernel, [q, k, v])``."""
-
-    def __init__(self, mod):
-        super().__init__(mod)
-        self.op = tvm.ir.Op.get("relax.nn.attention")
-        self.kernels = {}
-
-    def visit_call_(self, call):  # noqa: D102
-        call = super().visit_call_(call)
-        if not isinstance(call, relax.Call) or not call.op.same_as(self.op):
-            return call
-        key = _kernel_key(call)
-        if key is None:
-            return call
-        if key not in self.kernels:
-            seq, heads, head_dim, _ = key
-            name = f"attention_s{seq}_h{heads}_d{head_dim}"
-            self.kernels[key] = self.builder_.add_func(cpu_attention_kernel(*key), name)
-        return relax.call_tir(self.kernels[key], list(call.args), call.args[0].ty)
+    return f"attention_s{seq}_h{heads}_d{head_dim}", lambda: cpu_attention_kernel(seq, heads, head_dim, scale)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseAttentionCPU")
 def fuse_attention_cpu(mod, _ctx):
     """Replace every eligible ``R.nn.attention`` with the fused CPU kernel (others are left as they are)."""
-    rewriter = _CPUAttentionRewriter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return replace_attention(mod, _cpu_kernel_for)
