@@ -180,20 +180,36 @@ def kernel_profile(vm, params, x, dev, top: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
-def torch_timer(config, dtype: str, pixels: np.ndarray):
+def torch_model(config, dtype: str):
+    """The same architecture in transformers (timm for EVA), on the GPU in ``dtype``."""
     import torch
 
     from mlc_vision.bench import TORCH_BUILDERS
 
     torch.manual_seed(0)
-    model = TORCH_BUILDERS[config.family](config).eval().to("cuda", dtype=getattr(torch, dtype))
-    x = torch.from_numpy(pixels).cuda()
+    return TORCH_BUILDERS[config.family](config).eval().to("cuda", dtype=getattr(torch, dtype))
 
-    def call():
-        with torch.inference_mode():
-            model(x)
 
-    return call
+def batch_pixels(config, batch: int, dtype: str) -> np.ndarray:
+    size = config.image_size
+    return np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(dtype)
+
+
+def torch_ms_by_batch(config, dtype: str, batches: list[int], runs: int) -> dict[int, float]:
+    """Median ms of the torch model per batch, timed once for all our attention variants."""
+    import torch
+
+    model = torch_model(config, dtype)
+    times = {}
+    for batch in batches:
+        x = torch.from_numpy(batch_pixels(config, batch, dtype)).cuda()
+
+        def call():
+            with torch.inference_mode():
+                model(x)
+
+        times[batch] = gpu_median_ms(call, torch.cuda.synchronize, runs)
+    return times
 
 
 def run_model(preset: str, dtype: str, root: Path, out: Path, batches: list[int], runs: int) -> list[dict]:
@@ -204,25 +220,26 @@ def run_model(preset: str, dtype: str, root: Path, out: Path, batches: list[int]
     config = full_depth(preset)
     dev = tvm.cuda(0)
     reference = np.load(root / "ref" / f"{preset}.npy")
+    torch_ms = torch_ms_by_batch(config, dtype, batches, runs)
+    torch.cuda.empty_cache()  # the torch model is gone: give its memory back before our libraries run
+    host_params = None  # the same for every attention variant: one model, one params list
     rows = []
     for attention in ATTENTIONS:
         lib = root / "libs" / lib_name(preset, dtype, attention)
         vm = VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
         metadata = json.loads(vm["_metadata"]())
-        params = [tvm.runtime.tensor(a.astype(dtype), dev) for a in seeded_params(metadata)]
+        if host_params is None:
+            host_params = [a.astype(dtype) for a in seeded_params(metadata)]
+        params = [tvm.runtime.tensor(a, dev) for a in host_params]
         ours = vm["encode"](tvm.runtime.tensor(check_pixels(config).astype(dtype), dev), params).numpy()
         row = {"model": preset, "dtype": dtype, "attention": attention, "tokens": metadata["num_tokens"]}
         row.update({f"vs_cpu_fp32_{k}": v for k, v in compare(ours, reference, dtype).items()})
         for batch in batches:
-            pixels = np.random.default_rng(batch).standard_normal((batch, 3, config.image_size, config.image_size))
-            pixels = pixels.astype(dtype)
-            x = tvm.runtime.tensor(pixels, dev)
+            x = tvm.runtime.tensor(batch_pixels(config, batch, dtype), dev)
             ours_ms = gpu_median_ms(lambda: vm["encode"](x, params), dev.sync, runs)
-            torch_ms = gpu_median_ms(torch_timer(config, dtype, pixels), torch.cuda.synchronize, runs)
             row[f"b{batch}_ours_ms"] = round(ours_ms, 3)
-            row[f"b{batch}_torch_ms"] = round(torch_ms, 3)
-            row[f"b{batch}_ratio"] = round(ours_ms / torch_ms, 3)
-            torch.cuda.empty_cache()
+            row[f"b{batch}_torch_ms"] = round(torch_ms[batch], 3)
+            row[f"b{batch}_ratio"] = round(ours_ms / torch_ms[batch], 3)
         try:
             table = kernel_profile(vm, params, x, dev)
             (out / f"profile-{preset}-{dtype}-{attention}-b{batches[-1]}.txt").write_text(table)
@@ -231,7 +248,6 @@ def run_model(preset: str, dtype: str, root: Path, out: Path, batches: list[int]
             print(f"{preset} {attention}: no kernel profile ({type(err).__name__}: {err})", flush=True)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del vm, params
     return rows
 
 
