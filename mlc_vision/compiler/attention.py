@@ -265,20 +265,17 @@ def _cuda_kernel_for(shape):
 def fuse_attention(mod, _ctx):
     """Replace every eligible ``R.nn.attention`` with our fused kernel (others are left as they are).
 
-    Only for modules built with ``attention="fused"`` (``--attention fused``):
-    on an H100 it matched the split path (cosine 0.9999999) but was 5-50 %
-    slower (CUDA cores only), so the split path stays the default.
+    ``gpu_relax_pipeline`` runs it only for modules built with
+    ``attention="fused"`` (``--attention fused``): on an H100 it matched the
+    split path (cosine 0.9999999) but was 5-50 % slower (CUDA cores only), so
+    the split path stays the default.
     """
-    from .module import ATTENTION_ATTR
-
-    if mod.attrs is None or str(mod.attrs.get(ATTENTION_ATTR, "split")) != "fused":
-        return mod
     return replace_attention(mod, _cuda_kernel_for)
 
 
 # ---- the portable lowering: split into matmul / softmax / matmul ------------------------------
 #
-# Every target's pipeline runs this (the GPU one after fuse_attention): TVM
+# Every target's pipeline runs this (after a fused kernel took what it can): TVM
 # 0.27's own legalization of R.nn.attention multiplies fp16 scores by a float32
 # scale and the next matmul fails to type-check, and our CPU GEMM rule
 # schedules the resulting batched matmuls. CUDA's opt-in "tensorcore" mode uses

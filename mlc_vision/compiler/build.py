@@ -197,8 +197,8 @@ def _gpu_passes(target, attention: str) -> list:
     tensorcore = cuda and attention == "tensorcore"
     if tensorcore:
         lower_attention = [split_attention_cuda]
-    elif cuda:
-        lower_attention = [fuse_attention, split_attention]  # fuse_attention acts only in "fused" mode
+    elif cuda and attention == "fused":
+        lower_attention = [fuse_attention, split_attention]  # split: what the fused kernel cannot take
     else:
         lower_attention = [split_attention]
     return (
