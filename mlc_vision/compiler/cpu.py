@@ -492,25 +492,8 @@ def _legalize_exp(bb, call):
                       call.args[0], primfunc_name_hint="exp")
 
 
-def _erf(x):
-    """erf of a te tensor with TVM's polynomial ``fast_erf``, in fp32 (max abs error ~1e-7).
-
-    ``tirx.erf`` becomes one scalar ``erff`` libm call per element; in
-    InternViT's fc1 epilogue that was 30 % of the layer's largest GEMM. Other
-    dtypes (fp16 libraries) go through fp32: LLVM has no fp16 erf."""
-    from tvm import topi
-
-    return _in_fp32(topi.fast_erf, x)
-
-
-def _tanh(x):
-    """tanh of a te tensor with TVM's polynomial ``fast_tanh``, in fp32 (LLVM would scalarize tanh)."""
-    from tvm import topi
-
-    return _in_fp32(topi.fast_tanh, x)
-
-
 def _in_fp32(fn, x):
+    """``fn`` of a te tensor computed in fp32 (LLVM has no fp16 erf/tanh), cast back to x's dtype."""
     from tvm import topi
 
     if x.dtype == "float32":
@@ -518,35 +501,37 @@ def _in_fp32(fn, x):
     return topi.cast(fn(topi.cast(x, "float32")), x.dtype)
 
 
-def _legalize_gelu(bb, call):
-    """0.5 x (1 + erf(x / sqrt 2))."""
-    from tvm import te
+def _gelu_legalizer(name: str, fn_name: str, argument):
+    """Legalize a GELU as ``0.5 x (1 + fn(argument(x)))`` with TVM's polynomial ``topi.<fn_name>``.
+
+    ``tirx.erf`` / ``tirx.tanh`` become one scalar libm call per element; in
+    InternViT's fc1 epilogue that was 30 % of the layer's largest GEMM.
+    ``fast_erf``/``fast_tanh`` vectorize (max abs error ~1e-7).
+    """
+    from tvm import te, topi
 
     def fte(x):
-        c = tirx.const(math.sqrt(0.5), x.dtype)
-        erf = _erf(te.compute(x.shape, lambda *i: x[i] * c, name="T_gelu_scaled"))
+        arg = te.compute(x.shape, lambda *i: argument(x[i]), name=f"T_{name}_arg")
+        y = _in_fp32(getattr(topi, fn_name), arg)
         half, one = tirx.const(0.5, x.dtype), tirx.const(1.0, x.dtype)
-        return te.compute(x.shape, lambda *i: half * x[i] * (one + erf[i]), name="T_gelu")
+        return te.compute(x.shape, lambda *i: half * x[i] * (one + y[i]), name=f"T_{name}")
 
-    return bb.call_te(fte, call.args[0], primfunc_name_hint="gelu")
+    return lambda bb, call: bb.call_te(fte, call.args[0], primfunc_name_hint=name)
 
 
-def _legalize_gelu_tanh(bb, call):
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    from tvm import te
+def _erf_argument(v):
+    """x / sqrt 2: exact GELU is 0.5 x (1 + erf(x / sqrt 2))."""
+    return v * tirx.const(math.sqrt(0.5), v.dtype)
 
-    def fte(x):
-        c, k = tirx.const(math.sqrt(2 / math.pi), x.dtype), tirx.const(0.044715, x.dtype)
-        tanh = _tanh(te.compute(x.shape, lambda *i: c * (x[i] + k * x[i] * x[i] * x[i]), name="T_gelu_inner"))
-        half, one = tirx.const(0.5, x.dtype), tirx.const(1.0, x.dtype)
-        return te.compute(x.shape, lambda *i: half * x[i] * (one + tanh[i]), name="T_gelu_tanh")
 
-    return bb.call_te(fte, call.args[0], primfunc_name_hint="gelu_tanh")
+def _tanh_argument(v):
+    """sqrt(2/pi) (x + 0.044715 x^3): tanh GELU (SigLIP's ``gelu_pytorch_tanh``)."""
+    return tirx.const(math.sqrt(2 / math.pi), v.dtype) * (v + tirx.const(0.044715, v.dtype) * v * v * v)
 
 
 LEGALIZE_OVERRIDES = {
-    "relax.nn.gelu": _legalize_gelu,
-    "relax.nn.gelu_tanh": _legalize_gelu_tanh,
+    "relax.nn.gelu": _gelu_legalizer("gelu", "fast_erf", _erf_argument),
+    "relax.nn.gelu_tanh": _gelu_legalizer("gelu_tanh", "fast_tanh", _tanh_argument),
     "relax.nn.softmax": _legalize_softmax,
     "relax.sigmoid": _legalize_sigmoid,
     "relax.exp": _legalize_exp,
