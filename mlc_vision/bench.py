@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .compiler.targets import ATTENTION_BY_TARGET
 from .config import VisionConfig, list_presets, load_preset
 
 DEFAULT_MODELS = (
@@ -170,7 +171,7 @@ class OurLibrary:
         import tvm
         from tvm import relax
 
-        from .compiler.build import build_library
+        from .compiler.export import build_library
         from .compiler.module import build_module
 
         start = time.perf_counter()
@@ -289,13 +290,13 @@ GPU_TIMING_NOTE = (
 
 def _lowered_gpu_module(config: VisionConfig, target_name: str, dtype: str, attention: str):
     """The IRModule after our GPU Relax pipeline (what the VM runs; no device codegen)."""
-    from .compiler.build import gpu_relax_pipeline
     from .compiler.module import build_module
+    from .compiler.pipeline import relax_pipeline
     from .compiler.targets import make_target
 
     target = make_target(target_name)
     mod = build_module(config, dtype, target_name, attention=attention).mod
-    return gpu_relax_pipeline(target)(mod)
+    return relax_pipeline(target_name, target, attention)(mod)
 
 
 def kernel_calls(mod, entry: str = "encode") -> list[str]:
@@ -355,7 +356,7 @@ def gpu_kernel_report(
     costs in launches (every layer is the same), the rest is the embedding and
     the head. Tensor-core use comes from the generated CUDA of the 1-layer build.
     """
-    from .compiler.build import compile_module, generated_source
+    from .compiler.export import compile_module, generated_source
     from .compiler.module import build_module
 
     config = load_preset(preset) if isinstance(preset, str) else preset
@@ -378,7 +379,7 @@ def gpu_kernel_report(
     }  # fmt: skip
     if target == "cuda":
         one = replace(base, num_hidden_layers=1)
-        source = generated_source(compile_module(build_module(one, dtype, target, attention=attention).mod, target))
+        source = generated_source(compile_module(build_module(one, dtype, target, attention=attention).mod, target, attention=attention))
         names, tensorized = _tensorized_kernels(source)
         matmuls = [n for n in names if "matmul" in n]
         report.update(
@@ -411,7 +412,7 @@ def run_gpu_report(models, target: str, output: Path, dtype: str = "float16") ->
     output.mkdir(parents=True, exist_ok=True)
     reports = []
     for preset in models:
-        for attention in ("split", "fused", "tensorcore"):  # the default, and the opt-in --attention modes
+        for attention in ATTENTION_BY_TARGET[target]:  # the default, and the opt-in --attention modes
             r = gpu_kernel_report(preset, target, dtype, attention)
             reports.append(r)
             print(f"{preset:<28} {target} {dtype} attention={attention}: {r['launches_per_layer']} launches/layer, "

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import click
 
+from .compiler.targets import ATTENTION
+from .config import DTYPES, FEATURES, PROJECTORS
 from .errors import MlcVisionError
 
-DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
-FEATURE_CHOICE = click.Choice(["patch", "cls_patch", "pooled"])
-PROJECTOR_CHOICE = click.Choice(["none", "linear", "mlp2x_gelu", "mlp1"])
+DTYPE_CHOICE = click.Choice(DTYPES)
+FEATURE_CHOICE = click.Choice(FEATURES)
+PROJECTOR_CHOICE = click.Choice(("none", *PROJECTORS))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,19 +53,19 @@ def default_output(model: str, target: str, suffix: str) -> Path:
 @click.option("--projector-hidden-size", type=int, default=None, help="Projector output width (LLM width).")
 @click.option(
     "--attention",
-    type=click.Choice(["split", "fused", "tensorcore"]),
-    default="split",
-    show_default=True,
-    help="cuda: 'fused' uses our flash-style kernel (scores never reach GPU memory; correct but slower than "
-    "'split' on an H100); 'tensorcore' puts the attention matmuls on tensor cores with our softmax kernel "
-    "(not yet timed on a GPU).",
+    type=click.Choice(ATTENTION),
+    default=None,
+    help="Attention lowering. cpu: 'fused' (default in float32; our kernel, scores stay in cache) or 'split'. "
+    "cuda: 'split' (default), 'fused' (our flash-style kernel on CUDA cores; slower than 'split' on an H100) "
+    "or 'tensorcore' (attention matmuls on tensor cores, our softmax kernel; not yet timed on a GPU). "
+    "Other targets: 'split'.",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Library path (.so / .tar).")
 def compile_cmd(
     model, target, arch, host, dtype, select_layer, feature, image_size, projector, projector_hidden_size, attention, output
 ):
     """Build a library from a preset or a checkpoint's config (no weights needed)."""
-    from .compiler.build import build_library
+    from .compiler.export import build_library
     from .compiler.module import build_module
     from .compiler.targets import check_buildable, output_suffixes
     from .resolve import resolve_config

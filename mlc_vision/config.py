@@ -23,7 +23,10 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 if not PRESET_DIR.is_dir():  # installed as a wheel: presets ship inside the package
     PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
+# The canonical option values (the CLI's choices are built from these).
+DTYPES = ("float32", "float16", "bfloat16")
 FEATURES = ("patch", "cls_patch", "pooled")  # pooled: the [b, 1, width] pooled/projected embedding
+PROJECTORS = ("linear", "mlp2x_gelu", "mlp1")  # see models/projector.py
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -1,4 +1,4 @@
-"""Private dev benchmark for mlc_vision/compiler/cpu.py (not the product bench).
+"""Private dev benchmark for mlc_vision/compiler/schedules/cpu.py (not the product bench).
 
 Compiles the product's CLIP module for a preset with the CPU pipeline and times
 it against transformers' CLIPVisionModel (eager and sdpa); `--cpu-time` runs
@@ -49,12 +49,12 @@ def random_params(params, seed=0):
 
 
 def compile_mod(mod, scheduled=True):
-    from mlc_vision.compiler.cpu import cpu_relax_pipeline
+    from mlc_vision.compiler.pipeline import relax_pipeline
 
     target = tvm.target.Target.from_device("cpu")
     t = time.time()
     if scheduled:
-        ex = tvm.compile(mod, target, relax_pipeline=cpu_relax_pipeline(target))
+        ex = tvm.compile(mod, target, relax_pipeline=relax_pipeline("cpu", target, "fused"))
     else:
         ex = tvm.compile(mod, target)
     return ex, time.time() - t

@@ -1,7 +1,7 @@
 """Dev benchmark: the CPU GEMM rule's register tile (MR x NR) on the ViT linear-layer shapes.
 
 Times ``out[b, m, n] = A[b, m, :] . W[n, :] + bias[n]`` scheduled by
-``mlc_vision.compiler.cpu.GEMM(mr, nr)`` with both threads, for each tile in
+``mlc_vision.compiler.schedules.cpu.GEMM(mr, nr)`` with both threads, for each tile in
 TILES and each (K, N) of a ViT-L layer (qkv/out-proj, fc1, fc2):
 
     python scripts/dev_gemm_tiles.py 8 577     # batch 8 of 577 tokens
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import tvm
 from tvm import te
-import mlc_vision.compiler.cpu as cpu
+import mlc_vision.compiler.schedules.cpu as cpu
 target = tvm.target.Target.from_device("cpu")
 BATCH, M = int(sys.argv[1]), int(sys.argv[2])
 TILES = [(12, 32), (6, 64), (4, 64), (5, 64), (3, 128)]

@@ -41,6 +41,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from mlc_vision.compiler.targets import ATTENTION_BY_TARGET  # noqa: E402  (no TVM import)
+
 # (preset, dtype): the deployment shapes in fp16, and one fp32 model to check exactness.
 MODELS = [
     ("clip-vit-large-patch14-336", "float16"),
@@ -48,7 +50,7 @@ MODELS = [
     ("internvit-300m-448px", "float16"),
     ("clip-vit-base-patch16", "float32"),
 ]
-ATTENTIONS = ("split", "fused", "tensorcore")
+ATTENTIONS = ATTENTION_BY_TARGET["cuda"]
 PARAM_SEED = 0
 
 
@@ -90,7 +92,7 @@ def build(out: Path) -> None:
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from mlc_vision.compiler.build import build_library
+    from mlc_vision.compiler.export import build_library
     from mlc_vision.compiler.module import build_module
 
     (out / "libs").mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ class CompiledCPU:
         # TVM (scripts/gpu_check.py uses the helpers on a machine with no TVM compiler).
         from tvm.runtime.vm import VirtualMachine
 
-        from mlc_vision.compiler.build import build_library
+        from mlc_vision.compiler.export import build_library
         from mlc_vision.compiler.module import build_module
 
         built = build_module(config, dtype, "cpu", expose_hidden_states=hidden_states)

@@ -1,4 +1,4 @@
-"""The fused CPU attention kernel (compiler/cpu_attention.py): numerics against numpy on shapes
+"""The fused CPU attention kernel (compiler/kernels/cpu_attention.py): numerics against numpy on shapes
 that hit every tail (tokens not a multiple of the query or key tiles, head_dim not a multiple
 of 16), and that the CPU pipeline uses it only where it applies."""
 
@@ -9,8 +9,8 @@ import pytest
 import tvm
 from tvm import relax
 
-from mlc_vision.compiler.cpu import cpu_relax_pipeline
-from mlc_vision.compiler.cpu_attention import TILE_Q, _half_tile_rows, cpu_attention_kernel
+from mlc_vision.compiler.pipeline import relax_pipeline
+from mlc_vision.compiler.kernels.cpu_attention import TILE_Q, _half_tile_rows, cpu_attention_kernel
 from test_fused_attention import reference
 
 
@@ -71,7 +71,7 @@ def attention_module(dtype: str, causal: bool = False) -> tvm.IRModule:
 @pytest.mark.parametrize("dtype,causal,fused", [("float32", False, True), ("float16", False, False), ("float32", True, False)])
 def test_pipeline_fuses_plain_fp32_attention_only(dtype, causal, fused):
     target = tvm.target.Target.from_device("cpu")
-    mod = cpu_relax_pipeline(target)(attention_module(dtype, causal))
+    mod = relax_pipeline("cpu", target, "fused")(attention_module(dtype, causal))
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert any(n.startswith("attention_s20_h2_d16") for n in names) == fused, names
     if dtype == "float16":  # still split into matmul -> softmax -> matmul

@@ -1,4 +1,4 @@
-"""CPU schedule rules (mlc_vision/compiler/cpu.py): scheduled == unscheduled numerics.
+"""CPU schedule rules (mlc_vision/compiler/schedules/cpu.py): scheduled == unscheduled numerics.
 
 Small shapes only (no timing): ragged token counts (5, 197), batch 1 and 3,
 both attention spellings (sdpa and matmul+softmax), float16 (must not crash),
@@ -14,7 +14,9 @@ from tvm import relax, te, tirx  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import op  # noqa: E402
 
-from mlc_vision.compiler.cpu import GEMM, _exp_f32, cpu_relax_pipeline  # noqa: E402
+from mlc_vision.compiler.kernels.fast_exp import exp_f32  # noqa: E402
+from mlc_vision.compiler.pipeline import relax_pipeline  # noqa: E402
+from mlc_vision.compiler.schedules.cpu import GEMM  # noqa: E402
 
 TARGET = tvm.target.Target.from_device("cpu")
 
@@ -128,7 +130,7 @@ def _close(a, b):
 )
 def test_scheduled_matches_unscheduled(img, p, sdpa):
     mod, pnp = _module(img, p, sdpa=sdpa)
-    ex = tvm.compile(mod, TARGET, relax_pipeline=cpu_relax_pipeline(TARGET))
+    ex = tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline("cpu", TARGET, "fused"))
     ref = tvm.compile(mod, TARGET)
     rng = np.random.default_rng(1)
     for batch in (1, 3):
@@ -138,7 +140,7 @@ def test_scheduled_matches_unscheduled(img, p, sdpa):
 
 def test_signatures_survive():
     mod, pnp = _module(16, 8)
-    ex = tvm.compile(mod, TARGET, relax_pipeline=cpu_relax_pipeline(TARGET))
+    ex = tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline("cpu", TARGET, "fused"))
     ref = tvm.compile(mod, TARGET)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     assert str(vm["_metadata"]()) == '{"test": 1}'
@@ -152,7 +154,7 @@ def test_signatures_survive():
 
 def test_float16_compiles_and_runs():
     mod, pnp = _module(16, 8, dtype="float16")
-    ex = tvm.compile(mod, TARGET, relax_pipeline=cpu_relax_pipeline(TARGET))
+    ex = tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline("cpu", TARGET, "fused"))
     ref = tvm.compile(mod, TARGET)
     x = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype("float16")
     a, b = _run(ex, pnp, x).astype("float32"), _run(ref, pnp, x).astype("float32")
@@ -197,7 +199,7 @@ def test_gemm_rule_ragged(m, n, k, batched):
 def test_exp_polynomial_accuracy():
     """The vectorizable exp used by softmax / sigmoid: <= 4 ulp-ish relative error."""
     x = te.placeholder((4096,), name="x")
-    y = te.compute(x.shape, lambda i: _exp_f32(x[i]), name="y")
+    y = te.compute(x.shape, lambda i: exp_f32(x[i]), name="y")
     lib = tvm.compile(te.create_prim_func([x, y]), TARGET)
     xs = np.concatenate([np.linspace(-87, 88, 4000), [0, -1e-8, 1e-8, -30, 30, -0.5, 0.5]])
     xs = np.pad(xs, (0, 4096 - xs.size)).astype("float32")

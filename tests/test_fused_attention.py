@@ -1,4 +1,4 @@
-"""Our fused attention kernel (compiler/attention.py): numerics on the CPU build of the same
+"""Our fused attention kernel (compiler/kernels/cuda_flash_attention.py): numerics on the CPU build of the same
 algorithm against numpy, and that the CUDA pipeline uses it instead of a seq x seq score matrix."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tvm
 
-from mlc_vision.compiler.attention import block_k, flash_attention_kernel
+from mlc_vision.compiler.kernels.cuda_flash_attention import block_k, flash_attention_kernel
 
 
 def reference(q, k, v, scale):
@@ -48,7 +48,7 @@ def test_cuda_split_matmuls_match_numpy():
     """The CUDA split's transpose-free matmuls (q, k, v, out in [batch, seq, heads, head_dim]) on the CPU."""
     from tvm import te
 
-    from mlc_vision.compiler.attention import _context_te, _scores_te
+    from mlc_vision.compiler.passes.split_attention import _context_te, _scores_te
 
     b, seq, heads, d = 2, 13, 3, 8
     q, k, v = (te.placeholder((b, seq, heads, d), "float32", name=n) for n in "qkv")

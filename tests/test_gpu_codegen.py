@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from mlc_vision.compiler.build import compile_module, generated_source
+from mlc_vision.compiler.export import compile_module, generated_source
 from mlc_vision.compiler.module import build_module
 from mlc_vision.config import load_preset
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is no
 def cuda_source(preset: str, layers: int, dtype: str = "float16", attention: str = "split") -> str:
     config = dataclasses.replace(load_preset(preset), num_hidden_layers=layers, select_layer=-1)
     built = build_module(config, dtype, "cuda", attention=attention)
-    return generated_source(compile_module(built.mod, "cuda", arch="sm_80"))
+    return generated_source(compile_module(built.mod, "cuda", attention=attention, arch="sm_80"))
 
 
 def kernel_names(source: str) -> list[str]:
@@ -50,7 +50,7 @@ def test_attention_matmuls_use_tensor_cores(clip_b16_tensorcore):
 
     dlight's own rule skips any matmul with a static extent <= 64; on an H100
     these two then ran at a tenth of the GEMMs' speed. Only the patch embedding
-    (a matmul without epilogue, see build._matmul_rule) may stay off.
+    (a matmul without epilogue, see schedules/gpu.py) may stay off.
     """
     from mlc_vision.bench import _tensorized_kernels
 
@@ -62,7 +62,7 @@ def test_attention_matmuls_use_tensor_cores(clip_b16_tensorcore):
 
 
 def test_attention_softmax_is_one_warp_per_row(clip_b16_tensorcore):
-    """tensorcore: the softmax is ours (compiler/softmax.py), not dlight's 3-pass block reduction."""
+    """tensorcore: the softmax is ours (compiler/kernels/warp_softmax.py), not dlight's 3-pass block reduction."""
     from mlc_vision.bench import _tensorized_kernels
 
     source = clip_b16_tensorcore

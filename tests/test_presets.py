@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from mlc_vision.compiler.build import build_library
+from mlc_vision.compiler.export import build_library
 from mlc_vision.compiler.module import build_module
 from mlc_vision.config import list_presets, load_preset
 

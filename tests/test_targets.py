@@ -20,7 +20,8 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 
-from mlc_vision.compiler import build as B  # noqa: E402
+from mlc_vision.compiler import export as B  # noqa: E402
+from mlc_vision.compiler.cuda_fatbin import fatbin_entries  # noqa: E402
 from mlc_vision.compiler import targets as T  # noqa: E402
 from mlc_vision.errors import MlcVisionError  # noqa: E402
 
@@ -189,7 +190,7 @@ def cuda_executable():
     if not T._probe("cuda")[0]:
         pytest.skip(T._probe("cuda")[1])
     mod, _ = tiny_module("float16")
-    return B.compile_module(mod, "cuda", arch="sm_80,sm_90")
+    return B.compile_module(mod, "cuda", attention="split", arch="sm_80,sm_90")
 
 
 def test_cuda_fp16_matmuls_use_tensor_cores(cuda_executable):
@@ -201,7 +202,7 @@ def test_cuda_fp16_matmuls_use_tensor_cores(cuda_executable):
 def test_cuda_library_embeds_a_fatbin_not_source(cuda_executable, tmp_path):
     out = B.export_executable(cuda_executable, "cuda", tmp_path / "tiny.so", arch="sm_80,sm_90", metadata=METADATA)
     data = out.read_bytes()
-    entries = B.fatbin_entries(data)
+    entries = fatbin_entries(data)
     assert ("sass", "sm_80") in entries and ("sass", "sm_90") in entries
     assert ("ptx", "sm_90") in entries  # forward compatibility with newer GPUs
     # No CUDA C left for the runtime to compile (that would need NVRTC/nvcc + Python).

@@ -54,7 +54,7 @@ import dataclasses, json, sys
 from pathlib import Path
 import numpy as np, tvm
 from tvm import relax
-from mlc_vision.compiler.build import build_library
+from mlc_vision.compiler.export import build_library
 from mlc_vision.compiler.module import build_module
 from mlc_vision.config import load_preset
 

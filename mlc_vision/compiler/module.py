@@ -20,20 +20,12 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from .. import __version__
-from ..config import VisionConfig
+from ..config import DTYPES, VisionConfig
 from ..errors import MlcVisionError
 from ..models import get_family
 from ..models import projector as projectors
+from .targets import resolve_attention
 
-DTYPES = ("float32", "float16", "bfloat16")
-# How the GPU pipeline lowers attention: split into matmul/softmax/matmul
-# (dlight-scheduled, the scores go through global memory), our fused
-# flash-style CUDA kernel (compiler/attention.py), or "tensorcore": the split
-# without permutes, tensor-core attention matmuls and our warp softmax
-# (CUDA; build.gpu_relax_pipeline). On an H100 "fused" was correct but slower than
-# "split"; "tensorcore" is not yet timed on a GPU.
-ATTENTION = ("split", "fused", "tensorcore")
-ATTENTION_ATTR = "mlc_vision.attention"
 BATCH = "batch"
 
 
@@ -124,11 +116,16 @@ def build_module(
     dtype: str,
     target: str,
     expose_hidden_states: bool = False,
-    attention: str = "split",
+    attention: str | None = None,
 ) -> BuiltModule:
-    """Export the encoder as an IRModule and describe it in the metadata."""
-    if attention not in ATTENTION:
-        raise MlcVisionError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    """Export the encoder as an IRModule and describe it in the metadata.
+
+    ``attention`` (``None``: the target's default for ``dtype``) is checked
+    against the target here, so a combination it cannot build fails before
+    any work; the metadata records it and ``export.build_library`` compiles
+    with it.
+    """
+    attention = resolve_attention(target, dtype, attention)
     model = build_vision_model(config, dtype)
     projector = build_projector(config, dtype)
     size = config.image_size
@@ -147,7 +144,7 @@ def build_module(
     ]
     metadata = make_metadata(config, dtype, target, params, expose_hidden_states)
     metadata["attention"] = attention
-    mod = add_metadata_function(mod, metadata).with_attr(ATTENTION_ATTR, attention)
+    mod = add_metadata_function(mod, metadata)
     return BuiltModule(mod=mod, metadata=metadata)
 
 

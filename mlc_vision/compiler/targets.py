@@ -42,6 +42,17 @@ METAL_HOSTS = {"macos": "arm64-apple-macos", "ios": "arm64-apple-ios"}
 WASM_TRIPLE = "wasm32-unknown-unknown-wasm"
 
 
+#: Every attention lowering a library can be built with (``--attention``).
+ATTENTION = ("split", "fused", "tensorcore")
+#: The lowerings each target builds, its default first (targets not listed: ``split`` only).
+#: ``fused`` is a kernel of ours (CPU: fp32 only); ``tensorcore`` is CUDA's split
+#: with both attention matmuls on tensor cores (see compiler/pipeline.py).
+ATTENTION_BY_TARGET = {
+    "cpu": ("fused", "split"),
+    "cuda": ("split", "fused", "tensorcore"),
+}
+
+
 @dataclass(frozen=True)
 class TargetInfo:
     """What building one target gives on this installation."""
@@ -222,3 +233,23 @@ def make_target(name: str, arch=None, host: str | None = None):
         return tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": WASM_TRIPLE})
     # vulkan, opencl
     return tvm.target.Target({"kind": name}, host=generic_host)
+
+
+def resolve_attention(name: str, dtype: str, attention: str | None) -> str:
+    """The attention lowering a library for target ``name`` in ``dtype`` gets (``None``: the default).
+
+    An unknown mode, or one this target (or dtype) cannot build, is a one-line error.
+    """
+    modes = ATTENTION_BY_TARGET.get(name, ("split",))
+    if name == "cpu" and dtype != "float32":
+        modes = ("split",)  # the fused CPU kernel is fp32 only
+    if attention is None:
+        return modes[0]
+    if attention not in ATTENTION:
+        raise MlcVisionError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION)}")
+    if attention not in modes:
+        raise MlcVisionError(
+            f"attention {attention!r} is not available for target {name!r} in {dtype}; "
+            f"choose {' or '.join(modes)}"
+        )
+    return attention

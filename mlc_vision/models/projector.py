@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from ..config import VisionConfig
+from ..config import PROJECTORS, VisionConfig
 from ..errors import MlcVisionError
 from ..weights.mapping import WeightMap
 from . import layers
 
-KINDS = ("linear", "mlp2x_gelu", "mlp1")
+KINDS = PROJECTORS
 PREFIX = "projector"  # parameter names: projector.linear_1.weight, ...
 LAYER_NORM_EPS = 1e-5  # InternVL's mlp1 uses torch's nn.LayerNorm default
 

@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 
 from .. import __version__
-from ..config import VisionConfig, list_presets, load_preset, preset_info, with_options
+from ..config import DTYPES, VisionConfig, list_presets, load_preset, preset_info, with_options
 from ..errors import MlcVisionError
 from ..models import get_family, route
 from .mapping import WeightMap
@@ -40,7 +40,7 @@ from .params import NUMPY_DTYPES, ParamsWriter
 from .reader import TensorEntry, iter_tensors
 from .source import Source, language_model_keys, load_hf_config, outer_options, resolve_source
 
-PARAM_DTYPES = ("float32", "float16", "bfloat16")
+PARAM_DTYPES = DTYPES
 
 # Casts that lose nothing, allowed without being asked (a module may keep some params wider).
 LOSSLESS = {("float16", "float32"), ("bfloat16", "float32")}

@@ -8,7 +8,7 @@ time, moving bytes. Here one task is (image, head, tile of ``TILE_Q`` queries):
 * ``scores[TILE_Q, seq]`` = q_tile . k^T, in register tiles of ``rows x 64``
   keys (k is first transposed to ``[batch, heads, head_dim, seq]`` and scaled,
   so 64 consecutive keys are 4 AVX-512 vectors);
-* a row softmax in place (max, exp, sum; vectorized exp from cpu.py), the
+* a row softmax in place (max, exp, sum; vectorized exp from fast_exp.py), the
   normalization deferred to the output;
 * out[rows, head_dim] = p . v / sum, again a register tile (v rows are
   contiguous ``head_dim`` floats in the ``[batch, seq, heads, head_dim]`` layout).
@@ -22,15 +22,15 @@ masked/causal attention keep the split lowering.
 
 from __future__ import annotations
 
-import tvm
 from tvm.script import tirx as T
 
-from .attention import replace_attention
+from .fast_exp import exp_f32
 
 KEYS = 64  # keys per register tile: 4 x 16 fp32 lanes
 ACCUMULATORS = 24  # vector registers given to one register tile (of 32)
 TILE_Q = 48  # queries per task: a multiple of every register tile's rows (6, 4, 2)
 NEG = -1.0e30  # score of a padding key; exp() makes it 0
+MAX_HEAD_DIM = 128  # larger head dims keep the split lowering (a v row would exceed 8 vectors)
 STACK_BYTES = 1024  # TVM puts a CPU buffer on the stack (registers, after LLVM) only below this size
 
 
@@ -49,8 +49,6 @@ def _half_tile_rows(row_floats: int) -> int:
 
 def cpu_attention_kernel(seq: int, heads: int, head_dim: int, scale: float):
     """A scheduled PrimFunc ``(q, k, v, out)``, all fp32 ``[batch, seq, heads, head_dim]``, batch symbolic."""
-    from .cpu import _exp_f32
-
     S, H, D = seq, heads, head_dim
     SP = (S + KEYS - 1) // KEYS * KEYS  # keys padded to whole register tiles
     QR = _half_tile_rows(KEYS)  # 3: q . k^T tiles are 2 x 3 rows x 64 keys
@@ -128,7 +126,7 @@ def cpu_attention_kernel(seq: int, heads: int, head_dim: int, scale: float):
                     lanes[l] = T.float32(0)
                 for j0 in range(SP // 16):
                     for l in T.vectorized(16):
-                        scores[r, j0 * 16 + l] = _exp_f32(scores[r, j0 * 16 + l] - top[0])
+                        scores[r, j0 * 16 + l] = exp_f32(scores[r, j0 * 16 + l] - top[0])
                         lanes[l] = lanes[l] + scores[r, j0 * 16 + l]
                 top[1] = T.float32(0)
                 for l in range(16):
@@ -170,17 +168,3 @@ def cpu_attention_kernel(seq: int, heads: int, head_dim: int, scale: float):
                             ] = hi[i, c] / row_sum[r0 * 2 * VR + VR + i]
 
     return kernel
-
-
-def _cpu_kernel_for(shape):
-    """``cpu_attention_kernel`` for fp32 attention with head_dim <= 128 (``replace_attention``'s hook)."""
-    seq, heads, head_dim, dtype, scale = shape
-    if dtype != "float32" or head_dim > 128:
-        return None
-    return f"attention_s{seq}_h{heads}_d{head_dim}", lambda: cpu_attention_kernel(seq, heads, head_dim, scale)
-
-
-@tvm.transform.module_pass(opt_level=0, name="FuseAttentionCPU")
-def fuse_attention_cpu(mod, _ctx):
-    """Replace every eligible ``R.nn.attention`` with the fused CPU kernel (others are left as they are)."""
-    return replace_attention(mod, _cpu_kernel_for)

@@ -1,38 +1,21 @@
-"""CPU (llvm, x86-64 AVX-512 / AVX2) Relax pipeline with hand-written schedule rules.
+"""Our schedule rules for CPU PrimFuncs (llvm, x86-64 AVX-512 / AVX2).
 
-TVM's stock llvm pipeline only legalizes: no fusion, no scheduling, one thread.
-``cpu_relax_pipeline(target)`` returns a pass that
+TVM's stock llvm pipeline leaves every kernel unscheduled (one thread, no
+tiling). ``cpu_schedule_rules()`` are applied by ``compiler/pipeline.py``
+after fusion, first match wins:
 
-1. replaces fp32 ``R.nn.attention`` (from ``op.scaled_dot_product_attention``)
-   with our fused kernel (``cpu_attention.py``: the scores of a tile of queries
-   stay in cache); any other attention becomes ``permute -> NT batched matmul
-   (scale fused) -> softmax -> batched matmul``, each piece hitting a rule below;
-2. fuses ``matmul(x, permute_dims(w))`` into one ``NT_matmul`` (weights are read
-   in their checkpoint ``[out, in]`` layout: no lifted weight transform, no
-   ``transform_params``, the library takes the params exactly as stored);
-3. legalizes, fuses (bias / quick-GELU / residual become GEMM epilogues,
-   LayerNorm and softmax become single kernels);
-4. schedules every PrimFunc with the rules of this module
-   (``tvm.s_tir.dlight.ApplyDefaultSchedule``), first match wins:
-   ``GEMM`` -> ``RowReduction`` (LayerNorm, softmax) -> ``Fallback``;
-5. runs the usual VM lowering passes (same as ``default_build_pipeline``).
+* ``GEMM``: dense and batched matmuls with their fused epilogue (bias,
+  quick-GELU, residual, scale) in register tiles, B packed per panel;
+* ``RowReduction``: LayerNorm, RMSNorm, softmax: one parallel loop over rows,
+  each row reduced and normalized while it is in L1;
+* ``Fallback``: everything else (reshapes, transposes, adds; fp16/bf16
+  GEMMs): parallel outer loops, vectorized inner loop.
 
-Functions and signatures (``encode``, ``_metadata``, ``hidden_states``) are
-unchanged; the batch dim may be symbolic; token counts need not be multiples
-of any tile (GEMM rows are padded inside the kernel with ``pad_einsum``).
-
-Numerics: ``exp`` (softmax, sigmoid) is replaced by a vectorizable
-range-reduced polynomial (see ``_exp_f32``), max relative error < 5e-7 in fp32:
-LLVM would otherwise call scalar ``expf`` per element. ``erf``/``tanh`` (exact
-GELU, SigLIP's tanh GELU) use TVM's polynomial ``fast_erf``/``fast_tanh`` in
-fp32 (max abs error ~1e-7; libm's would be scalar calls). Everything else
-is IEEE fp32 (FMA contraction aside). Non-fp32 PrimFuncs (e.g. fp16 models)
-only get the ``Fallback`` rule (parallel + vectorize), correct but not fast.
-
-Runtime contract: none beyond the usual one. Weights are NOT lifted: there is
-no ``transform_params`` function and no ``param_transform`` metadata key; the
-GEMM kernels read ``[out, in]`` weights directly and pack a 64-column panel
-per parallel task (cost: one read of each weight per call, ~1/M of the FLOPs).
+Weights are NOT lifted: the GEMM kernels read ``[out, in]`` weights directly
+and pack a 64-column panel per parallel task (one read of each weight per
+call, ~1/M of the FLOPs), so the library takes the params exactly as stored.
+Token counts need not be multiples of any tile (rows are padded inside the
+kernel with ``pad_einsum``); the batch may be symbolic.
 
 Debug: ``MLC_VISION_CPU_TRACE=1`` prints which rule scheduled which PrimFunc
 (by block names). ``GEMM().strict = True`` makes the GEMM rule raise instead
@@ -41,15 +24,10 @@ of falling through to the next rule (tests use it).
 
 from __future__ import annotations
 
-import math
 import os
 
-import tvm
-from tvm import relax, s_tir, tirx
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight
-
-from .attention import split_attention
-from .cpu_attention import fuse_attention_cpu
 
 # Register tile of the GEMM micro-kernel, fp32 AVX-512:
 # MR rows x NR columns = MR * NR / 16 zmm accumulators. 6 x 64 -> 24 zmm
@@ -100,15 +78,6 @@ def _vectorize_inner(sch, loop, max_lanes=VEC):
     _, inner = sch.split(loop, [None, lanes])
     sch.vectorize(inner)
     return inner
-
-
-def _parallel_outer(sch, loops, min_extent=2):
-    """Fuse leading spatial loops and mark them parallel (both cores busy)."""
-    if not loops:
-        return None
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    sch.parallel(fused)
-    return fused
 
 
 # --------------------------------------------------------------------------- GEMM
@@ -379,7 +348,7 @@ class RowReduction(dlight.ScheduleRule):
             sch.parallel(row)
             for b in reversed(blocks[:-1]):
                 sch.compute_at(b, row, preserve_unit_loops=True)
-            for b in sch.get_child_blocks(sch.get_sblock("root")) if False else blocks:
+            for b in blocks:
                 if not _is_reduction(sch, b):
                     _vectorize_inner(sch, _loops(sch, b)[-1])
             return sch
@@ -424,125 +393,6 @@ class Fallback(dlight.ScheduleRule):
         return sch
 
 
-# ---------------------------------------------------- Relax-level rewrites
-
-
-def _exp_f32(x):
-    """exp(x) for fp32 as a vectorizable expression (Cephes expf).
-
-    exp(x) = 2^n * p(r), n = round(x / ln2), r = x - n ln2 (ln2 split in two
-    constants for exactness), p the Cephes degree-7 polynomial (1 + r + r^2 *
-    degree-5). Max relative error < 5e-7 on [-87, 88] (tested); below ~-87.3
-    it flushes to 0 (expf underflows there too).
-    LLVM would otherwise scalarize ``llvm.exp`` into one ``expf`` call per
-    element (softmax of L/14-336 needs 128 M of them)."""
-    f32 = "float32"
-    x = tirx.max(tirx.min(x, tirx.const(88.3762626647949, f32)), tirx.const(-88.3762626647949, f32))
-    n = tirx.floor(x * tirx.const(1.44269504088896341, f32) + tirx.const(0.5, f32))
-    r = x - n * tirx.const(0.693359375, f32)
-    r = r - n * tirx.const(-2.12194440e-4, f32)
-    p = tirx.const(1.9875691500e-4, f32)
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * r + tirx.const(c, f32)
-    p = p * r * r + r + tirx.const(1.0, f32)
-    bits = tirx.shift_left(n.astype("int32") + tirx.const(127, "int32"), tirx.const(23, "int32"))
-    return p * tirx.reinterpret(f32, bits)
-
-
-def _exp(x):
-    return _exp_f32(x) if str(x.ty) == "float32" else tirx.exp(x)
-
-
-def _legalize_softmax(bb, call):
-    from tvm import te
-
-    axis = int(call.attrs.axis)
-
-    def fte(x):
-        nd = len(x.shape)
-        ax = axis % nd
-        if ax != nd - 1:
-            from tvm import topi
-
-            return topi.nn.softmax(x, axis=ax)
-        k1 = te.reduce_axis((0, x.shape[-1]), "k")
-        mx = te.compute(x.shape[:-1], lambda *i: te.max(x[(*i, k1)], axis=k1), name="T_softmax_maxelem")
-        e = te.compute(x.shape, lambda *i: _exp(x[i] - mx[i[:-1]]), name="T_softmax_exp")
-        k2 = te.reduce_axis((0, x.shape[-1]), "k")
-        s = te.compute(x.shape[:-1], lambda *i: te.sum(e[(*i, k2)], axis=k2), name="T_softmax_expsum")
-        return te.compute(x.shape, lambda *i: e[i] / s[i[:-1]], name="T_softmax_norm")
-
-    return bb.call_te(fte, call.args[0], primfunc_name_hint="softmax")
-
-
-def _legalize_sigmoid(bb, call):
-    from tvm import te
-
-    def fte(x):
-        one = tirx.const(1.0, str(x.dtype))
-        return te.compute(x.shape, lambda *i: one / (one + _exp(-x[i])), name="compute")
-
-    return bb.call_te(fte, call.args[0], primfunc_name_hint="sigmoid")
-
-
-def _legalize_exp(bb, call):
-    from tvm import te
-
-    return bb.call_te(lambda x: te.compute(x.shape, lambda *i: _exp(x[i]), name="compute"),
-                      call.args[0], primfunc_name_hint="exp")
-
-
-def _in_fp32(fn, x):
-    """``fn`` of a te tensor computed in fp32 (LLVM has no fp16 erf/tanh), cast back to x's dtype."""
-    from tvm import topi
-
-    if x.dtype == "float32":
-        return fn(x)
-    return topi.cast(fn(topi.cast(x, "float32")), x.dtype)
-
-
-def _gelu_legalizer(name: str, fn_name: str, argument):
-    """Legalize a GELU as ``0.5 x (1 + fn(argument(x)))`` with TVM's polynomial ``topi.<fn_name>``.
-
-    ``tirx.erf`` / ``tirx.tanh`` become one scalar libm call per element; in
-    InternViT's fc1 epilogue that was 30 % of the layer's largest GEMM.
-    ``fast_erf``/``fast_tanh`` vectorize (max abs error ~1e-7).
-    """
-    from tvm import te, topi
-
-    def fte(x):
-        arg = te.compute(x.shape, lambda *i: argument(x[i]), name=f"T_{name}_arg")
-        y = _in_fp32(getattr(topi, fn_name), arg)
-        half, one = tirx.const(0.5, x.dtype), tirx.const(1.0, x.dtype)
-        return te.compute(x.shape, lambda *i: half * x[i] * (one + y[i]), name=f"T_{name}")
-
-    return lambda bb, call: bb.call_te(fte, call.args[0], primfunc_name_hint=name)
-
-
-def _erf_argument(v):
-    """x / sqrt 2: exact GELU is 0.5 x (1 + erf(x / sqrt 2))."""
-    return v * tirx.const(math.sqrt(0.5), v.dtype)
-
-
-def _tanh_argument(v):
-    """sqrt(2/pi) (x + 0.044715 x^3): tanh GELU (SigLIP's ``gelu_pytorch_tanh``)."""
-    return tirx.const(math.sqrt(2 / math.pi), v.dtype) * (v + tirx.const(0.044715, v.dtype) * v * v * v)
-
-
-LEGALIZE_OVERRIDES = {
-    "relax.nn.gelu": _gelu_legalizer("gelu", "fast_erf", _erf_argument),
-    "relax.nn.gelu_tanh": _gelu_legalizer("gelu_tanh", "fast_tanh", _tanh_argument),
-    "relax.nn.softmax": _legalize_softmax,
-    "relax.sigmoid": _legalize_sigmoid,
-    "relax.exp": _legalize_exp,
-}
-
-
-
-
-# ------------------------------------------------------------------ pipeline
-
-
 class _Traced(dlight.ScheduleRule):
     """Wraps a rule; with ``MLC_VISION_CPU_TRACE=1`` prints which rule took which PrimFunc."""
 
@@ -561,44 +411,3 @@ class _Traced(dlight.ScheduleRule):
 def cpu_schedule_rules():
     """The rules, in priority order (first one that returns a schedule wins)."""
     return [_Traced(r) for r in (GEMM(), RowReduction(), Fallback())]
-
-
-def cpu_relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)`` on llvm CPU."""
-
-    @tvm.transform.module_pass(opt_level=0, name="MlcVisionCPUPipeline")
-    def _pipeline(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
-        t = relax.transform
-        seq = [
-            fuse_attention_cpu,  # fp32 attention without masks: one fused kernel
-            split_attention,  # anything else: matmul -> softmax -> matmul
-            t.CanonicalizeBindings(),
-            t.FuseTransposeMatmul(),
-            t.LegalizeOps(customize_legalize_map=LEGALIZE_OVERRIDES),
-            t.AnnotateTIROpPattern(),
-            t.FoldConstant(),
-            t.FuseOps(),
-            t.FuseTIR(),
-            t.DeadCodeElimination(),
-        ]
-        with target:
-            mod = tvm.transform.Sequential(seq)(mod)
-            mod = dlight.ApplyDefaultSchedule(*cpu_schedule_rules())(mod)
-        mod = tvm.transform.Sequential(
-            [
-                t.RewriteDataflowReshape(),
-                t.ToNonDataflow(),
-                t.RemovePurityChecking(),
-                t.CallTIRRewrite(),
-                t.StaticPlanBlockMemory(),
-                t.LowerAllocTensor(),
-                t.KillAfterLastUse(),
-                t.LowerRuntimeBuiltin(),
-                t.ComputePrimValue(),
-                t.VMShapeLower(),
-                t.AttachGlobalSymbol(),
-            ]
-        )(mod)
-        return mod
-
-    return _pipeline

@@ -1,0 +1,1 @@
+"""Relax-level passes of our pipelines, one per file (``compiler/pipeline.py`` orders them)."""

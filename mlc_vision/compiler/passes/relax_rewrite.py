@@ -1,0 +1,49 @@
+"""What every attention rewrite shares: recognizing a plain ``R.nn.attention`` and
+running a mutator over every Relax function of a module."""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax
+
+ATTENTION_OP = "relax.nn.attention"
+
+
+def static_int(expr):
+    """The value of a static TIR integer, None for a symbolic one."""
+    return int(expr) if isinstance(expr, tvm.tirx.IntImm) else None
+
+
+def plain_attention_shape(call):
+    """``(seq, heads, head_dim, dtype, scale)`` of a plain ``R.nn.attention``, else None.
+
+    Plain: no bias, causal mask or window; q, k, v of one static shape
+    ``[batch, seq, heads, head_dim]`` (batch may be symbolic) and one dtype.
+    The fused kernels take exactly these; each adds its own limits.
+    """
+    if len(call.args) != 3 or call.attrs.causal_mask is not None:
+        return None
+    if getattr(call.attrs, "window_size", None) is not None:
+        return None
+    tys = [a.ty for a in call.args]
+    if not all(isinstance(t, relax.TensorType) and t.ndim == 4 and t.shape is not None for t in tys):
+        return None
+    dtype = tys[0].dtype
+    if any(t.dtype != dtype for t in tys):
+        return None
+    dims = [[static_int(x) for x in t.shape.values[1:]] for t in tys]
+    if any(dims[i] != dims[0] for i in (1, 2)) or None in dims[0]:
+        return None
+    seq, heads, head_dim = dims[0]
+    scale = call.attrs.scale
+    return seq, heads, head_dim, dtype, 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def rewrite_relax_functions(mod, mutator):
+    """Run ``mutator`` (a ``relax.PyExprMutator`` built on ``mod``) over every Relax function of ``mod``."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()

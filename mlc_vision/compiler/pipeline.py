@@ -1,0 +1,125 @@
+"""The Relax pipeline of each target, as named phases in order.
+
+``tvm.compile(mod, target, relax_pipeline=relax_pipeline(name, target, attention))``
+runs, for every target:
+
+1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
+   where the chosen lowering has one (``passes/fuse_attention.py``); anything
+   left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
+2. ``legalize``: ``matmul(x, permute_dims(w))`` becomes one NT matmul (weights
+   are read in their checkpoint ``[out, in]`` layout, no transpose kernel),
+   then every op becomes a TIR PrimFunc (on the CPU with our vectorizable
+   exp / GELU legalizers, ``passes/legalize_cpu.py``).
+3. ``fuse``: bias, activation and residual become the epilogue of their
+   matmul; LayerNorm and softmax become single kernels.
+4. ``schedule``: every PrimFunc is scheduled: our rules on the CPU
+   (``schedules/cpu.py``: TVM's stock llvm pipeline would leave kernels
+   unscheduled, one thread), dlight's on GPUs (``schedules/gpu.py``).
+5. ``lower``: the VM lowering (memory planning, builtins, shapes).
+
+The attention lowering is an argument (``--attention``), checked against the
+target by ``targets.resolve_attention`` and recorded in the metadata:
+
+* CPU ``fused`` (default in fp32): ``kernels/cpu_attention.py``, the scores of
+  a tile of queries stay in cache; ``split`` otherwise.
+* CUDA ``split`` (default): dlight schedules the matmuls and the softmax.
+  ``fused``: ``kernels/cuda_flash_attention.py`` (CUDA cores; slower than
+  split on an H100). ``tensorcore``: the split without permutes, both matmuls
+  on tensor cores and our warp softmax (``kernels/warp_softmax.py``).
+* Other GPU targets: ``split``.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda
+from .passes.legalize_cpu import LEGALIZE_OVERRIDES
+from .passes.split_attention import split_attention, split_attention_cuda
+
+
+def cpu_phases(attention: str) -> list[tuple[str, list]]:
+    """The CPU pipeline's phases: ``[(name, [pass, ...]), ...]`` in order."""
+    from tvm.s_tir import dlight
+
+    from .schedules.cpu import cpu_schedule_rules
+
+    t = relax.transform
+    fused = [fuse_attention_cpu] if attention == "fused" else []
+    return [
+        ("lower_attention", fused + [split_attention]),
+        (
+            "legalize",
+            [
+                t.CanonicalizeBindings(),
+                t.FuseTransposeMatmul(),
+                t.LegalizeOps(customize_legalize_map=LEGALIZE_OVERRIDES),
+                t.AnnotateTIROpPattern(),
+                t.FoldConstant(),
+            ],
+        ),
+        ("fuse", [t.FuseOps(), t.FuseTIR(), t.DeadCodeElimination()]),
+        ("schedule", [dlight.ApplyDefaultSchedule(*cpu_schedule_rules())]),
+        (
+            "lower",
+            [
+                t.RewriteDataflowReshape(),
+                t.ToNonDataflow(),
+                t.RemovePurityChecking(),
+                t.CallTIRRewrite(),
+                t.StaticPlanBlockMemory(),
+                t.LowerAllocTensor(),
+                t.KillAfterLastUse(),
+                t.LowerRuntimeBuiltin(),
+                t.ComputePrimValue(),
+                t.VMShapeLower(),
+                t.AttachGlobalSymbol(),
+            ],
+        ),
+    ]
+
+
+def gpu_phases(target, attention: str) -> list[tuple[str, list]]:
+    """The GPU pipeline's phases: TVM's default GPU pipeline with our attention and scheduling steps."""
+    from .schedules.gpu import gpu_schedule_pass
+
+    # The per-backend modules, not tvm.relax.pipeline's dispatchers: in 0.27
+    # relax.pipeline.dataflow_lower_passes(cuda) fails (not re-exported).
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as backend
+    else:
+        from tvm.relax.backend.gpu_generic import pipeline as backend
+
+    t = relax.transform
+    lower_attention = {
+        "split": [split_attention],
+        "fused": [fuse_attention_cuda, split_attention],
+        "tensorcore": [split_attention_cuda],
+    }[attention]
+    return [
+        ("lower_attention", lower_attention),
+        ("library_dispatch", list(backend.library_dispatch_passes(target))),
+        ("legalize", [t.FuseTransposeMatmul(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant()]),
+        ("fuse", [t.FuseOps(), t.FuseTIR()]),
+        ("schedule", [gpu_schedule_pass(small_tensor_core=attention == "tensorcore")]),
+        ("lower", list(backend.dataflow_lower_passes(target)) + list(backend.finalize_passes(target))),
+    ]
+
+
+def phases(target_name: str, target, attention: str) -> list[tuple[str, list]]:
+    """The named phases for ``target_name`` (``cpu`` or a GPU target)."""
+    return cpu_phases(attention) if target_name == "cpu" else gpu_phases(target, attention)
+
+
+def relax_pipeline(target_name: str, target, attention: str) -> tvm.transform.Pass:
+    """One pass running every phase of :func:`phases` under ``target``."""
+
+    @tvm.transform.module_pass(opt_level=0, name=f"MlcVision_{target_name}")
+    def _pipeline(mod, _ctx):
+        with target:
+            for _name, passes in phases(target_name, target, attention):
+                mod = tvm.transform.Sequential(passes)(mod)
+        return mod
+
+    return _pipeline
