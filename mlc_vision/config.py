@@ -1,6 +1,6 @@
 """VisionConfig: everything needed to build a library, and where it comes from.
 
-A config is made from a preset (``configs/<name>.json``) or from a checkpoint's
+A config is made from a preset (``mlc_vision/presets/<name>.json``, package data) or from a checkpoint's
 ``config.json`` (the family module turns the Hugging Face fields into ours).
 Compile options (``--select-layer``, ``--feature``, ``--image-size``,
 ``--projector``) are applied on top with :func:`with_options`.
@@ -19,9 +19,8 @@ from typing import Any
 
 from .errors import MlcVisionError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-if not PRESET_DIR.is_dir():  # installed as a wheel: presets ship inside the package
-    PRESET_DIR = Path(__file__).resolve().parent / "configs"
+# Package data: the same path in a checkout, an editable install and a wheel.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 # The canonical option values (the CLI's choices are built from these).
 DTYPES = ("float32", "float16", "bfloat16")
