@@ -34,7 +34,7 @@ from tvm.s_tir import dlight
 # accumulators + 4 B vectors + 1 A broadcast = 29 of 32 zmm registers; every k
 # step does 4 vector loads + 6 broadcasts for 24 FMAs (12 x 32 needs 2 + 12).
 # Measured with both threads on the ViT GEMMs (577 or 8 x 577 rows, K x N =
-# 1024 x 4096, 4096 x 1024, 1024 x 1024; scripts/dev_gemm_tiles.py):
+# 1024 x 4096, 4096 x 1024, 1024 x 1024; scripts/dev/gemm_tiles.py):
 # 6x64 150-192 GFLOP/s, 4x64 about the same, 10x32 148-173, 12x32 111-125,
 # 3x128 106-149, 12x16 107-132, 8x48 7 (the N tail is not a whole panel).
 # Token counts (197, 257, 577, ...) are padded up to a multiple of MR (577 -> 582).

@@ -4,8 +4,8 @@ Compiles the product's CLIP module for a preset with the CPU pipeline and times
 it against transformers' CLIPVisionModel (eager and sdpa); `--cpu-time` runs
 both on one thread and reads process CPU time (robust on a shared machine).
 
-    python scripts/dev_cpu_bench.py --model b16 --batch 1 8
-    python scripts/dev_cpu_bench.py --model l14 --batch 1 --torch --cpu-time
+    python scripts/dev/cpu_bench.py --model b16 --batch 1 8
+    python scripts/dev/cpu_bench.py --model l14 --batch 1 --torch --cpu-time
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Times ``out[b, m, n] = A[b, m, :] . W[n, :] + bias[n]`` scheduled by
 ``mlc_vision.compiler.schedules.cpu.GEMM(mr, nr)`` with both threads, for each tile in
 TILES and each (K, N) of a ViT-L layer (qkv/out-proj, fc1, fc2):
 
-    python scripts/dev_gemm_tiles.py 8 577     # batch 8 of 577 tokens
-    python scripts/dev_gemm_tiles.py 1 197
+    python scripts/dev/gemm_tiles.py 8 577     # batch 8 of 577 tokens
+    python scripts/dev/gemm_tiles.py 1 197
 """
 import sys
 import time
