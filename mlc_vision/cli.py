@@ -70,7 +70,11 @@ def compile_cmd(
     from .compiler.targets import check_buildable, output_suffixes
     from .resolve import resolve_config
 
+    from .compiler.export import check_output
+
     check_buildable(target)
+    output = output or default_output(model, target, output_suffixes(target)[0])
+    check_output(target, output)  # before any work: suffix, writable, dead runs' leftovers
     config = resolve_config(
         model,
         select_layer=select_layer,
@@ -80,7 +84,6 @@ def compile_cmd(
         projector_hidden_size=projector_hidden_size,
     )
     dtype = dtype or default_dtype(target)
-    output = output or default_output(model, target, output_suffixes(target)[0])
     built = build_module(config, dtype, target, attention=attention)
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     meta = built.metadata
@@ -100,8 +103,10 @@ def compile_cmd(
 @click.option("--image-size", type=int, default=None, help="Interpolate position embeddings to this resolution.")
 def convert_cmd(model, output, dtype, image_size):
     """Map a checkpoint's weights to the params a library takes."""
+    from .atomic import check_writable
     from .weights.convert import convert
 
+    check_writable(output, directory=True, what="params dir")
     path = convert(model, output, dtype=dtype, image_size=image_size)
     click.echo(f"wrote {path}")
 
@@ -113,29 +118,28 @@ def load_pixel_values(path: Path):
     import numpy as np
 
     try:
-        array = np.load(path)
-    except (OSError, ValueError) as err:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
         raise MlcVisionError(f"cannot read pixel values {path}: {err}") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise MlcVisionError(f"pixel values {path} must be one .npy array, not an .npz archive")
     if array.ndim != 4 or array.dtype.kind != "f":
         raise MlcVisionError(f"pixel values {path} must be a float [batch, 3, H, W] array, got {array.dtype} {list(array.shape)}")
     return array
 
 
 def save_atomically(path: Path, array) -> None:
-    import os
-    import tempfile
+    import io
 
     import numpy as np
 
+    from .atomic import write_file
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, buffer.getvalue())
 
 
 @cli.command("run")
@@ -145,14 +149,17 @@ def save_atomically(path: Path, array) -> None:
 @click.option("--pixel-values", type=click.Path(path_type=Path), default=None, help=".npy [batch,3,H,W] float32, preprocessed.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, metal, vulkan, ...")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Features .npy to write.")
-def run_cmd(lib, params, images, pixel_values, device, output):
+@click.option("--verify", is_flag=True, help="Check the params shards' checksums before running (sizes are always checked).")
+def run_cmd(lib, params, images, pixel_values, device, output, verify):
     """Turn images (or preprocessed pixels) into features."""
+    from .atomic import check_writable
     from .runtime.encoder import VisionEncoder
 
     if bool(images) == bool(pixel_values):
         raise MlcVisionError("give either --image (one or more) or --pixel-values, not both or neither")
+    check_writable(output)
     inputs = load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images]
-    encoder = VisionEncoder(lib, params, device=device)
+    encoder = VisionEncoder(lib, params, device=device, verify=verify)
     features = encoder(inputs)
     save_atomically(output, features)
     click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}")
@@ -217,18 +224,39 @@ def bench_cmd(models, target, batch, runs, output, no_torch_compile):
     run_benchmark(list(models) or None, target, batches, runs, output, torch_compile=not no_torch_compile)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+def _os_error_line(err: OSError) -> str:
+    """``OSError`` (full disk, read-only filesystem, a directory where a file goes...) as one line."""
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or err}{where}"
+
+
 def main(argv=None) -> int:
-    try:
-        cli.main(args=argv, prog_name="mlc-vision", standalone_mode=False)
-    except MlcVisionError as err:
-        click.echo(f"error: {err}", err=True)
-        return 1
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 1
-    except click.ClickException as err:
-        err.show()
-        return err.exit_code
+    """Run the CLI; every user error (ours, the OS's, click's usage errors) is one ``error:`` line and exit 1.
+
+    ``--help`` and ``--version`` exit 0; nothing exits 2.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            cli.main(args=argv, prog_name="mlc-vision", standalone_mode=False)
+        except MlcVisionError as err:
+            click.echo(f"error: {err}", err=True)
+            return 1
+        except OSError as err:
+            click.echo(f"error: {_os_error_line(err)}", err=True)
+            return 1
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            return 1
+        except click.ClickException as err:
+            click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+            return 1
     return 0
 
 

@@ -9,6 +9,8 @@ library comes from the library's own ``_metadata()``.
 from __future__ import annotations
 
 import json
+import threading
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -17,19 +19,37 @@ import tvm
 from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must load without TVM's compiler library
 
 from ..errors import MlcVisionError
+from ..weights.integrity import check_params_files
 from ..weights.params import load_params, read_params
+from .libcheck import check_library_file
 from .preprocess import preprocess
 
 RUNNABLE_SUFFIXES = (".so", ".dylib", ".dll")
+
+#: Device kinds ``--device`` takes (``kind`` or ``kind:index``).
+DEVICE_KINDS = ("cpu", "cuda", "rocm", "metal", "vulkan", "opencl", "webgpu")
+
+#: Config fields a library and its params may disagree on: what to return
+#: (layer, feature, final norm), the input (size, preprocessing) and names.
+#: Position-embedding sizes and optional heads are covered by the shape check
+#: of every parameter; the projector's fields are compared when the library has one.
+SELECTION_FIELDS = frozenset(
+    {"select_layer", "feature", "post_norm_tokens", "image_size", "checkpoint_image_size", "preprocess", "preset",
+     "projection_dim", "use_head"}
+)
+PROJECTOR_FIELDS = frozenset({"projector", "projector_hidden_size", "downsample_ratio"})
 
 
 def parse_device(device: str) -> tvm.runtime.Device:
     """``cpu``, ``cuda``, ``cuda:1``, ``metal``, ``vulkan``, ``opencl`` -> a TVM device."""
     kind, _, index = str(device).partition(":")
-    try:
-        dev = tvm.device(kind, int(index or 0))
-    except (ValueError, tvm.TVMError) as err:
-        raise MlcVisionError(f"unknown device {device!r}: {err}") from None
+    if kind not in DEVICE_KINDS:
+        raise MlcVisionError(f"unknown device {device!r}; use one of {', '.join(DEVICE_KINDS)} (optionally :index)")
+    if index and not index.isdigit():
+        raise MlcVisionError(f"device index in {device!r} must be a non-negative integer")
+    if kind == "cpu" and int(index or 0) != 0:
+        raise MlcVisionError(f"device {device!r} does not exist: the CPU is one device, cpu (or cpu:0)")
+    dev = tvm.device(kind, int(index or 0))
     if not dev.exist:
         raise MlcVisionError(f"device {device!r} is not available on this machine")
     return dev
@@ -44,6 +64,7 @@ def load_library(lib: str | Path) -> tvm.runtime.Module:
             f"library {lib} is a {lib.suffix or 'suffix-less'} file: only {', '.join(RUNNABLE_SUFFIXES)} "
             "libraries load in this process (a Metal .tar is linked into an app on macOS/iOS)"
         )
+    check_library_file(lib)  # a truncated or foreign file would crash dlopen
     try:
         return tvm.runtime.load_module(str(lib))
     except Exception as err:  # TVM raises its own error types
@@ -58,12 +79,29 @@ def read_metadata(vm: VirtualMachine, lib: Path) -> dict:
         raise MlcVisionError(f"library {lib} has no mlc-vision _metadata(); was it built by mlc-vision compile?") from None
 
 
+def architecture_difference(lib_config: dict, params_config: dict) -> str | None:
+    """The first field (sorted) on which the two configs describe different weights, as text; None if none."""
+    skip = SELECTION_FIELDS | (PROJECTOR_FIELDS if not lib_config.get("projector") else frozenset())
+    for field in sorted((set(lib_config) | set(params_config)) - skip):
+        if lib_config.get(field) != params_config.get(field):
+            return f"{field} is {params_config.get(field)!r} in the params but {lib_config.get(field)!r} in the library"
+    return None
+
+
 def check_params_match(metadata: dict, params_dir: Path) -> None:
-    """Refuse params made for another family or dtype, saying which (names and shapes: load_params)."""
+    """Refuse params made for another model or dtype, naming the field (names and shapes: load_params)."""
     records, params_meta = read_params(params_dir)
-    family = (params_meta or {}).get("mlc_vision", {}).get("family")
-    if family and family != metadata["family"]:
-        raise MlcVisionError(f"params {params_dir} are for family {family!r} but the library is {metadata['family']!r}")
+    ours = params_meta.get("mlc_vision") if isinstance(params_meta, dict) else None
+    if not isinstance(ours, dict) or not isinstance(ours.get("config"), dict):
+        raise MlcVisionError(
+            f"params {params_dir} have no mlc_vision metadata in tensor-cache.json, so nothing says which model "
+            "they are for; make them with mlc-vision convert"
+        )
+    if ours.get("family") != metadata["family"]:
+        raise MlcVisionError(f"params {params_dir} are for family {ours.get('family')!r} but the library is {metadata['family']!r}")
+    difference = architecture_difference(metadata["config"], ours["config"])
+    if difference:
+        raise MlcVisionError(f"params {params_dir} do not match the library: {difference}")
     for spec in metadata["params"]:
         record = records.get(spec["name"])
         if record is not None and record.dtype != spec["dtype"]:
@@ -73,17 +111,33 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
             )
 
 
+def warn_if_not_finite(pixel_values: np.ndarray) -> None:
+    """NaN or Inf inputs give NaN features; say so instead of passing them silently."""
+    if pixel_values.dtype.kind == "f" and not np.isfinite(pixel_values).all():
+        bad = int(np.size(pixel_values) - np.isfinite(pixel_values).sum())
+        warnings.warn(f"pixel values hold {bad} NaN or Inf value(s); the features will not be meaningful", stacklevel=3)
+
+
 class VisionEncoder:
     """Images (or preprocessed pixel arrays) -> features, with a compiled mlc-vision library."""
 
-    def __init__(self, lib: str | Path, params: str | Path, device: str = "cpu"):
+    def __init__(self, lib: str | Path, params: str | Path, device: str = "cpu", verify: bool = False):
+        """Load ``lib`` and ``params`` on ``device``; ``verify`` checks the params' checksums first.
+
+        Shard sizes are always checked; with ``verify`` every byte is hashed
+        (see ``weights/integrity.py``). The encoder may be called from several
+        threads: the VM call is serialized by a lock (docs/internals.md,
+        "Runtime guarantees", says why a lock and not one VM per thread).
+        """
         self.lib_path = Path(lib)
         self.params_dir = Path(params)
         self._device_name = str(device)
         self.tvm_device = parse_device(device)
         self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
+        self._vm_lock = threading.Lock()
         self.metadata = read_metadata(self._vm, self.lib_path)
         check_params_match(self.metadata, self.params_dir)
+        check_params_files(self.params_dir, verify=verify)
         self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
 
     # ---- what LLaVA's CLIPVisionTower exposes ------------------------------------
@@ -134,9 +188,9 @@ class VisionEncoder:
             raise MlcVisionError(
                 f"pixel_values has shape {list(pixel_values.shape)}; the library takes [batch, {', '.join(map(str, expected))}]"
             )
+        warn_if_not_finite(pixel_values)
         array = np.ascontiguousarray(pixel_values.astype(_numpy_dtype(self.dtype)))
-        out = self._vm["encode"](tvm.runtime.tensor(array, self.tvm_device), self._params)
-        return out.numpy()
+        return self._call("encode", array)
 
     def encode_rgb8(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 ``[batch, H, W, 3]`` (already resized/cropped) -> features; normalization runs in the library."""
@@ -146,8 +200,14 @@ class VisionEncoder:
                 f"encode_rgb8 takes uint8 [batch, {self.image_size}, {self.image_size}, 3], "
                 f"got {pixels.dtype} {list(pixels.shape)}"
             )
-        out = self._vm["encode_rgb8"](tvm.runtime.tensor(np.ascontiguousarray(pixels), self.tvm_device), self._params)
-        return out.numpy()
+        return self._call("encode_rgb8", np.ascontiguousarray(pixels))
+
+    def _call(self, function: str, array: np.ndarray) -> np.ndarray:
+        """One VM call; a Relax VM keeps per-call state, so calls from several threads take turns."""
+        tensor = tvm.runtime.tensor(array, self.tvm_device)
+        with self._vm_lock:
+            out = self._vm[function](tensor, self._params)
+            return out.numpy()
 
     def __call__(self, images) -> np.ndarray:
         """A PIL image, a path, a list of them (any sizes), or a float ``[batch,3,H,W]`` array."""

@@ -290,7 +290,10 @@ def resolve_source(spec: str | Path, revision: str | None = None) -> Source:
         return Source(text, _checked_dir(path))
     if isinstance(spec, Path) or not REPO_ID.match(text) or text.startswith((".", "/", "~")):
         raise MlcVisionError(f"checkpoint directory {path} does not exist")
-    snapshot = _hub_download(text, list(METADATA_PATTERNS), revision)
+    try:
+        snapshot = _hub_download(text, list(METADATA_PATTERNS), revision)
+    except MlcVisionError as err:
+        raise MlcVisionError(f"{text!r} is neither a local directory nor a reachable hub id ({err})") from None
     return Source(text, _checked_dir(snapshot), repo_id=text, revision=revision)
 
 
