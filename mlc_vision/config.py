@@ -164,6 +164,9 @@ class VisionConfig:
         return cls(**data).validated()
 
     def validated(self) -> "VisionConfig":
+        from .validate import check_config_values  # types and ranges first: the checks below do arithmetic
+
+        check_config_values(self)
         if self.feature not in FEATURES:
             raise MlcVisionError(f"feature must be one of {FEATURES}, got {self.feature!r}")
         if self.hidden_size % self.num_attention_heads:

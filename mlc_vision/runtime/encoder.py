@@ -97,14 +97,25 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
             f"params {params_dir} have no mlc_vision metadata in tensor-cache.json, so nothing says which model "
             "they are for; make them with mlc-vision convert"
         )
+    _check_records(metadata["params"], records, params_dir)
     if ours.get("family") != metadata["family"]:
         raise MlcVisionError(f"params {params_dir} are for family {ours.get('family')!r} but the library is {metadata['family']!r}")
     difference = architecture_difference(metadata["config"], ours["config"])
     if difference:
         raise MlcVisionError(f"params {params_dir} do not match the library: {difference}")
-    for spec in metadata["params"]:
+
+
+def _check_records(specs: list[dict], records: dict, params_dir: Path) -> None:
+    """Every parameter the library takes is in the params dir with its shape and dtype (no data read)."""
+    for spec in specs:
         record = records.get(spec["name"])
-        if record is not None and record.dtype != spec["dtype"]:
+        if record is None:
+            raise MlcVisionError(f"params dir {params_dir} has no parameter {spec['name']!r}")
+        if record.shape != tuple(spec["shape"]):
+            raise MlcVisionError(
+                f"parameter {spec['name']!r}: params dir has shape {list(record.shape)}, expected {list(spec['shape'])}"
+            )
+        if record.dtype != spec["dtype"]:
             raise MlcVisionError(
                 f"dtype mismatch: params {params_dir} hold {record.dtype} ({spec['name']!r}) but the library was "
                 f"compiled for {spec['dtype']}; convert with --dtype {spec['dtype']}"

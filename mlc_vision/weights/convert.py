@@ -34,6 +34,7 @@ import numpy as np
 from .. import __version__
 from ..config import DTYPES, VisionConfig, list_presets, load_preset, preset_info, with_options
 from ..errors import MlcVisionError
+from ..validate import check_preprocessor_config
 from ..models import get_family, route
 from .mapping import WeightMap
 from .params import NUMPY_DTYPES, ParamsWriter
@@ -47,6 +48,9 @@ LOSSLESS = {("float16", "float32"), ("bfloat16", "float32")}
 
 # Checkpoint keys of projectors, ignored when the projector is not converted.
 PROJECTOR_KEYS = (r"^(model\.)?mm_projector\.", r"^(model\.)?multi_modal_projector\.", r"^mlp1\.")
+
+# Float dtypes numpy knows only through ml_dtypes (their dtype.kind is "V").
+ML_FLOATS = (np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 
 IGNORED = object()  # sentinel: a key the maps deliberately skip
 
@@ -83,6 +87,7 @@ def _preprocess_options(path: Path, full: dict) -> dict:
         data = json.loads(pre_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MlcVisionError(f"cannot read {pre_path}: {err}") from None
+    check_preprocessor_config(data, pre_path)
     return {"preprocess": preprocess_config_from_hf(data, pad_to_square=full.get("image_aspect_ratio") == "pad")}
 
 
@@ -277,6 +282,14 @@ def cast(array: np.ndarray, want: str, asked: bool, entry: TensorEntry) -> np.nd
     return out
 
 
+def check_finite(array: np.ndarray, entry: TensorEntry) -> np.ndarray:
+    """A NaN or Inf weight poisons every feature: refuse the checkpoint, naming the key."""
+    if (array.dtype.kind == "f" or array.dtype in ML_FLOATS) and not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise MlcVisionError(f"key {entry.key!r} in {entry.file.name} holds {bad} NaN or Inf value(s); the checkpoint is damaged")
+    return array
+
+
 def _progress(total_bytes: int):
     from tqdm import tqdm
 
@@ -287,7 +300,8 @@ def stream(planned: list[Planned], mapper: KeyMapper, config, expected: dict, wr
     with _progress(sum(item.entry.nbytes for item in planned)) as bar:
         for item in planned:
             entry, name = item.entry, item.name
-            array = mapper.transform(name, entry.load(), config)
+            array = check_finite(entry.load(), entry)
+            array = mapper.transform(name, array, config)
             want_shape, want_dtype = expected[name]
             if tuple(array.shape) != want_shape:
                 raise _shape_error(entry, name, want_shape, array.shape)

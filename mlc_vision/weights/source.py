@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import MlcVisionError
+from ..validate import check_hf_vision_config
 
 # The small files every conversion reads (fetched first for a hub id).
 METADATA_PATTERNS = (
@@ -97,9 +98,11 @@ def load_hf_config(path: str | Path) -> tuple[dict | None, dict]:
             if not vision.get("model_type"):
                 vision["model_type"] = composite.vision_model_type
             vision.update({field: full[field] for field in composite.inherit if field in full})
+        check_hf_vision_config(vision, path)
         return vision, full
     if full.get("mm_vision_tower"):  # the tower is named, its config is not in this checkpoint
         return None, full
+    check_hf_vision_config(full, path)
     return dict(full), full
 
 
@@ -274,12 +277,23 @@ def shards_from_index(index: Path, wanted: Callable[[str], bool] | None) -> list
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise MlcVisionError(f"cannot read shard index {index}: {err}") from None
+        raise MlcVisionError(f"cannot read shard index {index}: {type(err).__name__} {err}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MlcVisionError(f"shard index {index}: weight_map must map tensor names to shard file names")
     shards: dict[str, bool] = {}
     for key, shard in weight_map.items():
+        _check_shard_inside(index, shard)
         needed = wanted is None or wanted(key)
         shards[shard] = shards.get(shard, False) or needed
     return [shard for shard, needed in shards.items() if needed]
+
+
+def _check_shard_inside(index: Path, shard: str) -> None:
+    """A shard named by an index must be a path inside the checkpoint, not one out of it."""
+    # Lexical, not resolve(): a hub snapshot's files are symlinks into the cache's blob store.
+    normal = os.path.normpath(shard)
+    if not shard or os.path.isabs(shard) or normal == ".." or normal.startswith(".." + os.sep):
+        raise MlcVisionError(f"shard index {index} names {shard!r}, which is outside the checkpoint directory")
 
 
 def resolve_source(spec: str | Path, revision: str | None = None) -> Source:
