@@ -20,7 +20,7 @@ from timm.models.eva import Eva
 
 from mlc_vision.config import load_preset
 from mlc_vision.models import route
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint
 
 # 30 px with 8 px patches: the conv drops trailing pixels; 3 layers give 4 hidden states.

@@ -30,7 +30,7 @@ from transformers import InternVLVisionConfig, InternVLVisionModel
 from mlc_vision.config import load_preset
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import intern_vit, route
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.compiler.module import build_module
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
