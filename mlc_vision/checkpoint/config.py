@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from types import ModuleType
 
 from ..config import VisionConfig, list_presets, load_preset, preset_info
 from ..errors import MlcVisionError
-from ..models import get_family, route
+from ..models import Family, get_family, route
 from .layouts import load_hf_config, outer_options
 from .processor import read_preprocess
 from .source import Source
@@ -27,7 +26,7 @@ from .source import Source
 class Checkpoint:
     """What a checkpoint is: its family, our config of it, and its ``config.json`` as read."""
 
-    family: ModuleType
+    family: Family
     config: VisionConfig
     hf_config: dict
 
@@ -42,14 +41,14 @@ def _preset_for_tower(tower: str) -> str:
     )
 
 
-def checkpoint_config(source: Source, family: str | ModuleType | None = None, keys=None) -> Checkpoint:
+def checkpoint_config(source: Source, family: str | Family | None = None, keys=None) -> Checkpoint:
     """Read a resolved checkpoint; ``family`` overrides routing, ``keys`` break routing ties."""
     vision, full = load_hf_config(source.path)
     if vision is None:
         config = load_preset(_preset_for_tower(full["mm_vision_tower"]))
-        fam = get_family(config.family) if family is None else _family_module(family)
+        fam = get_family(config.family) if family is None else _family(family)
     else:
-        fam = route(vision, keys) if family is None else _family_module(family)
+        fam = route(vision, keys) if family is None else _family(family)
         config = fam.config_from_hf(vision)
         preprocess = read_preprocess(source.path, full)
         if preprocess is not None:
@@ -57,5 +56,5 @@ def checkpoint_config(source: Source, family: str | ModuleType | None = None, ke
     return Checkpoint(fam, dataclasses.replace(config, **outer_options(full)).validated(), full)
 
 
-def _family_module(family: str | ModuleType) -> ModuleType:
+def _family(family: str | Family) -> Family:
     return get_family(family) if isinstance(family, str) else family

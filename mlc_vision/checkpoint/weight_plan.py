@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from types import ModuleType
 
 import numpy as np
 
 from ..config import VisionConfig
+from ..models import Family
 from ..models import projector as projectors
-from ..weights.mapping import WeightMap
+from ..models.weight_map import WeightMap
 from .layouts import language_model_keys
 
 # Checkpoint keys of projectors, ignored when the projector is not converted.
@@ -64,8 +64,8 @@ class KeyMapper:
         return any(re.search(pattern, name) for m in self._maps() for pattern, _ in m.transforms)
 
 
-def key_mapper(fam: ModuleType, config: VisionConfig, hf_config: dict) -> KeyMapper:
+def key_mapper(fam: Family, config: VisionConfig, hf_config: dict) -> KeyMapper:
     """The mapper of a checkpoint of family ``fam`` converted for ``config``."""
     ignore = language_model_keys(hf_config) + (() if config.projector else PROJECTOR_KEYS)
-    tower = fam.WEIGHTS.merged(WeightMap(prefixes=(), ignore=ignore))
+    tower = fam.weights.merged(WeightMap(prefixes=(), ignore=ignore))
     return KeyMapper(tower, projectors.weight_map(config) if config.projector else None)

@@ -25,7 +25,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import PROJECTORS, VisionConfig
 from ..errors import MlcVisionError
-from ..weights.mapping import WeightMap
+from .weight_map import WeightMap
 from . import layers
 
 KINDS = PROJECTORS

@@ -23,7 +23,6 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import ml_dtypes
 import numpy as np
@@ -34,6 +33,7 @@ from ..checkpoint.source import resolve_source
 from ..checkpoint.weight_plan import IGNORED, KeyMapper, key_mapper
 from ..config import DTYPES, VisionConfig, with_options
 from ..errors import MlcVisionError
+from ..models import Family
 from ..models import projector as projectors
 from .params import NUMPY_DTYPES, ParamsWriter
 from .reader import TensorEntry, iter_tensors
@@ -43,21 +43,12 @@ PARAM_DTYPES = DTYPES
 # Casts that lose nothing, allowed without being asked (a module may keep some params wider).
 LOSSLESS = {("float16", "float32"), ("bfloat16", "float32")}
 
-# Parts a config may announce that a checkpoint does not have: ``{config field:
-# regex over our names}``. transformers writes ``projection_dim`` for every CLIP
-# vision config, but only CLIPModel / CLIPVisionModelWithProjection hold
-# ``visual_projection`` (CLIPVisionModel and LLaVA's tower do not). When no
-# checkpoint key maps to the part, the field is cleared and the part is not
-# expected. A family overrides this with its own ``OPTIONAL_PARTS``.
-OPTIONAL_PARTS = {"projection_dim": r"^visual_projection\."}
-
-
 # ---- the expected parameters --------------------------------------------------------------
 
 
-def expected_params(fam: ModuleType, config: VisionConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_params(fam: Family, config: VisionConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{name: (shape, dtype)}`` of the full model (every layer, post-norm, heads, projector) in ``dtype``."""
-    module = fam.VisionModel(config, full=True)
+    module = fam.module(config, full=True)
     module.to(dtype)
     params = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
     if config.projector:
@@ -113,11 +104,11 @@ def _shape_error(entry: TensorEntry, name: str, want, got) -> MlcVisionError:
     )
 
 
-def drop_absent_parts(fam: ModuleType, config: VisionConfig, names: set[str]) -> VisionConfig:
-    """Clear the config fields of optional parts (see :data:`OPTIONAL_PARTS`) the checkpoint lacks."""
+def drop_absent_parts(fam: Family, config: VisionConfig, names: set[str]) -> VisionConfig:
+    """Clear the config fields of the family's optional parts that the checkpoint lacks."""
     absent = {
         field: None
-        for field, pattern in getattr(fam, "OPTIONAL_PARTS", OPTIONAL_PARTS).items()
+        for field, pattern in fam.optional_parts.items()
         if getattr(config, field, None) and not any(re.search(pattern, name) for name in names)
     }
     return dataclasses.replace(config, **absent) if absent else config
@@ -185,14 +176,14 @@ def convert(
     output: str | Path,
     *,
     dtype: str | None = None,
-    family: str | ModuleType | None = None,
+    family: str | Family | None = None,
     image_size: int | None = None,
     projector: bool = True,
     revision: str | None = None,
 ) -> Path:
     """Convert a checkpoint (directory or hub id) into a params dir at ``output``; return its path.
 
-    ``family`` overrides routing (a name, or a family module); ``image_size``
+    ``family`` overrides routing (a name, or a :class:`Family`); ``image_size``
     converts for another resolution (position embeddings interpolated by the
     family's transforms); ``projector=False`` converts a LLaVA/InternVL
     checkpoint's vision tower alone, ignoring its projector.
@@ -215,7 +206,7 @@ def convert(
     metadata = {
         "mlc_vision": {
             "version": __version__,
-            "family": fam.FAMILY,
+            "family": fam.name,
             "config": config.to_dict(),
             "dtype": params_dtype,
             "source": src.describe(),
