@@ -41,7 +41,7 @@ TORCH_COMPILE_BUDGET_S = 240.0
 
 def encoder_flops(config: VisionConfig, batch: int, layers: int) -> float:
     """Multiply-adds x 2 of the patch embedding and ``layers`` transformer layers."""
-    n, d, i = config.num_positions, config.hidden_size, config.intermediate_size
+    n, d, i = config.tokens.sequence, config.hidden_size, config.intermediate_size
     patch = config.num_patches * config.num_channels * config.patch_size**2 * d
     per_layer = 4 * n * d * d + 2 * n * d * i + 2 * n * n * d
     return 2.0 * batch * (patch + layers * per_layer)
@@ -192,7 +192,7 @@ def bench_one(preset: str, batches: list[int], runs: int, workdir: Path, torch_c
         achieved = flops / (tvm_ms / 1000) / 1e9
         rows.append(
             Row(
-                model=preset, batch=batch, layers=config.num_layers_compiled, tokens=config.num_positions,
+                model=preset, batch=batch, layers=config.num_layers_compiled, tokens=config.tokens.sequence,
                 tvm_ms=round(tvm_ms, 2), torch_eager_ms=round(eager_ms, 2), ratio_eager=round(tvm_ms / eager_ms, 3),
                 torch_compile_ms=round(compile_ms, 2) if compile_ms else None,
                 ratio_compile=round(tvm_ms / compile_ms, 3) if compile_ms else None,
@@ -316,7 +316,7 @@ def gpu_kernel_report(
         layer_kernels.remove(name)
     report = {
         "model": base.preset, "target": target, "dtype": dtype,
-        "tokens": base.num_positions, "heads": base.num_attention_heads,
+        "tokens": base.tokens.sequence, "heads": base.num_attention_heads,
         "head_dim": base.hidden_size // base.num_attention_heads,
         "launches_1_layer": len(calls[1]), "launches_2_layers": len(calls[2]),
         "launches_per_layer": per_layer, "launches_outside_layers": len(calls[1]) - per_layer,

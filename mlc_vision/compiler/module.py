@@ -53,21 +53,6 @@ def build_projector(config: VisionConfig, dtype: str) -> nn.Module | None:
     return projector
 
 
-def selected_tokens(config: VisionConfig) -> int:
-    """Tokens per image after feature selection (before any projector)."""
-    if config.feature == "pooled":
-        return 1
-    if config.feature == "patch" and config.class_token:
-        return config.num_patches
-    return config.num_positions
-
-
-def output_tokens(config: VisionConfig) -> int:
-    """Tokens per image that ``encode`` returns (InternVL's mlp1 merges 2x2 patches)."""
-    tokens = selected_tokens(config)
-    return projectors.output_tokens(config, tokens) if config.projector else tokens
-
-
 def output_width(config: VisionConfig) -> int:
     if config.projector:
         return config.projector_hidden_size
@@ -81,9 +66,9 @@ def projector_metadata(config: VisionConfig) -> dict | None:
         return None
     meta = {
         "type": config.projector,
-        "input_tokens": selected_tokens(config),
+        "input_tokens": config.tokens.selected,
         "input_width": config.hidden_size,
-        "output_tokens": output_tokens(config),
+        "output_tokens": config.tokens.output,
         "hidden_size": config.projector_hidden_size,
     }
     if config.projector == "mlp1":
@@ -150,7 +135,7 @@ def build_module(
 
 def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[dict], hidden_states: bool) -> dict:
     """The JSON a chat runtime reads instead of hard-coding numbers."""
-    tokens = output_tokens(config)
+    tokens = config.tokens.output
     output = {"shape": [BATCH, tokens, output_width(config)], "dtype": dtype}
     entries = {
         "encode": {
@@ -175,6 +160,7 @@ def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[di
         "patch_size": config.patch_size,
         "num_patches": config.num_patches,
         "num_tokens": tokens,
+        "tokens": config.tokens.to_dict(),
         "output_width": output_width(config),
         "hidden_size": config.hidden_size,
         "dtype": dtype,

@@ -109,13 +109,22 @@ class VisionEncoder:
         return self.metadata["image_size"]
 
     @property
+    def tokens(self) -> dict:
+        """The library's token layout (prefix tokens, patch grid, merge, output count)."""
+        return self.metadata["tokens"]
+
+    @property
     def num_patches_per_side(self) -> int:
-        return self.metadata["image_size"] // self.metadata["patch_size"]
+        """Patches per side of the square grid (LLaVA's name; a non-square grid has no one side)."""
+        rows, cols = self.tokens["grid"]
+        if rows != cols:
+            raise MlcVisionError(f"the patch grid is {rows}x{cols}, not square: read tokens['grid']")
+        return rows
 
     @property
     def num_patches(self) -> int:
         """Tokens per image in the output (576 for LLaVA-1.5's CLIP-L/336)."""
-        return self.metadata["num_tokens"]
+        return self.tokens["output"]
 
     @property
     def dummy_feature(self) -> np.ndarray:
