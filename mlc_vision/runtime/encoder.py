@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import tvm
@@ -178,10 +177,3 @@ def _numpy_dtype(dtype: str):
 
         return ml_dtypes.bfloat16
     return np.dtype(dtype)
-
-
-def encode_batches(encoder: VisionEncoder, items: Iterable, batch_size: int) -> np.ndarray:
-    """Run ``encoder`` over ``items`` in chunks of ``batch_size`` and stack the results."""
-    items = list(items)
-    chunks = [encoder(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-    return np.concatenate(chunks, axis=0)
