@@ -14,12 +14,14 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from ..errors import MlcVisionError
 from . import targets as _targets
+from .kernels.cpu_bf16_gemm import compile_object
 from .cuda_fatbin import nvcc_compile_callback, pack_imports_with_fatbin, walk_modules
 
 logger = logging.getLogger(__name__)
@@ -92,12 +94,20 @@ def export_executable(executable, target_name: str, output: Path, *, arch=None, 
         kwargs["fpack_imports"] = pack_imports_with_fatbin(_targets.parse_cuda_archs(arch))
     tmp = _temp_sibling(output)
     try:
-        executable.export_library(str(tmp), **kwargs)
+        with tempfile.TemporaryDirectory() as objects:
+            if needs_bf16_kernel(target_name, metadata):
+                kwargs["addons"] = [str(compile_object(Path(objects)))]
+            executable.export_library(str(tmp), **kwargs)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
     _write_json_atomic(output.with_name(output.name + ".json"), metadata)
     return output
+
+
+def needs_bf16_kernel(target_name: str, metadata: dict) -> bool:
+    """bf16 CPU libraries call the C GEMM of ``kernels/cpu_bf16_gemm.c``, linked into the library."""
+    return target_name == "cpu" and metadata.get("dtype") == "bfloat16"
 
 
 def build_library(mod, target_name: str, output: Path, *, arch=None, host=None, metadata: dict) -> Path:

@@ -241,8 +241,8 @@ def resolve_attention(name: str, dtype: str, attention: str | None) -> str:
     An unknown mode, or one this target (or dtype) cannot build, is a one-line error.
     """
     modes = ATTENTION_BY_TARGET.get(name, ("split",))
-    if name == "cpu" and dtype != "float32":
-        modes = ("split",)  # the fused CPU kernel is fp32 only
+    if name == "cpu" and dtype == "float16":
+        modes = ("split",)  # the fused CPU kernel is fp32 only (bf16 CPU libraries compute attention in fp32)
     if attention is None:
         return modes[0]
     if attention not in ATTENTION:
