@@ -30,14 +30,17 @@ logger = logging.getLogger(__name__)
 DEVICE_MODULE_KINDS = ("cuda", "metal", "opencl", "webgpu", "vulkan")
 
 
-def compile_module(mod, target_name: str, *, attention: str, arch=None, host=None):
-    """Compile ``mod`` for ``target_name`` with the given attention lowering; returns TVM's executable."""
+def compile_module(mod, target_name: str, *, attention: str, arch=None, host=None, cpu: dict | None = None):
+    """Compile ``mod`` for ``target_name`` with the given attention lowering; returns TVM's executable.
+
+    ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine).
+    """
     import tvm
 
     from .pipeline import relax_pipeline
     from .schedules.gpu import preload_tensor_intrinsics
 
-    target = _targets.make_target(target_name, arch=arch, host=host)
+    target = _targets.make_target(target_name, arch=arch, host=host, cpu=cpu)
     if target_name != "cpu":
         preload_tensor_intrinsics()
     start = time.perf_counter()
@@ -114,13 +117,17 @@ def build_library(mod, target_name: str, output: Path, *, arch=None, host=None, 
     """Compile ``mod`` for ``target_name`` and export it to ``output`` (+ ``<output>.json``).
 
     The attention lowering is the one ``metadata["attention"]`` records
-    (``module.build_module`` resolved it for this target and dtype).
+    (``module.build_module`` resolved it for this target and dtype), and so
+    is the CPU (``metadata["cpu"]``).
     """
     output = Path(output)
     _targets.check_buildable(target_name)
     check_output_suffix(target_name, output)  # before minutes of compiling
     attention = _targets.resolve_attention(target_name, metadata["dtype"], metadata.get("attention"))
-    executable = compile_module(mod, target_name, attention=attention, arch=arch, host=host)
+    cpu = metadata.get("cpu") if target_name == "cpu" else None
+    if cpu is not None:
+        _targets.check_cpu_linkable(cpu)
+    executable = compile_module(mod, target_name, attention=attention, arch=arch, host=host, cpu=cpu)
     return export_executable(executable, target_name, output, arch=arch, metadata=metadata)
 
 
