@@ -94,7 +94,7 @@ def clip_checkpoint(tmp_path_factory):
 
 
 def test_bf16_library_matches_fp32_library(clip_checkpoint, tmp_path):
-    from mlc_vision.resolve import resolve_config
+    from mlc_vision.checkpoint.resolve import resolve_config
 
     config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
     pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype("float32")
@@ -115,7 +115,7 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
     from mlc_vision.bench import kernel_calls
     from mlc_vision.compiler.module import build_module
     from mlc_vision.compiler.pipeline import relax_pipeline
-    from mlc_vision.resolve import resolve_config
+    from mlc_vision.checkpoint.resolve import resolve_config
 
     config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
     built = build_module(config, "bfloat16", "cpu")
