@@ -215,12 +215,16 @@ def targets_cmd():
 @click.option("--runs", default=10, show_default=True, help="Timed runs per row (median reported).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
 @click.option("--no-torch-compile", is_flag=True, help="Skip torch.compile.")
-def bench_cmd(models, target, batch, runs, output, no_torch_compile):
+@click.option("--no-peers", is_flag=True, help="Skip ONNX Runtime and OpenVINO (the bench extra).")
+@click.option("--bf16/--no-bf16", default=None, help="Time our bf16 library too (default: when this CPU has AVX512-BF16 or AMX).")
+def bench_cmd(models, target, batch, runs, output, no_torch_compile, no_peers, bf16):
     """Time our library against the torch reference in the same process (random weights)."""
     from .bench import run_benchmark
 
     batches = [int(b) for b in batch.split(",") if b]
-    run_benchmark(list(models) or None, target, batches, runs, output, torch_compile=not no_torch_compile)
+    run_benchmark(
+        list(models) or None, target, batches, runs, output, torch_compile=not no_torch_compile, peers=not no_peers, bf16=bf16
+    )
 
 
 def main(argv=None) -> int:
