@@ -24,7 +24,8 @@ from ..config import DTYPES, VisionConfig
 from ..errors import MlcVisionError
 from ..models import get_family
 from ..models import projector as projectors
-from .targets import resolve_attention
+from .passes.bf16_cpu import bf16_interface
+from .targets import cpu_spec, resolve_attention
 
 BATCH = "batch"
 
@@ -102,35 +103,52 @@ def build_module(
     target: str,
     expose_hidden_states: bool = False,
     attention: str | None = None,
+    cpu: str | None = None,
 ) -> BuiltModule:
     """Export the encoder as an IRModule and describe it in the metadata.
 
     ``attention`` (``None``: the target's default for ``dtype``) is checked
     against the target here, so a combination it cannot build fails before
     any work; the metadata records it and ``export.build_library`` compiles
-    with it.
+    with it. ``cpu`` (target ``cpu`` only; None: this machine's CPU) is
+    recorded the same way, with the instruction sets the library needs.
     """
+    if cpu is not None and target != "cpu":
+        raise MlcVisionError(f"--cpu is only for the cpu target, not {target!r}")
     attention = resolve_attention(target, dtype, attention)
-    model = build_vision_model(config, dtype)
-    projector = build_projector(config, dtype)
+    compute = compute_dtype(target, dtype)
+    model = build_vision_model(config, compute)
+    projector = build_projector(config, compute)
     size = config.image_size
     options = {"param_mode": "packed", "effect_mode": "none"}
-    pixel_spec = nn.spec.Tensor([BATCH, config.num_channels, size, size], dtype)
+    pixel_spec = nn.spec.Tensor([BATCH, config.num_channels, size, size], compute)
     method = {"pixel_values": pixel_spec, "$": options}
     spec = {"encode": method, "encode_rgb8": {"pixels": nn.spec.Tensor(rgb8_shape(config), "uint8"), "$": options}}
     if expose_hidden_states:
         spec["hidden_states"] = dict(method)
     # The wrapper's parameters are the model's, prefixed with "model." (strip it), then
     # the projector's, already named "projector.*" as in the params dir.
-    mod, named_params = _Exported(model, projector, config, dtype).export_tvm(spec=spec)
+    mod, named_params = _Exported(model, projector, config, compute).export_tvm(spec=spec)
+    if compute != dtype:
+        mod = bf16_interface(mod)  # bf16 in and out, fp32 inside (bf16 matmuls: compiler/passes/bf16_cpu.py)
     params = [
-        {"name": name.removeprefix("model."), "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
+        {"name": name.removeprefix("model."), "shape": [int(s) for s in p.shape],
+         "dtype": dtype if str(p.dtype) == compute else str(p.dtype)}
         for name, p in named_params
-    ]
+    ]  # fmt: skip
     metadata = make_metadata(config, dtype, target, params, expose_hidden_states)
     metadata["attention"] = attention
+    if target == "cpu":
+        metadata["cpu"] = cpu_spec(cpu)
+    if compute != dtype:
+        metadata["compute"] = {"matmul": "bfloat16 x bfloat16 -> float32", "other": compute}
     mod = add_metadata_function(mod, metadata)
     return BuiltModule(mod=mod, metadata=metadata)
+
+
+def compute_dtype(target: str, dtype: str) -> str:
+    """The dtype the graph computes in: a bf16 CPU library computes in fp32 except its matmuls."""
+    return "float32" if target == "cpu" and dtype == "bfloat16" else dtype
 
 
 def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[dict], hidden_states: bool) -> dict:

@@ -17,6 +17,7 @@ from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must loa
 
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
+from .cpu_features import check_cpu_library
 from .preprocess import preprocess
 
 RUNNABLE_SUFFIXES = (".so", ".dylib", ".dll")
@@ -82,6 +83,7 @@ class VisionEncoder:
         self.tvm_device = parse_device(device)
         self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
         self.metadata = read_metadata(self._vm, self.lib_path)
+        check_cpu_library(self.metadata, self.lib_path)  # before any of its code runs
         check_params_match(self.metadata, self.params_dir)
         self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
 
