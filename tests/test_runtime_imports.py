@@ -27,13 +27,15 @@ RUNTIME_ONLY_FORBIDDEN = OURS_FORBIDDEN + ("tvm.relax",)
 # docs/internals.md, "Packages and the direction of imports" (errors.py and the
 # package root are left out: everything imports errors, the root imports nothing eagerly).
 DOCUMENTED = {
-    "bench": {"compiler", "config", "testing"},
+    "bench": {"bench_peers", "compiler", "config", "testing"},
+    "bench_peers": set(),
     "checkpoint": {"config", "models"},
     "cli": {"bench", "checkpoint", "compiler", "config", "runtime", "weights.convert"},
-    "compiler": {"config", "models"},
+    "compiler": {"config", "cpu_features", "models"},
     "config": set(),
+    "cpu_features": set(),
     "models": {"config"},
-    "runtime": {"config", "weights.params"},
+    "runtime": {"config", "cpu_features", "weights.params"},
     "testing": {"config"},
     "weights.convert": {"checkpoint", "config", "models", "weights.params", "weights.reader"},
     "weights.params": set(),

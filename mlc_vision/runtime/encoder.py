@@ -17,7 +17,7 @@ from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must loa
 
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
-from .cpu_features import check_cpu_library
+from ..cpu_features import check_cpu_library
 from .preprocess import preprocess
 
 RUNNABLE_SUFFIXES = (".so", ".dylib", ".dll")
