@@ -57,7 +57,8 @@ def default_output(model: str, target: str, suffix: str) -> Path:
     default=None,
     help="Attention lowering. cpu: 'fused' (default in float32; our kernel, scores stay in cache) or 'split'. "
     "cuda: 'split' (default), 'fused' (our flash-style kernel on CUDA cores; slower than 'split' on an H100) "
-    "or 'tensorcore' (attention matmuls on tensor cores, our softmax kernel; not yet timed on a GPU). "
+    "'tensorcore' (attention matmuls on tensor cores, our softmax kernel) or 'flash' (our flash-attention "
+    "kernel on tensor cores, fp16/bf16); 'tensorcore' and 'flash' are not yet timed on a GPU. "
     "Other targets: 'split'.",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Library path (.so / .tar).")

@@ -26,6 +26,10 @@ target by ``targets.resolve_attention`` and recorded in the metadata:
   ``fused``: ``kernels/cuda_flash_attention.py`` (CUDA cores; slower than
   split on an H100). ``tensorcore``: the split without permutes, both matmuls
   on tensor cores and our warp softmax (``kernels/warp_softmax.py``).
+  ``flash`` (fp16/bf16): ``kernels/cuda_tc_flash_attention.py``, one kernel on
+  tensor cores (``mma.sync``), scores in registers; attention it cannot take
+  gets the ``tensorcore`` split. ``tensorcore`` and ``flash`` are not yet timed
+  on a GPU.
 * Other GPU targets: ``split``.
 """
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda
+from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.split_attention import split_attention, split_attention_cuda
 
@@ -96,13 +100,14 @@ def gpu_phases(target, attention: str) -> list[tuple[str, list]]:
         "split": [split_attention],
         "fused": [fuse_attention_cuda, split_attention],
         "tensorcore": [split_attention_cuda],
+        "flash": [fuse_attention_cuda_tc, split_attention_cuda],
     }[attention]
     return [
         ("lower_attention", lower_attention),
         ("library_dispatch", list(backend.library_dispatch_passes(target))),
         ("legalize", [t.FuseTransposeMatmul(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant()]),
         ("fuse", [t.FuseOps(), t.FuseTIR()]),
-        ("schedule", [gpu_schedule_pass(small_tensor_core=attention == "tensorcore")]),
+        ("schedule", [gpu_schedule_pass(small_tensor_core=attention in ("tensorcore", "flash"))]),
         ("lower", list(backend.dataflow_lower_passes(target)) + list(backend.finalize_passes(target))),
     ]
 

@@ -43,13 +43,19 @@ WASM_TRIPLE = "wasm32-unknown-unknown-wasm"
 
 
 #: Every attention lowering a library can be built with (``--attention``).
-ATTENTION = ("split", "fused", "tensorcore")
+ATTENTION = ("split", "fused", "tensorcore", "flash")
 #: The lowerings each target builds, its default first (targets not listed: ``split`` only).
 #: ``fused`` is a kernel of ours (CPU: fp32 only); ``tensorcore`` is CUDA's split
-#: with both attention matmuls on tensor cores (see compiler/pipeline.py).
+#: with both attention matmuls on tensor cores; ``flash`` is our tensor-core
+#: flash-attention kernel (CUDA, fp16/bf16; see compiler/pipeline.py).
 ATTENTION_BY_TARGET = {
     "cpu": ("fused", "split"),
-    "cuda": ("split", "fused", "tensorcore"),
+    "cuda": ("split", "fused", "tensorcore", "flash"),
+}
+#: Lowerings that only exist for some dtypes: (target, lowering) -> the dtypes that have it.
+ATTENTION_DTYPES = {
+    ("cpu", "fused"): ("float32",),
+    ("cuda", "flash"): ("float16", "bfloat16"),
 }
 
 
@@ -240,9 +246,9 @@ def resolve_attention(name: str, dtype: str, attention: str | None) -> str:
 
     An unknown mode, or one this target (or dtype) cannot build, is a one-line error.
     """
-    modes = ATTENTION_BY_TARGET.get(name, ("split",))
-    if name == "cpu" and dtype != "float32":
-        modes = ("split",)  # the fused CPU kernel is fp32 only
+    modes = tuple(
+        mode for mode in ATTENTION_BY_TARGET.get(name, ("split",)) if dtype in ATTENTION_DTYPES.get((name, mode), (dtype,))
+    )
     if attention is None:
         return modes[0]
     if attention not in ATTENTION:
