@@ -202,3 +202,90 @@ def walk_modules(module):
         seen.add(id(m))
         yield m
         stack.extend(m.imports)
+
+
+def embedded_fatbins(data: bytes) -> list[bytes]:
+    """Every fatbin container in ``data`` (a library file), as bytes ``cuobjdump`` reads."""
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    found = []
+    start = data.find(magic)
+    while start >= 0:
+        _, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, start)
+        end = start + header_size + fat_size
+        found.append(data[start:end])
+        start = data.find(magic, max(end, start + 4))
+    return found
+
+
+def find_cuobjdump() -> str | None:
+    """``cuobjdump`` next to nvcc, on ``PATH``, or the copy Triton ships (``triton/backends/nvidia/bin``)."""
+    import importlib.util
+    import shutil
+
+    nvcc = _targets.find_nvcc()
+    candidates = [Path(nvcc).parent / "cuobjdump"] if nvcc else []
+    on_path = shutil.which("cuobjdump")
+    candidates += [Path(on_path)] if on_path else []
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+def sass_by_kernel(fatbin: bytes, arch: str) -> dict[str, list[str]]:
+    """``{kernel: [SASS opcode, ...]}`` of the ``arch`` cubin in ``fatbin`` (``cuobjdump -sass``)."""
+    import re
+
+    tool = find_cuobjdump()
+    if tool is None:
+        raise MlcVisionError("cuobjdump not found (CUDA toolkit bin, PATH, or the triton package)")
+    with tempfile.TemporaryDirectory(prefix="mlc-vision-sass-") as tmp:
+        path = Path(tmp) / "kernels.fatbin"
+        path.write_bytes(fatbin)
+        proc = subprocess.run([tool, "-sass", "-arch", arch, str(path)], capture_output=True, text=True, check=True)
+    kernels: dict[str, list[str]] = {}
+    current = None
+    for line in proc.stdout.splitlines():
+        header = re.match(r"\s*Function : (\S+)", line)
+        if header:
+            current = kernels.setdefault(header.group(1), [])
+            continue
+        op = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if op and current is not None:
+            current.append(op.group(1))
+    return kernels
+
+
+def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
+    """``{kernel: {"registers", "stack", "spill_stores", "spill_loads"}}`` from ``ptxas -v`` for ``arch``."""
+    import re
+
+    nvcc = _targets.find_nvcc()
+    if nvcc is None:
+        raise MlcVisionError("nvcc not found; install the CUDA toolkit or set CUDA_HOME")
+    number = arch[len("sm_"):]
+    with tempfile.TemporaryDirectory(prefix="mlc-vision-ptxas-") as tmp:
+        src = Path(tmp) / "kernels.cu"
+        src.write_text(source)
+        cmd = [
+            nvcc, "--cubin", "-O3", f"-arch=sm_{number}", "-Xptxas", "-v", "--use_fast_math",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+            "--expt-relaxed-constexpr", "-o", str(Path(tmp) / "kernels.cubin"), str(src),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    usage: dict[str, dict[str, int]] = {}
+    current = None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        head = re.search(r"Function properties for (\S+)", line)
+        if head:
+            current = usage.setdefault(head.group(1), {})
+            continue
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if frame and current is not None:
+            current.update(stack=int(frame.group(1)), spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
+        regs = re.search(r"Used (\d+) registers", line)
+        if regs and current is not None:
+            current["registers"] = int(regs.group(1))
+    return usage

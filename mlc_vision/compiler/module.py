@@ -24,7 +24,7 @@ from ..config import DTYPES, VisionConfig
 from ..errors import MlcVisionError
 from ..models import get_family
 from ..models import projector as projectors
-from .targets import resolve_attention
+from .targets import resolve_attention, resolve_gemm
 
 BATCH = "batch"
 
@@ -117,15 +117,17 @@ def build_module(
     target: str,
     expose_hidden_states: bool = False,
     attention: str | None = None,
+    gemm: str | None = None,
 ) -> BuiltModule:
     """Export the encoder as an IRModule and describe it in the metadata.
 
     ``attention`` (``None``: the target's default for ``dtype``) is checked
     against the target here, so a combination it cannot build fails before
     any work; the metadata records it and ``export.build_library`` compiles
-    with it.
+    with it. ``gemm`` (the matmul schedule, ``None``: the default) likewise.
     """
     attention = resolve_attention(target, dtype, attention)
+    gemm = resolve_gemm(target, dtype, gemm)
     model = build_vision_model(config, dtype)
     projector = build_projector(config, dtype)
     size = config.image_size
@@ -144,6 +146,7 @@ def build_module(
     ]
     metadata = make_metadata(config, dtype, target, params, expose_hidden_states)
     metadata["attention"] = attention
+    metadata["gemm"] = gemm
     mod = add_metadata_function(mod, metadata)
     return BuiltModule(mod=mod, metadata=metadata)
 

@@ -31,6 +31,11 @@ target by ``targets.resolve_attention`` and recorded in the metadata:
   gets the ``tensorcore`` split. ``tensorcore`` and ``flash`` are not yet timed
   on a GPU.
 * Other GPU targets: ``split``.
+
+The matmul schedule is an argument too (``--gemm``, recorded in the metadata):
+CUDA fp16 ``dlight`` (default: dlight's WMMA rule) or ``mma``
+(``schedules/gpu_mma.py``: ``mma.sync`` + ldmatrix, cp.async pipeline,
+swizzled shared memory; not yet timed on a GPU).
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def cpu_phases(attention: str) -> list[tuple[str, list]]:
     ]
 
 
-def gpu_phases(target, attention: str) -> list[tuple[str, list]]:
+def gpu_phases(target, attention: str, gemm: str = "dlight") -> list[tuple[str, list]]:
     """The GPU pipeline's phases: TVM's default GPU pipeline with our attention and scheduling steps."""
     from .schedules.gpu import gpu_schedule_pass
 
@@ -107,23 +112,23 @@ def gpu_phases(target, attention: str) -> list[tuple[str, list]]:
         ("library_dispatch", list(backend.library_dispatch_passes(target))),
         ("legalize", [t.FuseTransposeMatmul(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant()]),
         ("fuse", [t.FuseOps(), t.FuseTIR()]),
-        ("schedule", [gpu_schedule_pass(small_tensor_core=attention in ("tensorcore", "flash"))]),
+        ("schedule", [gpu_schedule_pass(small_tensor_core=attention in ("tensorcore", "flash"), mma=gemm == "mma")]),
         ("lower", list(backend.dataflow_lower_passes(target)) + list(backend.finalize_passes(target))),
     ]
 
 
-def phases(target_name: str, target, attention: str) -> list[tuple[str, list]]:
+def phases(target_name: str, target, attention: str, gemm: str = "dlight") -> list[tuple[str, list]]:
     """The named phases for ``target_name`` (``cpu`` or a GPU target)."""
-    return cpu_phases(attention) if target_name == "cpu" else gpu_phases(target, attention)
+    return cpu_phases(attention) if target_name == "cpu" else gpu_phases(target, attention, gemm)
 
 
-def relax_pipeline(target_name: str, target, attention: str) -> tvm.transform.Pass:
+def relax_pipeline(target_name: str, target, attention: str, gemm: str = "dlight") -> tvm.transform.Pass:
     """One pass running every phase of :func:`phases` under ``target``."""
 
     @tvm.transform.module_pass(opt_level=0, name=f"MlcVision_{target_name}")
     def _pipeline(mod, _ctx):
         with target:
-            for _name, passes in phases(target_name, target, attention):
+            for _name, passes in phases(target_name, target, attention, gemm):
                 mod = tvm.transform.Sequential(passes)(mod)
         return mod
 

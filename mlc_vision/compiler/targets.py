@@ -52,6 +52,12 @@ ATTENTION_BY_TARGET = {
     "cpu": ("fused", "split"),
     "cuda": ("split", "fused", "tensorcore", "flash"),
 }
+#: How CUDA fp16 matmuls are scheduled (``--gemm``), the default first: ``dlight``
+#: (dlight's WMMA rule) or ``mma`` (``schedules/gpu_mma.py``: ``mma.sync`` with
+#: ldmatrix, a cp.async pipeline and swizzled shared memory). Other targets: ``dlight``.
+GEMM = ("dlight", "mma")
+GEMM_BY_TARGET = {"cuda": GEMM}
+
 #: Lowerings that only exist for some dtypes: (target, lowering) -> the dtypes that have it.
 ATTENTION_DTYPES = {
     ("cpu", "fused"): ("float32",),
@@ -239,6 +245,22 @@ def make_target(name: str, arch=None, host: str | None = None):
         return tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": WASM_TRIPLE})
     # vulkan, opencl
     return tvm.target.Target({"kind": name}, host=generic_host)
+
+
+def resolve_gemm(name: str, dtype: str, gemm: str | None) -> str:
+    """The matmul schedule a library for target ``name`` in ``dtype`` gets (``None``: the default).
+
+    ``mma`` is for CUDA fp16 only (TVM's ldmatrix intrinsics are fp16); asking
+    for it elsewhere is a one-line error.
+    """
+    modes = GEMM_BY_TARGET.get(name, ("dlight",)) if dtype == "float16" else ("dlight",)
+    if gemm is None:
+        return modes[0]
+    if gemm not in GEMM:
+        raise MlcVisionError(f"unknown gemm schedule {gemm!r}; choose one of {', '.join(GEMM)}")
+    if gemm not in modes:
+        raise MlcVisionError(f"gemm {gemm!r} is not available for target {name!r} in {dtype}; choose {' or '.join(modes)}")
+    return gemm
 
 
 def resolve_attention(name: str, dtype: str, attention: str | None) -> str:
