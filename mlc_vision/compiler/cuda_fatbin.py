@@ -236,16 +236,9 @@ def sass_by_kernel(fatbin: bytes, arch: str) -> dict[str, list[str]]:
     """``{kernel: [SASS opcode, ...]}`` of the ``arch`` cubin in ``fatbin`` (``cuobjdump -sass``)."""
     import re
 
-    tool = find_cuobjdump()
-    if tool is None:
-        raise MlcVisionError("cuobjdump not found (CUDA toolkit bin, PATH, or the triton package)")
-    with tempfile.TemporaryDirectory(prefix="mlc-vision-sass-") as tmp:
-        path = Path(tmp) / "kernels.fatbin"
-        path.write_bytes(fatbin)
-        proc = subprocess.run([tool, "-sass", "-arch", arch, str(path)], capture_output=True, text=True, check=True)
     kernels: dict[str, list[str]] = {}
     current = None
-    for line in proc.stdout.splitlines():
+    for line in _cuobjdump(fatbin, "-sass", arch).splitlines():
         header = re.match(r"\s*Function : (\S+)", line)
         if header:
             current = kernels.setdefault(header.group(1), [])
@@ -256,36 +249,32 @@ def sass_by_kernel(fatbin: bytes, arch: str) -> dict[str, list[str]]:
     return kernels
 
 
-def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
-    """``{kernel: {"registers", "stack", "spill_stores", "spill_loads"}}`` from ``ptxas -v`` for ``arch``."""
+
+def resource_usage(fatbin: bytes, arch: str) -> dict[str, dict[str, int]]:
+    """``{kernel: {"REG", "STACK", "SHARED", "LOCAL", ...}}`` of the ``arch`` cubin (``cuobjdump -res-usage``).
+
+    The numbers ``ptxas -v`` prints at compile time, read back from the
+    embedded binary: ``STACK`` is the stack frame, ``LOCAL`` the per-thread
+    local memory (where spilled registers go).
+    """
     import re
 
-    nvcc = _targets.find_nvcc()
-    if nvcc is None:
-        raise MlcVisionError("nvcc not found; install the CUDA toolkit or set CUDA_HOME")
-    number = arch[len("sm_"):]
-    with tempfile.TemporaryDirectory(prefix="mlc-vision-ptxas-") as tmp:
-        src = Path(tmp) / "kernels.cu"
-        src.write_text(source)
-        cmd = [
-            nvcc, "--cubin", "-O3", f"-arch=sm_{number}", "-Xptxas", "-v", "--use_fast_math",
-            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
-            "--expt-relaxed-constexpr", "-o", str(Path(tmp) / "kernels.cubin"), str(src),
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     usage: dict[str, dict[str, int]] = {}
     current = None
-    for line in (proc.stdout + proc.stderr).splitlines():
-        head = re.search(r"Function properties for (\S+)", line)
+    for line in _cuobjdump(fatbin, "-res-usage", arch).splitlines():
+        head = re.match(r"\s*Function (\S+):", line)
         if head:
             current = usage.setdefault(head.group(1), {})
-            continue
-        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if frame and current is not None:
-            current.update(stack=int(frame.group(1)), spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
-        regs = re.search(r"Used (\d+) registers", line)
-        if regs and current is not None:
-            current["registers"] = int(regs.group(1))
+        elif current is not None:
+            current.update({k: int(v) for k, v in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", line)})
     return usage
+
+
+def _cuobjdump(fatbin: bytes, what: str, arch: str) -> str:
+    tool = find_cuobjdump()
+    if tool is None:
+        raise MlcVisionError("cuobjdump not found (CUDA toolkit bin, PATH, or the triton package)")
+    with tempfile.TemporaryDirectory(prefix="mlc-vision-cuobjdump-") as tmp:
+        path = Path(tmp) / "kernels.fatbin"
+        path.write_bytes(fatbin)
+        return subprocess.run([tool, what, "-arch", arch, str(path)], capture_output=True, text=True, check=True).stdout
