@@ -3,6 +3,8 @@
 ``tvm.compile(mod, target, relax_pipeline=relax_pipeline(name, target, attention))``
 runs, for every target:
 
+0. ``bf16_linear`` (CPU): linear layers whose weights are stored in bf16
+   become calls of the bf16 C kernel (``passes/bf16_cpu.py``).
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
@@ -43,6 +45,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .passes.bf16_cpu import bf16_linear_cpu
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.split_attention import split_attention, split_attention_cuda
@@ -57,6 +60,7 @@ def cpu_phases(attention: str) -> list[tuple[str, list]]:
     t = relax.transform
     fused = [fuse_attention_cpu] if attention == "fused" else []
     return [
+        ("bf16_linear", [bf16_linear_cpu]),
         ("lower_attention", fused + [split_attention]),
         (
             "legalize",
