@@ -412,7 +412,7 @@ def gpu_kernel_report(
         "launches_per_layer": per_layer, "launches_outside_layers": len(calls[1]) - per_layer,
         "layer_kernels": layer_kernels,
         "distinct_kernels": len(set(calls[1])),
-        "fused_attention": any(n.startswith("fused_attention") for n in calls[1]),
+        "fused_attention": any(n.startswith(("fused_attention", "flash_attention")) for n in calls[1]),
         "timing": GPU_TIMING_NOTE,
     }  # fmt: skip
     if target == "cuda":

@@ -25,7 +25,7 @@ from ..errors import MlcVisionError
 from ..models import get_family
 from ..models import projector as projectors
 from .passes.bf16_cpu import bf16_interface
-from .targets import cpu_spec, resolve_attention
+from .targets import cpu_spec, resolve_attention, resolve_gemm
 
 BATCH = "batch"
 
@@ -103,6 +103,7 @@ def build_module(
     target: str,
     expose_hidden_states: bool = False,
     attention: str | None = None,
+    gemm: str | None = None,
     cpu: str | None = None,
 ) -> BuiltModule:
     """Export the encoder as an IRModule and describe it in the metadata.
@@ -110,12 +111,14 @@ def build_module(
     ``attention`` (``None``: the target's default for ``dtype``) is checked
     against the target here, so a combination it cannot build fails before
     any work; the metadata records it and ``export.build_library`` compiles
-    with it. ``cpu`` (target ``cpu`` only; None: this machine's CPU) is
+    with it. ``gemm`` (the matmul schedule, ``None``: the default) likewise.
+    ``cpu`` (target ``cpu`` only; None: this machine's CPU) is
     recorded the same way, with the instruction sets the library needs.
     """
     if cpu is not None and target != "cpu":
         raise MlcVisionError(f"--cpu is only for the cpu target, not {target!r}")
     attention = resolve_attention(target, dtype, attention)
+    gemm = resolve_gemm(target, dtype, gemm)
     compute = compute_dtype(target, dtype)
     model = build_vision_model(config, compute)
     projector = build_projector(config, compute)
@@ -138,6 +141,7 @@ def build_module(
     ]  # fmt: skip
     metadata = make_metadata(config, dtype, target, params, expose_hidden_states)
     metadata["attention"] = attention
+    metadata["gemm"] = gemm
     if target == "cpu":
         metadata["cpu"] = cpu_spec(cpu)
     if compute != dtype:
