@@ -27,14 +27,14 @@ import tvm
 from safetensors.torch import save_file
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
-from mlc_vision.config import load_preset
+from mlc_vision.config import VisionConfig, load_preset
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import intern_vit, route
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.compiler.module import build_module
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
-from mlc_vision.weights.transforms import bicubic_matrix, interpolate_position_embedding, resize_bicubic
+from mlc_vision.models.transforms import bicubic_matrix, interpolate_position_embedding, resize_bicubic
 from parity import CompiledCPU, assert_fp16_close, assert_fp32_close
 
 # Small towers with every feature of the real ones: 56 px / 14 = a 4x4 grid + class token.
@@ -226,11 +226,13 @@ def test_bicubic_rows_sum_to_one_and_same_size_is_identity():
     assert np.array_equal(bicubic_matrix(7, 7), np.eye(7))
 
 
-class _Geometry:
-    def __init__(self, image_size, patch_size=14, class_token=True, checkpoint_image_size=None):
-        self.image_size, self.patch_size, self.class_token = image_size, patch_size, class_token
-        self.checkpoint_image_size = checkpoint_image_size
-        self.grid_size = image_size // patch_size
+def _Geometry(image_size, patch_size=14, class_token=True, checkpoint_image_size=None) -> VisionConfig:
+    """The smallest config with the fields the position-embedding transform reads."""
+    return VisionConfig(
+        family="intern_vit", hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        image_size=image_size, patch_size=patch_size, class_token=class_token,
+        checkpoint_image_size=checkpoint_image_size,
+    )
 
 
 def test_interpolate_position_embedding_keeps_class_row():
@@ -267,10 +269,10 @@ def test_routing_by_config_not_path(tmp_path):
     model = reference_model(STYLES["300m"], SMALL, seed=7)
     ckpt = save_checkpoint(model, STYLES["300m"], SMALL, tmp_path / "clip-vit-large-patch14-InternViT-300M-448px")
     assert resolve_config(str(ckpt)).family == "intern_vit"
-    assert route({"model_type": "intern_vit_6b"}) is intern_vit
-    assert route({"architectures": ["InternVisionModel"]}) is intern_vit
+    assert route({"model_type": "intern_vit_6b"}) is intern_vit.FAMILY
+    assert route({"architectures": ["InternVisionModel"]}) is intern_vit.FAMILY
     keys = ["encoder.layers.0.attn.qkv.weight", "encoder.layers.0.ls1", "embeddings.class_embedding"]
-    assert route({}, keys) is intern_vit
+    assert route({}, keys) is intern_vit.FAMILY
 
 
 def test_config_from_hf_defaults_and_chat():
@@ -356,7 +358,7 @@ def test_position_embedding_interpolated_at_convert(towers, tmp_path, style="6b"
     tower = towers[style]
     params_dir = convert(tower.ckpt, tmp_path / "params", image_size=image_size)
     config = resolve_config(str(tower.ckpt), image_size=image_size)
-    assert config.checkpoint_image_size == SMALL["image_size"] and config.grid_size == image_size // 14
+    assert config.checkpoint_image_size == SMALL["image_size"] and config.tokens.grid == (image_size // 14,) * 2
     pixels = pixels_for(image_size, seed=5)
     expected = run_reference(tower.model, pixels)
     lib = CompiledCPU(config, params_dir, "float32", tmp_path)

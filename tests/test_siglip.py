@@ -26,7 +26,7 @@ from transformers import (
 from mlc_vision.compiler.module import build_module
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import route, siglip
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
 from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_layer_norms
@@ -104,7 +104,7 @@ def test_config_from_checkpoint(reference):
     assert config.family == "siglip"
     assert (config.class_token, config.patch_bias, config.use_head) == (False, True, True)
     assert (config.hidden_act, config.layer_norm_eps) == ("gelu_pytorch_tanh", 1e-6)
-    assert config.grid_size == 3 and config.num_positions == TOKENS
+    assert config.tokens.grid == (3, 3) and config.num_positions == TOKENS
 
 
 def test_every_hidden_state_fp32(reference, params, pixels, expected, tmp_path):

@@ -20,7 +20,8 @@ from mlc_vision.errors import MlcVisionError
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import ParamsWriter, load_params, read_params, write_params
 from mlc_vision.weights.reader import iter_tensors
-from mlc_vision.weights.source import load_hf_config, outer_options, resolve_source
+from mlc_vision.checkpoint.layouts import load_hf_config, outer_options
+from mlc_vision.checkpoint.source import resolve_source
 
 TINY = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -198,6 +199,19 @@ def test_convert_pytorch_bin(tmp_path, clip_ckpt):
     assert _same(records["encoder.layers.0.self_attn.q_proj.weight"].read(), want)
 
 
+def test_safetensors_preferred_over_bin_index(tmp_path, clip_ckpt):
+    """A checkpoint with both a .bin shard index and model.safetensors is read from the safetensors."""
+    ckpt = tmp_path / "both"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (ckpt / name).write_bytes((clip_ckpt / name).read_bytes())
+    (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model-1.bin"}}))
+    assert [p.name for p in resolve_source(ckpt).weight_files()] == ["model.safetensors"]
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(MlcVisionError, match="missing"):  # now the .bin index is the one read
+        resolve_source(ckpt).weight_files()
+
+
 def _llava_checkpoint(root: Path, clip_ckpt: Path) -> Path:
     """A transformers-Llava-shaped checkpoint: tower + projector in one shard, the LLM in another."""
     root.mkdir()
@@ -242,7 +256,6 @@ def test_convert_llava_reads_only_the_tower(tmp_path, clip_ckpt):
 
 
 def test_convert_llava_with_projector(tmp_path, clip_ckpt):
-    pytest.importorskip("mlc_vision.models.projector")
     ckpt = _llava_checkpoint(tmp_path / "llava", clip_ckpt)
     records, meta = read_params(convert(ckpt, tmp_path / "p"))
     state = load_file(ckpt / "model-00001-of-00002.safetensors")
