@@ -47,7 +47,7 @@ TORCH_COMPILE_BUDGET_S = 240.0
 
 def encoder_flops(config: VisionConfig, batch: int, layers: int) -> float:
     """Multiply-adds x 2 of the patch embedding and ``layers`` transformer layers."""
-    n, d, i = config.num_positions, config.hidden_size, config.intermediate_size
+    n, d, i = config.tokens.sequence, config.hidden_size, config.intermediate_size
     patch = config.num_patches * config.num_channels * config.patch_size**2 * d
     per_layer = 4 * n * d * d + 2 * n * d * i + 2 * n * n * d
     return 2.0 * batch * (patch + layers * per_layer)
@@ -263,7 +263,7 @@ def _make_row(preset, config, batch, ms, cos16, peer_engines, compile_s, peak, n
     achieved = flops / (tvm_ms / 1000) / 1e9
     rnd = lambda v: round(v, 2) if v is not None else None  # noqa: E731
     return Row(
-        model=preset, batch=batch, layers=config.num_layers_compiled, tokens=config.num_positions,
+        model=preset, batch=batch, layers=config.num_layers_compiled, tokens=config.tokens.sequence,
         tvm_ms=rnd(tvm_ms), torch_eager_ms=rnd(ms["eager"]), ratio_eager=_ratio(tvm_ms, ms["eager"]),
         torch_compile_ms=rnd(ms.get("compile")), ratio_compile=_ratio(tvm_ms, ms.get("compile")),
         onnxruntime_ms=rnd(ms.get("ort")), openvino_f32_ms=rnd(ms.get("ov_f32")),
@@ -406,13 +406,13 @@ def gpu_kernel_report(
         layer_kernels.remove(name)
     report = {
         "model": base.preset, "target": target, "dtype": dtype,
-        "tokens": base.num_positions, "heads": base.num_attention_heads,
+        "tokens": base.tokens.sequence, "heads": base.num_attention_heads,
         "head_dim": base.hidden_size // base.num_attention_heads,
         "launches_1_layer": len(calls[1]), "launches_2_layers": len(calls[2]),
         "launches_per_layer": per_layer, "launches_outside_layers": len(calls[1]) - per_layer,
         "layer_kernels": layer_kernels,
         "distinct_kernels": len(set(calls[1])),
-        "fused_attention": any(n.startswith("fused_attention") for n in calls[1]),
+        "fused_attention": any(n.startswith(("fused_attention", "flash_attention")) for n in calls[1]),
         "timing": GPU_TIMING_NOTE,
     }  # fmt: skip
     if target == "cuda":

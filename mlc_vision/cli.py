@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .compiler.targets import ATTENTION
+from .compiler.targets import ATTENTION, GEMM
 from .config import DTYPES, FEATURES, PROJECTORS
 from .errors import MlcVisionError
 
@@ -57,8 +57,16 @@ def default_output(model: str, target: str, suffix: str) -> Path:
     default=None,
     help="Attention lowering. cpu: 'fused' (default in float32; our kernel, scores stay in cache) or 'split'. "
     "cuda: 'split' (default), 'fused' (our flash-style kernel on CUDA cores; slower than 'split' on an H100) "
-    "or 'tensorcore' (attention matmuls on tensor cores, our softmax kernel; not yet timed on a GPU). "
+    "'tensorcore' (attention matmuls on tensor cores, our softmax kernel) or 'flash' (our flash-attention "
+    "kernel on tensor cores, fp16/bf16); 'tensorcore' and 'flash' are not yet timed on a GPU. "
     "Other targets: 'split'.",
+)
+@click.option(
+    "--gemm",
+    type=click.Choice(GEMM),
+    default=None,
+    help="Matmul schedule (cuda, float16): 'dlight' (default; WMMA) or 'mma' (mma.sync with ldmatrix, a cp.async "
+    "pipeline and swizzled shared memory; not yet timed on a GPU). Other targets: 'dlight'.",
 )
 @click.option(
     "--cpu", default=None,
@@ -67,8 +75,8 @@ def default_output(model: str, target: str, suffix: str) -> Path:
 )  # fmt: skip
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Library path (.so / .tar).")
 def compile_cmd(
-    model, target, arch, host, dtype, select_layer, feature, image_size, projector, projector_hidden_size, attention, cpu,
-    output,
+    model, target, arch, host, dtype, select_layer, feature, image_size, projector, projector_hidden_size, attention, gemm,
+    cpu, output,
 ):
     """Build a library from a preset or a checkpoint's config (no weights needed)."""
     from .compiler.export import build_library
@@ -87,7 +95,7 @@ def compile_cmd(
     )
     dtype = dtype or default_dtype(target)
     output = output or default_output(model, target, output_suffixes(target)[0])
-    built = build_module(config, dtype, target, attention=attention, cpu=cpu)
+    built = build_module(config, dtype, target, attention=attention, gemm=gemm, cpu=cpu)
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     meta = built.metadata
     click.echo(

@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 DEVICE_MODULE_KINDS = ("cuda", "metal", "opencl", "webgpu", "vulkan")
 
 
-def compile_module(mod, target_name: str, *, attention: str, arch=None, host=None, cpu: dict | None = None):
-    """Compile ``mod`` for ``target_name`` with the given attention lowering; returns TVM's executable.
+def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight", arch=None, host=None, cpu: dict | None = None):
+    """Compile ``mod`` for ``target_name`` with the given attention lowering and matmul schedule; returns TVM's executable.
 
     ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine).
     """
@@ -39,6 +39,7 @@ def compile_module(mod, target_name: str, *, attention: str, arch=None, host=Non
 
     from .pipeline import relax_pipeline
     from .schedules.gpu import preload_tensor_intrinsics
+    from .schedules.gpu_mma import mma_pass_config
 
     target = _targets.make_target(target_name, arch=arch, host=host, cpu=cpu)
     if target_name != "cpu":
@@ -47,7 +48,9 @@ def compile_module(mod, target_name: str, *, attention: str, arch=None, host=Non
     with contextlib.ExitStack() as stack:
         if target_name == "cuda":
             stack.enter_context(nvcc_compile_callback(_targets.parse_cuda_archs(arch)))
-        executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention))
+        if gemm == "mma":
+            stack.enter_context(tvm.transform.PassContext(config=mma_pass_config()))
+        executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention, gemm))
     logger.info("compiled for %s in %.1f s", target_name, time.perf_counter() - start)
     return executable
 
@@ -116,8 +119,9 @@ def needs_bf16_kernel(target_name: str, metadata: dict) -> bool:
 def build_library(mod, target_name: str, output: Path, *, arch=None, host=None, metadata: dict) -> Path:
     """Compile ``mod`` for ``target_name`` and export it to ``output`` (+ ``<output>.json``).
 
-    The attention lowering is the one ``metadata["attention"]`` records
-    (``module.build_module`` resolved it for this target and dtype), and so
+    The attention lowering and the matmul schedule are the ones
+    ``metadata["attention"]`` and ``metadata["gemm"]`` record
+    (``module.build_module`` resolved them for this target and dtype), and so
     is the CPU (``metadata["cpu"]``).
     """
     output = Path(output)
@@ -127,7 +131,8 @@ def build_library(mod, target_name: str, output: Path, *, arch=None, host=None, 
     cpu = metadata.get("cpu") if target_name == "cpu" else None
     if cpu is not None:
         _targets.check_cpu_linkable(cpu)
-    executable = compile_module(mod, target_name, attention=attention, arch=arch, host=host, cpu=cpu)
+    gemm = _targets.resolve_gemm(target_name, metadata["dtype"], metadata.get("gemm"))
+    executable = compile_module(mod, target_name, attention=attention, gemm=gemm, arch=arch, host=host, cpu=cpu)
     return export_executable(executable, target_name, output, arch=arch, metadata=metadata)
 
 

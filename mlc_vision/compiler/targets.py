@@ -43,13 +43,25 @@ WASM_TRIPLE = "wasm32-unknown-unknown-wasm"
 
 
 #: Every attention lowering a library can be built with (``--attention``).
-ATTENTION = ("split", "fused", "tensorcore")
+ATTENTION = ("split", "fused", "tensorcore", "flash")
 #: The lowerings each target builds, its default first (targets not listed: ``split`` only).
 #: ``fused`` is a kernel of ours (CPU: fp32 only); ``tensorcore`` is CUDA's split
-#: with both attention matmuls on tensor cores (see compiler/pipeline.py).
+#: with both attention matmuls on tensor cores; ``flash`` is our tensor-core
+#: flash-attention kernel (CUDA, fp16/bf16; see compiler/pipeline.py).
 ATTENTION_BY_TARGET = {
     "cpu": ("fused", "split"),
-    "cuda": ("split", "fused", "tensorcore"),
+    "cuda": ("split", "fused", "tensorcore", "flash"),
+}
+#: How CUDA fp16 matmuls are scheduled (``--gemm``), the default first: ``dlight``
+#: (dlight's WMMA rule) or ``mma`` (``schedules/gpu_mma.py``: ``mma.sync`` with
+#: ldmatrix, a cp.async pipeline and swizzled shared memory). Other targets: ``dlight``.
+GEMM = ("dlight", "mma")
+GEMM_BY_TARGET = {"cuda": GEMM}
+
+#: Lowerings that only exist for some dtypes: (target, lowering) -> the dtypes that have it.
+ATTENTION_DTYPES = {
+    ("cpu", "fused"): ("float32", "bfloat16"),  # bf16 CPU libraries compute attention in fp32
+    ("cuda", "flash"): ("float16", "bfloat16"),
 }
 
 
@@ -252,9 +264,9 @@ def cpu_spec(cpu: str | None = None) -> dict:
     name implies but this (often virtual) CPU does not report. ``features``
     lists the instruction-set extensions the code may use (LLVM names); the
     runtime refuses the library on a CPU that lacks one
-    (``runtime/cpu_features.py``).
+    (``cpu_features.py``).
     """
-    from ..runtime.cpu_features import isa_features
+    from ..cpu_features import isa_features
 
     if cpu is None:
         triple = str(_llvm("target.llvm_get_system_triple")())
@@ -273,7 +285,7 @@ def cpu_spec(cpu: str | None = None) -> dict:
 
 def check_cpu_linkable(spec: dict) -> None:
     """Refuse a ``--cpu`` of another architecture: the library is linked by this machine's C compiler."""
-    from ..runtime.cpu_features import triple_arch
+    from ..cpu_features import triple_arch
 
     host = triple_arch(str(_llvm("target.llvm_get_system_triple")()))
     if triple_arch(spec["triple"]) != host:
@@ -329,14 +341,30 @@ def make_target(name: str, arch=None, host: str | None = None, cpu: dict | None 
     return tvm.target.Target({"kind": name}, host=generic_host)
 
 
+def resolve_gemm(name: str, dtype: str, gemm: str | None) -> str:
+    """The matmul schedule a library for target ``name`` in ``dtype`` gets (``None``: the default).
+
+    ``mma`` is for CUDA fp16 only (TVM's ldmatrix intrinsics are fp16); asking
+    for it elsewhere is a one-line error.
+    """
+    modes = GEMM_BY_TARGET.get(name, ("dlight",)) if dtype == "float16" else ("dlight",)
+    if gemm is None:
+        return modes[0]
+    if gemm not in GEMM:
+        raise MlcVisionError(f"unknown gemm schedule {gemm!r}; choose one of {', '.join(GEMM)}")
+    if gemm not in modes:
+        raise MlcVisionError(f"gemm {gemm!r} is not available for target {name!r} in {dtype}; choose {' or '.join(modes)}")
+    return gemm
+
+
 def resolve_attention(name: str, dtype: str, attention: str | None) -> str:
     """The attention lowering a library for target ``name`` in ``dtype`` gets (``None``: the default).
 
     An unknown mode, or one this target (or dtype) cannot build, is a one-line error.
     """
-    modes = ATTENTION_BY_TARGET.get(name, ("split",))
-    if name == "cpu" and dtype == "float16":
-        modes = ("split",)  # the fused CPU kernel is fp32 only (bf16 CPU libraries compute attention in fp32)
+    modes = tuple(
+        mode for mode in ATTENTION_BY_TARGET.get(name, ("split",)) if dtype in ATTENTION_DTYPES.get((name, mode), (dtype,))
+    )
     if attention is None:
         return modes[0]
     if attention not in ATTENTION:
