@@ -183,9 +183,24 @@ def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[di
         "feature": config.feature,
         "projector": projector_metadata(config),
         "preprocess": config.preprocess.to_dict(),
+        "tiling": tiling_metadata(config, tokens),
         "entries": entries,
         "params": params,
     }
+
+
+def tiling_metadata(config: VisionConfig, tokens_per_tile: int) -> dict | None:
+    """The tiling contract a runtime follows for an image of any size (docs/tiling.md)."""
+    if config.tiling is None:
+        return None
+    tiling = config.tiling.to_dict()
+    tiling.update(
+        tile_size=config.image_size,
+        tokens_per_tile=tokens_per_tile,
+        grid="rows x cols (height x width)",
+        order="tiles row-major, then the thumbnail (only when the grid has more than one tile)",
+    )
+    return tiling
 
 
 def rgb8_shape(config: VisionConfig) -> list:

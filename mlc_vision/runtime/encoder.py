@@ -9,6 +9,7 @@ library comes from the library's own ``_metadata()``.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -18,7 +19,8 @@ from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must loa
 
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
-from .preprocess import preprocess
+from .preprocess import load_rgb, normalize, preprocess
+from .tiling import Grid, internvl_tiles
 
 RUNNABLE_SUFFIXES = (".so", ".dylib", ".dll")
 
@@ -73,6 +75,15 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
             )
 
 
+@dataclass(frozen=True)
+class TiledFeatures:
+    """The features of one tiled image: ``[tiles, tokens, width]``, the grid row-major, then the thumbnail."""
+
+    features: np.ndarray
+    grid: Grid
+    thumbnail: bool
+
+
 class VisionEncoder:
     """Images (or preprocessed pixel arrays) -> features, with a compiled mlc-vision library."""
 
@@ -123,9 +134,7 @@ class VisionEncoder:
 
     # ---- calling -----------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
-        from ..config import Preprocess
-
-        return preprocess(images, Preprocess.from_dict(self.metadata["preprocess"]))
+        return preprocess(images, self._preprocess_config())
 
     def encode_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
         """``[batch, 3, H, W]`` normalized pixels -> ``[batch, tokens, width]``."""
@@ -148,6 +157,59 @@ class VisionEncoder:
             )
         out = self._vm["encode_rgb8"](tvm.runtime.tensor(np.ascontiguousarray(pixels), self.tvm_device), self._params)
         return out.numpy()
+
+    @property
+    def tiling(self) -> dict | None:
+        """The library's tiling contract (``metadata["tiling"]``), None for one input per image."""
+        return self.metadata.get("tiling")
+
+    def encode_tiles(
+        self,
+        images,
+        *,
+        max_tiles: int | None = None,
+        min_tiles: int | None = None,
+        thumbnail: bool | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> TiledFeatures | list[TiledFeatures]:
+        """Images of any size -> InternVL dynamic tiles -> features per image, with the grid.
+
+        ``max_tiles``, ``min_tiles`` and ``thumbnail`` default to the library's
+        (the checkpoint's ``max_dynamic_patch`` / ``min_dynamic_patch`` /
+        ``use_thumbnail``); ``grid`` ``(rows, cols)`` skips the grid choice.
+        One image gives one :class:`TiledFeatures`, a list gives a list.
+        """
+        tiling = self._tiling_contract("internvl")
+        min_tiles = tiling["min_tiles"] if min_tiles is None else int(min_tiles)
+        max_tiles = tiling["max_tiles"] if max_tiles is None else int(max_tiles)
+        thumbnail = tiling["thumbnail"] if thumbnail is None else bool(thumbnail)
+        chosen = None if grid is None else Grid(*grid)
+        pre = self._preprocess_config()
+        single = not isinstance(images, (list, tuple))
+        results = []
+        for image in [images] if single else images:
+            tiled = internvl_tiles(
+                load_rgb(image), self.image_size, pre,
+                min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail, grid=chosen,
+            )
+            pixels = np.stack([normalize(tile, pre, pre.backend) for tile in tiled.tiles])
+            results.append(TiledFeatures(self.encode_pixels(pixels), tiled.grid, tiled.thumbnail))
+        return results[0] if single else results
+
+    def _tiling_contract(self, mode: str) -> dict:
+        tiling = self.tiling
+        if tiling is None or tiling["mode"] != mode:
+            has = "no tiling contract" if tiling is None else f"the {tiling['mode']!r} tiling contract"
+            raise MlcVisionError(
+                f"library {self.lib_path} ({self.metadata['family']}) has {has}, not {mode!r} tiles; "
+                "compile it from a checkpoint or preset that records one"
+            )
+        return tiling
+
+    def _preprocess_config(self):
+        from ..config import Preprocess
+
+        return Preprocess.from_dict(self.metadata["preprocess"])
 
     def __call__(self, images) -> np.ndarray:
         """A PIL image, a path, a list of them (any sizes), or a float ``[batch,3,H,W]`` array."""

@@ -154,7 +154,17 @@ def outer_options(full_config: dict) -> dict:
             if value is not None:
                 options[option] = value
     options.update(projector_options(full_config))
+    options.update(tiling_options(full_config))
     return options
+
+
+def tiling_options(full_config: dict) -> dict:
+    """``{"tiling": ...}`` when a composite config says how its images are tiled (none: keep the tower's)."""
+    if full_config.get("model_type") == "internvl_chat":
+        from ..models.intern_vit import tiling_from_hf
+
+        return {"tiling": tiling_from_hf(full_config)}
+    return {}
 
 
 def projector_options(full_config: dict) -> dict:
