@@ -153,9 +153,11 @@ def save_atomically(path: Path, array) -> None:
 def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thumbnail, output):
     """Turn images (or preprocessed pixels) into features.
 
-    A library with InternVL's tiling contract cuts each image into tiles; the
-    features of every image's tiles are written one after the other
-    (``[total tiles, tokens, width]``) and each image's grid is printed.
+    A library with a tiling contract cuts each image into tiles and prints
+    each image's grid. InternVL: the features of every image's tiles, one
+    image after the other (``[total tiles, tokens, width]``). LLaVA-NeXT
+    anyres: the packed sequences the language model reads, one after the
+    other (``[total tokens, width]``).
     """
     import numpy as np
 
@@ -169,13 +171,19 @@ def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thu
     if tiled:
         results = encoder.encode_tiles([str(p) for p in images], **tile_options)
         for path, result in zip(images, results):
-            extra = " + thumbnail" if result.thumbnail else ""
-            click.echo(f"{path}: grid {result.grid}{extra} -> {len(result.features)} tiles")
-        features = np.concatenate([r.features for r in results], axis=0)
+            click.echo(f"{path}: {describe_tiles(result)}")
+        features = np.concatenate([r.features if r.packed is None else r.packed for r in results], axis=0)
     else:
         features = encoder(load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images])
     save_atomically(output, features)
     click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}")
+
+
+def describe_tiles(result) -> str:
+    """One line: the grid, the extra tile, and what the tiles became."""
+    extra = " + thumbnail" if result.thumbnail else " + base image" if result.base else ""
+    line = f"grid {result.grid}{extra} -> {len(result.features)} tiles"
+    return line if result.packed is None else f"{line} -> {len(result.packed)} packed tokens"
 
 
 # ---- inspect / targets --------------------------------------------------------------

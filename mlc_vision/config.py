@@ -70,6 +70,11 @@ class Preprocess:
 
 
 TILING_MODES = ("internvl", "anyres")  # see runtime/tiling.py and docs/tiling.md
+# LLaVA-NeXT's image_newline (LLM width), in the params dir beside the projector;
+# the runtime appends it to each row of tokens when it packs anyres tiles.
+IMAGE_NEWLINE_PARAM = "projector.image_newline"
+# transformers' LlavaNextConfig default, [height, width] each
+DEFAULT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,22 @@ class VisionConfig:
             raise MlcVisionError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         normalize_layer(self.select_layer, self.num_hidden_states)
         return self
+
+    @property
+    def has_image_newline(self) -> bool:
+        """LLaVA-NeXT: the params hold ``image_newline`` (it needs the projector: it has the LLM's width)."""
+        return self.tiling is not None and self.tiling.mode == "anyres" and self.projector is not None
+
+
+def check_pinpoints(pinpoints, tile_size: int) -> None:
+    """anyres grids must be whole tiles: ``[height, width]`` multiples of the tower's image size."""
+    if not pinpoints:
+        raise MlcVisionError("anyres tiling needs at least one grid pinpoint")
+    for point in pinpoints:
+        if len(point) != 2 or min(point) < tile_size or point[0] % tile_size or point[1] % tile_size:
+            raise MlcVisionError(
+                f"grid pinpoint {list(point)} is not a [height, width] multiple of the tile size {tile_size}"
+            )
 
 
 def normalize_layer(select_layer: int, num_hidden_states: int) -> int:

@@ -20,7 +20,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from .. import __version__
-from ..config import DTYPES, VisionConfig
+from ..config import DTYPES, IMAGE_NEWLINE_PARAM, VisionConfig
 from ..errors import MlcVisionError
 from ..models import get_family
 from ..models import projector as projectors
@@ -194,11 +194,18 @@ def tiling_metadata(config: VisionConfig, tokens_per_tile: int) -> dict | None:
     if config.tiling is None:
         return None
     tiling = config.tiling.to_dict()
+    tiling.update(tile_size=config.image_size, tokens_per_tile=tokens_per_tile, grid="rows x cols (height x width)")
+    if config.tiling.mode == "internvl":
+        tiling["order"] = "tiles row-major, then the thumbnail (only when the grid has more than one tile)"
+        return tiling
+    newline = None
+    if config.has_image_newline:
+        newline = {"param": IMAGE_NEWLINE_PARAM, "shape": [config.projector_hidden_size]}
     tiling.update(
-        tile_size=config.image_size,
-        tokens_per_tile=tokens_per_tile,
-        grid="rows x cols (height x width)",
-        order="tiles row-major, then the thumbnail (only when the grid has more than one tile)",
+        order="the base image (resized to one tile), then the tiles of the chosen pinpoint row-major",
+        image_newline=newline,
+        packing="tile token maps joined, cropped to the image's aspect (unpad), image_newline after each row, "
+        "base image tokens first" if newline else "none in the library: compile with the projector to pack",
     )
     return tiling
 

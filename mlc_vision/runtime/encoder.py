@@ -17,10 +17,11 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must load without TVM's compiler library
 
+from ..config import Preprocess, check_tile_range
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
 from .preprocess import load_rgb, normalize, preprocess
-from .tiling import Grid, internvl_tiles
+from .tiling import Grid, anyres_tiles, internvl_tiles, pack_anyres
 
 RUNNABLE_SUFFIXES = (".so", ".dylib", ".dll")
 
@@ -77,11 +78,21 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
 
 @dataclass(frozen=True)
 class TiledFeatures:
-    """The features of one tiled image: ``[tiles, tokens, width]``, the grid row-major, then the thumbnail."""
+    """The features of one tiled image.
+
+    ``features``: ``[tiles, tokens, width]`` in the library's tile order
+    (InternVL: the grid row-major, then the thumbnail; anyres: the base image,
+    then the grid row-major). ``packed``: anyres only, the sequence the
+    language model consumes ``[tokens, width]`` (unpadded, ``image_newline``
+    after every row, base image first); None for InternVL, whose LLM reads the
+    tiles' tokens in order.
+    """
 
     features: np.ndarray
     grid: Grid
-    thumbnail: bool
+    thumbnail: bool = False
+    base: bool = False
+    packed: np.ndarray | None = None
 
 
 class VisionEncoder:
@@ -96,6 +107,7 @@ class VisionEncoder:
         self.metadata = read_metadata(self._vm, self.lib_path)
         check_params_match(self.metadata, self.params_dir)
         self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
+        self._newline = None  # read on first use (anyres packing)
 
     # ---- what LLaVA's CLIPVisionTower exposes ------------------------------------
     @property
@@ -172,43 +184,75 @@ class VisionEncoder:
         thumbnail: bool | None = None,
         grid: tuple[int, int] | None = None,
     ) -> TiledFeatures | list[TiledFeatures]:
-        """Images of any size -> InternVL dynamic tiles -> features per image, with the grid.
+        """Images of any size -> tiles (the library's tiling contract) -> features per image, with the grid.
 
-        ``max_tiles``, ``min_tiles`` and ``thumbnail`` default to the library's
-        (the checkpoint's ``max_dynamic_patch`` / ``min_dynamic_patch`` /
-        ``use_thumbnail``); ``grid`` ``(rows, cols)`` skips the grid choice.
-        One image gives one :class:`TiledFeatures`, a list gives a list.
+        InternVL dynamic tiles: ``max_tiles``, ``min_tiles`` and ``thumbnail``
+        default to the library's (the checkpoint's ``max_dynamic_patch`` /
+        ``min_dynamic_patch`` / ``use_thumbnail``). LLaVA-NeXT anyres: the grid
+        is one of the library's pinpoints and the result is packed as well.
+        ``grid`` ``(rows, cols)`` skips the grid choice (it must be one the
+        library allows). One image gives one :class:`TiledFeatures`, a list a list.
         """
-        tiling = self._tiling_contract("internvl")
+        tiling = self._tiling_contract()
+        chosen = None if grid is None else Grid(*grid)
+        if tiling["mode"] == "internvl":
+            cut = self._internvl_cutter(tiling, min_tiles, max_tiles, thumbnail, chosen)
+        else:
+            if any(v is not None for v in (min_tiles, max_tiles, thumbnail)):
+                raise MlcVisionError(
+                    "min/max tiles and the thumbnail are InternVL options; this library tiles with anyres pinpoints"
+                )
+            pinpoints = [tuple(p) for p in tiling["grid_pinpoints"]]
+            cut = lambda rgb: anyres_tiles(rgb, self.image_size, self._pre, pinpoints, grid=chosen)  # noqa: E731
+        single = not isinstance(images, (list, tuple))
+        results = [self._encode_tiled(load_rgb(image), cut) for image in ([images] if single else images)]
+        return results[0] if single else results
+
+    def _internvl_cutter(self, tiling: dict, min_tiles, max_tiles, thumbnail, grid):
         min_tiles = tiling["min_tiles"] if min_tiles is None else int(min_tiles)
         max_tiles = tiling["max_tiles"] if max_tiles is None else int(max_tiles)
         thumbnail = tiling["thumbnail"] if thumbnail is None else bool(thumbnail)
-        chosen = None if grid is None else Grid(*grid)
-        pre = self._preprocess_config()
-        single = not isinstance(images, (list, tuple))
-        results = []
-        for image in [images] if single else images:
-            tiled = internvl_tiles(
-                load_rgb(image), self.image_size, pre,
-                min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail, grid=chosen,
-            )
-            pixels = np.stack([normalize(tile, pre, pre.backend) for tile in tiled.tiles])
-            results.append(TiledFeatures(self.encode_pixels(pixels), tiled.grid, tiled.thumbnail))
-        return results[0] if single else results
+        check_tile_range(min_tiles, max_tiles)
+        return lambda rgb: internvl_tiles(
+            rgb, self.image_size, self._pre, min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail, grid=grid
+        )
 
-    def _tiling_contract(self, mode: str) -> dict:
+    def _encode_tiled(self, rgb: np.ndarray, cut) -> TiledFeatures:
+        tiled = cut(rgb)
+        pixels = np.stack([normalize(tile, self._pre, self._pre.backend) for tile in tiled.tiles])
+        features = self.encode_pixels(pixels)
+        packed = None
+        if tiled.base and self._image_newline is not None:
+            packed = pack_anyres(features, tiled.grid, rgb.shape[:2], self._image_newline)
+        return TiledFeatures(features, tiled.grid, tiled.thumbnail, tiled.base, packed)
+
+    def _tiling_contract(self) -> dict:
         tiling = self.tiling
-        if tiling is None or tiling["mode"] != mode:
-            has = "no tiling contract" if tiling is None else f"the {tiling['mode']!r} tiling contract"
+        if tiling is None:
             raise MlcVisionError(
-                f"library {self.lib_path} ({self.metadata['family']}) has {has}, not {mode!r} tiles; "
-                "compile it from a checkpoint or preset that records one"
+                f"library {self.lib_path} ({self.metadata['family']}) has no tiling contract; "
+                "compile it from a checkpoint or preset that records one (InternVL-chat, LLaVA-NeXT, InternViT)"
             )
         return tiling
 
-    def _preprocess_config(self):
-        from ..config import Preprocess
+    @property
+    def _pre(self):
+        return self._preprocess_config()
 
+    @property
+    def _image_newline(self) -> np.ndarray | None:
+        """LLaVA-NeXT's row separator from the params dir (None when the library has none)."""
+        spec = (self.tiling or {}).get("image_newline")
+        if spec is None:
+            return None
+        if self._newline is None:
+            records, _ = read_params(self.params_dir)
+            if spec["param"] not in records:
+                raise MlcVisionError(f"params {self.params_dir} have no {spec['param']!r}, which the library's packing needs")
+            self._newline = records[spec["param"]].read().astype(np.float32)
+        return self._newline
+
+    def _preprocess_config(self) -> Preprocess:
         return Preprocess.from_dict(self.metadata["preprocess"])
 
     def __call__(self, images) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""One image of any size -> several fixed-size tiles (InternVL dynamic tiles).
+"""One image of any size -> several fixed-size tiles (InternVL dynamic tiles, LLaVA-NeXT anyres).
 
 Numpy and Pillow only (no TVM, no torch): the runtime loads under a
 runtime-only TVM, and ``examples/cpp`` implements the same rules (the
@@ -25,16 +25,30 @@ filter and backend (bicubic; the ``torchvision`` backend is bit-exact to the
 transformers processor, ``pil`` to InternVL's own Pillow resize), cut in
 row-major order, and the thumbnail (a resize of the original image, not of the
 canvas) comes last.
+
+LLaVA-NeXT's ``anyres`` (transformers' ``LlavaNextImageProcessor`` and
+``LlavaNextModel.pack_image_features``) picks one of the checkpoint's
+``image_grid_pinpoints`` (``[height, width]``, multiples of the tile) with
+``select_best_resolution``: the most image pixels kept after fitting the image
+inside it (``int(side * scale)``), ties to the least wasted area, then to the
+first listed. The image is resized to fit (the other side ``ceil``-ed), pasted
+centered on a black canvas (the odd pixel of padding goes right and bottom),
+and cut row-major; the base image (the whole image resized to one tile,
+aspect ignored) comes first. After the tower and projector,
+:func:`pack_anyres` puts the tiles' token grids side by side, crops the rows or
+columns that only saw padding, appends the ``image_newline`` embedding to every
+row of tokens, and puts the base image's tokens in front.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from ..config import Preprocess, check_tile_range
+from ..config import Preprocess, check_pinpoints, check_tile_range
 from ..errors import MlcVisionError
 from .preprocess import resize
 
@@ -56,11 +70,16 @@ class Grid:
 
 @dataclass(frozen=True)
 class TiledImage:
-    """The uint8 tiles of one image ``[tiles, tile, tile, 3]``: the grid row-major, then the thumbnail."""
+    """The uint8 tiles of one image ``[tiles, tile, tile, 3]``.
+
+    InternVL: the grid row-major, then the thumbnail when ``thumbnail``.
+    anyres (``base``): the base image first, then the grid row-major.
+    """
 
     tiles: np.ndarray
     grid: Grid
-    thumbnail: bool
+    thumbnail: bool = False
+    base: bool = False
 
 
 @lru_cache(maxsize=64)
@@ -136,3 +155,107 @@ def internvl_tiles(
 def tile_count(grid: Grid, thumbnail: bool) -> int:
     """Tiles the tower runs on for one image (the thumbnail only joins a grid of several tiles)."""
     return grid.count + (1 if thumbnail and grid.count > 1 else 0)
+
+
+# ---- LLaVA-NeXT anyres ------------------------------------------------------------------------
+
+
+def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
+    """The ``(height, width)`` pinpoint that keeps the most of the image and wastes the least."""
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for pin_h, pin_w in pinpoints:
+        scale = min(pin_w / width, pin_h / height)
+        fitted_w, fitted_h = int(width * scale), int(height * scale)
+        effective = min(fitted_w * fitted_h, width * height)
+        wasted = pin_w * pin_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (pin_h, pin_w), effective, wasted
+    if best is None:
+        raise MlcVisionError("the library has no grid pinpoints to choose from")
+    return best
+
+
+def fitted_size(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The image's size inside ``target`` keeping its aspect (the scaled side rounded up)."""
+    target_h, target_w = target
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+def check_pinpoint(grid: Grid, tile_size: int, pinpoints) -> None:
+    """A grid given by the caller must be one of the library's pinpoints."""
+    if (grid.rows * tile_size, grid.cols * tile_size) not in {tuple(p) for p in pinpoints}:
+        allowed = ", ".join(f"{h // tile_size}x{w // tile_size}" for h, w in pinpoints)
+        raise MlcVisionError(f"grid {grid} does not match the library: its anyres grids are {allowed}")
+
+
+def anyres_tiles(rgb: np.ndarray, tile_size: int, pre: Preprocess, pinpoints, *, grid: Grid | None = None) -> TiledImage:
+    """An HxWx3 uint8 image -> the base image then the tiles of its best pinpoint (``grid`` overrides)."""
+    check_pinpoints(pinpoints, tile_size)
+    height, width = rgb.shape[:2]
+    if grid is None:
+        target = select_best_resolution(height, width, pinpoints)
+        grid = Grid(target[0] // tile_size, target[1] // tile_size)
+    else:
+        check_pinpoint(grid, tile_size, pinpoints)
+        target = (grid.rows * tile_size, grid.cols * tile_size)
+    new_h, new_w = fitted_size(height, width, target)
+    canvas = np.zeros((*target, rgb.shape[2]), np.uint8)
+    top, left = (target[0] - new_h) // 2, (target[1] - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = resize(rgb, (new_h, new_w), pre.resample, pre.backend)
+    base = resize(rgb, (tile_size, tile_size), pre.resample, pre.backend)
+    tiles = np.concatenate([base[None], cut_tiles(canvas, grid, tile_size)], axis=0)
+    return TiledImage(tiles=tiles, grid=grid, base=True)
+
+
+def unpadded_extent(rows: int, cols: int, height: int, width: int) -> tuple[slice, slice]:
+    """The token rows and columns of a ``rows x cols`` token map that cover the image, not its padding.
+
+    transformers' ``unpad_image``: the scaled side is rounded to 7 decimals then
+    truncated, and the padding removed is ``(current - new) // 2`` on both ends.
+    """
+    if width / height > cols / rows:
+        new_rows = int(round(height * (cols / width), 7))
+        pad = (rows - new_rows) // 2
+        return slice(pad, rows - pad), slice(0, cols)
+    new_cols = int(round(width * (rows / height), 7))
+    pad = (cols - new_cols) // 2
+    return slice(0, rows), slice(pad, cols - pad)
+
+
+def pack_anyres(
+    features: np.ndarray, grid: Grid, image_size: tuple[int, int], newline: np.ndarray | None
+) -> np.ndarray:
+    """``[1 + tiles, side * side, width]`` (base first) -> the LLM's image sequence ``[tokens, width]``.
+
+    The tiles' token maps are joined into one ``(rows * side) x (cols * side)``
+    map, cropped to the image (:func:`unpadded_extent`), each token row gets
+    ``newline`` appended (when given), and the base image's tokens go first.
+    """
+    count, tokens, channels = features.shape
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise MlcVisionError(
+            f"anyres packing needs a square token grid per tile, got {tokens} tokens "
+            "(compile with feature 'patch' so the class token is dropped)"
+        )
+    if count != grid.count + 1:
+        raise MlcVisionError(f"grid {grid} needs {grid.count + 1} tiles (base first), got {count}")
+    tiles = features[1:].reshape(grid.rows, grid.cols, side, side, channels)
+    token_map = tiles.transpose(0, 2, 1, 3, 4).reshape(grid.rows * side, grid.cols * side, channels)
+    rows, cols = unpadded_extent(token_map.shape[0], token_map.shape[1], *image_size)
+    token_map = token_map[rows, cols]
+    if newline is not None:
+        column = np.broadcast_to(newline.astype(token_map.dtype), (token_map.shape[0], 1, channels))
+        token_map = np.concatenate([token_map, column], axis=1)
+    return np.concatenate([features[0], token_map.reshape(-1, channels)], axis=0)
+
+
+def anyres_token_count(grid: Grid, tokens_per_tile: int, image_size: tuple[int, int], newline: bool) -> int:
+    """Tokens :func:`pack_anyres` returns for an image of ``image_size`` (height, width) on ``grid``."""
+    side = math.isqrt(tokens_per_tile)
+    rows, cols = unpadded_extent(grid.rows * side, grid.cols * side, *image_size)
+    kept_rows, kept_cols = rows.stop - rows.start, cols.stop - cols.start
+    return tokens_per_tile + kept_rows * (kept_cols + (1 if newline else 0))

@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 
 from .. import __version__
-from ..config import DTYPES, VisionConfig, list_presets, load_preset, preset_info, with_options
+from ..config import DTYPES, IMAGE_NEWLINE_PARAM, VisionConfig, list_presets, load_preset, preset_info, with_options
 from ..errors import MlcVisionError
 from ..models import get_family, route
 from .mapping import WeightMap
@@ -118,6 +118,8 @@ def expected_params(fam: ModuleType, config: VisionConfig, dtype: str) -> dict[s
     params = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
     if config.projector and not any(name.startswith("projector.") for name in params):
         params.update(_projector_module(config).projector_params(config, dtype))
+    if config.has_image_newline:
+        params[IMAGE_NEWLINE_PARAM] = ((config.projector_hidden_size,), dtype)
     return params
 
 

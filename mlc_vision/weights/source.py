@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..config import DEFAULT_GRID_PINPOINTS, Tiling
 from ..errors import MlcVisionError
 
 # The small files every conversion reads (fetched first for a hub id).
@@ -160,11 +161,24 @@ def outer_options(full_config: dict) -> dict:
 
 def tiling_options(full_config: dict) -> dict:
     """``{"tiling": ...}`` when a composite config says how its images are tiled (none: keep the tower's)."""
-    if full_config.get("model_type") == "internvl_chat":
+    model_type = full_config.get("model_type")
+    if model_type == "internvl_chat":
         from ..models.intern_vit import tiling_from_hf
 
         return {"tiling": tiling_from_hf(full_config)}
+    if model_type == "llava_next":
+        return {"tiling": anyres_tiling(full_config)}
     return {}
+
+
+def anyres_tiling(full_config: dict) -> Tiling:
+    """LLaVA-NeXT's ``image_grid_pinpoints`` (transformers' default when absent)."""
+    pinpoints = full_config.get("image_grid_pinpoints", DEFAULT_GRID_PINPOINTS)
+    if not isinstance(pinpoints, (list, tuple)) or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in pinpoints
+    ):
+        raise MlcVisionError(f"config.json image_grid_pinpoints must be a list of [height, width], got {pinpoints!r}")
+    return Tiling(mode="anyres", grid_pinpoints=tuple(tuple(p) for p in pinpoints)).validated()
 
 
 def projector_options(full_config: dict) -> dict:
