@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from mlc_vision.compiler.targets import ATTENTION_BY_TARGET  # noqa: E402  (no TVM import)
 
@@ -144,8 +143,8 @@ def gpu_median_ms(fn, sync, runs: int, warmup: int = 3) -> float:
 
 
 def compare(ours: np.ndarray, ref: np.ndarray, dtype: str) -> dict:
-    """Error measures and whether they meet the brief's tolerances (tests/parity.py)."""
-    from parity import FP16_MIN_COS, FP32_MIN_COS, FP32_REL_MAX_ERR
+    """Error measures and whether they meet the brief's tolerances (mlc_vision.testing.parity)."""
+    from mlc_vision.testing.parity import FP16_MIN_COS, FP32_MIN_COS, FP32_REL_MAX_ERR
 
     ours, ref = ours.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
     cos = float(ours @ ref / (np.linalg.norm(ours) * np.linalg.norm(ref)))
@@ -186,10 +185,10 @@ def torch_model(config, dtype: str):
     """The same architecture in transformers (timm for EVA), on the GPU in ``dtype``."""
     import torch
 
-    from mlc_vision.bench import TORCH_BUILDERS
+    from mlc_vision.testing.references import torch_model as reference
 
     torch.manual_seed(0)
-    return TORCH_BUILDERS[config.family](config).eval().to("cuda", dtype=getattr(torch, dtype))
+    return reference(config).eval().to("cuda", dtype=getattr(torch, dtype))
 
 
 def batch_pixels(config, batch: int, dtype: str) -> np.ndarray:

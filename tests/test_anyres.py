@@ -18,14 +18,14 @@ from transformers.image_processing_utils import select_best_resolution as hf_sel
 
 from mlc_vision.compiler.export import build_library
 from mlc_vision.compiler.module import build_module
+from mlc_vision.checkpoint.tiling import anyres_tiling
 from mlc_vision.config import IMAGE_NEWLINE_PARAM, Tiling
 from mlc_vision.errors import MlcVisionError
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.runtime.encoder import VisionEncoder
 from mlc_vision.runtime.preprocess import normalize
 from mlc_vision.runtime.tiling import Grid, anyres_tiles, anyres_token_count, pack_anyres, select_best_resolution
 from mlc_vision.weights.convert import convert
-from mlc_vision.weights.source import anyres_tiling
 from parity import assert_fp32_close, randomize_layer_norms
 from test_tiling import image
 

@@ -16,7 +16,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.weights.convert import convert
 from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_layer_norms
 

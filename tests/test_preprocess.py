@@ -19,7 +19,8 @@ from PIL import Image
 
 from mlc_vision.config import Preprocess
 from mlc_vision.errors import MlcVisionError
-from mlc_vision.runtime.preprocess import preprocess, preprocess_config_from_hf
+from mlc_vision.checkpoint.processor import preprocess_config_from_hf
+from mlc_vision.runtime.preprocess import preprocess
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

@@ -15,15 +15,19 @@ from tvm.relax.frontend import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from mlc_vision.checkpoint.config import checkpoint_config
+from mlc_vision.checkpoint.projector import projector_from_hf
+from mlc_vision.checkpoint.source import resolve_source
 from mlc_vision.compiler.module import build_module
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import clip
 from mlc_vision.models.projector import (
     PROJECTOR_WEIGHTS,
     Projector,
-    projector_from_hf,
     projector_params,
 )
+from mlc_vision.weights.convert import convert
+from mlc_vision.weights.params import load_params
 from parity import assert_fp16_close, assert_fp32_close
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -246,12 +250,9 @@ def tiny_llava(tmp_path_factory):
 
 
 def test_llava_checkpoint_end_to_end(tiny_llava, tmp_path):
-    convert_module = pytest.importorskip("mlc_vision.weights.convert")
-    from mlc_vision.weights.params import load_params
-
     model, path = tiny_llava
-    params_dir = convert_module.convert(path, tmp_path / "params")
-    _, config, _ = convert_module.checkpoint_config(convert_module.resolve_source(path, None))
+    params_dir = convert(path, tmp_path / "params")
+    config = checkpoint_config(resolve_source(path)).config
     assert (config.projector, config.projector_hidden_size, config.select_layer, config.feature) == (
         "mlp2x_gelu", LLM_WIDTH, -2, "patch")
     built = build_module(config, "float32", "cpu")

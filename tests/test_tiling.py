@@ -24,7 +24,7 @@ from mlc_vision.compiler.module import build_module
 from mlc_vision.config import Preprocess, Tiling, load_preset
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import intern_vit
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.runtime.encoder import VisionEncoder
 from mlc_vision.runtime.preprocess import normalize
 from mlc_vision.runtime.tiling import Grid, candidate_grids, choose_grid, internvl_tiles

@@ -31,11 +31,12 @@ from tvm.relax.frontend.nn import Tensor
 
 from ..config import Preprocess, VisionConfig
 from ..errors import MlcVisionError
-from ..weights.mapping import LLAVA_NON_VISION_KEYS, WeightMap
-from ..weights.transforms import interpolate_position_embedding
+from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
+from .transforms import interpolate_position_embedding
 from . import layers
+from .registry import Family, register
 
-FAMILY = "eva_clip"
+NAME = "eva_clip"
 # The port saves CLIP's model types. Other EVA-CLIP ports ("eva_clip" in CogVLM,
 # "evaclip_vision_model") name their keys differently and are not claimed.
 MODEL_TYPES = ("clip_vision_model", "clip")
@@ -90,7 +91,7 @@ def config_from_hf(hf: dict) -> VisionConfig:
     hf = _vision_part(hf)
     image_size = hf.get("image_size", 224)
     return VisionConfig(
-        family=FAMILY,
+        family=NAME,
         hidden_size=hf.get("hidden_size", 768),
         intermediate_size=hf.get("intermediate_size", 3072),
         num_hidden_layers=hf.get("num_hidden_layers", 12),
@@ -177,4 +178,20 @@ WEIGHTS = WeightMap(
     # rule is CLIP's (transformers' ``interpolate_pos_encoding``): the class row kept,
     # the patch rows resampled bicubic (a = -0.75), align_corners=False, no antialias.
     transforms=((r"^embeddings\.position_embedding\.weight$", interpolate_position_embedding),),
+)
+
+
+FAMILY = register(
+    Family(
+        name=NAME,
+        model_types=MODEL_TYPES,
+        architectures=ARCHITECTURES,
+        config_from_hf=config_from_hf,
+        module=VisionModel,
+        weights=WEIGHTS,
+        claims=claims,
+        # transformers writes projection_dim for every CLIP vision config; only the
+        # models with a projection hold visual_projection
+        optional_parts={"projection_dim": r"^visual_projection\."},
+    )
 )
