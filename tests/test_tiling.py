@@ -223,3 +223,12 @@ def test_cli_run_tiles_and_prints_the_grid(tiled_tower, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "tile counts out of range" in err
     assert not (tmp_path / "g.npy").exists()
+
+
+def test_inspect_shows_the_tiling_contract(tiled_tower, capsys):
+    _, lib, _ = tiled_tower
+    assert main(["inspect", str(lib)]) == 0
+    tiling = json.loads(capsys.readouterr().out)["tiling"]
+    assert (tiling["mode"], tiling["min_tiles"], tiling["max_tiles"], tiling["thumbnail"]) == ("internvl", 1, 6, True)
+    assert (tiling["tile_size"], tiling["tokens_per_tile"]) == (SMALL["image_size"], 16)
+    assert "thumbnail" in tiling["order"] and tiling["grid"].startswith("rows x cols")
