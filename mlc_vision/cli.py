@@ -161,21 +161,49 @@ def save_atomically(path: Path, array) -> None:
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable).")
 @click.option("--pixel-values", type=click.Path(path_type=Path), default=None, help=".npy [batch,3,H,W] float32, preprocessed.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, metal, vulkan, ...")
+@click.option("--max-tiles", type=int, default=None,
+              help="InternVL tiles: most tiles per image (default: the checkpoint's max_dynamic_patch, else 12).")
+@click.option("--min-tiles", type=int, default=None, help="InternVL tiles: fewest tiles per image (default: the library's).")
+@click.option("--thumbnail/--no-thumbnail", default=None,
+              help="InternVL tiles: add the whole image as one more tile when the grid has several (default: the library's).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Features .npy to write.")
 @click.option("--verify", is_flag=True, help="Check the params shards' checksums before running (sizes are always checked).")
-def run_cmd(lib, params, images, pixel_values, device, output, verify):
-    """Turn images (or preprocessed pixels) into features."""
+def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thumbnail, output, verify):
+    """Turn images (or preprocessed pixels) into features.
+
+    A library with a tiling contract cuts each image into tiles and prints
+    each image's grid. InternVL: the features of every image's tiles, one
+    image after the other (``[total tiles, tokens, width]``). LLaVA-NeXT
+    anyres: the packed sequences the language model reads, one after the
+    other (``[total tokens, width]``).
+    """
+    import numpy as np
+
     from .atomic import check_writable
     from .runtime.encoder import VisionEncoder
 
     if bool(images) == bool(pixel_values):
         raise MlcVisionError("give either --image (one or more) or --pixel-values, not both or neither")
     check_writable(output)
-    inputs = load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images]
+    tile_options = {"max_tiles": max_tiles, "min_tiles": min_tiles, "thumbnail": thumbnail}
     encoder = VisionEncoder(lib, params, device=device, verify=verify)
-    features = encoder(inputs)
+    tiled = bool(images) and (encoder.tiling is not None or any(v is not None for v in tile_options.values()))
+    if tiled:
+        results = encoder.encode_tiles([str(p) for p in images], **tile_options)
+        for path, result in zip(images, results):
+            click.echo(f"{path}: {describe_tiles(result)}")
+        features = np.concatenate([r.features if r.packed is None else r.packed for r in results], axis=0)
+    else:
+        features = encoder(load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images])
     save_atomically(output, features)
     click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}")
+
+
+def describe_tiles(result) -> str:
+    """One line: the grid, the extra tile, and what the tiles became."""
+    extra = " + thumbnail" if result.thumbnail else " + base image" if result.base else ""
+    line = f"grid {result.grid}{extra} -> {len(result.features)} tiles"
+    return line if result.packed is None else f"{line} -> {len(result.packed)} packed tokens"
 
 
 # ---- inspect / targets --------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import MlcVisionError
 from ..validate import check_hf_vision_config
 from .projector import projector_from_hf
+from .tiling import tiling_options
 
 
 # ---- composite configs (a vision tower inside a bigger model) ---------------------------
@@ -116,7 +117,7 @@ def is_composite(full_config: dict) -> bool:
 
 
 def outer_options(full_config: dict) -> dict:
-    """VisionConfig options a composite config sets: select layer, feature, projector.
+    """VisionConfig options a composite config sets: select layer, feature, projector, tiling.
 
     Empty for a plain vision checkpoint. The projector (kind, the language
     model's width, InternVL's ``downsample_ratio``) comes from
@@ -134,4 +135,5 @@ def outer_options(full_config: dict) -> dict:
     spec = projector_from_hf(full_config)
     if spec is not None:
         options.update(spec.options())
+    options.update(tiling_options(full_config))
     return options

@@ -11,18 +11,21 @@ from __future__ import annotations
 import json
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must load without TVM's compiler library
 
+from ..config import Preprocess, check_tile_range
 from ..errors import MlcVisionError
 from ..weights.integrity import check_params_files
 from ..weights.params import load_params, read_params
 from ..cpu_features import check_cpu_library
 from .libcheck import check_library_file
-from .preprocess import preprocess
+from .preprocess import load_rgb, normalize, preprocess
+from .tiling import Grid, anyres_tiles, internvl_tiles, pack_anyres
 
 RUNNABLE_SUFFIXES = (".so", ".dylib", ".dll")
 
@@ -129,6 +132,25 @@ def warn_if_not_finite(pixel_values: np.ndarray) -> None:
         warnings.warn(f"pixel values hold {bad} NaN or Inf value(s); the features will not be meaningful", stacklevel=3)
 
 
+@dataclass(frozen=True)
+class TiledFeatures:
+    """The features of one tiled image.
+
+    ``features``: ``[tiles, tokens, width]`` in the library's tile order
+    (InternVL: the grid row-major, then the thumbnail; anyres: the base image,
+    then the grid row-major). ``packed``: anyres only, the sequence the
+    language model consumes ``[tokens, width]`` (unpadded, ``image_newline``
+    after every row, base image first); None for InternVL, whose LLM reads the
+    tiles' tokens in order.
+    """
+
+    features: np.ndarray
+    grid: Grid
+    thumbnail: bool = False
+    base: bool = False
+    packed: np.ndarray | None = None
+
+
 class VisionEncoder:
     """Images (or preprocessed pixel arrays) -> features, with a compiled mlc-vision library."""
 
@@ -151,6 +173,7 @@ class VisionEncoder:
         check_params_match(self.metadata, self.params_dir)
         check_params_files(self.params_dir, verify=verify)
         self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
+        self._newline = None  # read on first use (anyres packing)
 
     # ---- what LLaVA's CLIPVisionTower exposes ------------------------------------
     @property
@@ -198,9 +221,7 @@ class VisionEncoder:
 
     # ---- calling -----------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
-        from ..config import Preprocess
-
-        return preprocess(images, Preprocess.from_dict(self.metadata["preprocess"]))
+        return preprocess(images, self._preprocess_config())
 
     def encode_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
         """``[batch, 3, H, W]`` normalized pixels -> ``[batch, tokens, width]``."""
@@ -229,6 +250,91 @@ class VisionEncoder:
         with self._vm_lock:
             out = self._vm[function](tensor, self._params)
             return out.numpy()
+
+    @property
+    def tiling(self) -> dict | None:
+        """The library's tiling contract (``metadata["tiling"]``), None for one input per image."""
+        return self.metadata.get("tiling")
+
+    def encode_tiles(
+        self,
+        images,
+        *,
+        max_tiles: int | None = None,
+        min_tiles: int | None = None,
+        thumbnail: bool | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> TiledFeatures | list[TiledFeatures]:
+        """Images of any size -> tiles (the library's tiling contract) -> features per image, with the grid.
+
+        InternVL dynamic tiles: ``max_tiles``, ``min_tiles`` and ``thumbnail``
+        default to the library's (the checkpoint's ``max_dynamic_patch`` /
+        ``min_dynamic_patch`` / ``use_thumbnail``). LLaVA-NeXT anyres: the grid
+        is one of the library's pinpoints and the result is packed as well.
+        ``grid`` ``(rows, cols)`` skips the grid choice (it must be one the
+        library allows). One image gives one :class:`TiledFeatures`, a list a list.
+        """
+        tiling = self._tiling_contract()
+        chosen = None if grid is None else Grid(*grid)
+        if tiling["mode"] == "internvl":
+            cut = self._internvl_cutter(tiling, min_tiles, max_tiles, thumbnail, chosen)
+        else:
+            if any(v is not None for v in (min_tiles, max_tiles, thumbnail)):
+                raise MlcVisionError(
+                    "min/max tiles and the thumbnail are InternVL options; this library tiles with anyres pinpoints"
+                )
+            pinpoints = [tuple(p) for p in tiling["grid_pinpoints"]]
+            cut = lambda rgb: anyres_tiles(rgb, self.image_size, self._pre, pinpoints, grid=chosen)  # noqa: E731
+        single = not isinstance(images, (list, tuple))
+        results = [self._encode_tiled(load_rgb(image), cut) for image in ([images] if single else images)]
+        return results[0] if single else results
+
+    def _internvl_cutter(self, tiling: dict, min_tiles, max_tiles, thumbnail, grid):
+        min_tiles = tiling["min_tiles"] if min_tiles is None else int(min_tiles)
+        max_tiles = tiling["max_tiles"] if max_tiles is None else int(max_tiles)
+        thumbnail = tiling["thumbnail"] if thumbnail is None else bool(thumbnail)
+        check_tile_range(min_tiles, max_tiles)
+        return lambda rgb: internvl_tiles(
+            rgb, self.image_size, self._pre, min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail, grid=grid
+        )
+
+    def _encode_tiled(self, rgb: np.ndarray, cut) -> TiledFeatures:
+        tiled = cut(rgb)
+        pixels = np.stack([normalize(tile, self._pre, self._pre.backend) for tile in tiled.tiles])
+        features = self.encode_pixels(pixels)
+        packed = None
+        if tiled.base and self._image_newline is not None:
+            packed = pack_anyres(features, tiled.grid, rgb.shape[:2], self._image_newline)
+        return TiledFeatures(features, tiled.grid, tiled.thumbnail, tiled.base, packed)
+
+    def _tiling_contract(self) -> dict:
+        tiling = self.tiling
+        if tiling is None:
+            raise MlcVisionError(
+                f"library {self.lib_path} ({self.metadata['family']}) has no tiling contract; "
+                "compile it from a checkpoint or preset that records one (InternVL-chat, LLaVA-NeXT, InternViT)"
+            )
+        return tiling
+
+    @property
+    def _pre(self):
+        return self._preprocess_config()
+
+    @property
+    def _image_newline(self) -> np.ndarray | None:
+        """LLaVA-NeXT's row separator from the params dir (None when the library has none)."""
+        spec = (self.tiling or {}).get("image_newline")
+        if spec is None:
+            return None
+        if self._newline is None:
+            records, _ = read_params(self.params_dir)
+            if spec["param"] not in records:
+                raise MlcVisionError(f"params {self.params_dir} have no {spec['param']!r}, which the library's packing needs")
+            self._newline = records[spec["param"]].read().astype(np.float32)
+        return self._newline
+
+    def _preprocess_config(self) -> Preprocess:
+        return Preprocess.from_dict(self.metadata["preprocess"])
 
     def __call__(self, images) -> np.ndarray:
         """A PIL image, a path, a list of them (any sizes), or a float ``[batch,3,H,W]`` array."""

@@ -31,7 +31,7 @@ from .. import __version__
 from ..checkpoint.config import checkpoint_config
 from ..checkpoint.source import resolve_source
 from ..checkpoint.weight_plan import IGNORED, KeyMapper, key_mapper
-from ..config import DTYPES, VisionConfig, with_options
+from ..config import DTYPES, IMAGE_NEWLINE_PARAM, VisionConfig, with_options
 from ..errors import MlcVisionError
 from ..models import Family
 from ..models import projector as projectors
@@ -56,6 +56,8 @@ def expected_params(fam: Family, config: VisionConfig, dtype: str) -> dict[str, 
     params = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
     if config.projector:
         params.update(projectors.projector_params(config, dtype))
+    if config.has_image_newline:
+        params[IMAGE_NEWLINE_PARAM] = ((config.projector_hidden_size,), dtype)
     return params
 
 
