@@ -10,6 +10,7 @@ without opening them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -69,3 +70,40 @@ def key_mapper(fam: Family, config: VisionConfig, hf_config: dict) -> KeyMapper:
     ignore = language_model_keys(hf_config) + (() if config.projector else PROJECTOR_KEYS)
     tower = fam.weights.merged(WeightMap(prefixes=(), ignore=ignore))
     return KeyMapper(tower, projectors.weight_map(config) if config.projector else None)
+
+
+# ---- what the checkpoint holds -------------------------------------------------------------
+
+
+def mapped_names(mapper: KeyMapper, keys) -> set[str]:
+    """Our parameter names for the checkpoint keys that map to one."""
+    names = (mapper.resolve(key) for key in keys)
+    return {name for name in names if isinstance(name, str)}
+
+
+def settle_optional_parts(fam: Family, config: VisionConfig, hf_config: dict, keys) -> VisionConfig:
+    """Set each optional part the checkpoint lacks to its ``absent`` value (keys None: keep the config).
+
+    The one decision ``compile`` and ``convert`` share: a ``CLIPVisionModel``
+    says ``projection_dim: 512`` but holds no projection, so its pooled
+    output is the normed class token, ``hidden_size`` wide, in both.
+    """
+    if keys is None:
+        return config
+    names = mapped_names(key_mapper(fam, config, hf_config), keys)
+    absent = {
+        field: part.absent
+        for field, part in fam.optional_parts.items()
+        if getattr(config, field) != part.absent and not any(re.search(part.pattern, n) for n in names)
+    }
+    return dataclasses.replace(config, **absent) if absent else config
+
+
+def expected_params(fam: Family, config: VisionConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of the full model (every layer, post-norm, heads, projector) in ``dtype``."""
+    module = fam.module(config, full=True)
+    module.to(dtype)
+    params = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
+    if config.projector:
+        params.update(projectors.projector_params(config, dtype))
+    return params

@@ -30,7 +30,7 @@ import numpy as np
 from .. import __version__
 from ..checkpoint.config import checkpoint_config
 from ..checkpoint.source import resolve_source
-from ..checkpoint.weight_plan import IGNORED, KeyMapper, key_mapper
+from ..checkpoint.weight_plan import IGNORED, KeyMapper, expected_params, key_mapper, settle_optional_parts
 from ..config import DTYPES, VisionConfig, with_options
 from ..errors import MlcVisionError
 from ..models import Family
@@ -42,19 +42,6 @@ PARAM_DTYPES = DTYPES
 
 # Casts that lose nothing, allowed without being asked (a module may keep some params wider).
 LOSSLESS = {("float16", "float32"), ("bfloat16", "float32")}
-
-# ---- the expected parameters --------------------------------------------------------------
-
-
-def expected_params(fam: Family, config: VisionConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, dtype)}`` of the full model (every layer, post-norm, heads, projector) in ``dtype``."""
-    module = fam.module(config, full=True)
-    module.to(dtype)
-    params = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
-    if config.projector:
-        params.update(projectors.projector_params(config, dtype))
-    return params
-
 
 # ---- plan ------------------------------------------------------------------------------------
 
@@ -102,16 +89,6 @@ def _shape_error(entry: TensorEntry, name: str, want, got) -> MlcVisionError:
     return MlcVisionError(
         f"shape mismatch for key {entry.key!r} in {entry.file.name}{renamed}: expected {list(want)}, got {list(got)}"
     )
-
-
-def drop_absent_parts(fam: Family, config: VisionConfig, names: set[str]) -> VisionConfig:
-    """Clear the config fields of the family's optional parts that the checkpoint lacks."""
-    absent = {
-        field: None
-        for field, pattern in fam.optional_parts.items()
-        if getattr(config, field, None) and not any(re.search(pattern, name) for name in names)
-    }
-    return dataclasses.replace(config, **absent) if absent else config
 
 
 def checkpoint_dtype(planned: list[Planned]) -> str:
@@ -198,8 +175,9 @@ def convert(
     config = with_options(config, image_size=image_size)
     mapper = key_mapper(fam, config, full)
     entries = list(iter_tensors(src.weight_files(mapper.wanted)))
+    if checkpoint.shapes is None:  # keys listed only now (a hub checkpoint fetched offline-first)
+        config = settle_optional_parts(fam, config, full, [e.key for e in entries])
     wanted = [Planned(e, mapper.resolve(e.key)) for e in entries if mapper.wanted(e.key)]
-    config = drop_absent_parts(fam, config, {item.name for item in wanted if item.name})
     params_dtype = dtype or checkpoint_dtype(wanted)
     expected = expected_params(fam, config, params_dtype)
     planned = plan(entries, mapper, expected)
