@@ -91,15 +91,15 @@ def find_tower_dir(name: str, source_dir: Path) -> Path | None:
 
 
 def as_run_by_llava(config: VisionConfig, full: dict) -> VisionConfig:
-    """The tower at the size and with the preprocessing InternVL's LLaVA tower uses for its family."""
+    """The tower as InternVL's LLaVA runs it: its family's fixed size and processor, LLaVA's padding."""
+    pad = full.get("image_aspect_ratio") == "pad"
     runs_at = LLAVA_TOWER_RUNS_AT.get(config.family)
     if runs_at is None:
-        return config
+        return dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, pad_to_square=pad))
     size, preprocess = runs_at
-    preprocess = dataclasses.replace(preprocess, pad_to_square=full.get("image_aspect_ratio") == "pad")
     checkpoint_size = config.checkpoint_image_size or config.image_size
     return dataclasses.replace(
-        config, image_size=size, preprocess=preprocess,
+        config, image_size=size, preprocess=dataclasses.replace(preprocess, pad_to_square=pad),
         checkpoint_image_size=checkpoint_size if checkpoint_size != size else None,
     )
 
