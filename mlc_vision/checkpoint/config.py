@@ -12,12 +12,13 @@ defaults come from a composite's outer config; preprocessing from
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from ..config import VisionConfig
 from ..models import Family, get_family, route
 from .keys import Shapes, checkpoint_shapes
-from .layouts import load_hf_config, outer_options
+from .layouts import language_model_keys, load_hf_config, outer_options
 from .processor import read_preprocess
 from .source import Source
 from .tower import named_tower
@@ -47,7 +48,9 @@ def checkpoint_config(source: Source, family: str | Family | None = None, shapes
     parts (a projection the config announces but the weights lack).
     """
     vision, full = load_hf_config(source.path)
-    shapes = checkpoint_shapes(source) if shapes is None else shapes
+    if shapes is None:
+        language = [re.compile(pattern) for pattern in language_model_keys(full)]
+        shapes = checkpoint_shapes(source, skip=lambda key: any(p.search(key) for p in language))
     keys = list(shapes) if shapes is not None else None
     chosen = None if family is None else _family(family)
     if vision is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from ..errors import MlcVisionError
 from .source import Source
@@ -25,9 +26,13 @@ from .source import Source
 Shapes = dict[str, "tuple[int, ...] | None"]
 
 
-def checkpoint_shapes(source: Source) -> Shapes | None:
-    """``{key: shape}`` of every tensor (shape None when only an index names it), or None if unknown."""
-    local = _local_shapes(source.path)
+def checkpoint_shapes(source: Source, skip: Callable[[str], bool] = lambda key: False) -> Shapes | None:
+    """``{key: shape}`` of every tensor (shape None when only an index names it), or None if unknown.
+
+    A shard whose keys are all ``skip``-ped (a language model's) is never
+    opened: its keys come from the index alone.
+    """
+    local = _local_shapes(source.path, skip)
     if local is not None:
         return local
     if source.repo_id:
@@ -35,12 +40,12 @@ def checkpoint_shapes(source: Source) -> Shapes | None:
     return None
 
 
-def _local_shapes(path: Path) -> Shapes | None:
+def _local_shapes(path: Path, skip: Callable[[str], bool]) -> Shapes | None:
     from ..weights.reader import read_safetensors_header  # header parser only: no tensor is read
 
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if indexes:
-        return _index_shapes(indexes[0], read_safetensors_header)
+        return _index_shapes(indexes[0], read_safetensors_header, skip)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         return _bin_shapes(path)
@@ -62,13 +67,14 @@ def _bin_shapes(path: Path) -> Shapes | None:
     return {entry.key: entry.shape for file in files for entry in iter_torch_bin(file)}
 
 
-def _index_shapes(index: Path, read_header) -> Shapes:
+def _index_shapes(index: Path, read_header, skip: Callable[[str], bool]) -> Shapes:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise MlcVisionError(f"cannot read shard index {index}: {err}") from None
     shapes: Shapes = {key: None for key in weight_map}
-    for shard in sorted(set(weight_map.values())):
+    needed = {shard for key, shard in weight_map.items() if not skip(key)}
+    for shard in sorted(needed):
         file = index.parent / shard
         if file.is_file():
             header, _ = read_header(file)
