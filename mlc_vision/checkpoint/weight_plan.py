@@ -39,12 +39,14 @@ class KeyMapper:
 
     tower: WeightMap
     projector: WeightMap | None = None
+    text: WeightMap | None = None  # a contrastive model's text side, when converted
 
     def resolve(self, key: str):
-        if self.projector is not None and not self.projector.is_ignored(key):
-            name = self.projector.rename(key)
-            if name is not None:
-                return name
+        for first in (self.text, self.projector):
+            if first is not None and not first.is_ignored(key):
+                name = first.rename(key)
+                if name is not None:
+                    return name
         if self.tower.is_ignored(key):
             return IGNORED
         return self.tower.rename(key)
@@ -54,7 +56,7 @@ class KeyMapper:
         return self.resolve(key) is not IGNORED
 
     def _maps(self) -> list[WeightMap]:
-        return [self.tower] + ([self.projector] if self.projector else [])
+        return [m for m in (self.tower, self.projector, self.text) if m is not None]
 
     def transform(self, name: str, array: np.ndarray, config) -> np.ndarray:
         for weight_map in self._maps():
@@ -65,11 +67,18 @@ class KeyMapper:
         return any(re.search(pattern, name) for m in self._maps() for pattern, _ in m.transforms)
 
 
-def key_mapper(fam: Family, config: VisionConfig, hf_config: dict) -> KeyMapper:
-    """The mapper of a checkpoint of family ``fam`` converted for ``config``."""
+# The tower's map when only the text side is converted: every other key is skipped.
+NOTHING_ELSE = WeightMap(prefixes=(), ignore=(r"",))
+
+
+def key_mapper(fam: Family, config: VisionConfig, hf_config: dict, text: WeightMap | None = None,
+               vision: bool = True) -> KeyMapper:
+    """The mapper of a checkpoint of family ``fam`` converted for ``config`` (``text``: its text side too)."""
+    if not vision:
+        return KeyMapper(NOTHING_ELSE, None, text)
     ignore = language_model_keys(hf_config) + (() if config.projector else PROJECTOR_KEYS)
     tower = fam.weights.merged(WeightMap(prefixes=(), ignore=ignore))
-    return KeyMapper(tower, projectors.weight_map(config) if config.projector else None)
+    return KeyMapper(tower, projectors.weight_map(config) if config.projector else None, text)
 
 
 # ---- what the checkpoint holds -------------------------------------------------------------
