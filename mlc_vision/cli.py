@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .compiler.targets import ATTENTION
+from .compiler.targets import ATTENTION, GEMM
 from .config import DTYPES, FEATURES, PROJECTORS
 from .errors import MlcVisionError
 
@@ -58,9 +58,22 @@ def default_output(model: str, target: str, suffix: str) -> Path:
     default=None,
     help="Attention lowering. cpu: 'fused' (default in float32; our kernel, scores stay in cache) or 'split'. "
     "cuda: 'split' (default), 'fused' (our flash-style kernel on CUDA cores; slower than 'split' on an H100) "
-    "or 'tensorcore' (attention matmuls on tensor cores, our softmax kernel; not yet timed on a GPU). "
+    "'tensorcore' (attention matmuls on tensor cores, our softmax kernel) or 'flash' (our flash-attention "
+    "kernel on tensor cores, fp16/bf16); 'tensorcore' and 'flash' are not yet timed on a GPU. "
     "Other targets: 'split'.",
 )
+@click.option(
+    "--gemm",
+    type=click.Choice(GEMM),
+    default=None,
+    help="Matmul schedule (cuda, float16): 'dlight' (default; WMMA) or 'mma' (mma.sync with ldmatrix, a cp.async "
+    "pipeline and swizzled shared memory; not yet timed on a GPU). Other targets: 'dlight'.",
+)
+@click.option(
+    "--cpu", default=None,
+    help="cpu target: the CPU to compile for, an LLVM name (x86-64-v3, x86-64-v4, sapphirerapids, znver4, ...). "
+    "Default: this machine's CPU. The library refuses to run on a CPU without its instruction sets.",
+)  # fmt: skip
 @click.option(
     "--part", type=PART_CHOICE, default="vision", show_default=True,
     help="vision: the tower's features; text: a contrastive model's encode_text; both: encode_text and the "
@@ -68,8 +81,8 @@ def default_output(model: str, target: str, suffix: str) -> Path:
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Library path (.so / .tar).")
 def compile_cmd(
-    model, target, arch, host, dtype, select_layer, feature, image_size, projector, projector_hidden_size, attention,
-    part, output,
+    model, target, arch, host, dtype, select_layer, feature, image_size, projector, projector_hidden_size, attention, gemm,
+    cpu, part, output,
 ):
     """Build a library from a preset or a checkpoint's config (no weights needed)."""
     from .compiler.export import build_library
@@ -91,7 +104,7 @@ def compile_cmd(
     )
     dtype = dtype or default_dtype(target)
     output = output or default_output(model, target, output_suffixes(target)[0])
-    built = build_module(config, dtype, target, attention=attention)
+    built = build_module(config, dtype, target, attention=attention, gemm=gemm, cpu=cpu)
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     meta = built.metadata
     click.echo(
@@ -283,12 +296,16 @@ def targets_cmd():
 @click.option("--runs", default=10, show_default=True, help="Timed runs per row (median reported).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
 @click.option("--no-torch-compile", is_flag=True, help="Skip torch.compile.")
-def bench_cmd(models, target, batch, runs, output, no_torch_compile):
+@click.option("--no-peers", is_flag=True, help="Skip ONNX Runtime and OpenVINO (the bench extra).")
+@click.option("--bf16/--no-bf16", default=None, help="Time our bf16 library too (default: when this CPU has AVX512-BF16 or AMX).")
+def bench_cmd(models, target, batch, runs, output, no_torch_compile, no_peers, bf16):
     """Time our library against the torch reference in the same process (random weights)."""
     from .bench import run_benchmark
 
     batches = [int(b) for b in batch.split(",") if b]
-    run_benchmark(list(models) or None, target, batches, runs, output, torch_compile=not no_torch_compile)
+    run_benchmark(
+        list(models) or None, target, batches, runs, output, torch_compile=not no_torch_compile, peers=not no_peers, bf16=bf16
+    )
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ class VisionConfig:
     layer_scale: bool = False  # InternViT: ls1/ls2
     post_norm_blocks: bool = False  # EVA-CLIP-E: x + LN(attn(x)) instead of x + attn(LN(x))
     class_token: bool = True
+    register_tokens: int = 0  # DINOv2 with registers: learned tokens after the class token, no position
     patch_bias: bool = False
     projection_dim: int | None = None  # CLIP/EVA visual_projection output width
     projection_bias: bool = False  # EVA-CLIP's EvaCLIPModel head has a bias; CLIP's and EvaCLIP...WithProjection's have none
@@ -116,17 +118,18 @@ class VisionConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def grid_size(self) -> int:
-        """Patches per side; the conv drops trailing pixels (384/14 -> 27, 6 px lost)."""
-        return self.image_size // self.patch_size
+    def tokens(self) -> "TokenLayout":
+        """The token layout of this config (computed here only)."""
+        return TokenLayout.of(self)
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size**2
+        return self.tokens.num_patches
 
     @property
     def num_positions(self) -> int:
-        return self.num_patches + (1 if self.class_token else 0)
+        """Rows of a learned position table: the class token (if any) and the patches; registers have none."""
+        return self.tokens.class_tokens + self.tokens.num_patches
 
     @property
     def num_hidden_states(self) -> int:
@@ -176,8 +179,102 @@ class VisionConfig:
             )
         if self.image_size < self.patch_size:
             raise MlcVisionError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        if self.register_tokens < 0:
+            raise MlcVisionError(f"register_tokens must be >= 0, got {self.register_tokens}")
         normalize_layer(self.select_layer, self.num_hidden_states)
         return self
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The tokens of a hidden state and of what ``encode`` returns, in order.
+
+    A hidden state is ``prefix`` tokens (the class token, then any register
+    tokens) followed by the ``grid`` of patches, ``(height, width)``, row
+    major. The conv drops trailing pixels (384/14 -> 27 patches, 6 px lost).
+    Feature ``patch`` drops the prefix, ``cls_patch`` keeps it, ``pooled`` is
+    one token. A projector may then merge ``merge x merge`` blocks of patches
+    into one token (InternVL's pixel shuffle).
+    """
+
+    class_tokens: int
+    register_tokens: int
+    grid: tuple[int, int]
+    feature: str
+    merge: int = 1
+
+    @classmethod
+    def of(cls, config: "VisionConfig") -> "TokenLayout":
+        side = config.image_size // config.patch_size
+        return cls(
+            class_tokens=1 if config.class_token else 0,
+            register_tokens=config.register_tokens,
+            grid=(side, side),
+            feature=config.feature,
+            merge=merge_factor(config.downsample_ratio) if config.projector == "mlp1" else 1,
+        )
+
+    @property
+    def prefix(self) -> int:
+        """Tokens before the patches: class token and registers."""
+        return self.class_tokens + self.register_tokens
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def sequence(self) -> int:
+        """Length of a hidden state."""
+        return self.prefix + self.num_patches
+
+    @property
+    def selected(self) -> int:
+        """Tokens per image after feature selection (before any projector)."""
+        if self.feature == "pooled":
+            return 1
+        return self.num_patches if self.feature == "patch" else self.sequence
+
+    @property
+    def dropped_prefix(self) -> int:
+        """Leading tokens that feature selection drops."""
+        return self.prefix if self.feature == "patch" else 0
+
+    @property
+    def output_grid(self) -> tuple[int, int]:
+        """The patch grid after the projector's merge."""
+        return self.grid[0] // self.merge, self.grid[1] // self.merge
+
+    @property
+    def output(self) -> int:
+        """Tokens per image that ``encode`` returns."""
+        if self.merge == 1:
+            return self.selected
+        rows, cols = self.output_grid
+        return rows * cols
+
+    def to_dict(self) -> dict:
+        """The ``tokens`` entry of a library's metadata (what a runtime reads instead of computing it)."""
+        return {
+            "prefix": self.prefix,
+            "class": self.class_tokens,
+            "registers": self.register_tokens,
+            "grid": list(self.grid),
+            "sequence": self.sequence,
+            "selected": self.selected,
+            "dropped_prefix": self.dropped_prefix,
+            "merge": self.merge,
+            "output_grid": list(self.output_grid),
+            "output": self.output,
+        }
+
+
+def merge_factor(downsample_ratio: float) -> int:
+    """Side of the square of patches that a pixel shuffle of ``downsample_ratio`` merges (2 for 0.5)."""
+    factor = round(1 / downsample_ratio)
+    if not math.isclose(factor * downsample_ratio, 1.0):
+        raise MlcVisionError(f"downsample_ratio {downsample_ratio} is not 1/n for an integer n")
+    return factor
 
 
 def normalize_layer(select_layer: int, num_hidden_states: int) -> int:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-tvm = pytest.importorskip("tvm")
-from tvm import relax, te, tirx  # noqa: E402
-from tvm.relax.frontend import nn  # noqa: E402
-from tvm.relax.frontend.nn import op  # noqa: E402
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
 
-from mlc_vision.compiler.kernels.fast_exp import exp_f32  # noqa: E402
-from mlc_vision.compiler.pipeline import relax_pipeline  # noqa: E402
-from mlc_vision.compiler.schedules.cpu import GEMM  # noqa: E402
+from mlc_vision.compiler.kernels.fast_exp import exp_f32
+from mlc_vision.compiler.pipeline import relax_pipeline
+from mlc_vision.compiler.schedules.cpu import GEMM
 
 TARGET = tvm.target.Target.from_device("cpu")
 

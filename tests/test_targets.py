@@ -15,15 +15,14 @@ import tarfile
 import numpy as np
 import pytest
 
-tvm = pytest.importorskip("tvm")
+import tvm
+from tvm import relax
+from tvm.relax.frontend import nn
 
-from tvm import relax  # noqa: E402
-from tvm.relax.frontend import nn  # noqa: E402
-
-from mlc_vision.compiler import export as B  # noqa: E402
-from mlc_vision.compiler.cuda_fatbin import fatbin_entries  # noqa: E402
-from mlc_vision.compiler import targets as T  # noqa: E402
-from mlc_vision.errors import MlcVisionError  # noqa: E402
+from mlc_vision.compiler import export as B
+from mlc_vision.compiler.cuda_fatbin import fatbin_entries
+from mlc_vision.compiler import targets as T
+from mlc_vision.errors import MlcVisionError
 
 DIM, HIDDEN, SEQ = 128, 256, 128  # every matmul extent > 64: dlight may use tensor cores
 METADATA = {"family": "tiny", "dtype": "float16", "note": "test"}

@@ -199,6 +199,19 @@ def test_convert_pytorch_bin(tmp_path, clip_ckpt):
     assert _same(records["encoder.layers.0.self_attn.q_proj.weight"].read(), want)
 
 
+def test_safetensors_preferred_over_bin_index(tmp_path, clip_ckpt):
+    """A checkpoint with both a .bin shard index and model.safetensors is read from the safetensors."""
+    ckpt = tmp_path / "both"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (ckpt / name).write_bytes((clip_ckpt / name).read_bytes())
+    (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model-1.bin"}}))
+    assert [p.name for p in resolve_source(ckpt).weight_files()] == ["model.safetensors"]
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(MlcVisionError, match="missing"):  # now the .bin index is the one read
+        resolve_source(ckpt).weight_files()
+
+
 def _llava_checkpoint(root: Path, clip_ckpt: Path) -> Path:
     """A transformers-Llava-shaped checkpoint: tower + projector in one shard, the LLM in another."""
     root.mkdir()

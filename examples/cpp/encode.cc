@@ -191,7 +191,10 @@ int main(int argc, char** argv) {
     ffi::json::Object meta = ffi::json::Parse(metadata_json).cast<ffi::json::Object>();
     std::string dtype = meta["dtype"].cast<ffi::String>();
     int64_t image_size = meta["image_size"].cast<int64_t>();
-    int64_t tokens = meta["num_tokens"].cast<int64_t>();
+    // The token layout: prefix (class/register) tokens, the patch grid (rows x cols), what encode returns.
+    ffi::json::Object layout = meta["tokens"].cast<ffi::json::Object>();
+    int64_t tokens = layout["output"].cast<int64_t>();
+    ffi::json::Array grid = layout["grid"].cast<ffi::json::Array>();
     int64_t width = meta["output_width"].cast<int64_t>();
     ffi::Array<ffi::String> names;
     for (const ffi::Any& p : meta["params"].cast<ffi::json::Array>()) {
@@ -237,8 +240,12 @@ int main(int argc, char** argv) {
     Global("runtime.TVMTensorCopyToBytes")(features, static_cast<void*>(out.data()), static_cast<int64_t>(nbytes));
     std::string descr = dtype == "float32" ? "<f4" : dtype == "float16" ? "<f2" : "<u2";  // bf16 as raw uint16
     WriteNpy(output_path, out_shape, descr, out);
-    std::cout << "features [" << out_shape[0] << ", " << tokens << ", " << width << "] " << dtype << " -> "
-              << output_path << "\n";
+    if (out_shape.size() != 3 || out_shape[1] != tokens || out_shape[2] != width) {
+      throw std::runtime_error("the library's output does not match its metadata's token layout");
+    }
+    std::cout << "features [" << out_shape[0] << ", " << tokens << ", " << width << "] " << dtype << " (grid "
+              << grid[0].cast<int64_t>() << "x" << grid[1].cast<int64_t>() << ", " << layout["prefix"].cast<int64_t>()
+              << " prefix tokens) -> " << output_path << "\n";
   } catch (const std::exception& err) {
     std::cerr << "error: " << err.what() << "\n";
     return 1;

@@ -20,8 +20,8 @@ from tvm.relax.frontend import nn
 from ..config import VisionConfig
 from ..errors import MlcVisionError
 from ..models.text import TextConfig, TextModel
-from .module import BATCH, BuiltModule, add_metadata_function, build_vision_model, make_metadata
-from .targets import resolve_attention
+from .module import BATCH, BuiltModule, add_metadata_function, build_vision_model, compute_dtype, make_metadata
+from .targets import cpu_spec, resolve_attention, resolve_gemm
 
 PARTS = ("vision", "text", "both")
 LENGTH = "length"
@@ -72,6 +72,8 @@ def build_contrastive_module(
         raise MlcVisionError(f"a contrastive library is part 'text' or 'both', got {part!r}")
     if text.family != vision.family:
         raise MlcVisionError(f"text tower of family {text.family!r} with a {vision.family!r} vision tower")
+    if compute_dtype(target, dtype) != dtype:
+        raise MlcVisionError(f"{dtype} contrastive libraries are not supported on {target}; use float32")
     attention = resolve_attention(target, dtype, attention)
     if part == "both":
         vision = dataclasses.replace(vision, feature="pooled", projector=None, projector_hidden_size=None)
@@ -93,7 +95,9 @@ def build_contrastive_module(
     else:
         metadata["entries"] = {"encode": metadata["entries"]["encode"]}
     metadata["entries"]["encode_text"] = text_metadata(text, dtype)["entry"]
-    metadata.update(part=part, text=text_metadata(text, dtype), attention=attention)
+    metadata.update(part=part, text=text_metadata(text, dtype), attention=attention, gemm=resolve_gemm(target, dtype, None))
+    if target == "cpu":
+        metadata["cpu"] = cpu_spec(None)
     return BuiltModule(mod=add_metadata_function(mod, metadata), metadata=metadata)
 
 

@@ -14,12 +14,14 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from ..errors import MlcVisionError
 from . import targets as _targets
+from .kernels.cpu_bf16_gemm import compile_object
 from .cuda_fatbin import nvcc_compile_callback, pack_imports_with_fatbin, walk_modules
 
 logger = logging.getLogger(__name__)
@@ -28,21 +30,27 @@ logger = logging.getLogger(__name__)
 DEVICE_MODULE_KINDS = ("cuda", "metal", "opencl", "webgpu", "vulkan")
 
 
-def compile_module(mod, target_name: str, *, attention: str, arch=None, host=None):
-    """Compile ``mod`` for ``target_name`` with the given attention lowering; returns TVM's executable."""
+def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight", arch=None, host=None, cpu: dict | None = None):
+    """Compile ``mod`` for ``target_name`` with the given attention lowering and matmul schedule; returns TVM's executable.
+
+    ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine).
+    """
     import tvm
 
     from .pipeline import relax_pipeline
     from .schedules.gpu import preload_tensor_intrinsics
+    from .schedules.gpu_mma import mma_pass_config
 
-    target = _targets.make_target(target_name, arch=arch, host=host)
+    target = _targets.make_target(target_name, arch=arch, host=host, cpu=cpu)
     if target_name != "cpu":
         preload_tensor_intrinsics()
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if target_name == "cuda":
             stack.enter_context(nvcc_compile_callback(_targets.parse_cuda_archs(arch)))
-        executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention))
+        if gemm == "mma":
+            stack.enter_context(tvm.transform.PassContext(config=mma_pass_config()))
+        executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention, gemm))
     logger.info("compiled for %s in %.1f s", target_name, time.perf_counter() - start)
     return executable
 
@@ -92,7 +100,10 @@ def export_executable(executable, target_name: str, output: Path, *, arch=None, 
         kwargs["fpack_imports"] = pack_imports_with_fatbin(_targets.parse_cuda_archs(arch))
     tmp = _temp_sibling(output)
     try:
-        executable.export_library(str(tmp), **kwargs)
+        with tempfile.TemporaryDirectory() as objects:
+            if needs_bf16_kernel(target_name, metadata):
+                kwargs["addons"] = [str(compile_object(Path(objects)))]
+            executable.export_library(str(tmp), **kwargs)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -100,17 +111,28 @@ def export_executable(executable, target_name: str, output: Path, *, arch=None, 
     return output
 
 
+def needs_bf16_kernel(target_name: str, metadata: dict) -> bool:
+    """bf16 CPU libraries call the C GEMM of ``kernels/cpu_bf16_gemm.c``, linked into the library."""
+    return target_name == "cpu" and metadata.get("dtype") == "bfloat16"
+
+
 def build_library(mod, target_name: str, output: Path, *, arch=None, host=None, metadata: dict) -> Path:
     """Compile ``mod`` for ``target_name`` and export it to ``output`` (+ ``<output>.json``).
 
-    The attention lowering is the one ``metadata["attention"]`` records
-    (``module.build_module`` resolved it for this target and dtype).
+    The attention lowering and the matmul schedule are the ones
+    ``metadata["attention"]`` and ``metadata["gemm"]`` record
+    (``module.build_module`` resolved them for this target and dtype), and so
+    is the CPU (``metadata["cpu"]``).
     """
     output = Path(output)
     _targets.check_buildable(target_name)
     check_output_suffix(target_name, output)  # before minutes of compiling
     attention = _targets.resolve_attention(target_name, metadata["dtype"], metadata.get("attention"))
-    executable = compile_module(mod, target_name, attention=attention, arch=arch, host=host)
+    cpu = metadata.get("cpu") if target_name == "cpu" else None
+    if cpu is not None:
+        _targets.check_cpu_linkable(cpu)
+    gemm = _targets.resolve_gemm(target_name, metadata["dtype"], metadata.get("gemm"))
+    executable = compile_module(mod, target_name, attention=attention, gemm=gemm, arch=arch, host=host, cpu=cpu)
     return export_executable(executable, target_name, output, arch=arch, metadata=metadata)
 
 

@@ -17,6 +17,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
+from ..cpu_features import check_cpu_library
 from .encoder import check_params_match, load_library, parse_device, read_metadata
 from .preprocess import preprocess
 from .tokenize import TextTokenizer
@@ -47,6 +48,7 @@ class ContrastiveEncoder:
         self.tvm_device = parse_device(device)
         self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
         self.metadata = read_metadata(self._vm, self.lib_path)
+        check_cpu_library(self.metadata, self.lib_path)
         if self.metadata.get("part") != "both":
             raise MlcVisionError(
                 f"library {self.lib_path} has no image and text entries (part {self.metadata.get('part', 'vision')!r}); "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import tvm
@@ -18,6 +17,7 @@ from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must loa
 
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
+from ..cpu_features import check_cpu_library
 from .preprocess import preprocess
 
 RUNNABLE_SUFFIXES = (".so", ".dylib", ".dll")
@@ -90,6 +90,7 @@ class VisionEncoder:
         self.tvm_device = parse_device(device)
         self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
         self.metadata = read_metadata(self._vm, self.lib_path)
+        check_cpu_library(self.metadata, self.lib_path)  # before any of its code runs
         self._params = None
         if load_params and self.params_dir is not None:
             self.load_params()
@@ -135,13 +136,22 @@ class VisionEncoder:
         return self.metadata["image_size"]
 
     @property
+    def tokens(self) -> dict:
+        """The library's token layout (prefix tokens, patch grid, merge, output count)."""
+        return self.metadata["tokens"]
+
+    @property
     def num_patches_per_side(self) -> int:
-        return self.metadata["image_size"] // self.metadata["patch_size"]
+        """Patches per side of the square grid (LLaVA's name; a non-square grid has no one side)."""
+        rows, cols = self.tokens["grid"]
+        if rows != cols:
+            raise MlcVisionError(f"the patch grid is {rows}x{cols}, not square: read tokens['grid']")
+        return rows
 
     @property
     def num_patches(self) -> int:
         """Tokens per image in the output (576 for LLaVA-1.5's CLIP-L/336)."""
-        return self.metadata["num_tokens"]
+        return self.tokens["output"]
 
     @property
     def dummy_feature(self) -> np.ndarray:
@@ -221,10 +231,3 @@ def _numpy_dtype(dtype: str):
 
         return ml_dtypes.bfloat16
     return np.dtype(dtype)
-
-
-def encode_batches(encoder: VisionEncoder, items: Iterable, batch_size: int) -> np.ndarray:
-    """Run ``encoder`` over ``items`` in chunks of ``batch_size`` and stack the results."""
-    items = list(items)
-    chunks = [encoder(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-    return np.concatenate(chunks, axis=0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -302,6 +301,3 @@ def load_params(directory: str | Path, names: Sequence, device) -> list:
         tensors.append(tvm.runtime.tensor(rec.read(), device))
     return tensors
 
-
-def param_bytes(records: dict[str, ParamRecord]) -> int:
-    return sum(math.prod(r.shape) * NUMPY_DTYPES[r.dtype].itemsize for r in records.values())
