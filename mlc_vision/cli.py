@@ -20,6 +20,7 @@ from .errors import MlcVisionError
 DTYPE_CHOICE = click.Choice(DTYPES)
 FEATURE_CHOICE = click.Choice(FEATURES)
 PROJECTOR_CHOICE = click.Choice(("none", *PROJECTORS))
+PART_CHOICE = click.Choice(("vision", "text", "both"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,10 +74,15 @@ def default_output(model: str, target: str, suffix: str) -> Path:
     help="cpu target: the CPU to compile for, an LLVM name (x86-64-v3, x86-64-v4, sapphirerapids, znver4, ...). "
     "Default: this machine's CPU. The library refuses to run on a CPU without its instruction sets.",
 )  # fmt: skip
+@click.option(
+    "--part", type=PART_CHOICE, default="vision", show_default=True,
+    help="vision: the tower's features; text: a contrastive model's encode_text; both: encode_text and the "
+    "pooled image embedding (what `similarity` runs). text/both need a whole CLIP/SigLIP/EVA-CLIP checkpoint.",
+)
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Library path (.so / .tar).")
 def compile_cmd(
     model, target, arch, host, dtype, select_layer, feature, image_size, projector, projector_hidden_size, attention, gemm,
-    cpu, output,
+    cpu, part, output,
 ):
     """Build a library from a preset or a checkpoint's config (no weights needed)."""
     from .compiler.export import build_library
@@ -88,6 +94,9 @@ def compile_cmd(
     check_buildable(target)
     output = output or default_output(model, target, output_suffixes(target)[0])
     check_output(target, output)  # before any work: suffix, writable, dead runs' leftovers
+    if part != "vision":
+        _compile_contrastive(model, target, arch, host, dtype, image_size, attention, part, output)
+        return
     config = resolve_config(
         model,
         select_layer=select_layer,
@@ -106,6 +115,25 @@ def compile_cmd(
     )
 
 
+def _compile_contrastive(model, target, arch, host, dtype, image_size, attention, part, output) -> None:
+    from .checkpoint.resolve import resolve_config, resolve_text_config
+    from .compiler.contrastive import build_contrastive_module
+    from .compiler.export import build_library
+    from .compiler.targets import output_suffixes
+
+    config = resolve_config(model, image_size=image_size, feature="pooled", projector="none")
+    dtype = dtype or default_dtype(target)
+    built = build_contrastive_module(config, resolve_text_config(model), dtype, target, part, attention=attention)
+    output = output or default_output(model, target, output_suffixes(target)[0])
+    path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
+    text = built.metadata["text"]
+    click.echo(
+        f"wrote {path} ({built.metadata['family']} {part}: encode_text -> [batch, {text['projection_dim']}]"
+        + (f", encode -> [batch, 1, {built.metadata['output_width']}]" if part == "both" else "")
+        + f" {dtype}) and {path}.json"
+    )
+
+
 # ---- convert -----------------------------------------------------------------------
 
 
@@ -114,13 +142,15 @@ def compile_cmd(
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Params directory to create.")
 @click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Cast to this dtype (default: keep the checkpoint's).")
 @click.option("--image-size", type=int, default=None, help="Interpolate position embeddings to this resolution.")
-def convert_cmd(model, output, dtype, image_size):
+@click.option("--part", type=PART_CHOICE, default="vision", show_default=True,
+              help="vision tower, a contrastive model's text tower (+ tokenizer), or both.")
+def convert_cmd(model, output, dtype, image_size, part):
     """Map a checkpoint's weights to the params a library takes."""
     from .atomic import check_writable
     from .weights.convert import convert
 
     check_writable(output, directory=True, what="params dir")
-    path = convert(model, output, dtype=dtype, image_size=image_size)
+    path = convert(model, output, dtype=dtype, image_size=image_size, part=part)
     click.echo(f"wrote {path}")
 
 
@@ -204,6 +234,49 @@ def describe_tiles(result) -> str:
     extra = " + thumbnail" if result.thumbnail else " + base image" if result.base else ""
     line = f"grid {result.grid}{extra} -> {len(result.features)} tiles"
     return line if result.packed is None else f"{line} -> {len(result.packed)} packed tokens"
+
+
+# ---- similarity ------------------------------------------------------------------
+
+
+@cli.command("similarity")
+@click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path), help="Image (repeatable).")
+@click.option("--text", "texts", multiple=True, required=True, help="Text (repeatable).")
+@click.option("--model", "-m", default=None, help="Whole CLIP/SigLIP/EVA-CLIP checkpoint: compiled and converted for the CPU here.")
+@click.option("--lib", type=click.Path(path_type=Path), default=None, help="Library from compile --part both.")
+@click.option("--params", type=click.Path(path_type=Path), default=None, help="Params dir from convert --part both.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Dir with tokenizer.json (default: the params dir).")
+@click.option("--device", default="cpu", show_default=True)
+def similarity_cmd(images, texts, model, lib, params, tokenizer, device):
+    """Print image-text probabilities: softmax(logit_scale x cos) over the texts (CLIP, EVA-CLIP), sigmoid (SigLIP)."""
+    import tempfile
+
+    from .runtime.contrastive import ContrastiveEncoder
+
+    if bool(model) == bool(lib and params) or (lib is None) != (params is None):
+        raise MlcVisionError("give either --model, or --lib and --params")
+    with tempfile.TemporaryDirectory(prefix="mlc-vision-similarity-") as work:
+        if model:
+            lib, params = _build_for_similarity(model, Path(work))
+        encoder = ContrastiveEncoder(lib, params, device=device, tokenizer=tokenizer)
+        probs = encoder.probabilities([str(p) for p in images], list(texts))
+    kind = "softmax over texts" if encoder.text["logits"] == "softmax" else "sigmoid per pair"
+    click.echo(f"# {encoder.metadata['family']}: {kind}")
+    click.echo("\t".join(["image"] + [json.dumps(t) for t in texts]))
+    for path, row in zip(images, probs):
+        click.echo("\t".join([str(path)] + [f"{p:.4f}" for p in row]))
+
+
+def _build_for_similarity(model: str, work: Path) -> tuple[Path, Path]:
+    from .checkpoint.resolve import resolve_config, resolve_text_config
+    from .compiler.contrastive import build_contrastive_module
+    from .compiler.export import build_library
+    from .weights.convert import convert
+
+    params = convert(model, work / "params", part="both")
+    config = resolve_config(model, feature="pooled", projector="none")
+    built = build_contrastive_module(config, resolve_text_config(model), "float32", "cpu", "both")
+    return build_library(built.mod, "cpu", work / "model.so", metadata=built.metadata), params
 
 
 # ---- inspect / targets --------------------------------------------------------------

@@ -152,6 +152,7 @@ class VisionConfig:
     register_tokens: int = 0  # DINOv2 with registers: learned tokens after the class token, no position
     patch_bias: bool = False
     projection_dim: int | None = None  # CLIP/EVA visual_projection output width
+    projection_bias: bool = False  # EVA-CLIP's EvaCLIPModel head has a bias; CLIP's and EvaCLIP...WithProjection's have none
     use_head: bool = False  # SigLIP attention-pooling head
     # Apply the final norm after the last layer to the returned tokens (SigLIP:
     # transformers' last_hidden_state = post_layernorm(hidden_states[-1])).

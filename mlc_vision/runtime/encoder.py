@@ -152,28 +152,63 @@ class TiledFeatures:
 
 
 class VisionEncoder:
-    """Images (or preprocessed pixel arrays) -> features, with a compiled mlc-vision library."""
+    """Images (or preprocessed pixel arrays) -> features, with a compiled mlc-vision library.
 
-    def __init__(self, lib: str | Path, params: str | Path, device: str = "cpu", verify: bool = False):
-        """Load ``lib`` and ``params`` on ``device``; ``verify`` checks the params' checksums first.
+    ``params`` may be left out (or ``load_params=False`` given): the encoder is
+    then config-only, as LLaVA's ``CLIPVisionTower(delay_load=True)``, with the
+    metadata, ``hidden_size``, ``num_patches`` and ``dummy_feature`` at hand; the
+    params are loaded on the first call or by :meth:`load_params` (with a params
+    dir given then, if none was given here).
 
-        Shard sizes are always checked; with ``verify`` every byte is hashed
-        (see ``weights/integrity.py``). The encoder may be called from several
-        threads: the VM call is serialized by a lock (docs/internals.md,
-        "Runtime guarantees", says why a lock and not one VM per thread).
-        """
+    Shard sizes are always checked; ``verify`` also hashes every byte (see
+    ``weights/integrity.py``). The encoder may be called from several threads:
+    the VM call is serialized by a lock (docs/reliability.md says why a lock and
+    not one VM per thread).
+    """
+
+    def __init__(
+        self,
+        lib: str | Path,
+        params: str | Path | None = None,
+        device: str = "cpu",
+        load_params: bool = True,
+        verify: bool = False,
+    ):
+        self._verify = verify
+        self._newline = None  # read on first use (anyres packing)
         self.lib_path = Path(lib)
-        self.params_dir = Path(params)
+        self.params_dir = Path(params) if params is not None else None
         self._device_name = str(device)
         self.tvm_device = parse_device(device)
         self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
         self._vm_lock = threading.Lock()
         self.metadata = read_metadata(self._vm, self.lib_path)
         check_cpu_library(self.metadata, self.lib_path)  # before any of its code runs
+        self._params = None
+        if load_params and self.params_dir is not None:
+            self.load_params()
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._params is not None
+
+    def load_params(self, params: str | Path | None = None) -> None:
+        """Load (or reload from ``params``) the weights; checked against the library first."""
+        if params is not None:
+            self.params_dir = Path(params)
+        if self.params_dir is None:
+            raise MlcVisionError(f"no params dir for {self.lib_path}: pass params to VisionEncoder or load_params()")
         check_params_match(self.metadata, self.params_dir)
-        check_params_files(self.params_dir, verify=verify)
+        check_params_files(self.params_dir, verify=self._verify)
         self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
-        self._newline = None  # read on first use (anyres packing)
+        self._newline = None
+
+    def _loaded_params(self):
+        if self._params is None:
+            with self._vm_lock:
+                if self._params is None:
+                    self.load_params()
+        return self._params
 
     # ---- what LLaVA's CLIPVisionTower exposes ------------------------------------
     @property
@@ -217,7 +252,8 @@ class VisionEncoder:
 
     @property
     def dummy_feature(self) -> np.ndarray:
-        return np.zeros((1, self.hidden_size), dtype=np.float32)
+        """``zeros(1, hidden_size)`` in the library's dtype (LLaVA's placeholder for text-only batches)."""
+        return np.zeros((1, self.hidden_size), dtype=_numpy_dtype(self.dtype))
 
     # ---- calling -----------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
@@ -246,9 +282,10 @@ class VisionEncoder:
 
     def _call(self, function: str, array: np.ndarray) -> np.ndarray:
         """One VM call; a Relax VM keeps per-call state, so calls from several threads take turns."""
+        params = self._loaded_params()
         tensor = tvm.runtime.tensor(array, self.tvm_device)
         with self._vm_lock:
-            out = self._vm[function](tensor, self._params)
+            out = self._vm[function](tensor, params)
             return out.numpy()
 
     @property
@@ -336,11 +373,28 @@ class VisionEncoder:
     def _preprocess_config(self) -> Preprocess:
         return Preprocess.from_dict(self.metadata["preprocess"])
 
-    def __call__(self, images) -> np.ndarray:
-        """A PIL image, a path, a list of them (any sizes), or a float ``[batch,3,H,W]`` array."""
+    def __call__(self, images, match_input_dtype: bool = False):
+        """Features of a PIL image, a path, a float ``[batch,3,H,W]`` array, or a list of those or of ``(3,H,W)`` arrays.
+
+        Images (PIL, paths) of any sizes are preprocessed to the library's size
+        and encoded as one batch. A list of float ``(C, H, W)`` arrays (already
+        preprocessed, as LLaVA's tower takes them) is one batch when they share
+        a shape, and otherwise is encoded array by array and returned as a
+        list of ``[1, tokens, width]`` features, since their outputs may differ
+        in shape. ``match_input_dtype`` returns features in the float dtype of
+        the input arrays (LLaVA casts back to ``images.dtype``); images give
+        float32.
+        """
         if isinstance(images, np.ndarray) and images.dtype.kind == "f":
-            return self.encode_pixels(images)
+            return _as_dtype(self.encode_pixels(images), images.dtype, match_input_dtype)
+        if isinstance(images, (list, tuple)) and images and all(_is_chw(x) for x in images):
+            return self._encode_chw_list(list(images), match_input_dtype)
         return self.encode_pixels(self.preprocess(images))
+
+    def _encode_chw_list(self, arrays: list[np.ndarray], match_input_dtype: bool):
+        if len({a.shape for a in arrays}) == 1 and len({a.dtype for a in arrays}) == 1:
+            return _as_dtype(self.encode_pixels(np.stack(arrays)), arrays[0].dtype, match_input_dtype)
+        return [_as_dtype(self.encode_pixels(a[None]), a.dtype, match_input_dtype) for a in arrays]
 
     def __repr__(self) -> str:
         m = self.metadata
@@ -348,6 +402,14 @@ class VisionEncoder:
             f"VisionEncoder({m['family']}, preset={m['preset']}, {m['image_size']}px -> "
             f"[batch, {m['num_tokens']}, {m['output_width']}] {m['dtype']} on {self.device})"
         )
+
+
+def _is_chw(x) -> bool:
+    return isinstance(x, np.ndarray) and x.ndim == 3 and x.dtype.kind == "f"
+
+
+def _as_dtype(features: np.ndarray, input_dtype: np.dtype, match: bool) -> np.ndarray:
+    return features.astype(input_dtype, copy=False) if match else features
 
 
 def _numpy_dtype(dtype: str):

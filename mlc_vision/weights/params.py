@@ -138,6 +138,12 @@ class ParamsWriter:
         self.current.append(name, array)
         atomic.die_point("writing")
 
+    def add_file(self, name: str, data: bytes) -> None:
+        """A file that travels with the params (the tokenizer of a text tower), replaced atomically with them."""
+        if Path(name).name != name or name == CACHE_JSON or name.startswith(("params_shard_", ".")):
+            raise MlcVisionError(f"cannot add {name!r} to a params dir")
+        (self.tmp / name).write_bytes(data)
+
     def _close_shard(self) -> None:
         if self.current is not None:
             self.shards.append(self.current.close())
