@@ -50,7 +50,10 @@ def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight
         if target_name == "cuda":
             stack.enter_context(nvcc_compile_callback(_targets.parse_cuda_archs(arch)))
         if gemm == "mma":
-            stack.enter_context(tvm.transform.PassContext(config=mma_pass_config()))
+            # on top of the caller's config (e.g. relax.backend.use_cuda_graph), not instead of it
+            current = tvm.transform.PassContext.current()
+            config = {**{str(k): v for k, v in current.config.items()}, **mma_pass_config()}
+            stack.enter_context(tvm.transform.PassContext(opt_level=current.opt_level, config=config))
         executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention, gemm))
     logger.info("compiled for %s in %.1f s", target_name, time.perf_counter() - start)
     return executable
