@@ -22,7 +22,8 @@ from .errors import MlcVisionError
 
 #: Activations the model builder knows (``models/layers.py``'s table); kept
 #: here so that a config is checked without importing TVM.
-KNOWN_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_tanh")
+#: ``silu`` is the gate of a gated MLP (Qwen2.5-VL's vision config), ``swiglu`` our name for that MLP.
+KNOWN_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_tanh", "silu", "swiglu")
 MAX_WIDTH = 1 << 16
 MAX_IMAGE = 1 << 14
 RESAMPLE_CODES = (0, 1, 2, 3, 4, 5)
