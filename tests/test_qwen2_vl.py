@@ -152,3 +152,59 @@ def test_grid_not_a_multiple_of_the_merge_size_is_one_line():
     geometry = NativeGeometry(patch_size=14, temporal_patch_size=2, merge_size=2, window_size=56)
     with pytest.raises(MlcVisionError, match=r"patch grid 5x4 is not a multiple of the merge size 2"):
         attention_inputs([(1, 5, 4)], geometry)
+
+
+# ---- preprocessing and the runtime ---------------------------------------------------------
+
+
+def photo_like(height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus noise: a resize changes every pixel, as on a photo."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (height + width)], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+# odd sizes, extreme aspect ratios, one over the token budget and one under it
+IMAGE_SIZES = [(97, 203), (300, 41), (640, 480), (20, 33), (1200, 900)]
+BUDGET = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+
+
+def qwen_processor():
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(size={"shortest_edge": BUDGET["min_pixels"], "longest_edge": BUDGET["max_pixels"]})
+
+
+def native_preprocess_config():
+    import dataclasses
+
+    config = qwen2_vl.config_from_hf({"model_type": "qwen2_5_vl_vision"})
+    return dataclasses.replace(config.preprocess, **BUDGET)
+
+
+def test_preprocessing_equals_qwen2vl_image_processor():
+    from mlc_vision.runtime.native import preprocess_native
+
+    images = [photo_like(h, w, seed) for seed, (h, w) in enumerate(IMAGE_SIZES)]
+    ref = qwen_processor()(images=images, return_tensors="np")
+    geometry = NativeGeometry(patch_size=14, temporal_patch_size=2, merge_size=2, window_size=112)
+    patches, grids = preprocess_native(images, native_preprocess_config(), geometry)
+    assert [list(g) for g in grids] == ref["image_grid_thw"].tolist()
+    assert max(t * h * w for t, h, w in grids) <= BUDGET["max_pixels"] // 14**2  # 1200x900 was resized down
+    np.testing.assert_allclose(np.concatenate(patches), ref["pixel_values"], atol=1e-5)
+
+
+def test_window_geometry_equals_transformers():
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    grids = [(1, 8, 8), (1, 6, 10), (1, 14, 6)]
+    geometry = NativeGeometry(patch_size=14, temporal_patch_size=2, merge_size=2, window_size=112)
+    ours = attention_inputs(grids, geometry)
+    grid_thw = torch.tensor(grids)
+    window_index, cu_window = get_vision_window_index(grid_thw, spatial_merge_size=2, window_size=112, patch_size=14)
+    np.testing.assert_array_equal(ours["window_index"], window_index.numpy())
+    np.testing.assert_array_equal(ours["position_ids"], get_vision_position_ids(grid_thw, 2).numpy())
+    in_window_order = ours["window_ids"].reshape(-1, 4)[ours["window_index"]].ravel()
+    boundaries = np.flatnonzero(np.diff(in_window_order)) + 1
+    np.testing.assert_array_equal(np.concatenate([[0], boundaries, [in_window_order.size]]), cu_window.numpy())
