@@ -208,3 +208,27 @@ def test_window_geometry_equals_transformers():
     in_window_order = ours["window_ids"].reshape(-1, 4)[ours["window_index"]].ravel()
     boundaries = np.flatnonzero(np.diff(in_window_order)) + 1
     np.testing.assert_array_equal(np.concatenate([[0], boundaries, [in_window_order.size]]), cu_window.numpy())
+
+
+def test_vision_encoder_images_of_different_sizes_in_one_call(tmp_path_factory, tmp_path):
+    """``VisionEncoder(images)`` on a Qwen2.5 library equals transformers' processor + visual tower."""
+    import dataclasses
+
+    from mlc_vision.runtime.encoder import VisionEncoder
+
+    root = tmp_path_factory.mktemp("qwen-encoder")
+    visual = make_reference("qwen2.5", root / "ckpt")
+    config = resolve_config(str(root / "ckpt"))
+    config = dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, **BUDGET))
+    lib = CompiledCPU(config, convert_checkpoint(root / "ckpt", root / "f32"), "float32", tmp_path, hidden_states=False)
+    images = [photo_like(h, w, seed) for seed, (h, w) in enumerate(IMAGE_SIZES[:3])]
+    ref = qwen_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        expected = visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"]).pooler_output.numpy()
+    encoder = VisionEncoder(lib.lib_path, root / "f32")
+    out = encoder(images)
+    assert [list(g) for g in out.grid_thw] == ref["image_grid_thw"].tolist()
+    assert sum(out.tokens_per_image) == len(expected) and len(out.per_image()) == 3
+    assert_fp32_close(out.features, expected, "VisionEncoder qwen2.5 merged")
+    with pytest.raises(MlcVisionError, match=r"patch grid 3x4 is not a multiple of the merge size 2"):
+        encoder.encode_patches(np.zeros((12, PATCH), np.float32), [(1, 3, 4)])
