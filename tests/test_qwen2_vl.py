@@ -211,15 +211,18 @@ def test_window_geometry_equals_transformers():
 
 
 def test_vision_encoder_images_of_different_sizes_in_one_call(tmp_path_factory, tmp_path):
-    """``VisionEncoder(images)`` on a Qwen2.5 library equals transformers' processor + visual tower."""
-    import dataclasses
+    """``VisionEncoder(images)`` on a Qwen2.5 library equals transformers' processor + visual tower.
 
+    The processor's config is saved in the checkpoint: its pixel budget reaches the library's metadata.
+    """
     from mlc_vision.runtime.encoder import VisionEncoder
 
     root = tmp_path_factory.mktemp("qwen-encoder")
     visual = make_reference("qwen2.5", root / "ckpt")
+    qwen_processor().save_pretrained(root / "ckpt")
     config = resolve_config(str(root / "ckpt"))
-    config = dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, **BUDGET))
+    assert (config.preprocess.resize, config.preprocess.min_pixels, config.preprocess.max_pixels) == (
+        "smart", BUDGET["min_pixels"], BUDGET["max_pixels"])
     lib = CompiledCPU(config, convert_checkpoint(root / "ckpt", root / "f32"), "float32", tmp_path, hidden_states=False)
     images = [photo_like(h, w, seed) for seed, (h, w) in enumerate(IMAGE_SIZES[:3])]
     ref = qwen_processor()(images=images, return_tensors="pt")
