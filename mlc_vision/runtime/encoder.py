@@ -233,7 +233,9 @@ class VisionEncoder:
         features = self.encode_pixels(pixels)
         packed = None
         if tiled.base and self._image_newline is not None:
-            packed = pack_anyres(features, tiled.grid, rgb.shape[:2], self._image_newline)
+            packed = pack_anyres(
+                features, tiled.grid, rgb.shape[:2], self._image_newline, self.tiling.get("anyres_max")
+            )
         return TiledFeatures(features, tiled.grid, tiled.thumbnail, tiled.base, packed)
 
     def _tiling_contract(self) -> dict:
