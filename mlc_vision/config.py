@@ -156,6 +156,7 @@ class VisionConfig:
     register_tokens: int = 0  # DINOv2 with registers: learned tokens after the class token, no position
     patch_bias: bool = False
     projection_dim: int | None = None  # CLIP/EVA visual_projection output width
+    projection_bias: bool = False  # EVA-CLIP's EvaCLIPModel head has a bias; CLIP's and EvaCLIP...WithProjection's have none
     use_head: bool = False  # SigLIP attention-pooling head
     # Apply the final norm after the last layer to the returned tokens (SigLIP:
     # transformers' last_hidden_state = post_layernorm(hidden_states[-1])).
@@ -234,6 +235,9 @@ class VisionConfig:
         return cls(**data).validated()
 
     def validated(self) -> "VisionConfig":
+        from .validate import check_config_values  # types and ranges first: the checks below do arithmetic
+
+        check_config_values(self)
         if self.feature not in FEATURES:
             raise MlcVisionError(f"feature must be one of {FEATURES}, got {self.feature!r}")
         if self.hidden_size % self.num_attention_heads:

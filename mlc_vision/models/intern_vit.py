@@ -28,7 +28,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import Preprocess, Tiling, VisionConfig
-from .weight_map import WeightMap
+from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
 from .transforms import interpolate_position_embedding
 from . import layers
 from .registry import Family, register
@@ -218,12 +218,16 @@ WEIGHTS = WeightMap(
         # InternViT-300M-448px / InternViT-6B-448px-V1-5 saved alone: no prefix
         ("embeddings.", "embeddings."),
         ("encoder.", "encoder."),
+        # InternVL's LLaVA fork (internvl_chat_llava): the tower inside the whole checkpoint
+        ("model.vision_tower.vision_tower.embeddings.", "embeddings."),
+        ("model.vision_tower.vision_tower.encoder.", "encoder."),
     ),
     ignore=(
         # the chat model's LLM and projector (the projector has its own map in
         # models/projector.py when one is compiled in)
         r"^language_model\.",
         r"^mlp1\.",
+        *LLAVA_NON_VISION_KEYS,
     ),
     transforms=(
         # a library compiled at another size than the checkpoint's
