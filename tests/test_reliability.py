@@ -159,10 +159,10 @@ def test_bad_preprocessor_config_is_one_line(case, checkpoint, tmp_path, capsys)
 
 
 def test_config_check_knows_every_activation_of_the_model_builder():
-    from mlc_vision.models.layers import ACTIVATIONS
+    from mlc_vision.models.layers import ACTIVATIONS, GATED_ACTIVATIONS
     from mlc_vision.validate import KNOWN_ACTIVATIONS
 
-    assert sorted(KNOWN_ACTIVATIONS) == sorted(ACTIVATIONS)
+    assert sorted(KNOWN_ACTIVATIONS) == sorted({**ACTIVATIONS, **GATED_ACTIVATIONS})
 
 
 # ---- CLI usage and paths -------------------------------------------------------------------------------
