@@ -144,14 +144,11 @@ def gpu_median_ms(fn, sync, runs: int, warmup: int = 3) -> float:
 
 
 def compare(ours: np.ndarray, ref: np.ndarray, dtype: str) -> dict:
-    """Error measures and whether they meet the brief's tolerances (tests/parity.py)."""
-    from parity import FP16_MIN_COS, FP32_MIN_COS, FP32_REL_MAX_ERR
+    """Error measures and whether they meet the test suite's bounds (tests/parity.py)."""
+    from parity import failures, measure
 
-    ours, ref = ours.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
-    cos = float(ours @ ref / (np.linalg.norm(ours) * np.linalg.norm(ref)))
-    rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
-    ok = cos >= FP16_MIN_COS if dtype == "float16" else (cos >= FP32_MIN_COS and rel <= FP32_REL_MAX_ERR)
-    return {"rel_max_err": rel, "cosine": cos, "ok": bool(ok)}
+    m = measure(ours, ref, "encode", dtype)
+    return {"rel_max_err": m.rel_max_err, "cosine": m.cosine, "norm_ratio": m.norm_ratio, "ok": not failures(m)}
 
 
 def kernel_profile(vm, params, x, dev, top: int = 15) -> str:
