@@ -80,7 +80,9 @@ def compile_cmd(
         projector_hidden_size=projector_hidden_size,
     )
     dtype = dtype or default_dtype(target)
-    output = output or default_output(model, target, output_suffixes(target)[0])
+    if output is None:
+        output = default_output(model, target, output_suffixes(target)[0])
+        output.parent.mkdir(parents=True, exist_ok=True)
     built = build_module(config, dtype, target, attention=attention)
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     meta = built.metadata

@@ -13,6 +13,7 @@ from tvm.relax.frontend.nn import Tensor
 
 from ..config import Preprocess, VisionConfig
 from ..weights.mapping import LLAVA_NON_VISION_KEYS, WeightMap
+from ..weights.transforms import interpolate_position_embedding
 from . import layers
 
 FAMILY = "clip"
@@ -112,4 +113,7 @@ WEIGHTS = WeightMap(
         r"position_ids$",
         *LLAVA_NON_VISION_KEYS,
     ),
+    # compiled at another --image-size: the patch rows resampled once at convert, the class row
+    # kept (bicubic, as transformers' interpolate_pos_encoding does)
+    transforms=((r"^embeddings\.position_embedding\.weight$", interpolate_position_embedding),),
 )
