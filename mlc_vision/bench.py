@@ -8,7 +8,8 @@ the median of ``runs`` timed calls after warm-up, the ratio ours / torch
 machine's nominal peak. Results go to ``<output>/bench.json`` and
 ``<output>/bench.md``.
 
-torch, transformers and timm are test dependencies: this module needs them.
+The torch references live in :mod:`mlc_vision.testing` (the ``test`` extra:
+torch, transformers and timm); ``bench`` says so when they are missing.
 """
 
 from __future__ import annotations
@@ -68,61 +69,6 @@ def _cpu_flags() -> str:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
-
-
-# ---- torch references --------------------------------------------------------------------
-
-
-def _torch_clip(c: VisionConfig):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    hf = CLIPVisionConfig(
-        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers_compiled,
-        num_attention_heads=c.num_attention_heads, image_size=c.image_size, patch_size=c.patch_size,
-        hidden_act=c.hidden_act,
-    )
-    return CLIPVisionModel(hf)
-
-
-def _torch_siglip(c: VisionConfig):
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    hf = SiglipVisionConfig(
-        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers_compiled,
-        num_attention_heads=c.num_attention_heads, image_size=c.image_size, patch_size=c.patch_size,
-        vision_use_head=False,
-    )
-    return SiglipVisionModel(hf)
-
-
-def _torch_intern_vit(c: VisionConfig):
-    from transformers import InternVLVisionConfig, InternVLVisionModel
-
-    hf = InternVLVisionConfig(
-        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers_compiled,
-        num_attention_heads=c.num_attention_heads, image_size=[c.image_size] * 2, patch_size=[c.patch_size] * 2,
-        use_qk_norm=c.qk_norm, norm_type="rms_norm" if c.norm_type == "rms_norm" else "layer_norm",
-        attention_bias=c.qkv_bias, use_mean_pooling=True,
-    )
-    return InternVLVisionModel(hf)
-
-
-def _torch_eva_clip(c: VisionConfig):
-    import timm
-
-    return timm.models.eva.Eva(
-        img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.hidden_size, depth=c.num_layers_compiled,
-        num_heads=c.num_attention_heads, mlp_ratio=c.intermediate_size / c.hidden_size, num_classes=0,
-        qkv_bias=c.qkv_bias, use_post_norm=c.post_norm_blocks,
-    )
-
-
-TORCH_BUILDERS = {
-    "clip": _torch_clip,
-    "siglip": _torch_siglip,
-    "intern_vit": _torch_intern_vit,
-    "eva_clip": _torch_eva_clip,
-}
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -195,10 +141,12 @@ class OurLibrary:
 
 
 def torch_timers(config: VisionConfig, pixels: np.ndarray, torch_compile: bool, notes: list[str]):
+    from .testing.references import torch_model
+
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = TORCH_BUILDERS[config.family](config).eval()
+    model = torch_model(config).eval()
     x = torch.from_numpy(pixels)
 
     def eager():

@@ -68,7 +68,7 @@ def compile_cmd(
     from .compiler.export import build_library
     from .compiler.module import build_module
     from .compiler.targets import check_buildable, output_suffixes
-    from .resolve import resolve_config
+    from .checkpoint.resolve import resolve_config
 
     check_buildable(target)
     config = resolve_config(

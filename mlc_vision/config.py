@@ -26,6 +26,9 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DTYPES = ("float32", "float16", "bfloat16")
 FEATURES = ("patch", "cls_patch", "pooled")  # pooled: the [b, 1, width] pooled/projected embedding
 PROJECTORS = ("linear", "mlp2x_gelu", "mlp1")  # see models/projector.py
+# Resampling filters, by the Pillow codes that ``preprocessor_config.json`` stores.
+HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+RESAMPLE_FILTERS = tuple(HF_RESAMPLE.values())
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

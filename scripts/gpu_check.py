@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from mlc_vision.compiler.targets import ATTENTION_BY_TARGET  # noqa: E402  (no TVM import)
 
@@ -144,8 +143,8 @@ def gpu_median_ms(fn, sync, runs: int, warmup: int = 3) -> float:
 
 
 def compare(ours: np.ndarray, ref: np.ndarray, dtype: str) -> dict:
-    """Error measures and whether they meet the test suite's bounds (tests/parity.py)."""
-    from parity import failures, measure
+    """Error measures and whether they meet the test suite's bounds (mlc_vision.testing.parity)."""
+    from mlc_vision.testing.parity import failures, measure
 
     m = measure(ours, ref, "encode", dtype)
     return {"rel_max_err": m.rel_max_err, "cosine": m.cosine, "norm_ratio": m.norm_ratio, "ok": not failures(m)}
@@ -183,10 +182,10 @@ def torch_model(config, dtype: str):
     """The same architecture in transformers (timm for EVA), on the GPU in ``dtype``."""
     import torch
 
-    from mlc_vision.bench import TORCH_BUILDERS
+    from mlc_vision.testing.references import torch_model as reference
 
     torch.manual_seed(0)
-    return TORCH_BUILDERS[config.family](config).eval().to("cuda", dtype=getattr(torch, dtype))
+    return reference(config).eval().to("cuda", dtype=getattr(torch, dtype))
 
 
 def batch_pixels(config, batch: int, dtype: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from parity import CompiledCPU, assert_all_close, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_all
 
 # Small, but with every feature of the real geometry: 30 px with 8 px patches

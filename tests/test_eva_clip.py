@@ -40,7 +40,7 @@ from timm.models.eva import Eva
 
 from mlc_vision.config import load_preset
 from mlc_vision.models import route
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from parity import CompiledCPU, assert_all_close, assert_fp32_close, convert_checkpoint, randomize_all
 
 # 30 px with 8 px patches: the conv drops trailing pixels; 3 layers give 4 hidden states.
@@ -329,13 +329,13 @@ def test_vision_model_pooled_is_the_normed_class_token(tmp_path):
 def test_routing_tells_eva_from_clip_without_paths():
     """The port says model_type "clip": its EVA-only fields, architectures or keys decide."""
     eva = port_config("E", TINY, 1e-6)
-    assert route(eva["vision_config"]).FAMILY == "eva_clip"
-    assert route(eva).FAMILY == "eva_clip"
-    assert route({"model_type": "clip", "architectures": ["EvaCLIPModel"]}).FAMILY == "eva_clip"
+    assert route(eva["vision_config"]).name == "eva_clip"
+    assert route(eva).name == "eva_clip"
+    assert route({"model_type": "clip", "architectures": ["EvaCLIPModel"]}).name == "eva_clip"
     keys = ["encoder.layers.0.self_attn.q_proj.bias", "encoder.layers.0.self_attn.q_proj.weight"]
-    assert route({"model_type": "clip_vision_model"}, keys).FAMILY == "eva_clip"
-    assert route({"model_type": "clip_vision_model", "hidden_size": 64}).FAMILY == "clip"
-    assert route({"model_type": "clip", "architectures": ["CLIPModel"]}).FAMILY == "clip"
+    assert route({"model_type": "clip_vision_model"}, keys).name == "eva_clip"
+    assert route({"model_type": "clip_vision_model", "hidden_size": 64}).name == "clip"
+    assert route({"model_type": "clip", "architectures": ["CLIPModel"]}).name == "clip"
 
 
 def test_preset_is_eva02_clip_e14():

@@ -30,11 +30,11 @@ from transformers import InternVLVisionConfig, InternVLVisionModel
 from mlc_vision.config import load_preset
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import intern_vit, route
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.compiler.module import build_module
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
-from mlc_vision.weights.transforms import bicubic_matrix, interpolate_position_embedding, resize_bicubic
+from mlc_vision.models.transforms import bicubic_matrix, interpolate_position_embedding, resize_bicubic
 from parity import CompiledCPU, assert_all_close, assert_fp32_close, randomize_all
 
 # Small towers with every feature of the real ones: 56 px / 14 = a 4x4 grid + class token.
@@ -259,10 +259,10 @@ def test_routing_by_config_not_path(tmp_path):
     model = reference_model(STYLES["300m"], SMALL, seed=7)
     ckpt = save_checkpoint(model, STYLES["300m"], SMALL, tmp_path / "clip-vit-large-patch14-InternViT-300M-448px")
     assert resolve_config(str(ckpt)).family == "intern_vit"
-    assert route({"model_type": "intern_vit_6b"}) is intern_vit
-    assert route({"architectures": ["InternVisionModel"]}) is intern_vit
+    assert route({"model_type": "intern_vit_6b"}) is intern_vit.FAMILY
+    assert route({"architectures": ["InternVisionModel"]}) is intern_vit.FAMILY
     keys = ["encoder.layers.0.attn.qkv.weight", "encoder.layers.0.ls1", "embeddings.class_embedding"]
-    assert route({}, keys) is intern_vit
+    assert route({}, keys) is intern_vit.FAMILY
 
 
 def test_config_from_hf_defaults_and_chat():

@@ -25,7 +25,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from mlc_vision.config import Preprocess
 from mlc_vision.errors import MlcVisionError
-from mlc_vision.runtime.preprocess import preprocess, preprocess_config_from_hf
+from mlc_vision.checkpoint.processor import preprocess_config_from_hf
+from mlc_vision.runtime.preprocess import preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -17,15 +17,19 @@ from tvm.relax.frontend import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from mlc_vision.checkpoint.config import checkpoint_config
+from mlc_vision.checkpoint.projector import projector_from_hf
+from mlc_vision.checkpoint.source import resolve_source
 from mlc_vision.compiler.module import build_module
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import clip
 from mlc_vision.models.projector import (
     PROJECTOR_WEIGHTS,
     Projector,
-    projector_from_hf,
     projector_params,
 )
+from mlc_vision.weights.convert import convert
+from mlc_vision.weights.params import load_params
 from parity import assert_fp16_close, assert_fp32_close, randomize_all
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -239,12 +243,9 @@ def tiny_llava(tmp_path_factory):
 
 
 def test_llava_checkpoint_end_to_end(tiny_llava, tmp_path):
-    from mlc_vision.weights import convert as convert_module
-    from mlc_vision.weights.params import load_params
-
     model, path = tiny_llava
-    params_dir = convert_module.convert(path, tmp_path / "params")
-    _, config, _ = convert_module.checkpoint_config(convert_module.resolve_source(path, None))
+    params_dir = convert(path, tmp_path / "params")
+    config = checkpoint_config(resolve_source(path)).config
     assert (config.projector, config.projector_hidden_size, config.select_layer, config.feature) == (
         "mlp2x_gelu", LLM_WIDTH, -2, "patch")
     built = build_module(config, "float32", "cpu")
@@ -314,9 +315,7 @@ def original_llava15_checkpoint(path, tower: CLIPVisionModel, mm_projector: torc
 def test_original_llava15_layout_through_convert(tiny_tower_preset, tmp_path):
     """mm_vision_tower + model.mm_projector.{0,2}: tower and projector converted, compiled and
     compared with LLaVA's forward (hidden_states[-2] without the class token, then the MLP)."""
-    from mlc_vision.resolve import resolve_config
-    from mlc_vision.weights.convert import convert
-    from mlc_vision.weights.params import load_params
+    from mlc_vision.checkpoint.resolve import resolve_config
 
     tower = randomize_all(CLIPVisionModel(CLIPVisionConfig(**VISION, hidden_act="quick_gelu")), seed=11)
     mm_projector = randomize_all(torch.nn.Sequential(torch.nn.Linear(VISION["hidden_size"], LLM_WIDTH), torch.nn.GELU(),
@@ -340,7 +339,7 @@ def test_original_llava15_layout_through_convert(tiny_tower_preset, tmp_path):
     "image_aspect_ratio 'pad' of an original LLaVA config is read only with a preprocessor_config.json, "
     "which these repositories do not ship: the tower preset's pad_to_square=False is kept"))
 def test_original_llava15_pads_to_square(tiny_tower_preset, tmp_path):
-    from mlc_vision.resolve import resolve_config
+    from mlc_vision.checkpoint.resolve import resolve_config
 
     tower = CLIPVisionModel(CLIPVisionConfig(**VISION))
     mm_projector = torch.nn.Sequential(torch.nn.Linear(VISION["hidden_size"], LLM_WIDTH), torch.nn.GELU(),

@@ -26,7 +26,7 @@ from transformers import (
 from mlc_vision.compiler.module import build_module
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import route, siglip
-from mlc_vision.resolve import resolve_config
+from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
 from parity import CompiledCPU, assert_all_close, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_all

@@ -20,7 +20,8 @@ from mlc_vision.errors import MlcVisionError
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import ParamsWriter, load_params, read_params, write_params
 from mlc_vision.weights.reader import iter_tensors
-from mlc_vision.weights.source import load_hf_config, outer_options, resolve_source
+from mlc_vision.checkpoint.layouts import load_hf_config, outer_options
+from mlc_vision.checkpoint.source import resolve_source
 
 TINY = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -39,7 +39,7 @@ def build_vision_model(config: VisionConfig, dtype: str, full: bool = False) -> 
     """The family's Relax module with parameters in ``dtype``."""
     if dtype not in DTYPES:
         raise MlcVisionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    model = get_family(config.family).VisionModel(config, full=full)
+    model = get_family(config.family).module(config, full=full)
     model.to(dtype)
     return model
 

@@ -12,11 +12,12 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor
 
 from ..config import Preprocess, VisionConfig
-from ..weights.mapping import LLAVA_NON_VISION_KEYS, WeightMap
-from ..weights.transforms import interpolate_position_embedding
+from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
+from .transforms import interpolate_position_embedding
 from . import layers
+from .registry import Family, register
 
-FAMILY = "clip"
+NAME = "clip"
 MODEL_TYPES = ("clip_vision_model", "clip")
 ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
 
@@ -27,7 +28,7 @@ ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel"
 def config_from_hf(hf: dict) -> VisionConfig:
     """Our config from a ``CLIPVisionConfig`` dict (the vision part of a CLIP/LLaVA config)."""
     return VisionConfig(
-        family=FAMILY,
+        family=NAME,
         hidden_size=hf.get("hidden_size", 768),
         intermediate_size=hf.get("intermediate_size", 3072),
         num_hidden_layers=hf.get("num_hidden_layers", 12),
@@ -116,4 +117,19 @@ WEIGHTS = WeightMap(
     # compiled at another --image-size: the patch rows resampled once at convert, the class row
     # kept (bicubic, as transformers' interpolate_pos_encoding does)
     transforms=((r"^embeddings\.position_embedding\.weight$", interpolate_position_embedding),),
+)
+
+
+FAMILY = register(
+    Family(
+        name=NAME,
+        model_types=MODEL_TYPES,
+        architectures=ARCHITECTURES,
+        config_from_hf=config_from_hf,
+        module=VisionModel,
+        weights=WEIGHTS,
+        # transformers writes projection_dim for every CLIP vision config; only the
+        # models with a projection hold visual_projection
+        optional_parts={"projection_dim": r"^visual_projection\."},
+    )
 )

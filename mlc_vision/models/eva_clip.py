@@ -31,10 +31,11 @@ from tvm.relax.frontend.nn import Tensor
 
 from ..config import Preprocess, VisionConfig
 from ..errors import MlcVisionError
-from ..weights.mapping import LLAVA_NON_VISION_KEYS, WeightMap
+from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
 from . import layers
+from .registry import Family, register
 
-FAMILY = "eva_clip"
+NAME = "eva_clip"
 # The port saves CLIP's model types. Other EVA-CLIP ports ("eva_clip" in CogVLM,
 # "evaclip_vision_model") name their keys differently and are not claimed.
 MODEL_TYPES = ("clip_vision_model", "clip")
@@ -89,7 +90,7 @@ def config_from_hf(hf: dict) -> VisionConfig:
     hf = _vision_part(hf)
     image_size = hf.get("image_size", 224)
     return VisionConfig(
-        family=FAMILY,
+        family=NAME,
         hidden_size=hf.get("hidden_size", 768),
         intermediate_size=hf.get("intermediate_size", 3072),
         num_hidden_layers=hf.get("num_hidden_layers", 12),
@@ -172,4 +173,20 @@ WEIGHTS = WeightMap(
         r"self_attn\.k_proj\.bias$",
         *LLAVA_NON_VISION_KEYS,
     ),
+)
+
+
+FAMILY = register(
+    Family(
+        name=NAME,
+        model_types=MODEL_TYPES,
+        architectures=ARCHITECTURES,
+        config_from_hf=config_from_hf,
+        module=VisionModel,
+        weights=WEIGHTS,
+        claims=claims,
+        # transformers writes projection_dim for every CLIP vision config; only the
+        # models with a projection hold visual_projection
+        optional_parts={"projection_dim": r"^visual_projection\."},
+    )
 )

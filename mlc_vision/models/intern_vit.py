@@ -28,11 +28,12 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import Preprocess, VisionConfig
-from ..weights.mapping import WeightMap
-from ..weights.transforms import interpolate_position_embedding
+from .weight_map import WeightMap
+from .transforms import interpolate_position_embedding
 from . import layers
+from .registry import Family, register
 
-FAMILY = "intern_vit"
+NAME = "intern_vit"
 MODEL_TYPES = ("intern_vit_6b", "internvl_chat")
 ARCHITECTURES = ("InternVisionModel", "InternVLChatModel")
 
@@ -82,7 +83,7 @@ def config_from_hf(hf: dict) -> VisionConfig:
     if "vision_config" in hf:
         chat = {"select_layer": hf.get("select_layer", -1), "downsample_ratio": hf.get("downsample_ratio", 0.5)}
     return VisionConfig(
-        family=FAMILY,
+        family=NAME,
         hidden_size=_field(vision, "hidden_size"),
         intermediate_size=_field(vision, "intermediate_size"),
         num_hidden_layers=_field(vision, "num_hidden_layers"),
@@ -210,4 +211,17 @@ WEIGHTS = WeightMap(
         # a library compiled at another size than the checkpoint's
         (r"^embeddings\.position_embedding$", interpolate_position_embedding),
     ),
+)
+
+
+FAMILY = register(
+    Family(
+        name=NAME,
+        model_types=MODEL_TYPES,
+        architectures=ARCHITECTURES,
+        config_from_hf=config_from_hf,
+        module=VisionModel,
+        weights=WEIGHTS,
+        claims=claims,
+    )
 )

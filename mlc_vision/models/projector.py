@@ -19,14 +19,13 @@ there, so a whole LLaVA / InternVL-chat checkpoint converts in one pass.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import PROJECTORS, VisionConfig
 from ..errors import MlcVisionError
-from ..weights.mapping import WeightMap
+from .weight_map import WeightMap
 from . import layers
 
 KINDS = PROJECTORS
@@ -180,67 +179,3 @@ def weight_map(config: VisionConfig) -> WeightMap:
     """The map of ``config.projector``'s checkpoint keys (what convert merges with the tower's)."""
     check(config)
     return PROJECTOR_WEIGHTS[config.projector]
-
-
-# ---- from a checkpoint's config.json ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProjectorSpec:
-    """What a composite checkpoint's config says about its projector."""
-
-    kind: str
-    hidden_size: int  # the LLM width the projector maps to
-    downsample_ratio: float | None = None  # mlp1 only
-
-    def options(self) -> dict:
-        """VisionConfig fields (for ``dataclasses.replace`` / ``with_options``)."""
-        options = {"projector": self.kind, "projector_hidden_size": self.hidden_size}
-        if self.downsample_ratio is not None:
-            options["downsample_ratio"] = self.downsample_ratio
-        return options
-
-
-def projector_from_hf(full_config: dict) -> ProjectorSpec | None:
-    """The projector of a LLaVA / InternVL-chat ``config.json``; None for a plain vision checkpoint.
-
-    Variants we do not compile (InternVL ``ps_version`` 'v1', a Llava
-    projector without bias or with another activation, several feature
-    layers concatenated) are refused here rather than converted wrongly.
-    """
-    if "llm_config" in full_config and "downsample_ratio" in full_config:
-        return _internvl_chat(full_config)
-    if full_config.get("model_type") in ("llava", "llava_next", "llava_onevision") and "text_config" in full_config:
-        return _transformers_llava(full_config)
-    if "mm_hidden_size" in full_config or "mm_projector_type" in full_config:
-        return _original_llava(full_config)
-    return None
-
-
-def _internvl_chat(full: dict) -> ProjectorSpec:
-    if full.get("ps_version", "v1") != "v2":
-        raise MlcVisionError(
-            f"InternVL ps_version {full.get('ps_version', 'v1')!r} (transposed pixel_shuffle) is not supported; only 'v2'"
-        )
-    return ProjectorSpec("mlp1", int(full["llm_config"]["hidden_size"]), float(full["downsample_ratio"]))
-
-
-def _transformers_llava(full: dict) -> ProjectorSpec:
-    act = full.get("projector_hidden_act", "gelu")
-    if act != "gelu" or not full.get("multimodal_projector_bias", True):
-        raise MlcVisionError(
-            f"Llava projector with projector_hidden_act={act!r}, "
-            f"multimodal_projector_bias={full.get('multimodal_projector_bias')!r} is not supported (only gelu, bias)"
-        )
-    if not isinstance(full.get("vision_feature_layer", -2), int):
-        raise MlcVisionError(
-            f"vision_feature_layer {full['vision_feature_layer']!r} concatenates several layers; not supported"
-        )
-    return ProjectorSpec("mlp2x_gelu", int(full["text_config"]["hidden_size"]))
-
-
-def _original_llava(full: dict) -> ProjectorSpec:
-    kind = full.get("mm_projector_type", "linear")  # LLaVA's builder defaults to linear
-    if kind not in ("linear", "mlp2x_gelu"):
-        raise MlcVisionError(f"LLaVA mm_projector_type {kind!r} is not supported; known: linear, mlp2x_gelu")
-    return ProjectorSpec(kind, int(full["hidden_size"]))

@@ -31,11 +31,12 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import Preprocess, VisionConfig
 from ..errors import MlcVisionError
-from ..weights.mapping import LLAVA_NON_VISION_KEYS, WeightMap
-from ..weights.transforms import interpolate_position_embedding
+from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
+from .transforms import interpolate_position_embedding
 from . import layers
+from .registry import Family, register
 
-FAMILY = "siglip"
+NAME = "siglip"
 # siglip2*: claimed only to refuse them with a reason (see config_from_hf).
 MODEL_TYPES = ("siglip_vision_model", "siglip", "siglip2_vision_model", "siglip2")
 ARCHITECTURES = ("SiglipVisionModel", "SiglipModel", "SiglipForImageClassification")
@@ -59,7 +60,7 @@ def config_from_hf(hf: dict) -> VisionConfig:
         )
     image_size = _single(hf.get("image_size", 224), "image_size")
     return VisionConfig(
-        family=FAMILY,
+        family=NAME,
         hidden_size=hf.get("hidden_size", 768),
         intermediate_size=hf.get("intermediate_size", 3072),
         num_hidden_layers=hf.get("num_hidden_layers", 12),
@@ -227,4 +228,16 @@ WEIGHTS = WeightMap(
     # a library compiled at another image size gets the position table resampled
     # (bicubic, as transformers' interpolate_pos_encoding does)
     transforms=((r"^embeddings\.position_embedding\.weight$", interpolate_position_embedding),),
+)
+
+
+FAMILY = register(
+    Family(
+        name=NAME,
+        model_types=MODEL_TYPES,
+        architectures=ARCHITECTURES,
+        config_from_hf=config_from_hf,
+        module=VisionModel,
+        weights=WEIGHTS,
+    )
 )

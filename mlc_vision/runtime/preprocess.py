@@ -49,15 +49,13 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..config import Preprocess
+from ..config import RESAMPLE_FILTERS, Preprocess
 from ..errors import MlcVisionError
 
 ImageLike = Union[Image.Image, np.ndarray, str, Path]
 
 BACKENDS = ("torchvision", "pil")
 RESIZE_MODES = ("shortest_edge", "exact")
-# Pillow's resample codes, as preprocessor_config.json stores them.
-HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 def preprocess(
@@ -224,7 +222,7 @@ def _triangle(x: np.ndarray) -> np.ndarray:
 
 # name -> (filter, interp_size): the filter's support is interp_size / 2 input pixels.
 _FILTERS = {"bicubic": (_bicubic, 4), "bilinear": (_triangle, 2)}
-_PIL_FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in HF_RESAMPLE.values()}
+_PIL_FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESAMPLE_FILTERS}
 
 
 def _int16_weights(in_size: int, out_size: int, resample: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -289,59 +287,3 @@ def _resize_torch(
 
 
 # ---- configs ----------------------------------------------------------------------
-
-
-def preprocess_config_from_hf(preprocessor_config: dict, *, pad_to_square: bool = False) -> Preprocess:
-    """A checkpoint's ``preprocessor_config.json`` (CLIP, SigLIP, ...) -> :class:`Preprocess`.
-
-    ``size`` ``{"shortest_edge": n}`` with a center crop is CLIP's resize-then-crop;
-    ``{"height": n, "width": n}`` is an exact resize (SigLIP). An old-style integer
-    ``size`` means the shortest edge when the processor crops, an exact size otherwise.
-    ``pad_to_square`` is not in those files (LLaVA keeps it in the model config as
-    ``image_aspect_ratio: pad``), so it is passed in.
-    """
-    cfg = preprocessor_config
-    if cfg.get("do_resize", True) is False:
-        raise MlcVisionError("preprocessor config has do_resize false; a compiled library needs a fixed image size")
-    do_crop = bool(cfg.get("do_center_crop", False))
-    resize, size = _hf_size(cfg.get("size"), do_crop)
-    crop = _square(cfg.get("crop_size"), "crop_size") if do_crop else None
-    code = cfg.get("resample", 3)
-    if code not in HF_RESAMPLE:
-        raise MlcVisionError(f"preprocessor config has unknown resample code {code!r}; known: {sorted(HF_RESAMPLE)}")
-    normalize_on = cfg.get("do_normalize", True)
-    return Preprocess(
-        resize=resize,
-        size=size,
-        crop_size=crop,
-        resample=HF_RESAMPLE[code],
-        rescale_factor=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0,
-        mean=_triple(cfg.get("image_mean", (0.5, 0.5, 0.5)), "image_mean") if normalize_on else (0.0, 0.0, 0.0),
-        std=_triple(cfg.get("image_std", (0.5, 0.5, 0.5)), "image_std") if normalize_on else (1.0, 1.0, 1.0),
-        pad_to_square=pad_to_square,
-    )
-
-
-def _hf_size(size, do_crop: bool) -> tuple[str, int]:
-    if isinstance(size, int):
-        return ("shortest_edge" if do_crop else "exact"), size
-    if isinstance(size, dict) and "shortest_edge" in size:
-        if size.get("longest_edge"):
-            raise MlcVisionError(f"preprocessor config size {size} caps the longest edge; that is not supported")
-        return "shortest_edge", int(size["shortest_edge"])
-    return "exact", _square(size, "size")
-
-
-def _square(value, name: str) -> int:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dict) and value.get("height") is not None and value.get("height") == value.get("width"):
-        return int(value["height"])
-    raise MlcVisionError(f"preprocessor config {name} must be an int or a square {{height, width}}, got {value!r}")
-
-
-def _triple(value, name: str) -> tuple[float, float, float]:
-    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
-    if len(values) != 3:
-        raise MlcVisionError(f"preprocessor config {name} must have 3 values, got {value!r}")
-    return tuple(float(v) for v in values)
