@@ -1,12 +1,16 @@
-"""Latency of our compiled library against the torch reference, in one process.
+"""Latency of our compiled libraries against the engines a user would pick instead, in one process.
 
 Weights are random (speed does not depend on their values). For every preset
-and batch size we time ``encode`` of our CPU library and the torch reference
-(eager, and ``torch.compile`` when it builds within its time budget), report
-the median of ``runs`` timed calls after warm-up, the ratio ours / torch
-(below 1.0 means we are faster), and the achieved GFLOP/s against this
-machine's nominal peak. Results go to ``<output>/bench.json`` and
-``<output>/bench.md``.
+and batch size we time ``encode`` of our fp32 CPU library, the torch reference
+(eager, and ``torch.compile`` when it builds within its time budget), ONNX
+Runtime and OpenVINO (f32) on an ONNX export of that torch model
+(``bench_peers.py``), and, on CPUs with a bf16 path, our bf16 library against
+OpenVINO's default precision; all in alternation. We report the median of
+``runs`` timed calls after warm-up, ours / the fastest fp32 peer (below 1.0
+means we are faster), ours bf16 / OpenVINO default, the bf16 library's cosine
+against our fp32 library, and the achieved GFLOP/s against this machine's fp32
+peak. Every table starts with the machine (CPU, ISA, frequency, peak).
+Results go to ``<output>/bench.json`` and ``<output>/bench.md``.
 
 The torch references live in :mod:`mlc_vision.testing` (the ``test`` extra:
 torch, transformers and timm); ``bench`` says so when they are missing.
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import bench_peers
+from .bench_peers import machine_info
 from .compiler.targets import ATTENTION_BY_TARGET
 from .config import VisionConfig, list_presets, load_preset
 
@@ -41,34 +47,21 @@ TORCH_COMPILE_BUDGET_S = 240.0
 
 def encoder_flops(config: VisionConfig, batch: int, layers: int) -> float:
     """Multiply-adds x 2 of the patch embedding and ``layers`` transformer layers."""
-    n, d, i = config.num_positions, config.hidden_size, config.intermediate_size
+    n, d, i = config.tokens.sequence, config.hidden_size, config.intermediate_size
     patch = config.num_patches * config.num_channels * config.patch_size**2 * d
     per_layer = 4 * n * d * d + 2 * n * d * i + 2 * n * n * d
     return 2.0 * batch * (patch + layers * per_layer)
 
 
 def nominal_peak_gflops() -> tuple[float, str]:
-    """Cores x GHz x FLOP/cycle (AVX-512: 2 FMA pipes x 16 fp32 lanes x 2)."""
-    cores = os.cpu_count() or 1
-    ghz = 0.0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                ghz = float(line.split(":")[1]) / 1000
-                break
-    except OSError:
-        pass
-    ghz = ghz or 2.5
-    flops_per_cycle = 64 if "avx512f" in _cpu_flags() else 32
-    peak = cores * ghz * flops_per_cycle
-    return peak, f"{cores} cores x {ghz:.2f} GHz x {flops_per_cycle} FLOP/cycle"
+    """This machine's fp32 peak and how it was computed (``bench_peers.machine_info``)."""
+    m = machine_info()
+    return m["fp32_peak_gflops"], f"{m['cores']} cores x {m['ghz']:.2f} GHz x {m['fp32_flops_per_cycle']} FLOP/cycle"
 
 
-def _cpu_flags() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+def bf16_is_fast_here() -> bool:
+    """Whether the bf16 GEMM has an instruction path on this CPU (AVX512-BF16 or AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(machine_info()["isa"]))
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -92,6 +85,16 @@ def interleaved_medians_ms(fns: dict, runs: int, warmup: int = 2) -> dict:
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
+def cosine(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+#: fp32 contenders besides ours (the "fastest fp32 peer" is the fastest of these).
+FP32_PEERS = {"eager": "torch eager", "compile": "torch.compile", "ort": "ONNX Runtime", "ov_f32": "OpenVINO f32"}
+
+
 @dataclass
 class Row:
     model: str
@@ -103,6 +106,15 @@ class Row:
     ratio_eager: float
     torch_compile_ms: float | None
     ratio_compile: float | None
+    onnxruntime_ms: float | None
+    openvino_f32_ms: float | None
+    best_fp32_peer: str
+    ratio_best_fp32: float
+    tvm_bf16_ms: float | None
+    bf16_cosine: float | None
+    openvino_default_ms: float | None
+    openvino_default_precision: str | None
+    ratio_bf16_openvino: float | None
     gflops: float
     tvm_gflops_per_s: float
     pct_peak: float
@@ -110,10 +122,22 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-class OurLibrary:
-    """A CPU library compiled from a config, with random params of the right shapes."""
+def _random_params(metadata: dict, seed: int = 0) -> list[np.ndarray]:
+    """fp32 params of the library's shapes: norm scales near 1, everything else small."""
+    rng = np.random.default_rng(seed)
+    params = []
+    for p in metadata["params"]:
+        value = rng.standard_normal(p["shape"]) * 0.02
+        if len(p["shape"]) == 1 and p["name"].endswith("weight"):
+            value += 1.0  # LayerNorm / RMSNorm scales
+        params.append(value.astype("float32"))
+    return params
 
-    def __init__(self, config: VisionConfig, workdir: Path):
+
+class OurLibrary:
+    """A CPU library compiled from a config in ``dtype``, with given fp32 params (cast to ``dtype``)."""
+
+    def __init__(self, config: VisionConfig, workdir: Path, dtype: str = "float32", params=None):
         import tvm
         from tvm import relax
 
@@ -121,31 +145,38 @@ class OurLibrary:
         from .compiler.module import build_module
 
         start = time.perf_counter()
-        built = build_module(config, "float32", "cpu")
-        lib = build_library(built.mod, "cpu", workdir / f"{config.preset}-cpu.so", metadata=built.metadata)
+        built = build_module(config, dtype, "cpu")
+        lib = build_library(built.mod, "cpu", workdir / f"{config.preset}-cpu-{dtype}.so", metadata=built.metadata)
         self.compile_s = time.perf_counter() - start
+        self.dtype = dtype
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
-        rng = np.random.default_rng(0)
-        self.params = [
-            tvm.runtime.tensor((rng.standard_normal(p["shape"]) * 0.02).astype("float32"), self.device)
-            for p in built.metadata["params"]
-        ]
+        self.fp32_params = params if params is not None else _random_params(built.metadata)
+        self.params = [tvm.runtime.tensor(p.astype(self._np_dtype()), self.device) for p in self.fp32_params]
         self.tokens = built.metadata["num_tokens"]
+
+    def _np_dtype(self):
+        if self.dtype == "bfloat16":
+            import ml_dtypes
+
+            return ml_dtypes.bfloat16
+        return np.dtype(self.dtype)
 
     def timer(self, pixels: np.ndarray):
         import tvm
 
-        x = tvm.runtime.tensor(pixels, self.device)
+        x = tvm.runtime.tensor(pixels.astype(self._np_dtype()), self.device)
         return lambda: self.vm["encode"](x, self.params)
 
 
 def torch_timers(config: VisionConfig, pixels: np.ndarray, torch_compile: bool, notes: list[str]):
+    """``(model, eager, compiled)``: the transformers model and its timers (compiled None when skipped)."""
     from .testing.references import torch_model
 
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
     model = torch_model(config).eval()
     x = torch.from_numpy(pixels)
 
@@ -171,60 +202,119 @@ def torch_timers(config: VisionConfig, pixels: np.ndarray, torch_compile: bool, 
         except Exception as err:  # torch.compile fails in many environment-specific ways
             notes.append(f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
             compiled = None
-    return eager, compiled
+    return model, eager, compiled
 
 
-def bench_one(preset: str, batches: list[int], runs: int, workdir: Path, torch_compile: bool, peak: float) -> list[Row]:
+class Peers:
+    """ONNX Runtime and OpenVINO (f32 and default precision) on one ONNX export of the torch model."""
+
+    def __init__(self, model, pixels: np.ndarray, workdir: Path, preset: str):
+        self.path = bench_peers.export_onnx(model, pixels, workdir / f"{preset}.onnx")
+        self.ort = bench_peers.onnxruntime_session(self.path)
+        self.ov_f32, _ = bench_peers.openvino_model(self.path, "f32")
+        self.ov_default, self.default_precision = bench_peers.openvino_model(self.path, None)
+
+    def runners(self, pixels: np.ndarray) -> dict:
+        return {
+            "ort": bench_peers.onnxruntime_runner(self.ort, pixels),
+            "ov_f32": bench_peers.openvino_runner(self.ov_f32, pixels),
+            "ov_default": bench_peers.openvino_runner(self.ov_default, pixels),
+        }
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def bench_one(preset: str, batches: list[int], runs: int, workdir: Path, torch_compile: bool, peak: float,
+              peers: bool = True, bf16: bool = True) -> list[Row]:  # fmt: skip
+    """Time every contender on ``preset`` at each batch, in alternation; one Row per batch."""
     config = replace(load_preset(preset), select_layer=-1, feature="cls_patch")
     ours = OurLibrary(config, workdir)
+    ours16 = OurLibrary(config, workdir, "bfloat16", params=ours.fp32_params) if bf16 else None
+    peer_engines = None
     rows = []
     for batch in batches:
         notes: list[str] = []
-        rng = np.random.default_rng(batch)
-        pixels = rng.standard_normal((batch, 3, config.image_size, config.image_size)).astype("float32")
-        eager, compiled = torch_timers(config, pixels, torch_compile, notes)
+        pixels = np.random.default_rng(batch).standard_normal((batch, 3, config.image_size, config.image_size)).astype("float32")
+        model, eager, compiled = torch_timers(config, pixels, torch_compile, notes)
         contenders = {"tvm": ours.timer(pixels), "eager": eager}
         if compiled:
             contenders["compile"] = compiled
+        if peers and peer_engines is None:
+            peer_engines = Peers(model, pixels, workdir, preset)
+        if peer_engines is not None:
+            contenders.update(peer_engines.runners(pixels))
+        cos16 = None
+        if ours16 is not None:
+            contenders["tvm_bf16"] = ours16.timer(pixels)
+            cos16 = cosine(contenders["tvm"]().numpy(), contenders["tvm_bf16"]().numpy().astype("float32"))
         ms = interleaved_medians_ms(contenders, runs)
-        tvm_ms, eager_ms, compile_ms = ms["tvm"], ms["eager"], ms.get("compile")
-        flops = encoder_flops(config, batch, config.num_layers_compiled)
-        achieved = flops / (tvm_ms / 1000) / 1e9
-        rows.append(
-            Row(
-                model=preset, batch=batch, layers=config.num_layers_compiled, tokens=config.num_positions,
-                tvm_ms=round(tvm_ms, 2), torch_eager_ms=round(eager_ms, 2), ratio_eager=round(tvm_ms / eager_ms, 3),
-                torch_compile_ms=round(compile_ms, 2) if compile_ms else None,
-                ratio_compile=round(tvm_ms / compile_ms, 3) if compile_ms else None,
-                gflops=round(flops / 1e9, 1), tvm_gflops_per_s=round(achieved, 1),
-                pct_peak=round(100 * achieved / peak, 1), compile_s=round(ours.compile_s, 1), notes=notes,
-            )
-        )
+        rows.append(_make_row(preset, config, batch, ms, cos16, peer_engines, ours.compile_s, peak, notes))
         print(_row_line(rows[-1]), flush=True)
     return rows
 
 
+def _make_row(preset, config, batch, ms, cos16, peer_engines, compile_s, peak, notes) -> Row:
+    tvm_ms = ms["tvm"]
+    fp32_peers = {k: ms[k] for k in FP32_PEERS if k in ms}
+    best = min(fp32_peers, key=fp32_peers.get)
+    flops = encoder_flops(config, batch, config.num_layers_compiled)
+    achieved = flops / (tvm_ms / 1000) / 1e9
+    rnd = lambda v: round(v, 2) if v is not None else None  # noqa: E731
+    return Row(
+        model=preset, batch=batch, layers=config.num_layers_compiled, tokens=config.tokens.sequence,
+        tvm_ms=rnd(tvm_ms), torch_eager_ms=rnd(ms["eager"]), ratio_eager=_ratio(tvm_ms, ms["eager"]),
+        torch_compile_ms=rnd(ms.get("compile")), ratio_compile=_ratio(tvm_ms, ms.get("compile")),
+        onnxruntime_ms=rnd(ms.get("ort")), openvino_f32_ms=rnd(ms.get("ov_f32")),
+        best_fp32_peer=FP32_PEERS[best], ratio_best_fp32=_ratio(tvm_ms, fp32_peers[best]),
+        tvm_bf16_ms=rnd(ms.get("tvm_bf16")), bf16_cosine=round(cos16, 6) if cos16 is not None else None,
+        openvino_default_ms=rnd(ms.get("ov_default")),
+        openvino_default_precision=peer_engines.default_precision if peer_engines else None,
+        ratio_bf16_openvino=_ratio(ms.get("tvm_bf16"), ms.get("ov_default")),
+        gflops=round(flops / 1e9, 1), tvm_gflops_per_s=round(achieved, 1),
+        pct_peak=round(100 * achieved / peak, 1), compile_s=round(compile_s, 1), notes=notes,
+    )  # fmt: skip
+
+
+def _fmt(v, spec=".1f"):
+    return "n/a" if v is None else format(v, spec)
+
+
 def _row_line(r: Row) -> str:
-    tc = f"{r.torch_compile_ms:9.1f} ({r.ratio_compile:.2f})" if r.torch_compile_ms else "        n/a     "
     return (
-        f"{r.model:<28} b={r.batch:<2} tvm {r.tvm_ms:9.1f} ms | eager {r.torch_eager_ms:9.1f} ms "
-        f"ratio {r.ratio_eager:.2f} | compile {tc} | {r.tvm_gflops_per_s:6.1f} GFLOP/s ({r.pct_peak:.0f}% peak)"
+        f"{r.model:<28} b={r.batch:<2} ours fp32 {r.tvm_ms:9.1f} ms | eager {r.torch_eager_ms:9.1f} | "
+        f"compile {_fmt(r.torch_compile_ms)} | ORT {_fmt(r.onnxruntime_ms)} | OV f32 {_fmt(r.openvino_f32_ms)} | "
+        f"ours/best {r.ratio_best_fp32:.2f} ({r.best_fp32_peer}) | ours bf16 {_fmt(r.tvm_bf16_ms)} "
+        f"(cos {_fmt(r.bf16_cosine, '.6f')}) vs OV {r.openvino_default_precision or 'default'} "
+        f"{_fmt(r.openvino_default_ms)}: {_fmt(r.ratio_bf16_openvino, '.2f')} | {r.tvm_gflops_per_s:6.1f} GFLOP/s ({r.pct_peak:.0f}% peak)"
     )
 
 
-def markdown_table(rows: list[Row], peak_note: str) -> str:
+def markdown_table(rows: list[Row], machine: dict, runs: int) -> str:
     lines = [
-        "| model | batch | layers | tokens | TVM ms | torch eager ms | TVM / eager | torch.compile ms | TVM / compile | TVM GFLOP/s | % of peak | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        bench_peers.machine_header(machine),
+        "",
+        "| model | batch | tokens | ours fp32 ms | torch eager ms | torch.compile ms | ONNX Runtime ms | OpenVINO f32 ms "
+        "| ours / fastest fp32 peer | ours bf16 ms | bf16 cosine vs our fp32 | OpenVINO default ms (precision) "
+        "| ours bf16 / OpenVINO default | ours fp32 GFLOP/s | % of fp32 peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ov_default = f"{_fmt(r.openvino_default_ms)} ({r.openvino_default_precision})" if r.openvino_default_ms else "n/a"
         lines.append(
-            f"| {r.model} | {r.batch} | {r.layers} | {r.tokens} | {r.tvm_ms:.1f} | {r.torch_eager_ms:.1f} | "
-            f"{r.ratio_eager:.2f} | {r.torch_compile_ms if r.torch_compile_ms else 'n/a'} | "
-            f"{r.ratio_compile if r.ratio_compile else 'n/a'} | {r.tvm_gflops_per_s:.0f} | {r.pct_peak:.0f} | {r.compile_s:.1f} |"
+            f"| {r.model} | {r.batch} | {r.tokens} | {r.tvm_ms:.1f} | {r.torch_eager_ms:.1f} | {_fmt(r.torch_compile_ms)} | "
+            f"{_fmt(r.onnxruntime_ms)} | {_fmt(r.openvino_f32_ms)} | {r.ratio_best_fp32:.2f} ({r.best_fp32_peer}) | "
+            f"{_fmt(r.tvm_bf16_ms)} | {_fmt(r.bf16_cosine, '.6f')} | {ov_default} | {_fmt(r.ratio_bf16_openvino, '.2f')} | "
+            f"{r.tvm_gflops_per_s:.0f} | {r.pct_peak:.0f} |"
         )
-    lines.append("")
-    lines.append(f"Peak: {peak_note}. Median of the timed runs (ours and torch timed in alternation) after 2 warm-up calls, fp32, random weights.")
+    notes = [f"- {r.model} b={r.batch}: {n}" for r in rows for n in r.notes]
+    lines += [
+        "",
+        f"Median of {runs} timed calls after 2 warm-up calls, every contender timed in alternation in one process; "
+        "random weights; ONNX Runtime and OpenVINO run the same ONNX export of the torch model.",
+        *notes,
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -316,13 +406,13 @@ def gpu_kernel_report(
         layer_kernels.remove(name)
     report = {
         "model": base.preset, "target": target, "dtype": dtype,
-        "tokens": base.num_positions, "heads": base.num_attention_heads,
+        "tokens": base.tokens.sequence, "heads": base.num_attention_heads,
         "head_dim": base.hidden_size // base.num_attention_heads,
         "launches_1_layer": len(calls[1]), "launches_2_layers": len(calls[2]),
         "launches_per_layer": per_layer, "launches_outside_layers": len(calls[1]) - per_layer,
         "layer_kernels": layer_kernels,
         "distinct_kernels": len(set(calls[1])),
-        "fused_attention": any(n.startswith("fused_attention") for n in calls[1]),
+        "fused_attention": any(n.startswith(("fused_attention", "flash_attention")) for n in calls[1]),
         "timing": GPU_TIMING_NOTE,
     }  # fmt: skip
     if target == "cuda":
@@ -373,7 +463,9 @@ def run_gpu_report(models, target: str, output: Path, dtype: str = "float16") ->
     return reports
 
 
-def run_benchmark(models, target: str, batches: list[int], runs: int, output: Path, torch_compile: bool = True):
+def run_benchmark(models, target: str, batches: list[int], runs: int, output: Path, torch_compile: bool = True,
+                  peers: bool = True, bf16: bool | None = None):  # fmt: skip
+    """``mlc-vision bench``: ours (fp32, bf16) against torch, ONNX Runtime and OpenVINO on this CPU."""
     from .errors import MlcVisionError
 
     if target == "cuda":
@@ -386,16 +478,22 @@ def run_benchmark(models, target: str, batches: list[int], runs: int, output: Pa
     models = models or [m for m in DEFAULT_MODELS if m in list_presets()]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    peak, peak_note = nominal_peak_gflops()
+    machine = machine_info()
+    print(bench_peers.machine_header(machine), flush=True)
+    if peers and bench_peers.missing_peers():
+        print(f"note: no ONNX Runtime / OpenVINO columns ({', '.join(bench_peers.missing_peers())} missing): "
+              "pip install mlc-vision[bench]", flush=True)  # fmt: skip
+        peers = False
+    bf16 = bf16_is_fast_here() if bf16 is None else bf16
     rows: list[Row] = []
     for preset in models:
-        rows += bench_one(preset, batches, runs, output, torch_compile, peak)
+        rows += bench_one(preset, batches, runs, output, torch_compile, machine["fp32_peak_gflops"], peers, bf16)
     report = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "peak_gflops": peak, "peak": peak_note},
+        "machine": {"platform": platform.platform(), **machine},
         "runs": runs,
         "rows": [asdict(r) for r in rows],
     }
     (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "bench.md").write_text(markdown_table(rows, peak_note))
+    (output / "bench.md").write_text(markdown_table(rows, machine, runs))
     print(f"wrote {output / 'bench.json'} and {output / 'bench.md'}")
     return rows

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,62 @@ class Preprocess:
         return cls(**data)
 
 
+TILING_MODES = ("internvl", "anyres")  # see runtime/tiling.py and docs/tiling.md
+# LLaVA-NeXT's image_newline (LLM width), in the params dir beside the projector;
+# the runtime appends it to each row of tokens when it packs anyres tiles.
+IMAGE_NEWLINE_PARAM = "projector.image_newline"
+# transformers' LlavaNextConfig default, [height, width] each
+DEFAULT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How one image of any size becomes several fixed-size tiles (a runtime contract).
+
+    ``internvl``: InternVL's dynamic tiles: a grid of ``rows x cols`` tiles of
+    ``image_size`` with ``min_tiles <= rows * cols <= max_tiles`` chosen by the
+    image's aspect ratio, plus a thumbnail of the whole image when the grid has
+    more than one tile and ``thumbnail`` is set. ``anyres``: LLaVA-NeXT's
+    ``image_grid_pinpoints`` (``[height, width]`` pairs). Grids are height x width.
+    """
+
+    mode: str = "internvl"
+    min_tiles: int = 1
+    max_tiles: int = 12
+    thumbnail: bool = True
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["grid_pinpoints"] = [list(p) for p in self.grid_pinpoints]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Tiling":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise MlcVisionError(f"unknown tiling field(s) {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        data["grid_pinpoints"] = tuple(tuple(int(v) for v in p) for p in data.get("grid_pinpoints", ()))
+        return cls(**data).validated()
+
+    def validated(self) -> "Tiling":
+        if self.mode not in TILING_MODES:
+            raise MlcVisionError(f"tiling mode must be one of {TILING_MODES}, got {self.mode!r}")
+        check_tile_range(self.min_tiles, self.max_tiles)
+        return self
+
+
+def check_tile_range(min_tiles: int, max_tiles: int) -> None:
+    """One line for a tile count range that no grid can satisfy."""
+    if min_tiles < 1 or max_tiles < min_tiles:
+        raise MlcVisionError(
+            f"tile counts out of range: min_tiles {min_tiles}, max_tiles {max_tiles} "
+            "(need 1 <= min_tiles <= max_tiles)"
+        )
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """Architecture + preprocessing + feature selection of one vision encoder."""
@@ -92,8 +149,10 @@ class VisionConfig:
     layer_scale: bool = False  # InternViT: ls1/ls2
     post_norm_blocks: bool = False  # EVA-CLIP-E: x + LN(attn(x)) instead of x + attn(LN(x))
     class_token: bool = True
+    register_tokens: int = 0  # DINOv2 with registers: learned tokens after the class token, no position
     patch_bias: bool = False
     projection_dim: int | None = None  # CLIP/EVA visual_projection output width
+    projection_bias: bool = False  # EVA-CLIP's EvaCLIPModel head has a bias; CLIP's and EvaCLIP...WithProjection's have none
     use_head: bool = False  # SigLIP attention-pooling head
     # Apply the final norm after the last layer to the returned tokens (SigLIP:
     # transformers' last_hidden_state = post_layernorm(hidden_states[-1])).
@@ -108,6 +167,7 @@ class VisionConfig:
     projector_hidden_size: int | None = None  # LLM width the projector maps to
     downsample_ratio: float = 0.5  # InternVL pixel_shuffle ratio for the mlp1 projector
     preset: str | None = None
+    tiling: Tiling | None = None  # None: one image is one input of image_size
 
     # ---- derived geometry -------------------------------------------------
     @property
@@ -115,17 +175,18 @@ class VisionConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def grid_size(self) -> int:
-        """Patches per side; the conv drops trailing pixels (384/14 -> 27, 6 px lost)."""
-        return self.image_size // self.patch_size
+    def tokens(self) -> "TokenLayout":
+        """The token layout of this config (computed here only)."""
+        return TokenLayout.of(self)
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size**2
+        return self.tokens.num_patches
 
     @property
     def num_positions(self) -> int:
-        return self.num_patches + (1 if self.class_token else 0)
+        """Rows of a learned position table: the class token (if any) and the patches; registers have none."""
+        return self.tokens.class_tokens + self.tokens.num_patches
 
     @property
     def num_hidden_states(self) -> int:
@@ -146,6 +207,7 @@ class VisionConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["preprocess"] = self.preprocess.to_dict()
+        data["tiling"] = self.tiling.to_dict() if self.tiling is not None else None
         return data
 
     @classmethod
@@ -157,6 +219,8 @@ class VisionConfig:
         data = dict(data)
         if isinstance(data.get("preprocess"), dict):
             data["preprocess"] = Preprocess.from_dict(data["preprocess"])
+        if isinstance(data.get("tiling"), dict):
+            data["tiling"] = Tiling.from_dict(data["tiling"])
         missing = [
             f.name
             for f in dataclasses.fields(cls)
@@ -167,6 +231,9 @@ class VisionConfig:
         return cls(**data).validated()
 
     def validated(self) -> "VisionConfig":
+        from .validate import check_config_values  # types and ranges first: the checks below do arithmetic
+
+        check_config_values(self)
         if self.feature not in FEATURES:
             raise MlcVisionError(f"feature must be one of {FEATURES}, got {self.feature!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -175,8 +242,118 @@ class VisionConfig:
             )
         if self.image_size < self.patch_size:
             raise MlcVisionError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        if self.register_tokens < 0:
+            raise MlcVisionError(f"register_tokens must be >= 0, got {self.register_tokens}")
         normalize_layer(self.select_layer, self.num_hidden_states)
         return self
+
+    @property
+    def has_image_newline(self) -> bool:
+        """LLaVA-NeXT: the params hold ``image_newline`` (it needs the projector: it has the LLM's width)."""
+        return self.tiling is not None and self.tiling.mode == "anyres" and self.projector is not None
+
+
+def check_pinpoints(pinpoints, tile_size: int) -> None:
+    """anyres grids must be whole tiles: ``[height, width]`` multiples of the tower's image size."""
+    if not pinpoints:
+        raise MlcVisionError("anyres tiling needs at least one grid pinpoint")
+    for point in pinpoints:
+        if len(point) != 2 or min(point) < tile_size or point[0] % tile_size or point[1] % tile_size:
+            raise MlcVisionError(
+                f"grid pinpoint {list(point)} is not a [height, width] multiple of the tile size {tile_size}"
+            )
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The tokens of a hidden state and of what ``encode`` returns, in order.
+
+    A hidden state is ``prefix`` tokens (the class token, then any register
+    tokens) followed by the ``grid`` of patches, ``(height, width)``, row
+    major. The conv drops trailing pixels (384/14 -> 27 patches, 6 px lost).
+    Feature ``patch`` drops the prefix, ``cls_patch`` keeps it, ``pooled`` is
+    one token. A projector may then merge ``merge x merge`` blocks of patches
+    into one token (InternVL's pixel shuffle).
+    """
+
+    class_tokens: int
+    register_tokens: int
+    grid: tuple[int, int]
+    feature: str
+    merge: int = 1
+
+    @classmethod
+    def of(cls, config: "VisionConfig") -> "TokenLayout":
+        side = config.image_size // config.patch_size
+        return cls(
+            class_tokens=1 if config.class_token else 0,
+            register_tokens=config.register_tokens,
+            grid=(side, side),
+            feature=config.feature,
+            merge=merge_factor(config.downsample_ratio) if config.projector == "mlp1" else 1,
+        )
+
+    @property
+    def prefix(self) -> int:
+        """Tokens before the patches: class token and registers."""
+        return self.class_tokens + self.register_tokens
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def sequence(self) -> int:
+        """Length of a hidden state."""
+        return self.prefix + self.num_patches
+
+    @property
+    def selected(self) -> int:
+        """Tokens per image after feature selection (before any projector)."""
+        if self.feature == "pooled":
+            return 1
+        return self.num_patches if self.feature == "patch" else self.sequence
+
+    @property
+    def dropped_prefix(self) -> int:
+        """Leading tokens that feature selection drops."""
+        return self.prefix if self.feature == "patch" else 0
+
+    @property
+    def output_grid(self) -> tuple[int, int]:
+        """The patch grid after the projector's merge."""
+        return self.grid[0] // self.merge, self.grid[1] // self.merge
+
+    @property
+    def output(self) -> int:
+        """Tokens per image that ``encode`` returns."""
+        if self.merge == 1:
+            return self.selected
+        rows, cols = self.output_grid
+        return rows * cols
+
+    def to_dict(self) -> dict:
+        """The ``tokens`` entry of a library's metadata (what a runtime reads instead of computing it)."""
+        return {
+            "prefix": self.prefix,
+            "class": self.class_tokens,
+            "registers": self.register_tokens,
+            "grid": list(self.grid),
+            "sequence": self.sequence,
+            "selected": self.selected,
+            "dropped_prefix": self.dropped_prefix,
+            "merge": self.merge,
+            "output_grid": list(self.output_grid),
+            "output": self.output,
+        }
+
+
+def merge_factor(downsample_ratio: float) -> int:
+    """Side of the square of patches that a pixel shuffle of ``downsample_ratio`` merges (2 for 0.5)."""
+    factor = round(1 / downsample_ratio)
+    if not math.isclose(factor * downsample_ratio, 1.0):
+        raise MlcVisionError(f"downsample_ratio {downsample_ratio} is not 1/n for an integer n")
+    return factor
 
 
 def normalize_layer(select_layer: int, num_hidden_states: int) -> int:

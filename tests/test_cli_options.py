@@ -25,9 +25,6 @@ from parity import assert_close, assert_fp32_close, randomize_all
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 TOKENS = (32 // 8) ** 2
-# Until the bf16 CPU path (issue 10) is merged, TVM's LayerNorm refuses bf16: the bf16 cases
-# are expected to fail, strictly, so that they must be unmarked the day they pass.
-BF16 = pytest.param("bfloat16", marks=pytest.mark.xfail(strict=True, reason="no bf16 CPU LayerNorm legalization yet"))
 
 
 def cli(capsys, *args) -> str:
@@ -79,7 +76,7 @@ def libraries(checkpoint, tmp_path_factory):
 # ---- dtypes end to end: compile --dtype, convert --dtype, run ------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", BF16])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_run_each_dtype_against_fp32_reference(dtype, checkpoint, libraries, pixels, tmp_path, capsys):
     model, _ = checkpoint
     lib, params = libraries(dtype)
@@ -91,7 +88,7 @@ def test_run_each_dtype_against_fp32_reference(dtype, checkpoint, libraries, pix
     assert_close(features.astype(np.float32), reference_hidden(model, pixels)[-2][:, 1:], f"mlc-vision run {dtype}", dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float16", BF16])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_vision_encoder_low_precision_images(dtype, checkpoint, libraries):
     """Images through VisionEncoder (our preprocess, then the library) against transformers' pipeline."""
     model, ckpt = checkpoint

@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from mlc_vision.checkpoint.resolve import resolve_config
+from mlc_vision.weights.convert import convert
 from parity import CompiledCPU, assert_all_close, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_all
 
 # Small, but with every feature of the real geometry: 30 px with 8 px patches
@@ -99,6 +100,25 @@ def test_fp16_against_fp32_reference(reference, params, pixels, expected, tmp_pa
     lib = compiled(reference, params, tmp_path, dtype="float16", select_layer=-1, feature="cls_patch")
     assert_all_close(lib.hidden_states(pixels), expected["hidden_states"], "fp16 hidden_states", "float16")
     assert_fp16_close(lib.encode(pixels), expected["hidden_states"][-1], "fp16 encode")
+
+
+@pytest.mark.parametrize("image_size", [38, 22])
+def test_other_image_size_interpolates_position_embedding(reference, tmp_path, image_size):
+    """``convert --image-size`` from a 3x3 checkpoint to a 4x4 (38 px) or 2x2 (22 px) grid.
+
+    The reference is transformers' ``interpolate_pos_encoding=True``: bicubic,
+    align_corners=False, the class-token row kept apart, no antialias when shrinking.
+    """
+    model, ckpt = reference
+    params_dir = convert(ckpt, tmp_path / f"params{image_size}", image_size=image_size)
+    config = resolve_config(str(ckpt), image_size=image_size, select_layer=-1, feature="cls_patch")
+    assert (config.checkpoint_image_size, config.grid_size) == (TINY["image_size"], image_size // 8)
+    x = np.random.default_rng(2).standard_normal((1, 3, image_size, image_size)).astype("float32")
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), output_hidden_states=True, interpolate_pos_encoding=True).hidden_states
+    lib = CompiledCPU(config, params_dir, "float32", tmp_path)
+    assert_all_close(lib.hidden_states(x), [r.numpy() for r in ref], f"{image_size} px hidden_states")
+    assert_fp32_close(lib.encode(x), ref[-1].numpy(), f"{image_size} px encode")
 
 
 def test_clip_model_checkpoint_ignores_text_tower(tmp_path, pixels):

@@ -1,5 +1,7 @@
 """The C++ loader in examples/cpp, linked only against the TVM runtime, gives
-the same features as the Python runtime for the same library and params."""
+the same features as the Python runtime for the same library and params, and
+its tiling (examples/cpp/tiling.h: grid choice, resize, cut, anyres packing)
+gives the same tiles and features as the Python runtime's for the same images."""
 
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mlc_vision.cli import main as cli_main
+from mlc_vision.config import Preprocess
 from mlc_vision.runtime.encoder import VisionEncoder
-from parity import assert_close, randomize_all
+from mlc_vision.runtime.tiling import anyres_tiles, internvl_tiles, pack_anyres
+from parity import assert_close, assert_fp32_close, randomize_all
+from test_anyres import anyres_library, reference_model  # noqa: F401  (fixtures of the tiled tests)
+from test_tiling import image, tiled_tower  # noqa: F401
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cpp"
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
@@ -109,3 +115,71 @@ def test_cpp_fp16_library(cpp_encode, checkpoint, tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-2][:, 1:].numpy()
     assert_close(ours_cpp.astype(np.float32), ref, "C++ example, fp16 library", "float16")
+
+
+# ---- the tiling contract in C++ (examples/cpp/tiling.h) -------------------------------------------
+
+def run_cpp_tiles(binary: Path, lib: Path, params: Path, rgb: np.ndarray, workdir: Path, *extra: str):
+    np.save(workdir / "image.npy", rgb)
+    args = [str(binary), str(lib), str(params), str(workdir / "image.npy"), str(workdir / "out.npy"), "--tiles",
+            "--tiles-out", str(workdir / "tiles.npy"), *extra]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    return proc, workdir
+
+
+# InternVL grids of 1x12-like, 2x3, near-tie and square shapes at the tiny tower's 56 px tiles
+INTERNVL_CASES = [((40, 500), ()), ((120, 170), ()), ((101, 143), ("--max-tiles", "6")), ((90, 90), ("--no-thumbnail",)),
+                  ((70, 30), ("--min-tiles", "2", "--max-tiles", "4"))]
+
+
+@pytest.mark.parametrize("shape, extra", INTERNVL_CASES)
+def test_cpp_internvl_tiles_equal_python(cpp_encode, tiled_tower, tmp_path, shape, extra):
+    _, lib, params = tiled_tower
+    encoder = VisionEncoder(lib, params)
+    rgb = image(shape, seed=shape[0])
+    proc, _ = run_cpp_tiles(cpp_encode, lib, params, rgb, tmp_path, *extra)
+    assert proc.returncode == 0, proc.stderr
+    options = dict(zip(extra[::2], extra[1::2])) if "--no-thumbnail" not in extra else {}
+    tiling = encoder.tiling
+    tiled = internvl_tiles(
+        rgb, encoder.image_size, Preprocess.from_dict(encoder.metadata["preprocess"]),
+        min_tiles=int(options.get("--min-tiles", tiling["min_tiles"])),
+        max_tiles=int(options.get("--max-tiles", tiling["max_tiles"])),
+        thumbnail="--no-thumbnail" not in extra,
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "tiles.npy"), tiled.tiles)
+    features = np.load(tmp_path / "out.npy")
+    np.testing.assert_array_equal(features, encoder.encode_rgb8(tiled.tiles))
+    assert f"grid {tiled.grid}" in proc.stdout
+    # and the Python runtime's own path (encode after its normalization) agrees to float rounding
+    python = encoder.encode_tiles(rgb, **{k.strip("-").replace("-", "_"): int(v) for k, v in options.items()},
+                                  thumbnail="--no-thumbnail" not in extra)
+    assert_fp32_close(features, python.features, f"{shape} C++ vs Python runtime")
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40), (50, 50), (20, 200), (70, 45), (33, 31)])
+def test_cpp_anyres_packing_equals_python(cpp_encode, anyres_library, tmp_path, shape):
+    lib, params = anyres_library
+    encoder = VisionEncoder(lib, params)
+    rgb = image(shape, seed=shape[1])
+    proc, _ = run_cpp_tiles(cpp_encode, lib, params, rgb, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pinpoints = [tuple(p) for p in encoder.tiling["grid_pinpoints"]]
+    tiled = anyres_tiles(rgb, encoder.image_size, Preprocess.from_dict(encoder.metadata["preprocess"]), pinpoints)
+    np.testing.assert_array_equal(np.load(tmp_path / "tiles.npy"), tiled.tiles)
+    packed = pack_anyres(encoder.encode_rgb8(tiled.tiles), tiled.grid, shape, encoder._image_newline)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), packed)
+    assert f"-> {len(packed)} packed tokens" in proc.stdout
+    assert_fp32_close(np.load(tmp_path / "out.npy"), encoder.encode_tiles(rgb).packed, f"{shape} C++ vs Python runtime")
+
+
+def test_cpp_tile_errors_are_one_line(cpp_encode, tiled_tower, anyres_library, library, tmp_path):
+    _, lib, params = tiled_tower
+    proc, _ = run_cpp_tiles(cpp_encode, lib, params, image((40, 60)), tmp_path, "--min-tiles", "0")
+    assert proc.returncode == 1 and "tile counts out of range" in proc.stderr and proc.stderr.count("\n") == 1
+    anyres_lib, anyres_params = anyres_library
+    proc, _ = run_cpp_tiles(cpp_encode, anyres_lib, anyres_params, image((40, 60)), tmp_path, "--max-tiles", "3")
+    assert proc.returncode == 1 and "InternVL options" in proc.stderr
+    clip_lib, clip_params = library
+    proc, _ = run_cpp_tiles(cpp_encode, clip_lib, clip_params, image((40, 60)), tmp_path)
+    assert proc.returncode == 1 and "no tiling contract" in proc.stderr

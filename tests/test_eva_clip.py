@@ -41,6 +41,7 @@ from timm.models.eva import Eva
 from mlc_vision.config import load_preset
 from mlc_vision.models import route
 from mlc_vision.checkpoint.resolve import resolve_config
+from mlc_vision.weights.convert import convert
 from parity import CompiledCPU, assert_all_close, assert_fp32_close, convert_checkpoint, randomize_all
 
 # 30 px with 8 px patches: the conv drops trailing pixels; 3 layers give 4 hidden states.
@@ -321,6 +322,33 @@ def test_vision_model_pooled_is_the_normed_class_token(tmp_path):
     lib = CompiledCPU(config, params_dir, "float32", tmp_path, hidden_states=False)
     assert (lib.metadata["num_tokens"], lib.metadata["output_width"]) == (1, TINY["hidden_size"])
     assert_fp32_close(lib.encode(pixels)[:, 0], pooled, "EvaCLIPVisionModel pooler_output")
+
+
+def test_other_image_size_interpolates_position_embedding(references, tmp_path, image_size=38):
+    """``convert --image-size``: the port has no interpolation of its own, so CLIP's rule is ours.
+
+    The reference is timm's Eva built for 38 px with its position table set to
+    torch's bicubic resize (align_corners=False) of the 3x3 patch rows, the class
+    row kept: the rule transformers' CLIP ``interpolate_pos_encoding`` applies.
+    """
+    reference = references("E")
+    small = make_timm("E", TINY, seed=0)
+    grid = image_size // TINY["patch_size"]
+    model = make_timm("E", dict(TINY, image_size=image_size), seed=0)
+    state = small.state_dict()
+    pos = state["pos_embed"]
+    side = TINY["image_size"] // TINY["patch_size"]
+    patches = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    state["pos_embed"] = torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+    model.load_state_dict(state)
+    params_dir = convert(reference["ckpt"], tmp_path / "params", image_size=image_size)
+    config = resolve_config(str(reference["ckpt"]), image_size=image_size, feature="pooled")
+    x = np.random.default_rng(3).standard_normal((1, 3, image_size, image_size)).astype("float32")
+    expected = reference_outputs(model, x)
+    lib = CompiledCPU(config, params_dir, "float32", tmp_path)
+    assert_all_close(lib.hidden_states(x), expected["hidden_states"], f"{image_size} px hidden_states")
+    assert_fp32_close(lib.encode(x)[:, 0], expected["image_embeds"], f"{image_size} px image_embeds")
 
 
 # ---- routing and config --------------------------------------------------------------------------

@@ -67,3 +67,47 @@ def test_cuda_split_matmuls_match_numpy():
     qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (qn, kn, vn))
     np.testing.assert_allclose(s_out.numpy(), qt @ kt.transpose(0, 1, 3, 2), atol=1e-5)
     np.testing.assert_allclose(c_out.numpy(), (pn @ vt).transpose(0, 2, 1, 3), atol=1e-5)
+
+
+# ---- the tensor-core flash kernel (--attention flash), its CPU build --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "seq,heads,head_dim,dtype,atol",
+    [
+        (50, 2, 64, "float16", 2e-3),  # one key tile, padded rows and keys
+        (130, 1, 72, "bfloat16", 1.5e-2),  # 3 key tiles; head_dim 72: an odd n8 tile, Q·K^T padded to 80
+        (70, 1, 80, "float16", 2e-3),
+        (65, 1, 128, "float16", 2e-3),  # one key past a tile
+    ],
+)
+def test_tc_flash_kernel_matches_numpy(seq, heads, head_dim, dtype, atol):
+    """The same TVMScript as the CUDA kernel, with ldmatrix, mma.sync and the quad shuffles
+    computed lane by lane from their PTX definitions: wrong fragment indices fail here.
+
+    Tolerances: P is rounded to the input dtype before P·V, as on the GPU
+    (bf16 has 8 bits of mantissa)."""
+    import ml_dtypes
+
+    from mlc_vision.compiler.kernels.cuda_tc_flash_attention import tc_flash_attention_kernel
+
+    scale = head_dim**-0.5
+    func = tc_flash_attention_kernel(seq, heads, head_dim, dtype, scale, cpu=True)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    rng = np.random.default_rng(0)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    q, k, v = (rng.standard_normal((2, seq, heads, head_dim)).astype(np_dtype) for _ in range(3))
+    out = tvm.runtime.tensor(np.zeros_like(q))
+    lib["main"](*(tvm.runtime.tensor(x) for x in (q, k, v)), out)
+    expected = reference(*(x.astype("float32") for x in (q, k, v)), scale)
+    np.testing.assert_allclose(out.numpy().astype("float64"), expected, atol=atol, rtol=0)
+
+
+def test_tc_flash_kernel_limits():
+    from mlc_vision.compiler.kernels.cuda_tc_flash_attention import supports, tc_flash_attention_kernel
+
+    assert all(supports(d, "float16") for d in (64, 72, 80, 128)) and supports(64, "bfloat16")
+    assert not supports(64, "float32") and not supports(68, "float16") and not supports(136, "float16")
+    with pytest.raises(ValueError):
+        tc_flash_attention_kernel(10, 1, 68, "float16", 1.0)
+

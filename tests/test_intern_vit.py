@@ -27,7 +27,7 @@ import tvm
 from safetensors.torch import save_file
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
-from mlc_vision.config import load_preset
+from mlc_vision.config import VisionConfig, load_preset
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import intern_vit, route
 from mlc_vision.checkpoint.resolve import resolve_config
@@ -218,11 +218,13 @@ def test_bicubic_rows_sum_to_one_and_same_size_is_identity():
     assert np.array_equal(bicubic_matrix(7, 7), np.eye(7))
 
 
-class _Geometry:
-    def __init__(self, image_size, patch_size=14, class_token=True, checkpoint_image_size=None):
-        self.image_size, self.patch_size, self.class_token = image_size, patch_size, class_token
-        self.checkpoint_image_size = checkpoint_image_size
-        self.grid_size = image_size // patch_size
+def _Geometry(image_size, patch_size=14, class_token=True, checkpoint_image_size=None) -> VisionConfig:
+    """The smallest config with the fields the position-embedding transform reads."""
+    return VisionConfig(
+        family="intern_vit", hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        image_size=image_size, patch_size=patch_size, class_token=class_token,
+        checkpoint_image_size=checkpoint_image_size,
+    )
 
 
 def test_interpolate_position_embedding_keeps_class_row():
@@ -364,7 +366,7 @@ def test_position_embedding_interpolated_at_convert(towers, tmp_path, style="6b"
     tower = towers[style]
     params_dir = convert(tower.ckpt, tmp_path / "params", image_size=image_size)
     config = resolve_config(str(tower.ckpt), image_size=image_size)
-    assert config.checkpoint_image_size == SMALL["image_size"] and config.grid_size == image_size // 14
+    assert config.checkpoint_image_size == SMALL["image_size"] and config.tokens.grid == (image_size // 14,) * 2
     pixels = pixels_for(image_size, seed=5)
     expected = run_reference(tower.model, pixels)
     lib = CompiledCPU(config, params_dir, "float32", tmp_path)

@@ -102,7 +102,7 @@ def test_config_from_checkpoint(reference):
     assert config.family == "siglip"
     assert (config.class_token, config.patch_bias, config.use_head) == (False, True, True)
     assert (config.hidden_act, config.layer_norm_eps) == ("gelu_pytorch_tanh", 1e-6)
-    assert config.grid_size == 3 and config.num_positions == TOKENS
+    assert config.tokens.grid == (3, 3) and config.num_positions == TOKENS
 
 
 def test_every_hidden_state_fp32(reference, params, pixels, expected, tmp_path):

@@ -16,6 +16,7 @@ import tvm
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
+from mlc_vision.config import Tiling
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import ParamsWriter, load_params, read_params, write_params
@@ -199,6 +200,19 @@ def test_convert_pytorch_bin(tmp_path, clip_ckpt):
     assert _same(records["encoder.layers.0.self_attn.q_proj.weight"].read(), want)
 
 
+def test_safetensors_preferred_over_bin_index(tmp_path, clip_ckpt):
+    """A checkpoint with both a .bin shard index and model.safetensors is read from the safetensors."""
+    ckpt = tmp_path / "both"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (ckpt / name).write_bytes((clip_ckpt / name).read_bytes())
+    (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model-1.bin"}}))
+    assert [p.name for p in resolve_source(ckpt).weight_files()] == ["model.safetensors"]
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(MlcVisionError, match="missing"):  # now the .bin index is the one read
+        resolve_source(ckpt).weight_files()
+
+
 def _llava_checkpoint(root: Path, clip_ckpt: Path) -> Path:
     """A transformers-Llava-shaped checkpoint: tower + projector in one shard, the LLM in another."""
     root.mkdir()
@@ -269,6 +283,7 @@ def test_load_hf_config_composites(tmp_path, model_type, vision_type):
     if model_type == "internvl_chat":
         assert outer_options(full) == {
             "select_layer": -1, "downsample_ratio": 0.5, "projector": "mlp1", "projector_hidden_size": 20,
+            "tiling": Tiling("internvl", min_tiles=1, max_tiles=12, thumbnail=True),  # InternVL's defaults
         }
 
 

@@ -73,8 +73,9 @@ class Source:
     def weight_files(self, wanted: Callable[[str], bool] | None = None) -> list[Path]:
         """The weight files to read, with an index only the shards that hold a wanted key.
 
-        safetensors are preferred over ``.bin``; ``.bin`` needs torch (checked
-        by the reader). For a hub id the chosen files are fetched now.
+        safetensors are preferred over ``.bin`` (see :meth:`_weight_file_names`);
+        ``.bin`` needs torch (checked by the reader). For a hub id the chosen
+        files are fetched now.
         """
         names = self._weight_file_names(wanted)
         if self.repo_id:
@@ -86,24 +87,33 @@ class Source:
         return paths
 
     def _weight_file_names(self, wanted) -> list[str]:
-        for index_names in (SAFETENSORS_INDEXES, BIN_INDEXES):
-            for index_name in index_names:
-                index = self.path / index_name
-                if index.is_file():
-                    return shards_from_index(index, wanted)
-        for index in sorted(self.path.glob("*.safetensors.index.json")):
+        """The first kind of weight files the checkpoint has, in this order (safetensors before ``.bin``):
+        ``model.safetensors.index.json``, another ``*.safetensors.index.json``, ``model.safetensors``,
+        any ``*.safetensors``, ``pytorch_model.bin.index.json``, ``pytorch_model.bin``."""
+        for index in self._indexes(SAFETENSORS_INDEXES, "*.safetensors.index.json"):
             return shards_from_index(index, wanted)
-        if (self.path / "model.safetensors").is_file() or self.repo_id and self._hub_has("model.safetensors"):
+        if self._has("model.safetensors"):
             return ["model.safetensors"]
         singles = sorted(p.name for p in self.path.glob("*.safetensors"))
         if singles:
             return singles
-        if (self.path / "pytorch_model.bin").is_file() or self.repo_id and self._hub_has("pytorch_model.bin"):
+        for index in self._indexes(BIN_INDEXES, "pytorch_model*.bin.index.json"):
+            return shards_from_index(index, wanted)
+        if self._has("pytorch_model.bin"):
             return ["pytorch_model.bin"]
         raise MlcVisionError(
             f"no weights in {self.describe()}: expected model.safetensors, sharded *.safetensors with "
             "model.safetensors.index.json, or pytorch_model*.bin"
         )
+
+    def _indexes(self, preferred: tuple[str, ...], pattern: str) -> list[Path]:
+        """Shard indexes present locally: the usual names first, then any other matching ``pattern``."""
+        found = [self.path / name for name in preferred if (self.path / name).is_file()]
+        return found + [p for p in sorted(self.path.glob(pattern)) if p.name not in preferred]
+
+    def _has(self, name: str) -> bool:
+        """Whether the checkpoint has the file (fetched now for a hub id)."""
+        return (self.path / name).is_file() or (self.repo_id is not None and self._hub_has(name))
 
     def _hub_has(self, name: str) -> bool:
         try:
@@ -123,12 +133,23 @@ def shards_from_index(index: Path, wanted: Callable[[str], bool] | None) -> list
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise MlcVisionError(f"cannot read shard index {index}: {err}") from None
+        raise MlcVisionError(f"cannot read shard index {index}: {type(err).__name__} {err}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MlcVisionError(f"shard index {index}: weight_map must map tensor names to shard file names")
     shards: dict[str, bool] = {}
     for key, shard in weight_map.items():
+        _check_shard_inside(index, shard)
         needed = wanted is None or wanted(key)
         shards[shard] = shards.get(shard, False) or needed
     return [shard for shard, needed in shards.items() if needed]
+
+
+def _check_shard_inside(index: Path, shard: str) -> None:
+    """A shard named by an index must be a path inside the checkpoint, not one out of it."""
+    # Lexical, not resolve(): a hub snapshot's files are symlinks into the cache's blob store.
+    normal = os.path.normpath(shard)
+    if not shard or os.path.isabs(shard) or normal == ".." or normal.startswith(".." + os.sep):
+        raise MlcVisionError(f"shard index {index} names {shard!r}, which is outside the checkpoint directory")
 
 
 def resolve_source(spec: str | Path, revision: str | None = None) -> Source:
@@ -139,7 +160,10 @@ def resolve_source(spec: str | Path, revision: str | None = None) -> Source:
         return Source(text, _checked_dir(path))
     if isinstance(spec, Path) or not REPO_ID.match(text) or text.startswith((".", "/", "~")):
         raise MlcVisionError(f"checkpoint directory {path} does not exist")
-    snapshot = _hub_download(text, list(METADATA_PATTERNS), revision)
+    try:
+        snapshot = _hub_download(text, list(METADATA_PATTERNS), revision)
+    except MlcVisionError as err:
+        raise MlcVisionError(f"{text!r} is neither a local directory nor a reachable hub id ({err})") from None
     return Source(text, _checked_dir(snapshot), repo_id=text, revision=revision)
 
 

@@ -202,3 +202,79 @@ def walk_modules(module):
         seen.add(id(m))
         yield m
         stack.extend(m.imports)
+
+
+def embedded_fatbins(data: bytes) -> list[bytes]:
+    """Every fatbin container in ``data`` (a library file), as bytes ``cuobjdump`` reads."""
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    found = []
+    start = data.find(magic)
+    while start >= 0:
+        _, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, start)
+        end = start + header_size + fat_size
+        found.append(data[start:end])
+        start = data.find(magic, max(end, start + 4))
+    return found
+
+
+def find_cuobjdump() -> str | None:
+    """``cuobjdump`` next to nvcc, on ``PATH``, or the copy Triton ships (``triton/backends/nvidia/bin``)."""
+    import importlib.util
+    import shutil
+
+    nvcc = _targets.find_nvcc()
+    candidates = [Path(nvcc).parent / "cuobjdump"] if nvcc else []
+    on_path = shutil.which("cuobjdump")
+    candidates += [Path(on_path)] if on_path else []
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+def sass_by_kernel(fatbin: bytes, arch: str) -> dict[str, list[str]]:
+    """``{kernel: [SASS opcode, ...]}`` of the ``arch`` cubin in ``fatbin`` (``cuobjdump -sass``)."""
+    import re
+
+    kernels: dict[str, list[str]] = {}
+    current = None
+    for line in _cuobjdump(fatbin, "-sass", arch).splitlines():
+        header = re.match(r"\s*Function : (\S+)", line)
+        if header:
+            current = kernels.setdefault(header.group(1), [])
+            continue
+        op = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if op and current is not None:
+            current.append(op.group(1))
+    return kernels
+
+
+
+def resource_usage(fatbin: bytes, arch: str) -> dict[str, dict[str, int]]:
+    """``{kernel: {"REG", "STACK", "SHARED", "LOCAL", ...}}`` of the ``arch`` cubin (``cuobjdump -res-usage``).
+
+    The numbers ``ptxas -v`` prints at compile time, read back from the
+    embedded binary: ``STACK`` is the stack frame, ``LOCAL`` the per-thread
+    local memory (where spilled registers go).
+    """
+    import re
+
+    usage: dict[str, dict[str, int]] = {}
+    current = None
+    for line in _cuobjdump(fatbin, "-res-usage", arch).splitlines():
+        head = re.match(r"\s*Function (\S+):", line)
+        if head:
+            current = usage.setdefault(head.group(1), {})
+        elif current is not None:
+            current.update({k: int(v) for k, v in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", line)})
+    return usage
+
+
+def _cuobjdump(fatbin: bytes, what: str, arch: str) -> str:
+    tool = find_cuobjdump()
+    if tool is None:
+        raise MlcVisionError("cuobjdump not found (CUDA toolkit bin, PATH, or the triton package)")
+    with tempfile.TemporaryDirectory(prefix="mlc-vision-cuobjdump-") as tmp:
+        path = Path(tmp) / "kernels.fatbin"
+        path.write_bytes(fatbin)
+        return subprocess.run([tool, what, "-arch", arch, str(path)], capture_output=True, text=True, check=True).stdout

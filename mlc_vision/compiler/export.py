@@ -3,8 +3,9 @@
 ``build_library`` is the one entry: it checks the target and the output name
 before the (possibly minutes long) compile, runs ``compiler/pipeline.py``'s
 phases for the target and the attention lowering the metadata records, and
-writes the library and its metadata JSON under temporary names first, so a
-failed build never replaces a good library. CUDA libraries embed an nvcc
+writes the library and its metadata JSON under temporary names first and
+moves both into place under one journal (``mlc_vision/atomic.py``), so a
+failed or killed build never replaces a good library nor splits it from its JSON. CUDA libraries embed an nvcc
 fatbin (``cuda_fatbin.py``).
 """
 
@@ -14,12 +15,14 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
-import uuid
 from pathlib import Path
 
+from .. import atomic
 from ..errors import MlcVisionError
 from . import targets as _targets
+from .kernels.cpu_bf16_gemm import compile_object
 from .cuda_fatbin import nvcc_compile_callback, pack_imports_with_fatbin, walk_modules
 
 logger = logging.getLogger(__name__)
@@ -28,21 +31,30 @@ logger = logging.getLogger(__name__)
 DEVICE_MODULE_KINDS = ("cuda", "metal", "opencl", "webgpu", "vulkan")
 
 
-def compile_module(mod, target_name: str, *, attention: str, arch=None, host=None):
-    """Compile ``mod`` for ``target_name`` with the given attention lowering; returns TVM's executable."""
+def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight", arch=None, host=None, cpu: dict | None = None):
+    """Compile ``mod`` for ``target_name`` with the given attention lowering and matmul schedule; returns TVM's executable.
+
+    ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine).
+    """
     import tvm
 
     from .pipeline import relax_pipeline
     from .schedules.gpu import preload_tensor_intrinsics
+    from .schedules.gpu_mma import mma_pass_config
 
-    target = _targets.make_target(target_name, arch=arch, host=host)
+    target = _targets.make_target(target_name, arch=arch, host=host, cpu=cpu)
     if target_name != "cpu":
         preload_tensor_intrinsics()
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if target_name == "cuda":
             stack.enter_context(nvcc_compile_callback(_targets.parse_cuda_archs(arch)))
-        executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention))
+        if gemm == "mma":
+            # on top of the caller's config (e.g. relax.backend.use_cuda_graph), not instead of it
+            current = tvm.transform.PassContext.current()
+            config = {**{str(k): v for k, v in current.config.items()}, **mma_pass_config()}
+            stack.enter_context(tvm.transform.PassContext(opt_level=current.opt_level, config=config))
+        executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention, gemm))
     logger.info("compiled for %s in %.1f s", target_name, time.perf_counter() - start)
     return executable
 
@@ -61,19 +73,20 @@ def check_output_suffix(target_name: str, output: Path) -> None:
         )
 
 
-def _temp_sibling(path: Path) -> Path:
-    """A unique temporary name in ``path``'s directory that keeps its suffix."""
-    suffix = ".tar" if path.name.endswith(".tar") else path.suffix
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix}")
+def sidecar_path(output: Path) -> Path:
+    """``<lib>.json``, the metadata written beside a library."""
+    return output.with_name(output.name + ".json")
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = _temp_sibling(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def check_output(target_name: str, output: Path) -> Path:
+    """Refuse a bad output before compiling: wrong suffix, a directory, unwritable; clean dead runs' leftovers."""
+    output = Path(output)
+    check_output_suffix(target_name, output)
+    atomic.check_writable(output, what="output")
+    atomic.check_writable(sidecar_path(output), what="output")
+    atomic.recover(output)
+    atomic.recover(sidecar_path(output))
+    return output
 
 
 def export_executable(executable, target_name: str, output: Path, *, arch=None, metadata: dict) -> Path:
@@ -83,34 +96,58 @@ def export_executable(executable, target_name: str, output: Path, *, arch=None, 
     into place only when complete: a failed export leaves no file at
     ``output`` (an earlier library there stays as it was).
     """
-    output = Path(output)
-    check_output_suffix(target_name, output)
-    if not output.parent.is_dir():
-        raise MlcVisionError(f"output directory {str(output.parent)!r} does not exist")
+    output = check_output(target_name, Path(output))
+    output.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {}
     if target_name == "cuda":
         kwargs["fpack_imports"] = pack_imports_with_fatbin(_targets.parse_cuda_archs(arch))
-    tmp = _temp_sibling(output)
+    lib_tmp = atomic.temp_path(output, keep_suffix=True)
+    json_tmp = atomic.temp_path(sidecar_path(output))
     try:
-        executable.export_library(str(tmp), **kwargs)
-        os.replace(tmp, output)
+        with tempfile.TemporaryDirectory() as objects:
+            if needs_bf16_kernel(target_name, metadata):
+                kwargs["addons"] = [str(compile_object(Path(objects)))]
+            executable.export_library(str(lib_tmp), **kwargs)
+        atomic.die_point("writing")
+        json_tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+        for tmp in (lib_tmp, json_tmp):
+            _fsync(tmp)
+        atomic.commit([atomic.Move(lib_tmp, output), atomic.Move(json_tmp, sidecar_path(output))])
     finally:
-        tmp.unlink(missing_ok=True)
-    _write_json_atomic(output.with_name(output.name + ".json"), metadata)
+        lib_tmp.unlink(missing_ok=True)
+        json_tmp.unlink(missing_ok=True)
     return output
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def needs_bf16_kernel(target_name: str, metadata: dict) -> bool:
+    """bf16 CPU libraries call the C GEMM of ``kernels/cpu_bf16_gemm.c``, linked into the library."""
+    return target_name == "cpu" and metadata.get("dtype") == "bfloat16"
 
 
 def build_library(mod, target_name: str, output: Path, *, arch=None, host=None, metadata: dict) -> Path:
     """Compile ``mod`` for ``target_name`` and export it to ``output`` (+ ``<output>.json``).
 
-    The attention lowering is the one ``metadata["attention"]`` records
-    (``module.build_module`` resolved it for this target and dtype).
+    The attention lowering and the matmul schedule are the ones
+    ``metadata["attention"]`` and ``metadata["gemm"]`` record
+    (``module.build_module`` resolved them for this target and dtype), and so
+    is the CPU (``metadata["cpu"]``).
     """
-    output = Path(output)
     _targets.check_buildable(target_name)
-    check_output_suffix(target_name, output)  # before minutes of compiling
+    output = check_output(target_name, Path(output))  # before minutes of compiling
     attention = _targets.resolve_attention(target_name, metadata["dtype"], metadata.get("attention"))
-    executable = compile_module(mod, target_name, attention=attention, arch=arch, host=host)
+    cpu = metadata.get("cpu") if target_name == "cpu" else None
+    if cpu is not None:
+        _targets.check_cpu_linkable(cpu)
+    gemm = _targets.resolve_gemm(target_name, metadata["dtype"], metadata.get("gemm"))
+    executable = compile_module(mod, target_name, attention=attention, gemm=gemm, arch=arch, host=host, cpu=cpu)
     return export_executable(executable, target_name, output, arch=arch, metadata=metadata)
 
 

@@ -20,11 +20,12 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from .. import __version__
-from ..config import DTYPES, VisionConfig
+from ..config import DTYPES, IMAGE_NEWLINE_PARAM, VisionConfig
 from ..errors import MlcVisionError
 from ..models import get_family
 from ..models import projector as projectors
-from .targets import resolve_attention
+from .passes.bf16_cpu import bf16_interface
+from .targets import cpu_spec, resolve_attention, resolve_gemm
 
 BATCH = "batch"
 
@@ -53,21 +54,6 @@ def build_projector(config: VisionConfig, dtype: str) -> nn.Module | None:
     return projector
 
 
-def selected_tokens(config: VisionConfig) -> int:
-    """Tokens per image after feature selection (before any projector)."""
-    if config.feature == "pooled":
-        return 1
-    if config.feature == "patch" and config.class_token:
-        return config.num_patches
-    return config.num_positions
-
-
-def output_tokens(config: VisionConfig) -> int:
-    """Tokens per image that ``encode`` returns (InternVL's mlp1 merges 2x2 patches)."""
-    tokens = selected_tokens(config)
-    return projectors.output_tokens(config, tokens) if config.projector else tokens
-
-
 def output_width(config: VisionConfig) -> int:
     if config.projector:
         return config.projector_hidden_size
@@ -81,9 +67,9 @@ def projector_metadata(config: VisionConfig) -> dict | None:
         return None
     meta = {
         "type": config.projector,
-        "input_tokens": selected_tokens(config),
+        "input_tokens": config.tokens.selected,
         "input_width": config.hidden_size,
-        "output_tokens": output_tokens(config),
+        "output_tokens": config.tokens.output,
         "hidden_size": config.projector_hidden_size,
     }
     if config.projector == "mlp1":
@@ -117,40 +103,61 @@ def build_module(
     target: str,
     expose_hidden_states: bool = False,
     attention: str | None = None,
+    gemm: str | None = None,
+    cpu: str | None = None,
 ) -> BuiltModule:
     """Export the encoder as an IRModule and describe it in the metadata.
 
     ``attention`` (``None``: the target's default for ``dtype``) is checked
     against the target here, so a combination it cannot build fails before
     any work; the metadata records it and ``export.build_library`` compiles
-    with it.
+    with it. ``gemm`` (the matmul schedule, ``None``: the default) likewise.
+    ``cpu`` (target ``cpu`` only; None: this machine's CPU) is
+    recorded the same way, with the instruction sets the library needs.
     """
+    if cpu is not None and target != "cpu":
+        raise MlcVisionError(f"--cpu is only for the cpu target, not {target!r}")
     attention = resolve_attention(target, dtype, attention)
-    model = build_vision_model(config, dtype)
-    projector = build_projector(config, dtype)
+    gemm = resolve_gemm(target, dtype, gemm)
+    compute = compute_dtype(target, dtype)
+    model = build_vision_model(config, compute)
+    projector = build_projector(config, compute)
     size = config.image_size
     options = {"param_mode": "packed", "effect_mode": "none"}
-    pixel_spec = nn.spec.Tensor([BATCH, config.num_channels, size, size], dtype)
+    pixel_spec = nn.spec.Tensor([BATCH, config.num_channels, size, size], compute)
     method = {"pixel_values": pixel_spec, "$": options}
     spec = {"encode": method, "encode_rgb8": {"pixels": nn.spec.Tensor(rgb8_shape(config), "uint8"), "$": options}}
     if expose_hidden_states:
         spec["hidden_states"] = dict(method)
     # The wrapper's parameters are the model's, prefixed with "model." (strip it), then
     # the projector's, already named "projector.*" as in the params dir.
-    mod, named_params = _Exported(model, projector, config, dtype).export_tvm(spec=spec)
+    mod, named_params = _Exported(model, projector, config, compute).export_tvm(spec=spec)
+    if compute != dtype:
+        mod = bf16_interface(mod)  # bf16 in and out, fp32 inside (bf16 matmuls: compiler/passes/bf16_cpu.py)
     params = [
-        {"name": name.removeprefix("model."), "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
+        {"name": name.removeprefix("model."), "shape": [int(s) for s in p.shape],
+         "dtype": dtype if str(p.dtype) == compute else str(p.dtype)}
         for name, p in named_params
-    ]
+    ]  # fmt: skip
     metadata = make_metadata(config, dtype, target, params, expose_hidden_states)
     metadata["attention"] = attention
+    metadata["gemm"] = gemm
+    if target == "cpu":
+        metadata["cpu"] = cpu_spec(cpu)
+    if compute != dtype:
+        metadata["compute"] = {"matmul": "bfloat16 x bfloat16 -> float32", "other": compute}
     mod = add_metadata_function(mod, metadata)
     return BuiltModule(mod=mod, metadata=metadata)
 
 
+def compute_dtype(target: str, dtype: str) -> str:
+    """The dtype the graph computes in: a bf16 CPU library computes in fp32 except its matmuls."""
+    return "float32" if target == "cpu" and dtype == "bfloat16" else dtype
+
+
 def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[dict], hidden_states: bool) -> dict:
     """The JSON a chat runtime reads instead of hard-coding numbers."""
-    tokens = output_tokens(config)
+    tokens = config.tokens.output
     output = {"shape": [BATCH, tokens, output_width(config)], "dtype": dtype}
     entries = {
         "encode": {
@@ -175,6 +182,7 @@ def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[di
         "patch_size": config.patch_size,
         "num_patches": config.num_patches,
         "num_tokens": tokens,
+        "tokens": config.tokens.to_dict(),
         "output_width": output_width(config),
         "hidden_size": config.hidden_size,
         "dtype": dtype,
@@ -183,9 +191,31 @@ def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[di
         "feature": config.feature,
         "projector": projector_metadata(config),
         "preprocess": config.preprocess.to_dict(),
+        "tiling": tiling_metadata(config, tokens),
         "entries": entries,
         "params": params,
     }
+
+
+def tiling_metadata(config: VisionConfig, tokens_per_tile: int) -> dict | None:
+    """The tiling contract a runtime follows for an image of any size (docs/tiling.md)."""
+    if config.tiling is None:
+        return None
+    tiling = config.tiling.to_dict()
+    tiling.update(tile_size=config.image_size, tokens_per_tile=tokens_per_tile, grid="rows x cols (height x width)")
+    if config.tiling.mode == "internvl":
+        tiling["order"] = "tiles row-major, then the thumbnail (only when the grid has more than one tile)"
+        return tiling
+    newline = None
+    if config.has_image_newline:
+        newline = {"param": IMAGE_NEWLINE_PARAM, "shape": [config.projector_hidden_size]}
+    tiling.update(
+        order="the base image (resized to one tile), then the tiles of the chosen pinpoint row-major",
+        image_newline=newline,
+        packing="tile token maps joined, cropped to the image's aspect (unpad), image_newline after each row, "
+        "base image tokens first" if newline else "none in the library: compile with the projector to pack",
+    )
+    return tiling
 
 
 def rgb8_shape(config: VisionConfig) -> list:

@@ -3,6 +3,8 @@
 ``tvm.compile(mod, target, relax_pipeline=relax_pipeline(name, target, attention))``
 runs, for every target:
 
+0. ``bf16_linear`` (CPU): linear layers whose weights are stored in bf16
+   become calls of the bf16 C kernel (``passes/bf16_cpu.py``).
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
@@ -26,7 +28,16 @@ target by ``targets.resolve_attention`` and recorded in the metadata:
   ``fused``: ``kernels/cuda_flash_attention.py`` (CUDA cores; slower than
   split on an H100). ``tensorcore``: the split without permutes, both matmuls
   on tensor cores and our warp softmax (``kernels/warp_softmax.py``).
+  ``flash`` (fp16/bf16): ``kernels/cuda_tc_flash_attention.py``, one kernel on
+  tensor cores (``mma.sync``), scores in registers; attention it cannot take
+  gets the ``tensorcore`` split. ``tensorcore`` and ``flash`` are not yet timed
+  on a GPU.
 * Other GPU targets: ``split``.
+
+The matmul schedule is an argument too (``--gemm``, recorded in the metadata):
+CUDA fp16 ``dlight`` (default: dlight's WMMA rule) or ``mma``
+(``schedules/gpu_mma.py``: ``mma.sync`` + ldmatrix, cp.async pipeline,
+swizzled shared memory; not yet timed on a GPU).
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda
+from .passes.bf16_cpu import bf16_linear_cpu
+from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.split_attention import split_attention, split_attention_cuda
 
@@ -48,6 +60,7 @@ def cpu_phases(attention: str) -> list[tuple[str, list]]:
     t = relax.transform
     fused = [fuse_attention_cpu] if attention == "fused" else []
     return [
+        ("bf16_linear", [bf16_linear_cpu]),
         ("lower_attention", fused + [split_attention]),
         (
             "legalize",
@@ -80,7 +93,7 @@ def cpu_phases(attention: str) -> list[tuple[str, list]]:
     ]
 
 
-def gpu_phases(target, attention: str) -> list[tuple[str, list]]:
+def gpu_phases(target, attention: str, gemm: str = "dlight") -> list[tuple[str, list]]:
     """The GPU pipeline's phases: TVM's default GPU pipeline with our attention and scheduling steps."""
     from .schedules.gpu import gpu_schedule_pass
 
@@ -96,29 +109,30 @@ def gpu_phases(target, attention: str) -> list[tuple[str, list]]:
         "split": [split_attention],
         "fused": [fuse_attention_cuda, split_attention],
         "tensorcore": [split_attention_cuda],
+        "flash": [fuse_attention_cuda_tc, split_attention_cuda],
     }[attention]
     return [
         ("lower_attention", lower_attention),
         ("library_dispatch", list(backend.library_dispatch_passes(target))),
         ("legalize", [t.FuseTransposeMatmul(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant()]),
         ("fuse", [t.FuseOps(), t.FuseTIR()]),
-        ("schedule", [gpu_schedule_pass(small_tensor_core=attention == "tensorcore")]),
+        ("schedule", [gpu_schedule_pass(small_tensor_core=attention in ("tensorcore", "flash"), mma=gemm == "mma")]),
         ("lower", list(backend.dataflow_lower_passes(target)) + list(backend.finalize_passes(target))),
     ]
 
 
-def phases(target_name: str, target, attention: str) -> list[tuple[str, list]]:
+def phases(target_name: str, target, attention: str, gemm: str = "dlight") -> list[tuple[str, list]]:
     """The named phases for ``target_name`` (``cpu`` or a GPU target)."""
-    return cpu_phases(attention) if target_name == "cpu" else gpu_phases(target, attention)
+    return cpu_phases(attention) if target_name == "cpu" else gpu_phases(target, attention, gemm)
 
 
-def relax_pipeline(target_name: str, target, attention: str) -> tvm.transform.Pass:
+def relax_pipeline(target_name: str, target, attention: str, gemm: str = "dlight") -> tvm.transform.Pass:
     """One pass running every phase of :func:`phases` under ``target``."""
 
     @tvm.transform.module_pass(opt_level=0, name=f"MlcVision_{target_name}")
     def _pipeline(mod, _ctx):
         with target:
-            for _name, passes in phases(target_name, target, attention):
+            for _name, passes in phases(target_name, target, attention, gemm):
                 mod = tvm.transform.Sequential(passes)(mod)
         return mod
 

@@ -43,13 +43,25 @@ WASM_TRIPLE = "wasm32-unknown-unknown-wasm"
 
 
 #: Every attention lowering a library can be built with (``--attention``).
-ATTENTION = ("split", "fused", "tensorcore")
+ATTENTION = ("split", "fused", "tensorcore", "flash")
 #: The lowerings each target builds, its default first (targets not listed: ``split`` only).
 #: ``fused`` is a kernel of ours (CPU: fp32 only); ``tensorcore`` is CUDA's split
-#: with both attention matmuls on tensor cores (see compiler/pipeline.py).
+#: with both attention matmuls on tensor cores; ``flash`` is our tensor-core
+#: flash-attention kernel (CUDA, fp16/bf16; see compiler/pipeline.py).
 ATTENTION_BY_TARGET = {
     "cpu": ("fused", "split"),
-    "cuda": ("split", "fused", "tensorcore"),
+    "cuda": ("split", "fused", "tensorcore", "flash"),
+}
+#: How CUDA fp16 matmuls are scheduled (``--gemm``), the default first: ``dlight``
+#: (dlight's WMMA rule) or ``mma`` (``schedules/gpu_mma.py``: ``mma.sync`` with
+#: ldmatrix, a cp.async pipeline and swizzled shared memory). Other targets: ``dlight``.
+GEMM = ("dlight", "mma")
+GEMM_BY_TARGET = {"cuda": GEMM}
+
+#: Lowerings that only exist for some dtypes: (target, lowering) -> the dtypes that have it.
+ATTENTION_DTYPES = {
+    ("cpu", "fused"): ("float32", "bfloat16"),  # bf16 CPU libraries compute attention in fp32
+    ("cuda", "flash"): ("float16", "bfloat16"),
 }
 
 
@@ -202,12 +214,104 @@ def _arch_number(arch: str) -> int:
     return int(re.sub(r"\D", "", arch))
 
 
-def make_target(name: str, arch=None, host: str | None = None):
+# ---------------------------------------------------------------------------
+# CPUs (--cpu)
+# ---------------------------------------------------------------------------
+
+#: Triples for ``--cpu`` names of another architecture than the compiling machine's.
+ARM_TRIPLE = "aarch64-linux-gnu"
+APPLE_TRIPLE = "arm64-apple-macos"
+
+
+def _llvm(name: str):
+    import tvm  # noqa: F401
+    import tvm_ffi
+
+    return tvm_ffi.get_global_func(name)
+
+
+def _cpu_names(triple: str) -> set[str]:
+    import tvm
+
+    return set(_llvm("target.llvm_get_cpu_archlist")(tvm.target.Target({"kind": "llvm", "mtriple": triple})))
+
+
+def _llvm_features(triple: str, mcpu: str) -> set[str]:
+    import tvm
+
+    return set(_llvm("target.llvm_get_cpu_features")(tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})))
+
+
+def _triple_for_cpu(cpu: str) -> str:
+    """The LLVM triple a ``--cpu`` name compiles for (the host's when it is one of the host's CPUs)."""
+    host = str(_llvm("target.llvm_get_system_triple")())
+    candidates = [host]
+    if not host.startswith(("aarch64", "arm64")):
+        candidates.append(APPLE_TRIPLE if cpu.startswith("apple-") else ARM_TRIPLE)
+    elif not cpu.startswith("apple-"):
+        candidates.append("x86_64-linux-gnu")
+    for triple in candidates:
+        if cpu in _cpu_names(triple) or (cpu.startswith("apple-") and triple == APPLE_TRIPLE and _llvm_features(triple, cpu)):
+            return triple
+    examples = "x86-64-v3, x86-64-v4, sapphirerapids, graniterapids, znver4, znver5, neoverse-v2, apple-m2"
+    raise MlcVisionError(f"unknown --cpu {cpu!r}; use an LLVM CPU name such as {examples}")
+
+
+def cpu_spec(cpu: str | None = None) -> dict:
+    """What a CPU library is compiled for: ``{"mcpu", "triple", "mattr", "features"}``.
+
+    ``cpu=None`` is this machine: its CPU name, minus any instruction set the
+    name implies but this (often virtual) CPU does not report. ``features``
+    lists the instruction-set extensions the code may use (LLVM names); the
+    runtime refuses the library on a CPU that lacks one
+    (``cpu_features.py``).
+    """
+    from ..cpu_features import isa_features
+
+    if cpu is None:
+        triple = str(_llvm("target.llvm_get_system_triple")())
+        mcpu = str(_llvm("tvm.codegen.llvm.GetHostCPUName")())
+        host = {str(k): bool(v) for k, v in _llvm("tvm.codegen.llvm.GetHostCPUFeatures")().items()}
+        implied = _llvm_features(triple, mcpu)
+        absent = isa_features(f for f in implied if not host.get(f, True))
+        mattr = [f"-{f}" for f in absent]
+        features = [f for f in isa_features(implied) if f not in absent]
+    else:
+        triple = _triple_for_cpu(cpu)
+        mcpu, mattr = cpu, []
+        features = isa_features(_llvm_features(triple, cpu))
+    return {"mcpu": mcpu, "triple": triple, "mattr": mattr, "features": features}
+
+
+def check_cpu_linkable(spec: dict) -> None:
+    """Refuse a ``--cpu`` of another architecture: the library is linked by this machine's C compiler."""
+    from ..cpu_features import triple_arch
+
+    host = triple_arch(str(_llvm("target.llvm_get_system_triple")()))
+    if triple_arch(spec["triple"]) != host:
+        raise MlcVisionError(
+            f"--cpu {spec['mcpu']} is {triple_arch(spec['triple'])} and this machine links {host} libraries; "
+            f"compile on a {triple_arch(spec['triple'])} machine"
+        )
+
+
+def cpu_target(spec: dict):
+    """The llvm ``Target`` of a :func:`cpu_spec`."""
+    import tvm
+
+    config = {"kind": "llvm", "mtriple": spec["triple"], "mcpu": spec["mcpu"]}
+    if spec.get("mattr"):
+        config["mattr"] = list(spec["mattr"])
+    return tvm.target.Target(config)
+
+
+def make_target(name: str, arch=None, host: str | None = None, cpu: dict | None = None):
     """The ``tvm.target.Target`` for target ``name``.
 
     ``arch`` is only for ``cuda`` (a list of compute capabilities; the target
     carries the lowest, the fatbin covers all of them). ``host`` is only for
-    ``metal``: ``macos`` (default) or ``ios``.
+    ``metal``: ``macos`` (default) or ``ios``. ``cpu`` (a :func:`cpu_spec`) is
+    only for ``cpu``; None: this machine's CPU.
     """
     import tvm
 
@@ -216,10 +320,12 @@ def make_target(name: str, arch=None, host: str | None = None):
         raise MlcVisionError(f"--arch is only for the cuda target, not {name!r}")
     if host is not None and name != "metal":
         raise MlcVisionError(f"--host is only for the metal target (macos or ios), not {name!r}")
+    if cpu is not None and name != "cpu":
+        raise MlcVisionError(f"--cpu is only for the cpu target, not {name!r}")
 
     generic_host = {"kind": "llvm"}
     if name == "cpu":
-        return tvm.target.Target.from_device("cpu")
+        return cpu_target(cpu or cpu_spec())
     if name == "cuda":
         archs = parse_cuda_archs(arch)
         return tvm.target.Target({"kind": "cuda", "arch": archs[0]}, host=generic_host)
@@ -235,14 +341,30 @@ def make_target(name: str, arch=None, host: str | None = None):
     return tvm.target.Target({"kind": name}, host=generic_host)
 
 
+def resolve_gemm(name: str, dtype: str, gemm: str | None) -> str:
+    """The matmul schedule a library for target ``name`` in ``dtype`` gets (``None``: the default).
+
+    ``mma`` is for CUDA fp16 only (TVM's ldmatrix intrinsics are fp16); asking
+    for it elsewhere is a one-line error.
+    """
+    modes = GEMM_BY_TARGET.get(name, ("dlight",)) if dtype == "float16" else ("dlight",)
+    if gemm is None:
+        return modes[0]
+    if gemm not in GEMM:
+        raise MlcVisionError(f"unknown gemm schedule {gemm!r}; choose one of {', '.join(GEMM)}")
+    if gemm not in modes:
+        raise MlcVisionError(f"gemm {gemm!r} is not available for target {name!r} in {dtype}; choose {' or '.join(modes)}")
+    return gemm
+
+
 def resolve_attention(name: str, dtype: str, attention: str | None) -> str:
     """The attention lowering a library for target ``name`` in ``dtype`` gets (``None``: the default).
 
     An unknown mode, or one this target (or dtype) cannot build, is a one-line error.
     """
-    modes = ATTENTION_BY_TARGET.get(name, ("split",))
-    if name == "cpu" and dtype != "float32":
-        modes = ("split",)  # the fused CPU kernel is fp32 only
+    modes = tuple(
+        mode for mode in ATTENTION_BY_TARGET.get(name, ("split",)) if dtype in ATTENTION_DTYPES.get((name, mode), (dtype,))
+    )
     if attention is None:
         return modes[0]
     if attention not in ATTENTION:

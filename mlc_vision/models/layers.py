@@ -136,22 +136,22 @@ class PatchEmbedding(nn.Module):
     def __init__(self, config: VisionConfig, bias: bool):
         p, c, d = config.patch_size, config.num_channels, config.hidden_size
         self.patch_size = p
-        self.grid = config.grid_size
+        self.grid = config.tokens.grid
         self.weight = nn.Parameter((d, c, p, p))
         self.bias = nn.Parameter((d,)) if bias else None
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """``[b, c, H, W] -> [b, grid*grid, d]``."""
-        p, g = self.patch_size, self.grid
+        """``[b, c, H, W] -> [b, rows*cols, d]``, patches row major."""
+        p, (rows, cols) = self.patch_size, self.grid
         x = pixel_values
-        if x.shape[2] != g * p:
-            x = slice_axis(x, 2, 0, g * p, "crop_rows")
-        if x.shape[3] != g * p:
-            x = slice_axis(x, 3, 0, g * p, "crop_cols")
+        if x.shape[2] != rows * p:
+            x = slice_axis(x, 2, 0, rows * p, "crop_rows")
+        if x.shape[3] != cols * p:
+            x = slice_axis(x, 3, 0, cols * p, "crop_cols")
         b, c = x.shape[0], x.shape[1]
-        x = op.reshape(x, (b, c, g, p, g, p))
+        x = op.reshape(x, (b, c, rows, p, cols, p))
         x = op.permute_dims(x, [0, 2, 4, 1, 3, 5])  # b, gy, gx, c, py, px
-        x = op.reshape(x, (b, g * g, c * p * p))
+        x = op.reshape(x, (b, rows * cols, c * p * p))
         d = self.weight.shape[0]
         w = op.reshape(self.weight, (d, c * p * p))
         out = op.matmul(x, op.permute_dims(w, [1, 0]))
@@ -178,9 +178,10 @@ def features(states: list[Tensor], config: VisionConfig, pooled) -> Tensor:
 
 
 def select_feature(hidden: Tensor, config: VisionConfig) -> Tensor:
-    """``patch`` drops the class token where there is one; ``cls_patch`` keeps every token."""
-    if config.feature == "patch" and config.class_token:
-        return slice_axis(hidden, 1, 1, hidden.shape[1], "patch_tokens")
+    """``patch`` drops the prefix (class and register tokens) where there is one; ``cls_patch`` keeps every token."""
+    dropped = config.tokens.dropped_prefix
+    if dropped:
+        return slice_axis(hidden, 1, dropped, hidden.shape[1], "patch_tokens")
     return hidden
 
 

@@ -18,12 +18,10 @@ there, so a whole LLaVA / InternVL-chat checkpoint converts in one pass.
 
 from __future__ import annotations
 
-import math
-
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from ..config import PROJECTORS, VisionConfig
+from ..config import IMAGE_NEWLINE_PARAM, PROJECTORS, VisionConfig
 from ..errors import MlcVisionError
 from .weight_map import WeightMap
 from . import layers
@@ -36,26 +34,9 @@ LAYER_NORM_EPS = 1e-5  # InternVL's mlp1 uses torch's nn.LayerNorm default
 # ---- geometry ------------------------------------------------------------------------------
 
 
-def shuffle_factor(config: VisionConfig) -> int:
-    """Side of the square of tokens that ``pixel_shuffle`` merges (2 for ratio 0.5)."""
-    factor = round(1 / config.downsample_ratio)
-    if not math.isclose(factor * config.downsample_ratio, 1.0):
-        raise MlcVisionError(f"downsample_ratio {config.downsample_ratio} is not 1/n for an integer n")
-    return factor
-
-
 def input_width(config: VisionConfig) -> int:
     """Width of the features the projector reads (after the shuffle for ``mlp1``)."""
-    if config.projector == "mlp1":
-        return config.hidden_size * shuffle_factor(config) ** 2
-    return config.hidden_size
-
-
-def output_tokens(config: VisionConfig, tokens: int) -> int:
-    """Tokens per image after the projector, given the selected features' count."""
-    if config.projector == "mlp1":
-        return tokens // shuffle_factor(config) ** 2
-    return tokens
+    return config.hidden_size * config.tokens.merge**2
 
 
 def check(config: VisionConfig) -> None:
@@ -73,13 +54,14 @@ def check(config: VisionConfig) -> None:
 
 
 def _check_shuffle(config: VisionConfig) -> None:
-    """``pixel_shuffle`` needs a square grid of patch tokens whose side the factor divides."""
-    if config.feature != "patch" and config.class_token:
+    """``pixel_shuffle`` needs only patch tokens, in a grid whose sides the factor divides."""
+    layout = config.tokens
+    if layout.selected != layout.num_patches:
         raise MlcVisionError("projector mlp1 shuffles the patch grid: compile it with feature 'patch'")
-    factor = shuffle_factor(config)
-    if config.grid_size % factor:
+    factor, (rows, cols) = layout.merge, layout.grid
+    if rows % factor or cols % factor:
         raise MlcVisionError(
-            f"projector mlp1 merges {factor}x{factor} patches but the grid is {config.grid_size}x{config.grid_size} "
+            f"projector mlp1 merges {factor}x{factor} patches but the grid is {rows}x{cols} "
             f"(image_size {config.image_size} / patch_size {config.patch_size}); pick an image size whose grid "
             f"is a multiple of {factor}"
         )
@@ -88,8 +70,8 @@ def _check_shuffle(config: VisionConfig) -> None:
 # ---- Relax module -------------------------------------------------------------------------------
 
 
-def pixel_shuffle(x: Tensor, grid: int, factor: int) -> Tensor:
-    """InternVL's ``pixel_shuffle`` (``ps_version`` 'v2') on ``[b, grid*grid, c]`` row-major tokens.
+def pixel_shuffle(x: Tensor, grid: tuple[int, int], factor: int) -> Tensor:
+    """InternVL's ``pixel_shuffle`` (``ps_version`` 'v2') on ``[b, rows*cols, c]`` row-major tokens.
 
     Output token ``(i, j)`` holds the ``factor x factor`` block of patches at
     rows ``i*factor + t``, columns ``j*factor + s``, its channels ordered
@@ -97,10 +79,10 @@ def pixel_shuffle(x: Tensor, grid: int, factor: int) -> Tensor:
     produces. One reshape-transpose-reshape gives the same result.
     """
     b, _, c = x.shape
-    side = grid // factor
-    x = op.reshape(x, (b, side, factor, side, factor, c))  # b, i, t, j, s, c
+    rows, cols = grid[0] // factor, grid[1] // factor
+    x = op.reshape(x, (b, rows, factor, cols, factor, c))  # b, i, t, j, s, c
     x = op.permute_dims(x, [0, 1, 3, 2, 4, 5])  # b, i, j, t, s, c
-    return op.reshape(x, (b, side * side, factor * factor * c))
+    return op.reshape(x, (b, rows * cols, factor * factor * c))
 
 
 class Projector(nn.Module):
@@ -113,8 +95,8 @@ class Projector(nn.Module):
     def __init__(self, config: VisionConfig):
         check(config)
         self.kind = config.projector
-        self.grid = config.grid_size
-        self.factor = shuffle_factor(config) if self.kind == "mlp1" else 1
+        self.grid = config.tokens.grid
+        self.factor = config.tokens.merge
         width_in, width_out = input_width(config), config.projector_hidden_size
         if self.kind == "linear":
             self.linear = nn.Linear(width_in, width_out)
@@ -175,7 +157,15 @@ PROJECTOR_WEIGHTS = {
 }
 
 
+# LLaVA-NeXT's row separator, converted beside the projector when the runtime packs anyres tiles
+IMAGE_NEWLINE_WEIGHTS = WeightMap(
+    prefixes=(("model.image_newline", IMAGE_NEWLINE_PARAM), ("image_newline", IMAGE_NEWLINE_PARAM)),
+)
+
+
 def weight_map(config: VisionConfig) -> WeightMap:
     """The map of ``config.projector``'s checkpoint keys (what convert merges with the tower's)."""
     check(config)
+    if config.has_image_newline:
+        return PROJECTOR_WEIGHTS[config.projector].merged(IMAGE_NEWLINE_WEIGHTS)
     return PROJECTOR_WEIGHTS[config.projector]

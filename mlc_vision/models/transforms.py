@@ -68,7 +68,7 @@ def interpolate_position_embedding(array: np.ndarray, config) -> np.ndarray:
 
     The token axis is the second to last (``[1, tokens, d]`` as InternViT stores
     it, ``[tokens, d]`` as CLIP does); the class-token row, when the family has
-    one, is kept as is and the patch rows are resized as a square grid with
+    one, is kept as is and the patch rows are resized to the config's grid with
     bicubic interpolation (``align_corners=False``), in float32, then cast back
     to the checkpoint's dtype. This is what InternViT does at every forward pass
     (``_get_pos_embed``) and what transformers' ``interpolate_pos_encoding``
@@ -76,27 +76,27 @@ def interpolate_position_embedding(array: np.ndarray, config) -> np.ndarray:
     the checkpoint. The checkpoint's grid comes from the array itself; a
     ``config.checkpoint_image_size`` that disagrees with it is an error.
     """
-    prefix = 1 if getattr(config, "class_token", True) else 0
+    prefix = config.tokens.class_tokens  # register tokens have no position
     tokens, dim = array.shape[-2], array.shape[-1]
     old_grid = math.isqrt(tokens - prefix)
     if old_grid * old_grid != tokens - prefix:
         raise MlcVisionError(
             f"position embedding {tuple(array.shape)}: {tokens - prefix} patch positions do not form a square grid"
         )
-    ckpt_size = getattr(config, "checkpoint_image_size", None)
+    ckpt_size = config.checkpoint_image_size
     if ckpt_size is not None and ckpt_size // config.patch_size != old_grid:
         raise MlcVisionError(
             f"position embedding {tuple(array.shape)} has a {old_grid}x{old_grid} grid, but "
             f"checkpoint_image_size {ckpt_size} / patch {config.patch_size} gives {ckpt_size // config.patch_size}"
         )
-    new_grid = config.grid_size
-    if new_grid == old_grid:
+    rows, cols = config.tokens.grid
+    if (rows, cols) == (old_grid, old_grid):
         return array
     lead = array.shape[:-2]
     flat = np.asarray(array, dtype=np.float32).reshape(-1, tokens, dim)
     out = []
     for table in flat:  # one per leading index (there is one in every checkpoint we know)
-        patches = resize_bicubic(table[prefix:].reshape(old_grid, old_grid, dim), new_grid, new_grid)
-        out.append(np.concatenate([table[:prefix], patches.reshape(new_grid * new_grid, dim)], axis=0))
-    resized = np.stack(out).reshape(*lead, prefix + new_grid * new_grid, dim)
+        patches = resize_bicubic(table[prefix:].reshape(old_grid, old_grid, dim), rows, cols)
+        out.append(np.concatenate([table[:prefix], patches.reshape(rows * cols, dim)], axis=0))
+    resized = np.stack(out).reshape(*lead, prefix + rows * cols, dim)
     return resized.astype(array.dtype)

@@ -9,6 +9,9 @@ shape is :func:`relax_rewrite.plain_attention_shape`'s tuple), which returns
 * CUDA (``fuse_attention_cuda``, ``--attention fused``):
   ``kernels/cuda_flash_attention.py`` on CUDA cores. On an H100 it matched the
   split path (cosine 0.9999999) but was 5-50 % slower, so it is opt-in.
+* CUDA (``fuse_attention_cuda_tc``, ``--attention flash``):
+  ``kernels/cuda_tc_flash_attention.py`` on tensor cores (fp16/bf16, head_dim a
+  multiple of 8 up to 128). Not yet timed on a GPU, so it is opt-in.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ..kernels.cpu_attention import MAX_HEAD_DIM as CPU_MAX_HEAD_DIM
 from ..kernels.cpu_attention import cpu_attention_kernel
 from ..kernels.cuda_flash_attention import MAX_HEAD_DIM as CUDA_MAX_HEAD_DIM
 from ..kernels.cuda_flash_attention import SHARED_BYTES, block_k, flash_attention_kernel, shared_bytes
+from ..kernels.cuda_tc_flash_attention import supports as tc_flash_supports
+from ..kernels.cuda_tc_flash_attention import tc_flash_attention_kernel
 from .relax_rewrite import ATTENTION_OP, plain_attention_shape, rewrite_relax_functions
 
 
@@ -70,6 +75,14 @@ def cuda_kernel_for(shape):
     return f"fused_attention_s{seq}_h{heads}_d{head_dim}_{dtype}", lambda: flash_attention_kernel(*shape)
 
 
+def cuda_tc_kernel_for(shape):
+    """The tensor-core flash kernel: fp16/bf16 with head_dim a multiple of 8 up to 128."""
+    seq, heads, head_dim, dtype, _ = shape
+    if not tc_flash_supports(head_dim, dtype):
+        return None
+    return f"flash_attention_s{seq}_h{heads}_d{head_dim}_{dtype}", lambda: tc_flash_attention_kernel(*shape)
+
+
 @tvm.transform.module_pass(opt_level=0, name="FuseAttentionCPU")
 def fuse_attention_cpu(mod, _ctx):
     """Every eligible ``R.nn.attention`` -> the fused CPU kernel."""
@@ -80,3 +93,9 @@ def fuse_attention_cpu(mod, _ctx):
 def fuse_attention_cuda(mod, _ctx):
     """Every eligible ``R.nn.attention`` -> the CUDA flash kernel (``--attention fused``)."""
     return replace_attention(mod, cuda_kernel_for)
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseAttentionCUDATensorCore")
+def fuse_attention_cuda_tc(mod, _ctx):
+    """Every eligible ``R.nn.attention`` -> the tensor-core flash kernel (``--attention flash``)."""
+    return replace_attention(mod, cuda_tc_kernel_for)

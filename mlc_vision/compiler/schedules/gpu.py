@@ -17,11 +17,13 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-def _matmul_rule(small_tensor_core: bool = False):
+def _matmul_rule(small_tensor_core: bool = False, mma: bool = False):
     """dlight's GPU matmul rule, retried without tensor cores where tensorizing fails.
 
     ``small_tensor_core``: also put fp16 CUDA matmuls with an extent of 32..64
     (the attention matmuls) on tensor cores; see :func:`_small_fp16_cuda_matmul`.
+    ``mma``: CUDA fp16 matmuls get ``schedules/gpu_mma.py``'s ``mma.sync``
+    schedule first (dlight's where it does not apply).
     """
     from tvm.s_tir import dlight as dl
 
@@ -35,6 +37,10 @@ def _matmul_rule(small_tensor_core: bool = False):
         """
 
         def apply(self, func, target, tunable):
+            if mma:
+                sch = _try_mma(func, target)
+                if sch is not None:
+                    return sch
             if small_tensor_core and _small_fp16_cuda_matmul(func, target):
                 try:
                     sch = dl.gpu.matmul.MatmulTensorization().apply(func, target, tunable)
@@ -53,6 +59,17 @@ def _matmul_rule(small_tensor_core: bool = False):
                 return super().apply(func.with_attr("dlight.do_not_tensorize", True), target, tunable)
 
     return MatmulWithFallback()
+
+
+def _try_mma(func, target):
+    """``schedules/gpu_mma.py``'s schedule of ``func``, or None (and a debug line) where it fails."""
+    from .gpu_mma import schedule_mma_matmul
+
+    try:
+        return schedule_mma_matmul(func, target)
+    except Exception as err:  # pylint: disable=broad-except
+        logger.debug("mma matmul schedule failed (%s); dlight's rule takes it", err)
+        return None
 
 
 #: Smallest static extent (rows, columns or reduction) that we still put on tensor cores.
@@ -96,12 +113,12 @@ def _small_fp16_cuda_matmul(func, target) -> bool:
     return bool(static) and min(static) <= 64 and min(static) >= MIN_TENSOR_CORE_EXTENT
 
 
-def gpu_schedule_pass(small_tensor_core: bool = False):
+def gpu_schedule_pass(small_tensor_core: bool = False, mma: bool = False):
     """dlight's default GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback)."""
     from tvm.s_tir import dlight as dl
 
     return dl.ApplyDefaultSchedule(
-        _matmul_rule(small_tensor_core),
+        _matmul_rule(small_tensor_core, mma),
         dl.gpu.GEMV(),
         dl.gpu.Reduction(),
         dl.gpu.GeneralReduction(),

@@ -1,0 +1,432 @@
+/*
+ * bf16 x bf16 -> fp32 linear layer for CPU libraries: y[M, N] = x[M, K] . w[N, K]^T (+ bias[N]).
+ *
+ * x and w are bf16 (their raw 16-bit words), y and bias fp32; products are
+ * accumulated in fp32. The path is chosen at run time from the CPU's features:
+ *
+ *   AMX       tdpbf16ps on 16 x 16 fp32 tiles (Intel Sapphire Rapids and later);
+ *   AVX512    vdpbf16ps, a 6 x 64 register tile (AVX512-BF16: AMD Zen 4/5,
+ *             Intel Cooper Lake and later);
+ *   GENERIC   plain C (bf16 -> fp32, fp32 multiply-add): any x86-64 or other CPU.
+ *
+ * Work is split over TVM's thread pool (TVMBackendParallelLaunch) into
+ * (panel of NR output columns) x (block of rows) units that the threads take
+ * one at a time. A thread packs the bf16 weights of a panel once for the
+ * units of that panel it takes in a row, pair-interleaved along k:
+ *
+ *   panel[kp][c] = (w[n0 + c][2 kp], w[n0 + c][2 kp + 1])   (one 32-bit word)
+ *
+ * which is the operand layout of vdpbf16ps (16 columns x 2 k per zmm) and of
+ * an AMX B tile (rows = k pairs, 16 columns of 4 bytes). x needs no packing:
+ * a pair of consecutive x values is one 32-bit broadcast (AVX512) or an A
+ * tile row (AMX). K must be even (the compiler pass only offers even K).
+ *
+ * Compiled with the host C compiler at export (cpu_bf16_gemm.py) and
+ * linked into the library; the instruction sets are enabled per function, so
+ * the object runs on any x86-64 CPU and uses what it finds.
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#define MLCV_X86 1
+#else
+#define MLCV_X86 0
+#endif
+
+/* TVM's C backend API (tvm/runtime/c_backend_api.h), declared here so that the
+ * file compiles without TVM's headers. A library TVM exports reaches the
+ * runtime through function pointers that the runtime fills in when it loads
+ * the library (``__TVMBackendParallelLaunch``, defined by TVM's generated code
+ * in the same library); we call the thread pool through the same pointer. Both
+ * are weak: this object loaded alone (the ctypes test) runs its tasks serially. */
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+typedef int (*parallel_launch_fn)(FTVMParallelLambda flambda, void* cdata, int num_task);
+extern parallel_launch_fn __TVMBackendParallelLaunch __attribute__((weak));
+extern int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task) __attribute__((weak));
+
+static parallel_launch_fn thread_pool(void) {
+  if (&__TVMBackendParallelLaunch != NULL && __TVMBackendParallelLaunch != NULL) return __TVMBackendParallelLaunch;
+  return TVMBackendParallelLaunch; /* NULL when TVM's runtime is not linked in */
+}
+
+enum { PATH_GENERIC = 0, PATH_AVX512 = 1, PATH_AMX = 2 };
+
+#define NR 64         /* output columns per panel: 4 zmm of 16 fp32 */
+#define MR 6          /* rows of the AVX512 register tile: 6 x 4 = 24 zmm accumulators */
+#define AMX_ROWS 32   /* rows of the AMX block: 2 x 2 tiles of 16 x 16 */
+#define AMX_K 32      /* bf16 k per AMX tile step (64 bytes per row) */
+
+/* ------------------------------------------------------------------ features */
+
+#if MLCV_X86
+static uint64_t xgetbv0(void) {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return ((uint64_t)edx << 32) | eax;
+}
+
+/* AMX registers are off until the process asks Linux for them (arch_prctl
+ * ARCH_REQ_XCOMP_PERM for XTILEDATA); without it the first tile load faults. */
+static int request_amx_permission(void) {
+#if defined(__linux__)
+  const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+  return 0;
+#endif
+}
+#endif
+
+/* Whether ``path`` can run on this CPU (and OS), asked of the CPU (cpuid, xgetbv). */
+static int probe_path(int path) {
+  if (path == PATH_GENERIC) return 1;
+#if MLCV_X86
+  uint32_t a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
+  uint64_t xcr0 = xgetbv0();
+  if ((xcr0 & 0xe6) != 0xe6) return 0; /* SSE, AVX, opmask and both ZMM halves enabled by the OS */
+  __cpuid_count(7, 0, a, b, c, d);
+  int avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)); /* F, BW, VL */
+  int amx = (d & (1u << 22)) && (d & (1u << 24));                          /* AMX-BF16, AMX-TILE */
+  uint32_t max_sub = a;
+  int bf16 = 0;
+  if (max_sub >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    bf16 = (a & (1u << 5)) != 0; /* AVX512_BF16 */
+  }
+  if (path == PATH_AVX512) return avx512 && bf16;
+  /* The AMX path does its row tails with the AVX512 kernel. */
+  if (path == PATH_AMX) return avx512 && bf16 && amx && request_amx_permission() && ((xgetbv0() >> 17) & 3) == 3;
+#endif
+  return 0;
+}
+
+static int path_supported[3] = {-1, -1, -1};
+
+/* Whether ``path`` (0 generic, 1 AVX512-BF16, 2 AMX) can run here; probed once per path. */
+int mlcv_bf16_path_supported(int path) {
+  if (path < 0 || path > PATH_AMX) return 0;
+  int known = __atomic_load_n(&path_supported[path], __ATOMIC_RELAXED);
+  if (known < 0) {
+    known = probe_path(path);
+    __atomic_store_n(&path_supported[path], known, __ATOMIC_RELAXED);
+  }
+  return known;
+}
+
+static int detected_path = -1;
+
+/* The fastest path this CPU runs (detected once). */
+int mlcv_bf16_best_path(void) {
+  int path = __atomic_load_n(&detected_path, __ATOMIC_RELAXED);
+  if (path < 0) {
+    path = mlcv_bf16_path_supported(PATH_AMX) ? PATH_AMX
+           : mlcv_bf16_path_supported(PATH_AVX512) ? PATH_AVX512
+                                                    : PATH_GENERIC;
+    __atomic_store_n(&detected_path, path, __ATOMIC_RELAXED);
+  }
+  return path;
+}
+
+/* ------------------------------------------------------------------ helpers */
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* What is added to x . w^T before the store: a bias vector [N] and a residual [M, N], each optional. */
+typedef struct {
+  const float* bias;
+  const float* residual;
+} epilogue;
+
+/* Pack columns [n0, n0 + NR) of w[N, K] into panel[K / 2][NR] 32-bit pairs; columns >= N are 0. */
+static void pack_panel(const uint16_t* w, int64_t N, int64_t K, int64_t n0, uint32_t* panel) {
+  const int64_t kpairs = K / 2;
+  for (int c = 0; c < NR; ++c) {
+    int64_t n = n0 + c;
+    if (n < N) {
+      const uint32_t* row = (const uint32_t*)(w + n * K);
+      for (int64_t kp = 0; kp < kpairs; ++kp) panel[kp * NR + c] = row[kp];
+    } else {
+      for (int64_t kp = 0; kp < kpairs; ++kp) panel[kp * NR + c] = 0;
+    }
+  }
+}
+
+/* Rows [m0, m1) x columns [n0, n0 + ncols) in plain C, from the packed panel. */
+static void rows_generic(const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m0,
+                         int64_t m1, int64_t n0, int ncols, int64_t N, int64_t K) {
+  float acc[NR];
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int c = 0; c < ncols; ++c) acc[c] = ep->bias ? ep->bias[n0 + c] : 0.0f;
+    const uint16_t* xr = x + m * K;
+    for (int64_t kp = 0; kp < K / 2; ++kp) {
+      float a0 = bf16_to_f32(xr[2 * kp]), a1 = bf16_to_f32(xr[2 * kp + 1]);
+      const uint32_t* bp = panel + kp * NR;
+      for (int c = 0; c < ncols; ++c) {
+        acc[c] += a0 * bf16_to_f32((uint16_t)(bp[c] & 0xffff)) + a1 * bf16_to_f32((uint16_t)(bp[c] >> 16));
+      }
+    }
+    if (ep->residual)
+      for (int c = 0; c < ncols; ++c) acc[c] += ep->residual[m * N + n0 + c];
+    memcpy(y + m * N + n0, acc, sizeof(float) * ncols);
+  }
+}
+
+/* ------------------------------------------------------------------ AVX512-BF16 */
+
+#if MLCV_X86
+#define AVX512_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* One register tile: ``mr`` rows x 64 columns over the whole K, bias added, masked store. */
+AVX512_BF16_TARGET __attribute__((always_inline)) static inline void tile_avx512(
+    int mr, const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m, int64_t n0,
+    int ncols, int64_t N, int64_t K) {
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  const uint32_t* xr[MR];
+  for (int r = 0; r < MR; ++r) xr[r] = (const uint32_t*)(x + (m + (r < mr ? r : 0)) * K);
+  const int64_t kpairs = K / 2;
+  for (int64_t kp = 0; kp < kpairs; ++kp) {
+    const uint32_t* bp = panel + kp * NR;
+    __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp);
+    __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + 16);
+    __m512bh b2 = (__m512bh)_mm512_loadu_si512(bp + 32);
+    __m512bh b3 = (__m512bh)_mm512_loadu_si512(bp + 48);
+    for (int r = 0; r < MR; ++r) {
+      if (r < mr) {
+        __m512bh a = (__m512bh)_mm512_set1_epi32((int)xr[r][kp]);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+        acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, b2);
+        acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
+      }
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    int left = ncols - 16 * j;
+    if (left <= 0) break;
+    __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    __m512 bj = ep->bias ? _mm512_maskz_loadu_ps(mask, ep->bias + n0 + 16 * j) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; ++r) {
+      int64_t at = (m + r) * N + n0 + 16 * j;
+      __m512 v = _mm512_add_ps(acc[r][j], bj);
+      if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ep->residual + at));
+      _mm512_mask_storeu_ps(y + at, mask, v);
+    }
+  }
+}
+
+AVX512_BF16_TARGET static void rows_avx512(const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y,
+                                           int64_t m0, int64_t m1, int64_t n0, int ncols, int64_t N, int64_t K) {
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) tile_avx512(MR, x, panel, ep, y, m, n0, ncols, N, K);
+  switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
+    case 5: tile_avx512(5, x, panel, ep, y, m, n0, ncols, N, K); break;
+    case 4: tile_avx512(4, x, panel, ep, y, m, n0, ncols, N, K); break;
+    case 3: tile_avx512(3, x, panel, ep, y, m, n0, ncols, N, K); break;
+    case 2: tile_avx512(2, x, panel, ep, y, m, n0, ncols, N, K); break;
+    case 1: tile_avx512(1, x, panel, ep, y, m, n0, ncols, N, K); break;
+    default: break;
+  }
+}
+
+/* ------------------------------------------------------------------ AMX */
+
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+typedef struct {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} amx_tile_config;
+
+/* tmm0-3: C (16 x 16 fp32), tmm4-5: A (16 rows x 32 bf16), tmm6-7: B (16 k pairs x 16 columns). */
+AMX_TARGET static void amx_configure(void) {
+  amx_tile_config cfg;
+  memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+/* Rows [m0, m1) with 32-row AMX blocks (K a multiple of 32), the rest with the AVX512 tile. */
+AMX_TARGET static void rows_amx(const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m0,
+                                int64_t m1, int64_t n0, int ncols, int64_t N, int64_t K) {
+  if (K % AMX_K != 0) {
+    rows_avx512(x, panel, ep, y, m0, m1, n0, ncols, N, K);
+    return;
+  }
+  float out[16 * 16] __attribute__((aligned(64)));
+  int64_t m = m0;
+  amx_configure();
+  for (; m + AMX_ROWS <= m1; m += AMX_ROWS) {
+    for (int cb = 0; cb < NR && cb < ncols; cb += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < K; k += AMX_K) {
+        _tile_loadd(4, x + m * K + k, K * 2);
+        _tile_loadd(5, x + (m + 16) * K + k, K * 2);
+        _tile_loadd(6, panel + (k / 2) * NR + cb, NR * 4);
+        _tile_loadd(7, panel + (k / 2) * NR + cb + 16, NR * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      for (int t = 0; t < 4; ++t) {
+        int64_t row = m + (t >> 1) * 16;
+        int col = cb + (t & 1) * 16;
+        int left = ncols - col;
+        if (left <= 0) continue;
+        switch (t) { /* tile numbers must be constants */
+          case 0: _tile_stored(0, out, 64); break;
+          case 1: _tile_stored(1, out, 64); break;
+          case 2: _tile_stored(2, out, 64); break;
+          default: _tile_stored(3, out, 64); break;
+        }
+        __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        __m512 bj = ep->bias ? _mm512_maskz_loadu_ps(mask, ep->bias + n0 + col) : _mm512_setzero_ps();
+        for (int r = 0; r < 16; ++r) {
+          int64_t at = (row + r) * N + n0 + col;
+          __m512 v = _mm512_add_ps(_mm512_load_ps(out + 16 * r), bj);
+          if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ep->residual + at));
+          _mm512_mask_storeu_ps(y + at, mask, v);
+        }
+      }
+    }
+  }
+  _tile_release();
+  if (m < m1) rows_avx512(x, panel, ep, y, m, m1, n0, ncols, N, K);
+}
+#endif
+
+/* ------------------------------------------------------------------ driver */
+
+typedef void (*rows_fn)(const uint16_t*, const uint32_t*, const epilogue*, float*, int64_t, int64_t, int64_t, int,
+                        int64_t, int64_t);
+
+typedef struct {
+  const uint16_t* x;
+  const uint16_t* w;
+  epilogue ep;
+  float* y;
+  int64_t M, N, K;
+  int64_t row_block; /* rows per work unit */
+  int64_t row_blocks, panels;
+  rows_fn rows;
+  int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
+} linear_job;
+
+/* Grow-only panel buffer of the calling thread (one per pool thread, kept for the next call). */
+static __thread uint32_t* thread_panel;
+static __thread size_t thread_panel_words;
+
+static uint32_t* panel_buffer(size_t words) {
+  if (words > thread_panel_words) {
+    free(thread_panel);
+    thread_panel = NULL;
+    thread_panel_words = 0;
+    if (posix_memalign((void**)&thread_panel, 64, words * 4) != 0) return NULL;
+    thread_panel_words = words;
+  }
+  return thread_panel;
+}
+
+/* One task: take (panel, row block) units, panel-major, until none are left.
+ * Consecutive units mostly share a panel, which is packed again only when it changes. */
+static int run_units(linear_job* job) {
+  int64_t units = job->panels * job->row_blocks;
+  uint32_t* panel = panel_buffer((size_t)(job->K / 2) * NR);
+  if (panel == NULL) return -1;
+  int64_t packed = -1;
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
+    if (u >= units) break;
+    int64_t p = u / job->row_blocks, rb = u % job->row_blocks;
+    int64_t n0 = p * NR;
+    if (p != packed) {
+      pack_panel(job->w, job->N, job->K, n0, panel);
+      packed = p;
+    }
+    int64_t m0 = rb * job->row_block;
+    int64_t m1 = m0 + job->row_block < job->M ? m0 + job->row_block : job->M;
+    int ncols = job->N - n0 < NR ? (int)(job->N - n0) : NR;
+    job->rows(job->x, panel, &job->ep, job->y, m0, m1, n0, ncols, job->N, job->K);
+  }
+  return 0;
+}
+
+static int parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
+  (void)task_id;
+  (void)penv;
+  return run_units((linear_job*)cdata);
+}
+
+static rows_fn rows_for_path(int path) {
+#if MLCV_X86
+  if (path == PATH_AMX) return rows_amx;
+  if (path == PATH_AVX512) return rows_avx512;
+#endif
+  (void)path;
+  return rows_generic;
+}
+
+/* y = x . w^T (+ bias) (+ residual) with an explicit path (tests run every supported one); bias and
+ * residual may be NULL. Returns 0 on success. */
+int mlcv_bf16_linear_path(int path, const uint16_t* x, const uint16_t* w, const float* bias, const float* residual,
+                          float* y, int64_t M, int64_t N, int64_t K) {
+  if (K % 2 != 0 || !mlcv_bf16_path_supported(path)) return -1;
+  if (M == 0 || N == 0) return 0;
+  linear_job job = {x, w, {bias, residual}, y, M, N, K, 0, 0, (N + NR - 1) / NR, rows_for_path(path), 0};
+  /* Row blocks of a few hundred rows: enough units for every thread even when
+   * N has few panels (768 columns = 12 panels), each unit still long. */
+  int64_t rows = path == PATH_AMX ? 8 * AMX_ROWS : 32 * MR;
+  job.row_blocks = (M + rows - 1) / rows;
+  job.row_block = (M + job.row_blocks - 1) / job.row_blocks;
+  if (path == PATH_AMX && job.row_block % AMX_ROWS) job.row_block += AMX_ROWS - job.row_block % AMX_ROWS;
+  else if (job.row_block % MR) job.row_block += MR - job.row_block % MR;
+  job.row_blocks = (M + job.row_block - 1) / job.row_block;
+  parallel_launch_fn launch = thread_pool();
+  if (launch != NULL) return launch(parallel_task, &job, 0);
+  return run_units(&job);
+}
+
+/* The entry points the library calls (compiler/passes/bf16_cpu.py), on the fastest path here:
+ * y = x . w^T + bias, with ``nobias`` without it, with ``residual`` plus a residual [M, N]. */
+int mlcv_bf16_linear(const uint16_t* x, const uint16_t* w, const float* bias, float* y, int64_t M, int64_t N,
+                     int64_t K) {
+  return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, bias, NULL, y, M, N, K);
+}
+
+int mlcv_bf16_linear_nobias(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K) {
+  return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, NULL, NULL, y, M, N, K);
+}
+
+int mlcv_bf16_linear_residual(const uint16_t* x, const uint16_t* w, const float* bias, const float* residual,
+                              float* y, int64_t M, int64_t N, int64_t K) {
+  return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, bias, residual, y, M, N, K);
+}

@@ -1,0 +1,92 @@
+"""The bf16 linear layer of CPU libraries: a C kernel (``cpu_bf16_gemm.c``) called from TIR.
+
+TVM's LLVM codegen does not reach ``vdpbf16ps`` or the AMX tile instructions,
+so the bf16 x bf16 -> fp32 GEMM is a small C file with intrinsics. It is
+compiled with the host C compiler when the library is exported and linked
+into the same shared library (``export_library(addons=[object])``); the
+PrimFunc here calls it with ``call_extern``, so the library needs nothing
+besides TVM's runtime at load time (the C++ loader loads only the ``.so``).
+The C code picks AMX, AVX512-BF16 or plain C from the CPU it runs on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ...errors import MlcVisionError
+
+SOURCE = Path(__file__).with_suffix(".c")
+#: C entry point by (bias, residual) (``cpu_bf16_gemm.c``); a residual comes with a bias
+#: (the residual entry takes a NULL bias when it has none).
+ENTRIES = {
+    (True, False): "mlcv_bf16_linear",
+    (False, False): "mlcv_bf16_linear_nobias",
+    (True, True): "mlcv_bf16_linear_residual",
+    (False, True): "mlcv_bf16_linear_residual",
+}
+#: What ``mlcv_bf16_best_path()`` returns, by number (``cpu_bf16_gemm.c``'s ``PATH_*``).
+PATHS = {0: "generic", 1: "avx512_bf16", 2: "amx_bf16"}
+
+
+def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False):
+    """PrimFunc ``(x bf16 [..., k], w bf16 [n, k], (bias f32 [n]), (residual f32 [..., n]), y f32 [..., n])``.
+
+    It calls the C kernel: ``y = x . w^T (+ bias) (+ residual)``. The
+    ``lead_ndim`` leading axes of x (batch, tokens) are symbolic and flattened into M.
+    """
+    import tvm
+    from tvm import te, tirx
+
+    lead = [tirx.Var(f"d{i}", "int64") for i in range(lead_ndim)]
+    x = te.placeholder([*lead, k], "bfloat16", name="x")
+    w = te.placeholder([n, k], "bfloat16", name="w")
+    inputs = [x, w] + ([te.placeholder([n], "float32", name="bias")] if bias else [])
+    if residual:
+        inputs.append(te.placeholder([*lead, n], "float32", name="residual"))
+    rows = tirx.const(1, "int64")
+    for d in lead:
+        rows = rows * d
+
+    def body(ins, outs):
+        pointers = [b.data for b in ins]
+        if residual and not bias:
+            pointers.insert(2, tirx.reinterpret("handle", tirx.const(0, "uint64")))  # NULL bias
+        sizes = [rows, tirx.const(n, "int64"), tirx.const(k, "int64")]
+        status = tirx.call_extern("int32", ENTRIES[(bias, residual)], *pointers, outs[0].data, *sizes)
+        # The FFI constructor directly: in TVM 0.27 the Python wrapper passes
+        # (kind, condition) where the constructor takes (condition, kind).
+        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
+            status == 0, tvm.ir.StringImm("RuntimeError"),
+            [tvm.ir.StringImm("bf16 linear: out of memory for the packed weight panel")], None,
+        )  # fmt: skip
+
+    y = te.extern([*lead, n], inputs, body, dtype="float32", name="bf16_linear")
+    func = te.create_prim_func([*inputs, y])
+    return func.with_attr("tir.is_scheduled", True)
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise MlcVisionError("bf16 CPU libraries need a C compiler (cc, gcc or clang; or set $CC) to build their GEMM kernel")
+    return cc
+
+
+def compile_object(workdir: Path) -> Path:
+    """Compile ``cpu_bf16_gemm.c`` to a position-independent object in ``workdir`` (reused when unchanged)."""
+    cc = _compiler()
+    flags = ["-O3", "-fPIC", "-std=gnu11", "-c"]
+    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:12]
+    obj = Path(workdir) / f"cpu_bf16_gemm-{digest}.o"
+    if not obj.exists():
+        tmp = obj.with_name(obj.name + f".{os.getpid()}.tmp")
+        result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ["no output"])[0]
+            raise MlcVisionError(f"compiling the bf16 CPU kernel with {cc} failed: {first}")
+        os.replace(tmp, obj)
+    return obj

@@ -1,0 +1,335 @@
+"""Flash attention on tensor cores (``--attention flash``): ``mma.sync`` m16n8k16, online softmax in registers.
+
+One thread block per (batch x head, tile of ``BLOCK_Q`` = 64 queries), four
+warps; warp ``w`` owns query rows ``16 w .. 16 w + 15`` of the tile. The block
+walks the keys in tiles of ``BLOCK_K`` = 64:
+
+1. the key and value tiles are copied to shared memory (16-byte vectors; rows
+   past the sequence and the head_dim padding are zeros);
+2. ``S = Q K^T``: Q's A fragments were loaded once (``ldmatrix.x4``) and stay in
+   registers; K's B fragments come from ``ldmatrix.x4`` (K rows are the
+   ``col`` layout's columns); each warp gets a 16 x 64 score tile in
+   ``mma.sync`` accumulators (fp32);
+3. online softmax in those registers: scale (folded with ``log2 e`` so that
+   ``exp2`` is the exponential), keys past the sequence set to ``NEG``, row
+   max reduced over the four lanes that share a row (two ``shfl.xor``), the
+   running max ``m`` and sum ``l`` updated, the output accumulator rescaled;
+4. ``O += P V``: the accumulator layout of two adjacent n8 score tiles is the
+   A-fragment layout of one k16 step, so P goes from accumulator to operand
+   registers without touching shared memory (cast to fp16/bf16); V's B
+   fragments come from ``ldmatrix.x4.trans`` (``.x2`` for an odd last n8 tile,
+   head_dim 72).
+
+The scores never leave registers; shared memory holds only the key and value
+tiles (the query tile passes through the key buffer once). head_dim must be a
+multiple of 8 and at most 128 (64, 72, 80, 128 are the ViT sizes); the Q·K^T
+reduction is padded to a multiple of 16 with zeros. Any sequence length: the
+last query tile's extra rows are computed and not stored, the last key tile's
+extra keys are masked.
+
+**CPU check of the same TVMScript.** ``cpu=True`` builds this kernel with the
+warp's lanes run one after another and every per-thread register array given a
+thread index. The warp-wide instructions become their definitions, computed
+from the *same* addresses and fragment indices: ``ldmatrix`` (lane ``8 j + r``
+gives the address of row ``r`` of matrix ``j``; lane ``t`` receives elements
+``(t / 4, 2 (t % 4) + e)``, transposed for ``.trans``), ``mma.sync`` (the PTX
+fragment layout of m16n8k16) and the quad reduction. Every step that reads
+another lane's registers is its own thread loop, so all lanes have written
+them before. A wrong fragment index or address gives wrong numbers on the CPU,
+not only on the GPU (``tests/test_fused_attention.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm.script import tirx as T
+
+BLOCK_Q = 64  # query rows per block: 16 per warp
+BLOCK_K = 64  # keys per step
+WARPS = 4
+WARP = 32
+THREADS = WARPS * WARP
+MAX_HEAD_DIM = 128
+DTYPES = ("float16", "bfloat16")
+NEG = -1.0e30  # score of a padding key; finite, so exp2(NEG - max) is 0 and never nan
+LOG2E = 1.4426950408889634
+VEC = 8  # elements per 16-byte copy
+PTX_TYPE = {"float16": "fp16", "bfloat16": "bf16"}
+
+
+def supports(head_dim: int, dtype: str) -> bool:
+    """Whether :func:`tc_flash_attention_kernel` takes this head_dim and dtype."""
+    return str(dtype) in DTYPES and head_dim % 8 == 0 and 0 < head_dim <= MAX_HEAD_DIM
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The Q·K^T reduction length: head_dim rounded up to the mma's k of 16."""
+    return (head_dim + 15) // 16 * 16
+
+
+def row_stride(head_dim: int) -> int:
+    """Shared-memory row length in elements: 8 more than needed, so the 8 row
+    addresses of one ``ldmatrix`` matrix fall in 8 different 16-byte bank groups."""
+    return padded_head_dim(head_dim) + 8
+
+
+def shared_bytes(head_dim: int) -> int:
+    """Static shared memory per block: the key and the value tile (2-byte elements)."""
+    return 2 * BLOCK_K * row_stride(head_dim) * 2
+
+
+def ldmatrix_lane_address(lane, row0, col0, stride, col_matrix_fast: bool):
+    """Shared-memory offset that ``lane`` hands to ``ldmatrix.x4``: row ``lane % 8`` of matrix ``lane // 8``.
+
+    The four 8 x 8 matrices cover a 16 x 16 tile at ``(row0, col0)``.
+    ``col_matrix_fast``: matrices 0, 1 are the left and right halves of the top
+    rows (K's B fragments: one n8 tile's two k halves); otherwise matrices 0, 1
+    are the top and bottom halves of the left columns (Q's A fragment, and V
+    through ``.trans``).
+    """
+    matrix, r = lane // 8, lane % 8
+    if col_matrix_fast:
+        return (row0 + r + 8 * (matrix // 2)) * stride + col0 + 8 * (matrix % 2)
+    return (row0 + r + 8 * (matrix % 2)) * stride + col0 + 8 * (matrix // 2)
+
+
+def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, scale: float, cpu: bool = False):
+    """A PrimFunc ``(q, k, v, out)``, all ``[batch, seq, heads, head_dim]`` in ``dtype``, batch symbolic."""
+    dtype = str(dtype)  # Relax hands a PrimType
+    if not supports(head_dim, dtype):
+        raise ValueError(
+            f"tensor-core flash attention takes fp16/bf16 and head_dim a multiple of 8 up to {MAX_HEAD_DIM} "
+            f"(got {head_dim}, {dtype})"
+        )
+    S, H, D = seq, heads, head_dim
+    DK = padded_head_dim(D)
+    DS = row_stride(D)
+    NK16 = DK // 16  # k16 steps of Q·K^T
+    NS = BLOCK_K // 8  # n8 score tiles per warp and key tile
+    ND8 = D // 8  # n8 output tiles
+    ND16 = ND8 // 2  # pairs of output tiles loaded by one ldmatrix.x4.trans
+    n_q_tiles = (S + BLOCK_Q - 1) // BLOCK_Q
+    n_k_tiles = (S + BLOCK_K - 1) // BLOCK_K
+    copies = (BLOCK_K * DK // VEC + THREADS - 1) // THREADS  # 16-byte copies per thread per tile
+    NT = THREADS
+    ptx = PTX_TYPE[dtype]
+    scale_log2 = float(scale) * LOG2E
+    shared = "global" if cpu else "shared"
+    local = "global" if cpu else "local"
+    # Registers: a GPU thread's local array is its own; the CPU build keeps one row per thread.
+    own, rows = (1, NT) if cpu else (0, 1)
+    unroll = T.serial if cpu else T.unroll
+
+    def grid_axis(n, tag):
+        return T.serial(n) if cpu else T.thread_binding(n, thread=tag)
+
+    def threads():
+        return T.serial(NT) if cpu else T.thread_binding(NT, thread="threadIdx.x")
+
+    def q_address(lane, warp, kc):
+        return ldmatrix_lane_address(lane, warp * 16, kc * 16, DS, False)
+
+    def k_address(lane, j2, kc):
+        return ldmatrix_lane_address(lane, j2 * 16, kc * 16, DS, True)
+
+    def v_address(lane, kc, n16):
+        return ldmatrix_lane_address(lane, kc * 16, n16 * 16, DS, False)
+
+    # ---- warp-wide instructions: PTX on the GPU, their definition on the CPU ----
+
+    @T.macro
+    def barrier():
+        if not cpu:
+            T.evaluate(T.tvm_storage_sync("shared"))
+
+    @T.macro
+    def ldmatrix(frag, off, smem, tx, num, trans, address, a1, a2):
+        """``frag[off:off + 2 num]`` of each lane <- ``ldmatrix.x{num}[.trans]``; lane ``l`` gives ``address(l, a1, a2)``."""
+        if cpu:
+            for j, e in T.grid(num, 2):
+                if trans:
+                    frag[tx, off + 2 * j + e] = smem[address(8 * j + 2 * (tx % WARP % 4) + e, a1, a2) + tx % WARP // 4]
+                else:
+                    frag[tx, off + 2 * j + e] = smem[address(8 * j + tx % WARP // 4, a1, a2) + 2 * (tx % WARP % 4) + e]
+        else:
+            T.evaluate(
+                T.ptx_legacy.ldmatrix(
+                    trans, num, ".b16", frag.data, off, smem.data, address(tx % WARP, a1, a2), dtype=dtype
+                )
+            )
+
+    @T.macro
+    def mma(c, c_off, a, a_off, b, b_off, tx):
+        """``c[c_off:c_off+4] += A(16x16) B(16x8)`` with the m16n8k16 fragment layouts (row.col)."""
+        if cpu:
+            for i, kk in T.grid(4, 16):
+                # lane tx holds C(row, col); A(row, kk) and B(kk, col) live in these lanes and slots
+                c[tx, c_off + i] = c[tx, c_off + i] + T.cast(
+                    a[
+                        tx // WARP * WARP + 4 * ((tx % WARP // 4 + 8 * (i // 2)) % 8) + kk % 8 // 2,
+                        a_off + 2 * ((tx % WARP // 4 + 8 * (i // 2)) // 8 + 2 * (kk // 8)) + kk % 2,
+                    ],
+                    "float32",
+                ) * T.cast(
+                    b[tx // WARP * WARP + 4 * (2 * (tx % WARP % 4) + i % 2) + kk % 8 // 2, b_off + 2 * (kk // 8) + kk % 2],
+                    "float32",
+                )
+        else:
+            T.evaluate(
+                T.ptx_legacy.mma(
+                    "m16n8k16", "row", "col", ptx, ptx, "fp32",
+                    a.data, a_off, b.data, b_off, c.data, c_off, False, dtype="float32",
+                )  # fmt: skip
+            )
+
+    @T.macro
+    def quad_reduce(dst, src, tx, combine):
+        """``dst[.., r] = combine`` over the 4 lanes of a quad (they hold the same two rows) of ``src[.., r]``."""
+        for r in range(2):
+            if cpu:
+                dst[tx, r] = combine(
+                    combine(src[tx // 4 * 4, r], src[tx // 4 * 4 + 1, r]),
+                    combine(src[tx // 4 * 4 + 2, r], src[tx // 4 * 4 + 3, r]),
+                )
+            else:
+                dst[0, r] = combine(src[0, r], T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), src[0, r], 1, WARP, WARP))
+                dst[0, r] = combine(dst[0, r], T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), dst[0, r], 2, WARP, WARP))
+
+    def add(x, y):
+        return x + y
+
+    # ---- the kernel ----
+
+    @T.macro
+    def copy_tile(dst, src, bh, row0, tx):
+        """``dst[r, c] = src[batch, row0 + r, head, c]`` for a 64 x DK tile; zeros past seq and head_dim."""
+        for i in T.unroll(copies):
+            if i * NT + tx < BLOCK_K * DK // VEC:
+                r = (i * NT + tx) // (DK // VEC)
+                c8 = (i * NT + tx) % (DK // VEC)
+                if row0 + r < S and c8 < D // VEC:
+                    for e in T.vectorized(VEC):
+                        dst[r * DS + c8 * VEC + e] = src[bh // H, row0 + r, bh % H, c8 * VEC + e]
+                else:
+                    for e in T.vectorized(VEC):
+                        dst[r * DS + c8 * VEC + e] = T.cast(0, dtype)
+
+    @T.prim_func(private=True)
+    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        b = T.int64()
+        Q = T.match_buffer(q_h, (b, S, H, D), dtype)
+        K = T.match_buffer(k_h, (b, S, H, D), dtype)
+        V = T.match_buffer(v_h, (b, S, H, D), dtype)
+        O = T.match_buffer(o_h, (b, S, H, D), dtype)
+        for bh in grid_axis(b * H, "blockIdx.y"):
+            for qt in grid_axis(n_q_tiles, "blockIdx.x"):
+                Ks = T.alloc_buffer((BLOCK_K * DS,), dtype, scope=shared)
+                Vs = T.alloc_buffer((BLOCK_K * DS,), dtype, scope=shared)
+                q_frag = T.alloc_buffer((rows, NK16 * 8), dtype, scope=local)  # A fragments of Q, all k16 steps
+                k_frag = T.alloc_buffer((rows, 8), dtype, scope=local)  # B fragments of two n8 key tiles
+                v_frag = T.alloc_buffer((rows, 8), dtype, scope=local)  # B fragments of two n8 head_dim tiles
+                p_frag = T.alloc_buffer((rows, 8), dtype, scope=local)  # A fragment of P, one k16 step
+                s_acc = T.alloc_buffer((rows, NS * 4), "float32", scope=local)
+                o_acc = T.alloc_buffer((rows, ND8 * 4), "float32", scope=local)
+                stat = T.alloc_buffer((rows, 4), "float32", scope=local)  # running max, sum of rows g, g + 8
+                part = T.alloc_buffer((rows, 2), "float32", scope=local)  # this lane's share of a row reduction
+                full = T.alloc_buffer((rows, 2), "float32", scope=local)  # the quad's
+                # the query tile passes through Ks into registers
+                for tx in threads():
+                    copy_tile(Ks, Q, bh, qt * BLOCK_Q, tx)
+                barrier()
+                for kc in unroll(NK16):
+                    for tx in threads():
+                        ldmatrix(q_frag, kc * 8, Ks, tx, 4, False, q_address, tx // WARP, kc)
+                for tx in threads():
+                    for i in T.unroll(ND8 * 4):
+                        o_acc[tx * own, i] = T.float32(0)
+                    for r in T.unroll(2):
+                        stat[tx * own, r] = T.float32(NEG)
+                        stat[tx * own, 2 + r] = T.float32(0)
+                for kt in T.serial(n_k_tiles):
+                    barrier()
+                    for tx in threads():
+                        copy_tile(Ks, K, bh, kt * BLOCK_K, tx)
+                        copy_tile(Vs, V, bh, kt * BLOCK_K, tx)
+                    barrier()
+                    for tx in threads():
+                        for i in T.unroll(NS * 4):
+                            s_acc[tx * own, i] = T.float32(0)
+                    # S = Q K^T: two n8 key tiles per ldmatrix.x4
+                    for j2 in unroll(NS // 2):
+                        for kc in unroll(NK16):
+                            for tx in threads():
+                                ldmatrix(k_frag, 0, Ks, tx, 4, False, k_address, j2, kc)
+                            for tx in threads():
+                                mma(s_acc, 8 * j2, q_frag, 8 * kc, k_frag, 0, tx)
+                                mma(s_acc, 8 * j2 + 4, q_frag, 8 * kc, k_frag, 4, tx)
+                    # scale, mask the padding keys, this lane's row maxima
+                    for tx in threads():
+                        for r in T.unroll(2):
+                            part[tx * own, r] = T.float32(NEG)
+                        for i in T.unroll(NS * 4):
+                            s_acc[tx * own, i] = T.if_then_else(
+                                kt * BLOCK_K + i // 4 * 8 + 2 * (tx % WARP % 4) + i % 2 < S,
+                                s_acc[tx * own, i] * T.float32(scale_log2),
+                                T.float32(NEG),
+                            )
+                            part[tx * own, i % 4 // 2] = T.max(part[tx * own, i % 4 // 2], s_acc[tx * own, i])
+                    for tx in threads():
+                        quad_reduce(full, part, tx, T.max)
+                    # online softmax: new max, rescale the sum and the output, p = exp2(s - max)
+                    for tx in threads():
+                        for r in T.unroll(2):
+                            full[tx * own, r] = T.max(full[tx * own, r], stat[tx * own, r])  # new max
+                            part[tx * own, r] = T.exp2(stat[tx * own, r] - full[tx * own, r])  # rescale factor
+                            stat[tx * own, r] = full[tx * own, r]
+                            stat[tx * own, 2 + r] = stat[tx * own, 2 + r] * part[tx * own, r]
+                        for i in T.unroll(ND8 * 4):
+                            o_acc[tx * own, i] = o_acc[tx * own, i] * part[tx * own, i % 4 // 2]
+                        for i in T.unroll(NS * 4):
+                            s_acc[tx * own, i] = T.exp2(s_acc[tx * own, i] - stat[tx * own, i % 4 // 2])
+                            stat[tx * own, 2 + i % 4 // 2] = stat[tx * own, 2 + i % 4 // 2] + s_acc[tx * own, i]
+                    # O += P V, one k16 step (two n8 score tiles) at a time
+                    for kc in unroll(NS // 2):
+                        for tx in threads():
+                            for i in T.unroll(8):
+                                p_frag[tx * own, i] = T.cast(s_acc[tx * own, kc * 8 + i], dtype)
+                        for n16 in unroll(ND16):
+                            for tx in threads():
+                                ldmatrix(v_frag, 0, Vs, tx, 4, True, v_address, kc, n16)
+                            for tx in threads():
+                                mma(o_acc, 8 * n16, p_frag, 0, v_frag, 0, tx)
+                                mma(o_acc, 8 * n16 + 4, p_frag, 0, v_frag, 4, tx)
+                        if ND8 % 2 == 1:
+                            for tx in threads():
+                                ldmatrix(v_frag, 0, Vs, tx, 2, True, v_address, kc, ND16)
+                            for tx in threads():
+                                mma(o_acc, 4 * (ND8 - 1), p_frag, 0, v_frag, 0, tx)
+                # normalize by the row sums (reduced over the quad now) and store the rows inside seq
+                for tx in threads():
+                    for r in T.unroll(2):
+                        part[tx * own, r] = stat[tx * own, 2 + r]
+                for tx in threads():
+                    quad_reduce(full, part, tx, add)
+                for tx in threads():
+                    for i2 in T.unroll(ND8 * 2):
+                        if qt * BLOCK_Q + tx // WARP * 16 + tx % WARP // 4 + 8 * (i2 % 2) < S:
+                            for e in T.vectorized(2):
+                                O[
+                                    bh // H,
+                                    qt * BLOCK_Q + tx // WARP * 16 + tx % WARP // 4 + 8 * (i2 % 2),
+                                    bh % H,
+                                    i2 // 2 * 8 + 2 * (tx % WARP % 4) + e,
+                                ] = T.cast(o_acc[tx * own, i2 // 2 * 4 + i2 % 2 * 2 + e] / full[tx * own, i2 % 2], dtype)
+
+    return kernel
+
+
+def flops(seq: int, heads: int, head_dim: int) -> int:
+    """Multiply-adds x 2 of Q·K^T and P·V for one image (what TFLOP/s figures count)."""
+    return 4 * heads * seq * seq * head_dim
+
+
+__all__ = ["tc_flash_attention_kernel", "supports", "shared_bytes", "flops", "math"]

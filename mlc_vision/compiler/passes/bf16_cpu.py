@@ -1,0 +1,247 @@
+"""bf16 CPU libraries: bf16 weights and matmuls, everything else in fp32.
+
+A CPU library compiled with ``--dtype bfloat16`` takes its inputs and params
+in bf16 (the params from ``convert --dtype bfloat16``) and returns bf16, like
+a GPU bf16 library. Inside, only the linear layers run in bf16:
+
+1. :func:`bf16_interface` (applied by ``module.build_module`` to the model
+   built in fp32): every fp32 tensor a function takes (pixels, packed params)
+   becomes bf16 and is cast to fp32 where it enters; every fp32 output is cast
+   to bf16 where it leaves. LayerNorm, softmax, GELU, attention and the
+   residual stream stay fp32.
+2. :func:`bf16_linear_cpu` (the CPU pipeline's first phase): every
+   ``matmul(x, permute_dims(cast(w_bf16)))`` (+ a bias vector) becomes a call
+   of the C kernel ``kernels/cpu_bf16_gemm.c`` on ``cast(x, bf16)`` and the
+   bf16 weight as stored: bf16 x bf16 products, fp32 accumulation, fp32
+   bias and output; a residual added to the result (out-projection, fc2) is
+   added by the kernel too. The activation cast fuses into the kernel that
+   produces x (LayerNorm, GELU), the weight cast disappears.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..kernels.cpu_bf16_gemm import linear_primfunc
+from .relax_rewrite import rewrite_relax_functions, static_int
+
+BF16 = "bfloat16"
+F32 = "float32"
+
+
+# ---------------------------------------------------------------- interface
+
+
+def _retype(ty, dtype_from: str, dtype_to: str):
+    """``ty`` with every tensor of ``dtype_from`` (also inside tuples) made ``dtype_to``."""
+    if isinstance(ty, relax.TensorType) and ty.dtype == dtype_from:
+        return relax.TensorType(ty.shape, dtype_to) if ty.shape is not None else relax.TensorType(ndim=ty.ndim, dtype=dtype_to)
+    if isinstance(ty, tvm.ir.TupleType):
+        return tvm.ir.TupleType([_retype(f, dtype_from, dtype_to) for f in ty.fields])
+    return ty
+
+
+def _cast(expr, ty, dtype: str):
+    """``expr`` (of type ``ty``) with every tensor cast to ``dtype``; tuples rebuilt field by field."""
+    if isinstance(ty, relax.TensorType):
+        return relax.op.astype(expr, dtype)
+    if isinstance(ty, tvm.ir.TupleType):
+        return relax.Tuple([_cast(relax.TupleGetItem(expr, i), f, dtype) for i, f in enumerate(ty.fields)])
+    return expr
+
+
+def _has_dtype(ty, dtype: str) -> bool:
+    if isinstance(ty, relax.TensorType):
+        return ty.dtype == dtype
+    if isinstance(ty, tvm.ir.TupleType):
+        return any(_has_dtype(f, dtype) for f in ty.fields)
+    return False
+
+
+def _bf16_function(func: relax.Function) -> relax.Function:
+    """``func`` with fp32 params and results in bf16, cast at the boundary."""
+    params, entry = [], []
+    for old in func.params:
+        if not _has_dtype(old.ty, F32):
+            params.append(old)
+            continue
+        new = relax.Var(old.name, _retype(old.ty, F32, BF16))
+        params.append(new)
+        entry.append(relax.VarBinding(old, _cast(new, new.ty, F32)))
+    body = func.body
+    result = body.body
+    if _has_dtype(result.ty, F32):
+        out = relax.Var("output_bf16", _retype(result.ty, F32, BF16))
+        blocks = [relax.BindingBlock(entry), *body.blocks, relax.BindingBlock([relax.VarBinding(out, _cast(result, result.ty, BF16))])]
+        result = out
+    else:
+        blocks = [relax.BindingBlock(entry), *body.blocks]
+    return relax.Function(params, relax.SeqExpr(blocks, result), _retype(body.body.ty, F32, BF16), func.is_pure, func.attrs)
+
+
+def bf16_interface(mod: tvm.IRModule) -> tvm.IRModule:
+    """Every Relax function's fp32 inputs and outputs in bf16 (the compute stays fp32)."""
+    updates = {gv: _bf16_function(f) for gv, f in mod.functions_items() if isinstance(f, relax.Function) and f.params}
+    for gv, func in updates.items():
+        mod[gv] = func
+    return relax.transform.Normalize()(mod)
+
+
+# ---------------------------------------------------------------- linear layers
+
+
+def _same_dim(a, b) -> bool:
+    """Two shape dims are the same: equal constants, or one symbolic variable."""
+    if static_int(a) is not None or static_int(b) is not None:
+        return static_int(a) == static_int(b)
+    return a.same_as(b)
+
+
+@relax.expr_functor.mutator
+class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+    """``matmul(x, permute_dims(astype(w_bf16)))`` (+ bias) -> ``call_tir(bf16_linear, ...)``."""
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.matmul = tvm.ir.Op.get("relax.matmul")
+        self.add = tvm.ir.Op.get("relax.add")
+        self.kernels = {}
+        self.bf16_inputs = {}
+
+    # -- matching helpers
+    def _value(self, expr):
+        """What ``expr`` stands for: bindings, aliases and ``Tuple(...)[i]`` followed."""
+        for _ in range(16):
+            if isinstance(expr, relax.Var) and self.lookup_binding(expr) is not None:
+                expr = self.lookup_binding(expr)
+            elif isinstance(expr, relax.TupleGetItem):
+                tup = self._value(expr.tuple_value)
+                if not isinstance(tup, relax.Tuple):
+                    return expr
+                expr = tup.fields[expr.index]
+            else:
+                return expr
+        return expr
+
+    def _bound(self, expr, op):
+        """The call ``op(...)`` that ``expr`` stands for, else None."""
+        value = self._value(expr)
+        if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)):
+            return value
+        return None
+
+    def _bf16_weight(self, b):
+        """The stored bf16 ``[n, k]`` weight behind a matmul's right operand ``permute_dims(w)``, else None."""
+        transpose = self._bound(b, "relax.permute_dims")
+        if transpose is None or transpose.args[0].ty.ndim != 2:
+            return None
+        if transpose.attrs.axes is not None and [int(a) for a in transpose.attrs.axes] != [1, 0]:
+            return None
+        w = transpose.args[0]
+        reshape = self._bound(w, "relax.reshape")
+        source = reshape.args[0] if reshape is not None else w
+        cast = self._bound(source, "relax.astype")
+        if cast is None or cast.args[0].ty.dtype != BF16:
+            return None
+        if reshape is None:
+            return cast.args[0]
+        return self.builder_.emit(relax.op.reshape(cast.args[0], reshape.args[1]))
+
+    def _kernel(self, lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False):
+        key = (lead_ndim, k, n, bias, residual)
+        if key not in self.kernels:
+            name = f"bf16_linear_k{k}_n{n}" + ("_bias" if bias else "") + ("_residual" if residual else "")
+            self.kernels[key] = self.builder_.add_func(linear_primfunc(lead_ndim, k, n, bias, residual), name)
+        return self.kernels[key]
+
+    def _linear_call(self, expr):
+        """``(key, call)`` when ``expr`` is a var bound to one of our linear kernels' ``call_tir``, else None."""
+        if not isinstance(expr, relax.Var):
+            return None
+        call = self.lookup_binding(expr)
+        if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+            return None
+        key = next((key for key, gv in self.kernels.items() if gv.same_as(call.args[0])), None)
+        return (key, call) if key is not None else None
+
+    def _x_bf16(self, x):
+        """``astype(x, bf16)``, emitted once per activation tensor."""
+        if x not in self.bf16_inputs:
+            self.bf16_inputs[x] = self.builder_.emit(relax.op.astype(x, BF16))
+        return self.bf16_inputs[x]
+
+    def _linear(self, x, w16, bias=None):
+        xt = x.ty
+        n, k = (static_int(d) for d in w16.ty.shape.values)
+        out_ty = relax.TensorType([*xt.shape.values[:-1], n], F32)
+        args = [self._x_bf16(x), w16] + ([bias] if bias is not None else [])
+        return relax.call_tir(self._kernel(xt.ndim - 1, k, n, bias is not None), args, out_ty)
+
+    # -- rewrites
+    def visit_call_(self, call):  # noqa: D102
+        call = super().visit_call_(call)
+        if not isinstance(call, relax.Call):
+            return call
+        if call.op.same_as(self.matmul):
+            return self._rewrite_matmul(call)
+        if call.op.same_as(self.add):
+            folded = self._fold_bias(call)
+            return folded if folded is not call else self._fold_residual(call)
+        return call
+
+    def _rewrite_matmul(self, call):
+        x, b = call.args
+        xt = x.ty
+        if not isinstance(xt, relax.TensorType) or xt.dtype != F32 or xt.ndim < 2 or xt.shape is None:
+            return call
+        k = static_int(xt.shape.values[-1])
+        w16 = self._bf16_weight(b)
+        if w16 is None or k is None or k % 2:
+            return call
+        n_k = [static_int(d) for d in w16.ty.shape.values]
+        if None in n_k or n_k[1] != k:
+            return call
+        return self._linear(x, w16)
+
+    def _fold_bias(self, call):
+        """``add(bf16_linear(x, w), bias[n])`` -> ``bf16_linear(x, w, bias)`` (the unbiased call is then dead)."""
+        y, bias = call.args
+        found = self._linear_call(y)
+        if found is None or found[0][3] or found[0][4]:  # already has a bias or a residual
+            return call
+        linear = found[1]
+        bt = bias.ty
+        n = static_int(y.ty.shape.values[-1])
+        if not isinstance(bt, relax.TensorType) or bt.dtype != F32 or bt.ndim != 1 or static_int(bt.shape.values[0]) != n:
+            return call
+        x16, w16 = linear.args[1].fields
+        xt = x16.ty
+        k = static_int(w16.ty.shape.values[1])
+        out_ty = relax.TensorType([*xt.shape.values[:-1], n], F32)
+        return relax.call_tir(self._kernel(xt.ndim - 1, k, n, True), [x16, w16, bias], out_ty)
+
+
+    def _fold_residual(self, call):
+        """``add(r, bf16_linear(...))`` (either order) -> the kernel adding ``r`` in its epilogue."""
+        for y, residual in (call.args, call.args[::-1]):
+            found = self._linear_call(y)
+            if found is None or found[0][4]:
+                continue
+            (lead_ndim, k, n, bias, _), linear = found
+            rt, yt = residual.ty, y.ty
+            same_shape = isinstance(rt, relax.TensorType) and rt.dtype == F32 and rt.ndim == yt.ndim and all(
+                _same_dim(a, b) for a, b in zip(rt.shape.values, yt.shape.values)
+            )
+            if not same_shape:
+                continue
+            args = list(linear.args[1].fields) + [residual]
+            return relax.call_tir(self._kernel(lead_ndim, k, n, bias, True), args, yt)
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="Bf16LinearCPU")
+def bf16_linear_cpu(mod, _ctx):
+    """Linear layers with bf16 weights -> the bf16 C kernel (fp32 models are left as they are)."""
+    mod = rewrite_relax_functions(mod, _Bf16LinearRewriter(mod))
+    return relax.transform.DeadCodeElimination()(mod)

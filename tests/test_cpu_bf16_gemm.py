@@ -1,0 +1,133 @@
+"""bf16 CPU libraries: the C GEMM (kernels/cpu_bf16_gemm.c) against numpy, and a whole
+bf16 library against our fp32 library.
+
+The kernel is compiled alone and called through ctypes on every path this CPU
+runs (plain C always; AVX512-BF16 and AMX where present), on small shapes with
+row, column and k tails. The reference is numpy's fp32 product of the same
+bf16-rounded inputs, so the only difference allowed is fp32 summation order.
+No timing assertions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mlc_vision.compiler.kernels import cpu_bf16_gemm
+from parity import CompiledCPU, assert_close, convert_checkpoint, randomize_all
+
+
+#: (M, N, K): one row, row tails of the 6-row tile, a 64-column panel tail,
+#: k not a multiple of the AMX step (34, 96), and a shape with whole AMX blocks
+#: plus tails (70 rows, 200 columns, k 128).
+SHAPES = [(1, 1, 2), (5, 70, 64), (13, 130, 96), (37, 64, 34), (70, 200, 128)]
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    obj = cpu_bf16_gemm.compile_object(tmp_path_factory.mktemp("bf16-obj"))
+    so = obj.with_suffix(".so")
+    import subprocess
+
+    subprocess.run([cpu_bf16_gemm._compiler(), "-shared", str(obj), "-o", str(so)], check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.mlcv_bf16_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+    return lib
+
+
+def _run(lib, path, x, w, bias, residual=None):
+    y = np.full((x.shape[0], w.shape[0]), np.nan, dtype=np.float32)
+    ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    status = lib.mlcv_bf16_linear_path(
+        path, ptr(x), ptr(w), ptr(bias), ptr(residual), ptr(y), x.shape[0], w.shape[0], x.shape[1]
+    )
+    return status, y
+
+
+#: The kernel's epilogues: what is added to x . w^T.
+EPILOGUES = {"plain": (False, False), "bias": (True, False), "residual": (False, True), "bias-residual": (True, True)}
+
+
+@pytest.mark.parametrize("path", sorted(cpu_bf16_gemm.PATHS), ids=list(cpu_bf16_gemm.PATHS.values()))
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_numpy(kernel, path, epilogue, shape):
+    if not kernel.mlcv_bf16_path_supported(path):
+        pytest.skip(f"this CPU has no {cpu_bf16_gemm.PATHS[path]}")
+    with_bias, with_residual = EPILOGUES[epilogue]
+    m, n, k = shape
+    rng = np.random.default_rng(m * 1000 + n + k)
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    w = rng.standard_normal((n, k)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    residual = rng.standard_normal((m, n)).astype(np.float32) if with_residual else None
+    status, y = _run(kernel, path, x, w, bias, residual)
+    assert status == 0
+    ref = x.astype(np.float32) @ w.astype(np.float32).T
+    ref = ref + (bias if with_bias else 0) + (residual if with_residual else 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_odd_k_is_refused(kernel):
+    x = np.ones((2, 3), dtype=ml_dtypes.bfloat16)
+    status, _ = _run(kernel, 0, x, np.ones((4, 3), dtype=ml_dtypes.bfloat16), None)
+    assert status != 0
+
+
+def test_best_path_is_supported(kernel):
+    best = kernel.mlcv_bf16_best_path()
+    assert best in cpu_bf16_gemm.PATHS and kernel.mlcv_bf16_path_supported(best)
+
+
+# ---- a whole library ---------------------------------------------------------------------
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory):
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model = randomize_all(CLIPVisionModel(CLIPVisionConfig(**TINY)), seed=0)
+    ckpt = tmp_path_factory.mktemp("clip-bf16-ckpt")
+    model.save_pretrained(ckpt)
+    return ckpt
+
+
+def test_bf16_library_matches_fp32_library(clip_checkpoint, tmp_path):
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype("float32")
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        params = convert_checkpoint(clip_checkpoint, tmp_path / f"params-{dtype}", dtype=dtype)
+        lib = CompiledCPU(config, params, dtype, tmp_path, hidden_states=False)
+        out[dtype] = lib.encode(pixels)
+    assert lib.metadata["params"][0]["dtype"] == "bfloat16"
+    assert_close(out["bfloat16"], out["float32"], "bf16 library vs the fp32 library", "bfloat16")
+
+
+def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
+    """Every linear layer of a bf16 CPU library becomes the C kernel; none stays an fp32 matmul."""
+    import tvm
+
+    from mlc_vision.bench import kernel_calls
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.compiler.pipeline import relax_pipeline
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    built = build_module(config, "bfloat16", "cpu")
+    target = tvm.target.Target.from_device("cpu")
+    calls = kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"])(built.mod))
+    linear = [c for c in calls if c.startswith("bf16_linear")]
+    assert len(linear) == 1 + 6 * TINY["num_hidden_layers"]  # patch embedding + q, k, v, out, fc1, fc2
+    assert not [c for c in calls if "matmul" in c]
+    # out-projection and fc2 add the residual stream in the kernel: no separate add kernel
+    assert len([c for c in linear if c.endswith("_residual")]) == 2 * TINY["num_hidden_layers"]
