@@ -227,8 +227,11 @@ def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thu
         features = np.concatenate([r.features if r.packed is None else r.packed for r in results], axis=0)
     else:
         features = encoder(load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images])
+    note = ""
+    if features.dtype.name == "bfloat16":  # .npy has no bf16: numpy would read the file back as raw bytes
+        features, note = features.astype("float32"), " (bfloat16 library, widened exactly)"
     save_atomically(output, features)
-    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}")
+    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}{note}")
 
 
 def describe_tiles(result) -> str:

@@ -21,7 +21,8 @@ import torch
 
 from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.config import VisionConfig, list_presets, load_preset
-from parity import CompiledCPU, assert_fp32_close, convert_checkpoint, measure, randomize_all
+from mlc_vision.weights.convert import convert
+from parity import CompiledCPU, assert_fp32_close, measure, randomize_all
 
 # Architecture fields the converted checkpoint must resolve to, as the preset states them.
 ARCHITECTURE = ("family", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -65,6 +66,25 @@ def _hidden_states_of(model):
     return run
 
 
+def _dinov2(config: VisionConfig, path: Path):
+    """Saved at the checkpoint's resolution; the reference interpolates its positions itself.
+    hidden_states[-1] stands for last_hidden_state after the final LayerNorm (post_norm_tokens)."""
+    from test_dinov2 import make_reference, reference_outputs
+
+    assert config.register_tokens == 0, "dinov2 presets without registers"
+    model = make_reference(
+        "plain", path, seed=5, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, mlp_ratio=config.intermediate_size // config.hidden_size,
+        image_size=config.checkpoint_image_size or config.image_size, patch_size=config.patch_size,
+    )
+
+    def run(pixels: np.ndarray) -> list[np.ndarray]:
+        out = reference_outputs(model, pixels)
+        return [*out["hidden_states"][:-1], out["last_hidden_state"]] if config.post_norm_tokens else out["hidden_states"]
+
+    return run
+
+
 def _intern_vit(config: VisionConfig, path: Path):
     from test_intern_vit import reference_model, run_reference, save_checkpoint
 
@@ -90,7 +110,7 @@ def _eva_clip(config: VisionConfig, path: Path):
 
 
 # family -> writes a random checkpoint of the preset's architecture, returns pixels -> hidden states
-CHECKPOINT_WRITERS = {"clip": _clip, "siglip": _siglip, "intern_vit": _intern_vit, "eva_clip": _eva_clip}
+CHECKPOINT_WRITERS = {"clip": _clip, "siglip": _siglip, "intern_vit": _intern_vit, "eva_clip": _eva_clip, "dinov2": _dinov2}
 
 
 def parameter_count(config: VisionConfig) -> int:
@@ -118,10 +138,12 @@ def test_preset_full_depth_fp32(preset, tmp_path):
     if available_memory() < need:
         pytest.skip(f"{preset}: needs about {need / 2**30:.0f} GiB free, {available_memory() / 2**30:.0f} GiB here")
     reference = CHECKPOINT_WRITERS[config.family](config, tmp_path / "ckpt")
-    resolved = resolve_config(str(tmp_path / "ckpt"))
+    # a preset compiled at another size than its checkpoint's (dinov2-large: 518 -> 224) converts at its size
+    resized = config.image_size if config.checkpoint_image_size else None
+    resolved = resolve_config(str(tmp_path / "ckpt"), image_size=resized)
     for field in ARCHITECTURE:
         assert getattr(resolved, field) == getattr(config, field), f"{preset}: checkpoint {field} differs from the preset"
-    params_dir = convert_checkpoint(tmp_path / "ckpt", tmp_path / "params")
+    params_dir = convert(tmp_path / "ckpt", tmp_path / "params", image_size=resized)
 
     lib = CompiledCPU(config, params_dir, "float32", tmp_path, hidden_states=False)
     pixels = np.random.default_rng(0).standard_normal((1, 3, config.image_size, config.image_size)).astype(np.float32)

@@ -335,9 +335,6 @@ def test_original_llava15_layout_through_convert(tiny_tower_preset, tmp_path):
     assert_fp32_close(ours, ref, "LLaVA-1.5 original layout: tower + mm_projector")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "image_aspect_ratio 'pad' of an original LLaVA config is read only with a preprocessor_config.json, "
-    "which these repositories do not ship: the tower preset's pad_to_square=False is kept"))
 def test_original_llava15_pads_to_square(tiny_tower_preset, tmp_path):
     from mlc_vision.checkpoint.resolve import resolve_config
 

@@ -25,12 +25,12 @@ import numpy as np
 # fp32 max|err|/max|ref|: measured <= 2.1e-6 (the EVA E/14-width layer), tiny towers <= 1e-6
 FP32_REL_MAX_ERR = 1e-5
 FP32_MIN_COS = 0.99999  # measured 1 - cos < 1e-8
-LOW_PRECISION_MIN_COS = 0.9999  # fp16 measured >= 0.99999
+LOW_PRECISION_MIN_COS = 0.9999  # fp16 measured >= 0.99999, bf16 >= 0.999986
 # max|err|/max|ref| against the fp32 reference: fp16 measured <= 7.2e-3 (InternViT-6B-width layer);
-# bf16 has 8 bits of mantissa to fp16's 11
-LOW_PRECISION_REL_MAX_ERR = {"float16": 1.5e-2, "bfloat16": 6e-2}
-# |norm(ours) / norm(ref) - 1|: fp16 measured <= 3.1e-4; a 1.01 scale error gives 1e-2
-SCALE_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 5e-3}
+# bf16 (CPU: bf16 matmuls, the rest in fp32) measured <= 4.7e-3 (tiny CLIP through the CLI)
+LOW_PRECISION_REL_MAX_ERR = {"float16": 1.5e-2, "bfloat16": 2e-2}
+# |norm(ours) / norm(ref) - 1|: fp16 measured <= 3.1e-4, bf16 <= 2.2e-4; a 1.01 scale error gives 1e-2
+SCALE_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3}
 
 
 @dataclass(frozen=True)
