@@ -92,7 +92,8 @@ class Tiling:
     ``image_size`` with ``min_tiles <= rows * cols <= max_tiles`` chosen by the
     image's aspect ratio, plus a thumbnail of the whole image when the grid has
     more than one tile and ``thumbnail`` is set. ``anyres``: LLaVA-NeXT's
-    ``image_grid_pinpoints`` (``[height, width]`` pairs). Grids are height x width.
+    ``image_grid_pinpoints`` (``[height, width]`` pairs), with OneVision's
+    ``anyres_max``. Grids are height x width.
     """
 
     mode: str = "internvl"
@@ -100,6 +101,9 @@ class Tiling:
     max_tiles: int = 12
     thumbnail: bool = True
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # LLaVA-OneVision ("anyres_max_N"): an unpadded token map larger than N tiles' worth
+    # is shrunk (bilinear) to about that size before the newline rows are added
+    anyres_max: int | None = None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

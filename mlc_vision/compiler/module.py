@@ -288,8 +288,11 @@ def tiling_metadata(config: VisionConfig, tokens_per_tile: int) -> dict | None:
     tiling.update(
         order="the base image (resized to one tile), then the tiles of the chosen pinpoint row-major",
         image_newline=newline,
-        packing="tile token maps joined, cropped to the image's aspect (unpad), image_newline after each row, "
-        "base image tokens first" if newline else "none in the library: compile with the projector to pack",
+        packing="tile token maps joined, cropped to the image's aspect (unpad), "
+        + ("shrunk to about anyres_max tiles (bilinear) when larger, " if config.tiling.anyres_max else "")
+        + "image_newline after each row, base image tokens first"
+        if newline
+        else "none in the library: compile with the projector to pack",
     )
     return tiling
 
