@@ -286,3 +286,26 @@ def test_real_width_layer(variant, tmp_path):
     for i, (a, r) in enumerate(zip(run(lib, "hidden_states", inputs), ref["hidden_states"])):
         assert_fp32_close(a, r, f"{variant} real width hidden_states[{i}]")
     assert_fp32_close(run(lib, "encode", inputs), ref["merged"], f"{variant} real width merged")
+
+
+def hf_vision_config(config) -> tuple[str, dict]:
+    """The transformers vision config of one of our Qwen configs: (variant, fields)."""
+    common = dict(depth=config.num_hidden_layers, num_heads=config.num_attention_heads, patch_size=config.patch_size,
+                  spatial_merge_size=config.spatial_merge_size, temporal_patch_size=config.temporal_patch_size)  # fmt: skip
+    if config.norm_type == "rms_norm":
+        return "qwen2.5", dict(common, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                               out_hidden_size=config.merger_hidden_size, window_size=config.window_size,
+                               fullatt_block_indexes=list(config.fullatt_block_indexes))  # fmt: skip
+    return "qwen2", dict(common, embed_dim=config.hidden_size, hidden_size=config.merger_hidden_size,
+                         mlp_ratio=config.intermediate_size // config.hidden_size)  # fmt: skip
+
+
+def write_preset_reference(config, path, seed: int = 6):
+    """A whole random VLM whose tower has ``config``'s architecture, saved at ``path``; returns its ``visual``."""
+    variant, vision = hf_vision_config(config)
+    config_cls, model_cls = MODELS[variant]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(text_config=TEXT, vision_config=vision)).eval()
+    randomize_all(model, seed + 1)
+    model.save_pretrained(path)
+    return model.model.visual
