@@ -305,8 +305,6 @@ def torch_ms_by_batch(config, batches: list[int], runs: int) -> dict[int, float]
                 model(x)
 
         times[batch] = gpu_median_ms(call, torch.cuda.synchronize, runs)
-    del model
-    torch.cuda.empty_cache()
     return times
 
 
@@ -343,6 +341,7 @@ def parity_row(root: Path, preset: str, variant: str, vm, metadata, params, dev)
 
 
 def run_model(preset: str, root: Path, out: Path, batches: list[int], runs: int, variants: list[str]) -> list[dict]:
+    import torch
     import tvm
 
     from mlc_vision.bench import encoder_flops
@@ -350,6 +349,7 @@ def run_model(preset: str, root: Path, out: Path, batches: list[int], runs: int,
     config = full_depth(preset)
     dev = tvm.cuda(0)
     torch_ms = torch_ms_by_batch(config, batches, runs)
+    torch.cuda.empty_cache()  # the torch model is gone: give its memory back before our libraries run
     params = None  # one params list for every variant (same model)
     rows = []
     for variant in variants:
