@@ -361,9 +361,10 @@ def run_model(preset: str, root: Path, out: Path, batches: list[int], runs: int,
         params = params if params is not None else device_params(metadata)
         row = {"model": preset, "variant": variant, "tokens": config.tokens.sequence}
         row.update(parity_row(root, preset, variant, vm, metadata, params, dev))
+        encode = vm["encode"]
         for batch in batches:
             x = tvm.runtime.tensor(batch_pixels(config, batch), dev)
-            ms = gpu_median_ms(lambda: vm["encode"](x, params), dev.sync, runs)
+            ms = gpu_median_ms(lambda: encode(x, params), dev.sync, runs)
             row[f"b{batch}_ours_ms"] = round(ms, 3)
             row[f"b{batch}_torch_ms"] = round(torch_ms[batch], 3)
             row[f"b{batch}_ratio"] = round(ms / torch_ms[batch], 3)
