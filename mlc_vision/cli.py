@@ -20,6 +20,7 @@ from .errors import MlcVisionError
 DTYPE_CHOICE = click.Choice(DTYPES)
 FEATURE_CHOICE = click.Choice(FEATURES)
 PROJECTOR_CHOICE = click.Choice(("none", *PROJECTORS))
+PART_CHOICE = click.Choice(("vision", "text", "both"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,18 +74,31 @@ def default_output(model: str, target: str, suffix: str) -> Path:
     help="cpu target: the CPU to compile for, an LLVM name (x86-64-v3, x86-64-v4, sapphirerapids, znver4, ...). "
     "Default: this machine's CPU. The library refuses to run on a CPU without its instruction sets.",
 )  # fmt: skip
+@click.option(
+    "--part", type=PART_CHOICE, default="vision", show_default=True,
+    help="vision: the tower's features; text: a contrastive model's encode_text; both: encode_text and the "
+    "pooled image embedding (what `similarity` runs). text/both need a whole CLIP/SigLIP/EVA-CLIP checkpoint.",
+)
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Library path (.so / .tar).")
 def compile_cmd(
     model, target, arch, host, dtype, select_layer, feature, image_size, projector, projector_hidden_size, attention, gemm,
-    cpu, output,
+    cpu, part, output,
 ):
     """Build a library from a preset or a checkpoint's config (no weights needed)."""
     from .compiler.export import build_library
     from .compiler.module import build_module
     from .compiler.targets import check_buildable, output_suffixes
     from .checkpoint.resolve import resolve_config
+    from .compiler.export import check_output
 
     check_buildable(target)
+    if output is None:  # dist/<model>-<target>.so: the default's folder is ours to create
+        output = default_output(model, target, output_suffixes(target)[0])
+        output.parent.mkdir(parents=True, exist_ok=True)
+    check_output(target, output)  # before any work: suffix, writable, dead runs' leftovers
+    if part != "vision":
+        _compile_contrastive(model, target, arch, host, dtype, image_size, attention, part, output)
+        return
     config = resolve_config(
         model,
         select_layer=select_layer,
@@ -94,13 +108,31 @@ def compile_cmd(
         projector_hidden_size=projector_hidden_size,
     )
     dtype = dtype or default_dtype(target)
-    output = output or default_output(model, target, output_suffixes(target)[0])
     built = build_module(config, dtype, target, attention=attention, gemm=gemm, cpu=cpu)
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     meta = built.metadata
     click.echo(
         f"wrote {path} ({meta['family']}, {meta['image_size']}px, select_layer {meta['select_layer']}, "
         f"{meta['feature']} -> [batch, {meta['num_tokens']}, {meta['output_width']}] {dtype}) and {path}.json"
+    )
+
+
+def _compile_contrastive(model, target, arch, host, dtype, image_size, attention, part, output) -> None:
+    from .checkpoint.resolve import resolve_config, resolve_text_config
+    from .compiler.contrastive import build_contrastive_module
+    from .compiler.export import build_library
+    from .compiler.targets import output_suffixes
+
+    config = resolve_config(model, image_size=image_size, feature="pooled", projector="none")
+    dtype = dtype or default_dtype(target)
+    built = build_contrastive_module(config, resolve_text_config(model), dtype, target, part, attention=attention)
+    output = output or default_output(model, target, output_suffixes(target)[0])
+    path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
+    text = built.metadata["text"]
+    click.echo(
+        f"wrote {path} ({built.metadata['family']} {part}: encode_text -> [batch, {text['projection_dim']}]"
+        + (f", encode -> [batch, 1, {built.metadata['output_width']}]" if part == "both" else "")
+        + f" {dtype}) and {path}.json"
     )
 
 
@@ -112,11 +144,15 @@ def compile_cmd(
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Params directory to create.")
 @click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Cast to this dtype (default: keep the checkpoint's).")
 @click.option("--image-size", type=int, default=None, help="Interpolate position embeddings to this resolution.")
-def convert_cmd(model, output, dtype, image_size):
+@click.option("--part", type=PART_CHOICE, default="vision", show_default=True,
+              help="vision tower, a contrastive model's text tower (+ tokenizer), or both.")
+def convert_cmd(model, output, dtype, image_size, part):
     """Map a checkpoint's weights to the params a library takes."""
+    from .atomic import check_writable
     from .weights.convert import convert
 
-    path = convert(model, output, dtype=dtype, image_size=image_size)
+    check_writable(output, directory=True, what="params dir")
+    path = convert(model, output, dtype=dtype, image_size=image_size, part=part)
     click.echo(f"wrote {path}")
 
 
@@ -127,29 +163,28 @@ def load_pixel_values(path: Path):
     import numpy as np
 
     try:
-        array = np.load(path)
-    except (OSError, ValueError) as err:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
         raise MlcVisionError(f"cannot read pixel values {path}: {err}") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise MlcVisionError(f"pixel values {path} must be one .npy array, not an .npz archive")
     if array.ndim != 4 or array.dtype.kind != "f":
         raise MlcVisionError(f"pixel values {path} must be a float [batch, 3, H, W] array, got {array.dtype} {list(array.shape)}")
     return array
 
 
 def save_atomically(path: Path, array) -> None:
-    import os
-    import tempfile
+    import io
 
     import numpy as np
 
+    from .atomic import write_file
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, buffer.getvalue())
 
 
 @cli.command("run")
@@ -158,18 +193,95 @@ def save_atomically(path: Path, array) -> None:
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable).")
 @click.option("--pixel-values", type=click.Path(path_type=Path), default=None, help=".npy [batch,3,H,W] float32, preprocessed.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, metal, vulkan, ...")
+@click.option("--max-tiles", type=int, default=None,
+              help="InternVL tiles: most tiles per image (default: the checkpoint's max_dynamic_patch, else 12).")
+@click.option("--min-tiles", type=int, default=None, help="InternVL tiles: fewest tiles per image (default: the library's).")
+@click.option("--thumbnail/--no-thumbnail", default=None,
+              help="InternVL tiles: add the whole image as one more tile when the grid has several (default: the library's).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Features .npy to write.")
-def run_cmd(lib, params, images, pixel_values, device, output):
-    """Turn images (or preprocessed pixels) into features."""
+@click.option("--verify", is_flag=True, help="Check the params shards' checksums before running (sizes are always checked).")
+def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thumbnail, output, verify):
+    """Turn images (or preprocessed pixels) into features.
+
+    A library with a tiling contract cuts each image into tiles and prints
+    each image's grid. InternVL: the features of every image's tiles, one
+    image after the other (``[total tiles, tokens, width]``). LLaVA-NeXT
+    anyres: the packed sequences the language model reads, one after the
+    other (``[total tokens, width]``).
+    """
+    import numpy as np
+
+    from .atomic import check_writable
     from .runtime.encoder import VisionEncoder
 
     if bool(images) == bool(pixel_values):
         raise MlcVisionError("give either --image (one or more) or --pixel-values, not both or neither")
-    inputs = load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images]
-    encoder = VisionEncoder(lib, params, device=device)
-    features = encoder(inputs)
+    check_writable(output)
+    tile_options = {"max_tiles": max_tiles, "min_tiles": min_tiles, "thumbnail": thumbnail}
+    encoder = VisionEncoder(lib, params, device=device, verify=verify)
+    tiled = bool(images) and (encoder.tiling is not None or any(v is not None for v in tile_options.values()))
+    if tiled:
+        results = encoder.encode_tiles([str(p) for p in images], **tile_options)
+        for path, result in zip(images, results):
+            click.echo(f"{path}: {describe_tiles(result)}")
+        features = np.concatenate([r.features if r.packed is None else r.packed for r in results], axis=0)
+    else:
+        features = encoder(load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images])
+    note = ""
+    if features.dtype.name == "bfloat16":  # .npy has no bf16: numpy would read the file back as raw bytes
+        features, note = features.astype("float32"), " (bfloat16 library, widened exactly)"
     save_atomically(output, features)
-    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}")
+    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}{note}")
+
+
+def describe_tiles(result) -> str:
+    """One line: the grid, the extra tile, and what the tiles became."""
+    extra = " + thumbnail" if result.thumbnail else " + base image" if result.base else ""
+    line = f"grid {result.grid}{extra} -> {len(result.features)} tiles"
+    return line if result.packed is None else f"{line} -> {len(result.packed)} packed tokens"
+
+
+# ---- similarity ------------------------------------------------------------------
+
+
+@cli.command("similarity")
+@click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path), help="Image (repeatable).")
+@click.option("--text", "texts", multiple=True, required=True, help="Text (repeatable).")
+@click.option("--model", "-m", default=None, help="Whole CLIP/SigLIP/EVA-CLIP checkpoint: compiled and converted for the CPU here.")
+@click.option("--lib", type=click.Path(path_type=Path), default=None, help="Library from compile --part both.")
+@click.option("--params", type=click.Path(path_type=Path), default=None, help="Params dir from convert --part both.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Dir with tokenizer.json (default: the params dir).")
+@click.option("--device", default="cpu", show_default=True)
+def similarity_cmd(images, texts, model, lib, params, tokenizer, device):
+    """Print image-text probabilities: softmax(logit_scale x cos) over the texts (CLIP, EVA-CLIP), sigmoid (SigLIP)."""
+    import tempfile
+
+    from .runtime.contrastive import ContrastiveEncoder
+
+    if bool(model) == bool(lib and params) or (lib is None) != (params is None):
+        raise MlcVisionError("give either --model, or --lib and --params")
+    with tempfile.TemporaryDirectory(prefix="mlc-vision-similarity-") as work:
+        if model:
+            lib, params = _build_for_similarity(model, Path(work))
+        encoder = ContrastiveEncoder(lib, params, device=device, tokenizer=tokenizer)
+        probs = encoder.probabilities([str(p) for p in images], list(texts))
+    kind = "softmax over texts" if encoder.text["logits"] == "softmax" else "sigmoid per pair"
+    click.echo(f"# {encoder.metadata['family']}: {kind}")
+    click.echo("\t".join(["image"] + [json.dumps(t) for t in texts]))
+    for path, row in zip(images, probs):
+        click.echo("\t".join([str(path)] + [f"{p:.4f}" for p in row]))
+
+
+def _build_for_similarity(model: str, work: Path) -> tuple[Path, Path]:
+    from .checkpoint.resolve import resolve_config, resolve_text_config
+    from .compiler.contrastive import build_contrastive_module
+    from .compiler.export import build_library
+    from .weights.convert import convert
+
+    params = convert(model, work / "params", part="both")
+    config = resolve_config(model, feature="pooled", projector="none")
+    built = build_contrastive_module(config, resolve_text_config(model), "float32", "cpu", "both")
+    return build_library(built.mod, "cpu", work / "model.so", metadata=built.metadata), params
 
 
 # ---- inspect / targets --------------------------------------------------------------
@@ -235,18 +347,39 @@ def bench_cmd(models, target, batch, runs, output, no_torch_compile, no_peers, b
     )
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+def _os_error_line(err: OSError) -> str:
+    """``OSError`` (full disk, read-only filesystem, a directory where a file goes...) as one line."""
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or err}{where}"
+
+
 def main(argv=None) -> int:
-    try:
-        cli.main(args=argv, prog_name="mlc-vision", standalone_mode=False)
-    except MlcVisionError as err:
-        click.echo(f"error: {err}", err=True)
-        return 1
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 1
-    except click.ClickException as err:
-        err.show()
-        return err.exit_code
+    """Run the CLI; every user error (ours, the OS's, click's usage errors) is one ``error:`` line and exit 1.
+
+    ``--help`` and ``--version`` exit 0; nothing exits 2.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            cli.main(args=argv, prog_name="mlc-vision", standalone_mode=False)
+        except MlcVisionError as err:
+            click.echo(f"error: {err}", err=True)
+            return 1
+        except OSError as err:
+            click.echo(f"error: {_os_error_line(err)}", err=True)
+            return 1
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            return 1
+        except click.ClickException as err:
+            click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+            return 1
     return 0
 
 

@@ -11,7 +11,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from mlc_vision.cli import main
 from mlc_vision.compiler.targets import cpu_spec
 from mlc_vision.errors import MlcVisionError
-from mlc_vision.runtime.cpu_features import check_cpu_library, host_cpu_flags, missing_features
+from mlc_vision.cpu_features import check_cpu_library, host_cpu_flags, missing_features
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
 #: CPUs to build for, one of which should need something this machine lacks

@@ -12,48 +12,58 @@ defaults come from a composite's outer config; preprocessing from
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
-from ..config import VisionConfig, list_presets, load_preset, preset_info
-from ..errors import MlcVisionError
+from ..config import VisionConfig
 from ..models import Family, get_family, route
-from .layouts import load_hf_config, outer_options
+from .keys import Shapes, checkpoint_shapes
+from .layouts import language_model_keys, load_hf_config, outer_options
 from .processor import read_preprocess
 from .source import Source
+from .tower import named_tower
+from .weight_plan import settle_optional_parts
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What a checkpoint is: its family, our config of it, and its ``config.json`` as read."""
+    """What a checkpoint is: its family, our config of it, its ``config.json`` and its keys.
+
+    ``shapes`` is ``{key: shape}`` from the weight files' headers, or None
+    when they could not be listed without reading weights (then the config's
+    optional parts are taken at their word until ``convert`` sees the keys).
+    """
 
     family: Family
     config: VisionConfig
     hf_config: dict
+    shapes: Shapes | None = None
 
 
-def _preset_for_tower(tower: str) -> str:
-    """The preset whose ``hf_repo`` is the tower an original LLaVA config names."""
-    for name in list_presets():
-        if preset_info(name).get("hf_repo") == tower:
-            return name
-    raise MlcVisionError(
-        f"config.json names vision tower {tower!r} without its config, and no preset has that hf_repo"
-    )
+def checkpoint_config(source: Source, family: str | Family | None = None, shapes: Shapes | None = None) -> Checkpoint:
+    """Read a resolved checkpoint; ``family`` overrides routing; ``shapes`` (default: listed here) decide the rest.
 
-
-def checkpoint_config(source: Source, family: str | Family | None = None, keys=None) -> Checkpoint:
-    """Read a resolved checkpoint; ``family`` overrides routing, ``keys`` break routing ties."""
+    The checkpoint's keys route a ``model_type`` that several families claim,
+    identify a tower that a LLaVA config only names, and settle the optional
+    parts (a projection the config announces but the weights lack).
+    """
     vision, full = load_hf_config(source.path)
+    if shapes is None:
+        language = [re.compile(pattern) for pattern in language_model_keys(full)]
+        shapes = checkpoint_shapes(source, skip=lambda key: any(p.search(key) for p in language))
+    keys = list(shapes) if shapes is not None else None
+    chosen = None if family is None else _family(family)
     if vision is None:
-        config = load_preset(_preset_for_tower(full["mm_vision_tower"]))
-        fam = get_family(config.family) if family is None else _family(family)
+        fam, config = named_tower(source.path, full, shapes, chosen)
     else:
-        fam = route(vision, keys) if family is None else _family(family)
+        fam = chosen or route(vision, keys)
         config = fam.config_from_hf(vision)
         preprocess = read_preprocess(source.path, full)
         if preprocess is not None:
             config = dataclasses.replace(config, preprocess=preprocess)
-    return Checkpoint(fam, dataclasses.replace(config, **outer_options(full)).validated(), full)
+    config = dataclasses.replace(config, **outer_options(full)).validated()
+    config = settle_optional_parts(fam, config, full, keys)
+    return Checkpoint(fam, config, full, shapes)
 
 
 def _family(family: str | Family) -> Family:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MlcVisionError
+from ..validate import check_hf_vision_config
 from .projector import projector_from_hf
+from .tiling import tiling_options
 
 
 # ---- composite configs (a vision tower inside a bigger model) ---------------------------
@@ -81,29 +83,51 @@ def load_hf_config(path: str | Path) -> tuple[dict | None, dict]:
             if not vision.get("model_type"):
                 vision["model_type"] = composite.vision_model_type
             vision.update({field: full[field] for field in composite.inherit if field in full})
+        check_hf_vision_config(vision, path)
         return vision, full
     if full.get("mm_vision_tower"):  # the tower is named, its config is not in this checkpoint
         return None, full
+    check_hf_vision_config(full, path)
     return dict(full), full
 
 
 def language_model_keys(full_config: dict) -> tuple[str, ...]:
     """Regexes of the checkpoint keys that belong to the language model, if any."""
     composite = COMPOSITES.get(full_config.get("model_type"))
-    return composite.language if composite else ()
+    if composite:
+        return composite.language
+    # an original LLaVA config (model_type llava, llava_llama, ...): the LLM is the root model
+    return LLM_KEYS if full_config.get("mm_vision_tower") else ()
 
 
 # ---- options that live outside the vision config -----------------------------------------
 
-FEATURE_STRATEGIES = {"default": "patch", "patch": "patch", "full": "cls_patch", "cls_patch": "cls_patch"}
+# What each outer field's feature names mean; any other value is an error, as in the models that read them
+# (LLaVA's CLIPVisionTower.feature_select raises on an unexpected mm_vision_select_feature).
+FEATURE_NAMES = {
+    "vision_feature_select_strategy": {"default": "patch", "full": "cls_patch"},  # transformers Llava
+    "mm_vision_select_feature": {"patch": "patch", "cls_patch": "cls_patch"},  # original LLaVA, InternVL's fork
+}
+
+
+def _feature(field: str):
+    names = FEATURE_NAMES[field]
+
+    def convert(value):
+        if value not in names:
+            raise MlcVisionError(f"config.json has {field} {value!r}; known: {', '.join(names)}")
+        return names[value]
+
+    return convert
+
 
 # (outer config field, VisionConfig option, value -> option value or None to skip)
 OUTER_FIELDS = (
     ("vision_feature_layer", "select_layer", lambda v: v if isinstance(v, int) else None),
     ("mm_vision_select_layer", "select_layer", lambda v: v if isinstance(v, int) else None),
     ("select_layer", "select_layer", lambda v: v if isinstance(v, int) else None),
-    ("vision_feature_select_strategy", "feature", FEATURE_STRATEGIES.get),
-    ("mm_vision_select_feature", "feature", FEATURE_STRATEGIES.get),
+    ("vision_feature_select_strategy", "feature", _feature("vision_feature_select_strategy")),
+    ("mm_vision_select_feature", "feature", _feature("mm_vision_select_feature")),
     ("downsample_ratio", "downsample_ratio", lambda v: float(v) if isinstance(v, (int, float)) else None),
 )
 
@@ -113,7 +137,7 @@ def is_composite(full_config: dict) -> bool:
 
 
 def outer_options(full_config: dict) -> dict:
-    """VisionConfig options a composite config sets: select layer, feature, projector.
+    """VisionConfig options a composite config sets: select layer, feature, projector, tiling.
 
     Empty for a plain vision checkpoint. The projector (kind, the language
     model's width, InternVL's ``downsample_ratio``) comes from
@@ -131,4 +155,5 @@ def outer_options(full_config: dict) -> dict:
     spec = projector_from_hf(full_config)
     if spec is not None:
         options.update(spec.options())
+    options.update(tiling_options(full_config))
     return options

@@ -37,3 +37,16 @@ def resolve_config(model: str, **options) -> VisionConfig:
         options["projector"] = None
         config = dataclasses.replace(config, projector=None)
     return with_options(config, **options)
+
+
+def resolve_text_config(model: str):
+    """The text tower of a whole CLIP / SigLIP / EVA-CLIP checkpoint (presets describe vision towers only)."""
+    from ..models.text import text_config_from_hf
+
+    if is_preset(model):
+        raise MlcVisionError(
+            f"preset {model!r} describes a vision tower only; give the whole checkpoint (directory or hub id) "
+            "for its text tower"
+        )
+    checkpoint = checkpoint_config(resolve_source(model))
+    return text_config_from_hf(checkpoint.family.name, checkpoint.hf_config)

@@ -264,9 +264,9 @@ def cpu_spec(cpu: str | None = None) -> dict:
     name implies but this (often virtual) CPU does not report. ``features``
     lists the instruction-set extensions the code may use (LLVM names); the
     runtime refuses the library on a CPU that lacks one
-    (``runtime/cpu_features.py``).
+    (``cpu_features.py``).
     """
-    from ..runtime.cpu_features import isa_features
+    from ..cpu_features import isa_features
 
     if cpu is None:
         triple = str(_llvm("target.llvm_get_system_triple")())
@@ -285,7 +285,7 @@ def cpu_spec(cpu: str | None = None) -> dict:
 
 def check_cpu_linkable(spec: dict) -> None:
     """Refuse a ``--cpu`` of another architecture: the library is linked by this machine's C compiler."""
-    from ..runtime.cpu_features import triple_arch
+    from ..cpu_features import triple_arch
 
     host = triple_arch(str(_llvm("target.llvm_get_system_triple")()))
     if triple_arch(spec["triple"]) != host:

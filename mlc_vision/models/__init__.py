@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .registry import Family, families, family_names, get_family, register, route
+from .registry import Family, OptionalPart, families, family_names, get_family, register, route
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Family", "families", "family_names", "get_family", "register", "route"]
+__all__ = ["Family", "OptionalPart", "families", "family_names", "get_family", "register", "route"]

@@ -13,8 +13,9 @@ from tvm.relax.frontend.nn import Tensor
 
 from ..config import Preprocess, VisionConfig
 from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
+from .transforms import interpolate_position_embedding
 from . import layers
-from .registry import Family, register
+from .registry import Family, OptionalPart, register
 
 NAME = "clip"
 MODEL_TYPES = ("clip_vision_model", "clip")
@@ -113,6 +114,9 @@ WEIGHTS = WeightMap(
         r"position_ids$",
         *LLAVA_NON_VISION_KEYS,
     ),
+    # ``convert --image-size``: the patch rows of the position table resampled to the
+    # new grid, class row kept (transformers' ``interpolate_pos_encoding=True``)
+    transforms=((r"^embeddings\.position_embedding\.weight$", interpolate_position_embedding),),
 )
 
 
@@ -126,6 +130,6 @@ FAMILY = register(
         weights=WEIGHTS,
         # transformers writes projection_dim for every CLIP vision config; only the
         # models with a projection hold visual_projection
-        optional_parts={"projection_dim": r"^visual_projection\."},
+        optional_parts={"projection_dim": OptionalPart(r"^visual_projection\.")},
     )
 )

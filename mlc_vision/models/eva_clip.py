@@ -16,7 +16,7 @@ Semantics follow the port: there is no pre-norm, so ``hidden_states[0]`` is
 the embeddings (class token + patches + position embedding); the pooled
 embedding is ``post_layernorm`` of the class token of the last hidden state,
 then ``visual_projection`` (a Linear *with* bias in ``EvaCLIPModel``, as in
-the original EVA-CLIP head). Layers after the selected hidden state are not
+the original EVA-CLIP head; without one in ``EvaCLIPVisionModelWithProjection``). Layers after the selected hidden state are not
 built.
 
 The port reuses CLIP's ``model_type`` values (``clip`` / ``clip_vision_model``),
@@ -32,8 +32,9 @@ from tvm.relax.frontend.nn import Tensor
 from ..config import Preprocess, VisionConfig
 from ..errors import MlcVisionError
 from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
+from .transforms import interpolate_position_embedding
 from . import layers
-from .registry import Family, register
+from .registry import Family, OptionalPart, register
 
 NAME = "eva_clip"
 # The port saves CLIP's model types. Other EVA-CLIP ports ("eva_clip" in CogVLM,
@@ -106,8 +107,18 @@ def config_from_hf(hf: dict) -> VisionConfig:
         class_token=True,
         patch_bias=True,
         projection_dim=hf.get("projection_dim"),
+        projection_bias=_projection_bias(hf),
         preprocess=Preprocess(size=image_size, crop_size=image_size),
     ).validated()
+
+
+def _projection_bias(hf: dict) -> bool:
+    """EvaCLIPModel's visual_projection has a bias; EvaCLIPVisionModelWithProjection's has none.
+
+    The checkpoint's keys have the last word (see ``optional_parts``); this is
+    what the config alone says.
+    """
+    return "EvaCLIPVisionModelWithProjection" not in (hf.get("architectures") or ())
 
 
 # ---- module ---------------------------------------------------------------------------------
@@ -141,7 +152,7 @@ class VisionModel(nn.Module):
         if pooled:
             self.post_layernorm = layers.make_norm(config)
             if config.projection_dim:
-                self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=True)
+                self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=config.projection_bias)
 
     def hidden_states(self, pixel_values: Tensor) -> list[Tensor]:
         return self.encoder.hidden_states(self.embeddings(pixel_values))
@@ -173,6 +184,10 @@ WEIGHTS = WeightMap(
         r"self_attn\.k_proj\.bias$",
         *LLAVA_NON_VISION_KEYS,
     ),
+    # ``convert --image-size``: InternVL's port has no interpolation of its own, so the
+    # rule is CLIP's (transformers' ``interpolate_pos_encoding``): the class row kept,
+    # the patch rows resampled bicubic (a = -0.75), align_corners=False, no antialias.
+    transforms=((r"^embeddings\.position_embedding\.weight$", interpolate_position_embedding),),
 )
 
 
@@ -185,8 +200,11 @@ FAMILY = register(
         module=VisionModel,
         weights=WEIGHTS,
         claims=claims,
-        # transformers writes projection_dim for every CLIP vision config; only the
-        # models with a projection hold visual_projection
-        optional_parts={"projection_dim": r"^visual_projection\."},
+        # the port writes projection_dim for every vision config; only the models with
+        # a projection hold visual_projection, and EvaCLIPVisionModelWithProjection's has no bias
+        optional_parts={
+            "projection_dim": OptionalPart(r"^visual_projection\."),
+            "projection_bias": OptionalPart(r"^visual_projection\.bias$", absent=False),
+        },
     )
 )

@@ -34,10 +34,12 @@ class Family:
       ``config.layer_index``, ``forward(x)`` the selected features; ``full``
       builds every parameter of the checkpoint (what convert expects).
     - ``weights``: the rename table from checkpoint keys to the module's names.
-    - ``optional_parts``: ``{config field: regex over our names}``: parts a
-      config may announce that a checkpoint does not hold (CLIP's
-      ``projection_dim`` without ``visual_projection``); convert clears the
-      field when no key maps to the part.
+    - ``optional_parts``: ``{config field: OptionalPart}``: parts a config
+      may announce that a checkpoint does not hold (CLIP's ``projection_dim``
+      without ``visual_projection``, EVA's projection bias). Where the
+      checkpoint's keys are known, ``checkpoint.config`` sets the field to the
+      part's ``absent`` value when no key maps to it, for compile and convert
+      alike.
     """
 
     name: str
@@ -47,7 +49,19 @@ class Family:
     module: type
     weights: WeightMap
     claims: Claims | None = None
-    optional_parts: Mapping[str, str] = field(default_factory=dict)
+    optional_parts: Mapping[str, "OptionalPart"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptionalPart:
+    """A part of the model that a config may announce and a checkpoint may lack.
+
+    ``pattern`` is a regex over our parameter names; ``absent`` is the value the
+    config field takes when no parameter of the checkpoint matches it.
+    """
+
+    pattern: str
+    absent: object = None
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -19,7 +19,6 @@ overflow the target (bf16/fp32 -> fp16).
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,31 +29,22 @@ import numpy as np
 from .. import __version__
 from ..checkpoint.config import checkpoint_config
 from ..checkpoint.source import resolve_source
-from ..checkpoint.weight_plan import IGNORED, KeyMapper, key_mapper
-from ..config import DTYPES, VisionConfig, with_options
+from ..checkpoint.weight_plan import IGNORED, KeyMapper, expected_params, key_mapper, settle_optional_parts
+from ..config import DTYPES, with_options
 from ..errors import MlcVisionError
 from ..models import Family
-from ..models import projector as projectors
+from ..models.text import text_config_from_hf, text_params, text_weight_map
 from .params import NUMPY_DTYPES, ParamsWriter
 from .reader import TensorEntry, iter_tensors
 
 PARAM_DTYPES = DTYPES
+PARTS = ("vision", "text", "both")
 
 # Casts that lose nothing, allowed without being asked (a module may keep some params wider).
 LOSSLESS = {("float16", "float32"), ("bfloat16", "float32")}
 
-# ---- the expected parameters --------------------------------------------------------------
-
-
-def expected_params(fam: Family, config: VisionConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, dtype)}`` of the full model (every layer, post-norm, heads, projector) in ``dtype``."""
-    module = fam.module(config, full=True)
-    module.to(dtype)
-    params = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
-    if config.projector:
-        params.update(projectors.projector_params(config, dtype))
-    return params
-
+# Float dtypes numpy knows only through ml_dtypes (their dtype.kind is "V").
+ML_FLOATS = (np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 
 # ---- plan ------------------------------------------------------------------------------------
 
@@ -104,16 +94,6 @@ def _shape_error(entry: TensorEntry, name: str, want, got) -> MlcVisionError:
     )
 
 
-def drop_absent_parts(fam: Family, config: VisionConfig, names: set[str]) -> VisionConfig:
-    """Clear the config fields of the family's optional parts that the checkpoint lacks."""
-    absent = {
-        field: None
-        for field, pattern in fam.optional_parts.items()
-        if getattr(config, field, None) and not any(re.search(pattern, name) for name in names)
-    }
-    return dataclasses.replace(config, **absent) if absent else config
-
-
 def checkpoint_dtype(planned: list[Planned]) -> str:
     """The one float dtype of the mapped tensors; several is an error (ask for ``dtype``)."""
     by_dtype: dict[str, list[str]] = {}
@@ -149,6 +129,14 @@ def cast(array: np.ndarray, want: str, asked: bool, entry: TensorEntry) -> np.nd
     return out
 
 
+def check_finite(array: np.ndarray, entry: TensorEntry) -> np.ndarray:
+    """A NaN or Inf weight poisons every feature: refuse the checkpoint, naming the key."""
+    if (array.dtype.kind == "f" or array.dtype in ML_FLOATS) and not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise MlcVisionError(f"key {entry.key!r} in {entry.file.name} holds {bad} NaN or Inf value(s); the checkpoint is damaged")
+    return array
+
+
 def _progress(total_bytes: int):
     from tqdm import tqdm
 
@@ -159,7 +147,8 @@ def stream(planned: list[Planned], mapper: KeyMapper, config, expected: dict, wr
     with _progress(sum(item.entry.nbytes for item in planned)) as bar:
         for item in planned:
             entry, name = item.entry, item.name
-            array = mapper.transform(name, entry.load(), config)
+            array = check_finite(entry.load(), entry)
+            array = mapper.transform(name, array, config)
             want_shape, want_dtype = expected[name]
             if tuple(array.shape) != want_shape:
                 raise _shape_error(entry, name, want_shape, array.shape)
@@ -171,6 +160,9 @@ def stream(planned: list[Planned], mapper: KeyMapper, config, expected: dict, wr
 # ---- entry point ---------------------------------------------------------------------------
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def convert(
     source: str | Path,
     output: str | Path,
@@ -180,28 +172,39 @@ def convert(
     image_size: int | None = None,
     projector: bool = True,
     revision: str | None = None,
+    part: str = "vision",
 ) -> Path:
     """Convert a checkpoint (directory or hub id) into a params dir at ``output``; return its path.
 
     ``family`` overrides routing (a name, or a :class:`Family`); ``image_size``
     converts for another resolution (position embeddings interpolated by the
     family's transforms); ``projector=False`` converts a LLaVA/InternVL
-    checkpoint's vision tower alone, ignoring its projector.
+    checkpoint's vision tower alone, ignoring its projector. ``part`` is
+    ``vision`` (the tower, as a vision-language model uses it), ``text`` (a
+    contrastive model's text tower, its projection and logit scalars) or
+    ``both``; with a text side the checkpoint's tokenizer files are copied in.
     """
     if dtype is not None and dtype not in PARAM_DTYPES:
         raise MlcVisionError(f"dtype must be one of {PARAM_DTYPES}, got {dtype!r}")
+    if part not in PARTS:
+        raise MlcVisionError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     src = resolve_source(source, revision)
     checkpoint = checkpoint_config(src, family)
     fam, config, full = checkpoint.family, checkpoint.config, checkpoint.hf_config
-    if not projector:
+    if not projector or part != "vision":
         config = dataclasses.replace(config, projector=None, projector_hidden_size=None)
     config = with_options(config, image_size=image_size)
-    mapper = key_mapper(fam, config, full)
+    text = text_config_from_hf(fam.name, full) if part != "vision" else None
+    text_map = text_weight_map(text) if text else None
+    mapper = key_mapper(fam, config, full, text=text_map, vision=part != "text")
     entries = list(iter_tensors(src.weight_files(mapper.wanted)))
+    if checkpoint.shapes is None:  # keys listed only now (a hub checkpoint fetched offline-first)
+        config = settle_optional_parts(fam, config, full, [e.key for e in entries])
     wanted = [Planned(e, mapper.resolve(e.key)) for e in entries if mapper.wanted(e.key)]
-    config = drop_absent_parts(fam, config, {item.name for item in wanted if item.name})
     params_dtype = dtype or checkpoint_dtype(wanted)
-    expected = expected_params(fam, config, params_dtype)
+    expected = expected_params(fam, config, params_dtype) if part != "text" else {}
+    if text:
+        expected.update(text_params(text, params_dtype))
     planned = plan(entries, mapper, expected)
     metadata = {
         "mlc_vision": {
@@ -210,8 +213,25 @@ def convert(
             "config": config.to_dict(),
             "dtype": params_dtype,
             "source": src.describe(),
+            "part": part,
+            "text": text.to_dict() if text else None,
         }
     }
     with ParamsWriter(output) as writer:
         stream(planned, mapper, config, expected, writer, asked=dtype is not None)
+        if text:
+            copy_tokenizer(src, writer)
         return writer.finish(metadata)
+
+
+def copy_tokenizer(src, writer: ParamsWriter) -> None:
+    """The checkpoint's tokenizer files, so that the params dir alone can tokenize (``similarity``)."""
+    if src.repo_id:
+        try:
+            src._fetch(list(TOKENIZER_FILES))
+        except MlcVisionError:  # a hub checkpoint without a tokenizer: similarity then asks for --tokenizer
+            pass
+    for name in TOKENIZER_FILES:
+        path = src.path / name
+        if path.is_file():
+            writer.add_file(name, path.read_bytes())

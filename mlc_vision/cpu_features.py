@@ -16,7 +16,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from ..errors import MlcVisionError
+from .errors import MlcVisionError
 
 #: LLVM feature name -> the kernel's /proc/cpuinfo flag, for every instruction-set
 #: extension a compiled kernel can use. Features not listed are instruction
