@@ -34,7 +34,7 @@ from mlc_vision.runtime.encoder import VisionEncoder
 from mlc_vision.runtime.preprocess import normalize
 from mlc_vision.runtime.tiling import Grid, anyres_tiles, anyres_token_count, pack_anyres, select_best_resolution
 from mlc_vision.weights.convert import convert
-from parity import assert_fp32_close, randomize_layer_norms
+from parity import assert_fp32_close, randomize_all
 from test_tiling import image
 
 TILE = 32
@@ -83,9 +83,7 @@ def reference_model():
         vision_config=CLIPVisionConfig(**VISION), text_config=LLM, image_grid_pinpoints=PINPOINTS,
         image_token_index=150, vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
-    model = LlavaNextForConditionalGeneration(config).eval()
-    randomize_layer_norms(model)
-    return model
+    return randomize_all(LlavaNextForConditionalGeneration(config), seed=1)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -173,7 +171,7 @@ def onevision(tmp_path_factory):
         vision_aspect_ratio="anyres_max_2", image_token_index=150, video_token_index=151,
     )
     model = LlavaOnevisionForConditionalGeneration(config).eval()
-    randomize_layer_norms(model)
+    randomize_all(model, seed=1)
     root = tmp_path_factory.mktemp("onevision")
     model.save_pretrained(root / "ckpt")
     onevision_processor().save_pretrained(root / "ckpt")

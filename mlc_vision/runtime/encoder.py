@@ -184,6 +184,11 @@ class VisionEncoder:
         self._vm_lock = threading.Lock()
         self.metadata = read_metadata(self._vm, self.lib_path)
         check_cpu_library(self.metadata, self.lib_path)  # before any of its code runs
+        if "encode" not in self.metadata.get("entries", {"encode": None}):
+            raise MlcVisionError(
+                f"library {self.lib_path} has no image entry (compiled with --part text); "
+                "compile with --part vision or both"
+            )
         self._params = None
         if load_params and self.params_dir is not None:
             self.load_params()
