@@ -89,8 +89,13 @@ def compile_cmd(
     from .compiler.module import build_module
     from .compiler.targets import check_buildable, output_suffixes
     from .checkpoint.resolve import resolve_config
+    from .compiler.export import check_output
 
     check_buildable(target)
+    if output is None:  # dist/<model>-<target>.so: the default's folder is ours to create
+        output = default_output(model, target, output_suffixes(target)[0])
+        output.parent.mkdir(parents=True, exist_ok=True)
+    check_output(target, output)  # before any work: suffix, writable, dead runs' leftovers
     if part != "vision":
         _compile_contrastive(model, target, arch, host, dtype, image_size, attention, part, output)
         return
@@ -103,7 +108,6 @@ def compile_cmd(
         projector_hidden_size=projector_hidden_size,
     )
     dtype = dtype or default_dtype(target)
-    output = output or default_output(model, target, output_suffixes(target)[0])
     built = build_module(config, dtype, target, attention=attention, gemm=gemm, cpu=cpu)
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     meta = built.metadata
@@ -144,8 +148,10 @@ def _compile_contrastive(model, target, arch, host, dtype, image_size, attention
               help="vision tower, a contrastive model's text tower (+ tokenizer), or both.")
 def convert_cmd(model, output, dtype, image_size, part):
     """Map a checkpoint's weights to the params a library takes."""
+    from .atomic import check_writable
     from .weights.convert import convert
 
+    check_writable(output, directory=True, what="params dir")
     path = convert(model, output, dtype=dtype, image_size=image_size, part=part)
     click.echo(f"wrote {path}")
 
@@ -157,29 +163,28 @@ def load_pixel_values(path: Path):
     import numpy as np
 
     try:
-        array = np.load(path)
-    except (OSError, ValueError) as err:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
         raise MlcVisionError(f"cannot read pixel values {path}: {err}") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise MlcVisionError(f"pixel values {path} must be one .npy array, not an .npz archive")
     if array.ndim != 4 or array.dtype.kind != "f":
         raise MlcVisionError(f"pixel values {path} must be a float [batch, 3, H, W] array, got {array.dtype} {list(array.shape)}")
     return array
 
 
 def save_atomically(path: Path, array) -> None:
-    import os
-    import tempfile
+    import io
 
     import numpy as np
 
+    from .atomic import write_file
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, buffer.getvalue())
 
 
 @cli.command("run")
@@ -188,18 +193,52 @@ def save_atomically(path: Path, array) -> None:
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable).")
 @click.option("--pixel-values", type=click.Path(path_type=Path), default=None, help=".npy [batch,3,H,W] float32, preprocessed.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, metal, vulkan, ...")
+@click.option("--max-tiles", type=int, default=None,
+              help="InternVL tiles: most tiles per image (default: the checkpoint's max_dynamic_patch, else 12).")
+@click.option("--min-tiles", type=int, default=None, help="InternVL tiles: fewest tiles per image (default: the library's).")
+@click.option("--thumbnail/--no-thumbnail", default=None,
+              help="InternVL tiles: add the whole image as one more tile when the grid has several (default: the library's).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Features .npy to write.")
-def run_cmd(lib, params, images, pixel_values, device, output):
-    """Turn images (or preprocessed pixels) into features."""
+@click.option("--verify", is_flag=True, help="Check the params shards' checksums before running (sizes are always checked).")
+def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thumbnail, output, verify):
+    """Turn images (or preprocessed pixels) into features.
+
+    A library with a tiling contract cuts each image into tiles and prints
+    each image's grid. InternVL: the features of every image's tiles, one
+    image after the other (``[total tiles, tokens, width]``). LLaVA-NeXT
+    anyres: the packed sequences the language model reads, one after the
+    other (``[total tokens, width]``).
+    """
+    import numpy as np
+
+    from .atomic import check_writable
     from .runtime.encoder import VisionEncoder
 
     if bool(images) == bool(pixel_values):
         raise MlcVisionError("give either --image (one or more) or --pixel-values, not both or neither")
-    inputs = load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images]
-    encoder = VisionEncoder(lib, params, device=device)
-    features = encoder(inputs)
+    check_writable(output)
+    tile_options = {"max_tiles": max_tiles, "min_tiles": min_tiles, "thumbnail": thumbnail}
+    encoder = VisionEncoder(lib, params, device=device, verify=verify)
+    tiled = bool(images) and (encoder.tiling is not None or any(v is not None for v in tile_options.values()))
+    if tiled:
+        results = encoder.encode_tiles([str(p) for p in images], **tile_options)
+        for path, result in zip(images, results):
+            click.echo(f"{path}: {describe_tiles(result)}")
+        features = np.concatenate([r.features if r.packed is None else r.packed for r in results], axis=0)
+    else:
+        features = encoder(load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images])
+    note = ""
+    if features.dtype.name == "bfloat16":  # .npy has no bf16: numpy would read the file back as raw bytes
+        features, note = features.astype("float32"), " (bfloat16 library, widened exactly)"
     save_atomically(output, features)
-    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}")
+    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}{note}")
+
+
+def describe_tiles(result) -> str:
+    """One line: the grid, the extra tile, and what the tiles became."""
+    extra = " + thumbnail" if result.thumbnail else " + base image" if result.base else ""
+    line = f"grid {result.grid}{extra} -> {len(result.features)} tiles"
+    return line if result.packed is None else f"{line} -> {len(result.packed)} packed tokens"
 
 
 # ---- similarity ------------------------------------------------------------------
@@ -308,18 +347,39 @@ def bench_cmd(models, target, batch, runs, output, no_torch_compile, no_peers, b
     )
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+def _os_error_line(err: OSError) -> str:
+    """``OSError`` (full disk, read-only filesystem, a directory where a file goes...) as one line."""
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or err}{where}"
+
+
 def main(argv=None) -> int:
-    try:
-        cli.main(args=argv, prog_name="mlc-vision", standalone_mode=False)
-    except MlcVisionError as err:
-        click.echo(f"error: {err}", err=True)
-        return 1
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 1
-    except click.ClickException as err:
-        err.show()
-        return err.exit_code
+    """Run the CLI; every user error (ours, the OS's, click's usage errors) is one ``error:`` line and exit 1.
+
+    ``--help`` and ``--version`` exit 0; nothing exits 2.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            cli.main(args=argv, prog_name="mlc-vision", standalone_mode=False)
+        except MlcVisionError as err:
+            click.echo(f"error: {err}", err=True)
+            return 1
+        except OSError as err:
+            click.echo(f"error: {_os_error_line(err)}", err=True)
+            return 1
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            return 1
+        except click.ClickException as err:
+            click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+            return 1
     return 0
 
 

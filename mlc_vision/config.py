@@ -73,6 +73,66 @@ class Preprocess:
         return cls(**data)
 
 
+TILING_MODES = ("internvl", "anyres")  # see runtime/tiling.py and docs/tiling.md
+# LLaVA-NeXT's image_newline (LLM width), in the params dir beside the projector;
+# the runtime appends it to each row of tokens when it packs anyres tiles.
+IMAGE_NEWLINE_PARAM = "projector.image_newline"
+# transformers' LlavaNextConfig default, [height, width] each
+DEFAULT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How one image of any size becomes several fixed-size tiles (a runtime contract).
+
+    ``internvl``: InternVL's dynamic tiles: a grid of ``rows x cols`` tiles of
+    ``image_size`` with ``min_tiles <= rows * cols <= max_tiles`` chosen by the
+    image's aspect ratio, plus a thumbnail of the whole image when the grid has
+    more than one tile and ``thumbnail`` is set. ``anyres``: LLaVA-NeXT's
+    ``image_grid_pinpoints`` (``[height, width]`` pairs), with OneVision's
+    ``anyres_max``. Grids are height x width.
+    """
+
+    mode: str = "internvl"
+    min_tiles: int = 1
+    max_tiles: int = 12
+    thumbnail: bool = True
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # LLaVA-OneVision ("anyres_max_N"): an unpadded token map larger than N tiles' worth
+    # is shrunk (bilinear) to about that size before the newline rows are added
+    anyres_max: int | None = None
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["grid_pinpoints"] = [list(p) for p in self.grid_pinpoints]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Tiling":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise MlcVisionError(f"unknown tiling field(s) {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        data["grid_pinpoints"] = tuple(tuple(int(v) for v in p) for p in data.get("grid_pinpoints", ()))
+        return cls(**data).validated()
+
+    def validated(self) -> "Tiling":
+        if self.mode not in TILING_MODES:
+            raise MlcVisionError(f"tiling mode must be one of {TILING_MODES}, got {self.mode!r}")
+        check_tile_range(self.min_tiles, self.max_tiles)
+        return self
+
+
+def check_tile_range(min_tiles: int, max_tiles: int) -> None:
+    """One line for a tile count range that no grid can satisfy."""
+    if min_tiles < 1 or max_tiles < min_tiles:
+        raise MlcVisionError(
+            f"tile counts out of range: min_tiles {min_tiles}, max_tiles {max_tiles} "
+            "(need 1 <= min_tiles <= max_tiles)"
+        )
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """Architecture + preprocessing + feature selection of one vision encoder."""
@@ -111,6 +171,7 @@ class VisionConfig:
     projector_hidden_size: int | None = None  # LLM width the projector maps to
     downsample_ratio: float = 0.5  # InternVL pixel_shuffle ratio for the mlp1 projector
     preset: str | None = None
+    tiling: Tiling | None = None  # None: one image is one input of image_size
 
     # ---- derived geometry -------------------------------------------------
     @property
@@ -150,6 +211,7 @@ class VisionConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["preprocess"] = self.preprocess.to_dict()
+        data["tiling"] = self.tiling.to_dict() if self.tiling is not None else None
         return data
 
     @classmethod
@@ -161,6 +223,8 @@ class VisionConfig:
         data = dict(data)
         if isinstance(data.get("preprocess"), dict):
             data["preprocess"] = Preprocess.from_dict(data["preprocess"])
+        if isinstance(data.get("tiling"), dict):
+            data["tiling"] = Tiling.from_dict(data["tiling"])
         missing = [
             f.name
             for f in dataclasses.fields(cls)
@@ -171,6 +235,9 @@ class VisionConfig:
         return cls(**data).validated()
 
     def validated(self) -> "VisionConfig":
+        from .validate import check_config_values  # types and ranges first: the checks below do arithmetic
+
+        check_config_values(self)
         if self.feature not in FEATURES:
             raise MlcVisionError(f"feature must be one of {FEATURES}, got {self.feature!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -183,6 +250,22 @@ class VisionConfig:
             raise MlcVisionError(f"register_tokens must be >= 0, got {self.register_tokens}")
         normalize_layer(self.select_layer, self.num_hidden_states)
         return self
+
+    @property
+    def has_image_newline(self) -> bool:
+        """LLaVA-NeXT: the params hold ``image_newline`` (it needs the projector: it has the LLM's width)."""
+        return self.tiling is not None and self.tiling.mode == "anyres" and self.projector is not None
+
+
+def check_pinpoints(pinpoints, tile_size: int) -> None:
+    """anyres grids must be whole tiles: ``[height, width]`` multiples of the tower's image size."""
+    if not pinpoints:
+        raise MlcVisionError("anyres tiling needs at least one grid pinpoint")
+    for point in pinpoints:
+        if len(point) != 2 or min(point) < tile_size or point[0] % tile_size or point[1] % tile_size:
+            raise MlcVisionError(
+                f"grid pinpoint {list(point)} is not a [height, width] multiple of the tile size {tile_size}"
+            )
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from mlc_vision.compiler.kernels import cpu_bf16_gemm
-from parity import CompiledCPU, convert_checkpoint, cosine, randomize_layer_norms
+from parity import CompiledCPU, assert_close, convert_checkpoint, randomize_all
 
-BF16_MIN_COS = 0.9999  # a bf16 library against our fp32 library, same checkpoint
 
 #: (M, N, K): one row, row tails of the 6-row tile, a 64-column panel tail,
 #: k not a multiple of the AMX step (34, 96), and a shape with whole AMX blocks
@@ -36,31 +35,40 @@ def kernel(tmp_path_factory):
 
     subprocess.run([cpu_bf16_gemm._compiler(), "-shared", str(obj), "-o", str(so)], check=True)
     lib = ctypes.CDLL(str(so))
-    lib.mlcv_bf16_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.mlcv_bf16_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
     return lib
 
 
-def _run(lib, path, x, w, bias):
+def _run(lib, path, x, w, bias, residual=None):
     y = np.full((x.shape[0], w.shape[0]), np.nan, dtype=np.float32)
     ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
-    status = lib.mlcv_bf16_linear_path(path, ptr(x), ptr(w), ptr(bias), ptr(y), x.shape[0], w.shape[0], x.shape[1])
+    status = lib.mlcv_bf16_linear_path(
+        path, ptr(x), ptr(w), ptr(bias), ptr(residual), ptr(y), x.shape[0], w.shape[0], x.shape[1]
+    )
     return status, y
 
 
+#: The kernel's epilogues: what is added to x . w^T.
+EPILOGUES = {"plain": (False, False), "bias": (True, False), "residual": (False, True), "bias-residual": (True, True)}
+
+
 @pytest.mark.parametrize("path", sorted(cpu_bf16_gemm.PATHS), ids=list(cpu_bf16_gemm.PATHS.values()))
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernel_matches_numpy(kernel, path, with_bias, shape):
+def test_kernel_matches_numpy(kernel, path, epilogue, shape):
     if not kernel.mlcv_bf16_path_supported(path):
         pytest.skip(f"this CPU has no {cpu_bf16_gemm.PATHS[path]}")
+    with_bias, with_residual = EPILOGUES[epilogue]
     m, n, k = shape
     rng = np.random.default_rng(m * 1000 + n + k)
     x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
     w = rng.standard_normal((n, k)).astype(ml_dtypes.bfloat16)
     bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
-    status, y = _run(kernel, path, x, w, bias)
+    residual = rng.standard_normal((m, n)).astype(np.float32) if with_residual else None
+    status, y = _run(kernel, path, x, w, bias, residual)
     assert status == 0
-    ref = x.astype(np.float32) @ w.astype(np.float32).T + (bias if with_bias else 0)
+    ref = x.astype(np.float32) @ w.astype(np.float32).T
+    ref = ref + (bias if with_bias else 0) + (residual if with_residual else 0)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
@@ -85,9 +93,7 @@ def clip_checkpoint(tmp_path_factory):
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
-    randomize_layer_norms(model)
+    model = randomize_all(CLIPVisionModel(CLIPVisionConfig(**TINY)), seed=0)
     ckpt = tmp_path_factory.mktemp("clip-bf16-ckpt")
     model.save_pretrained(ckpt)
     return ckpt
@@ -104,8 +110,7 @@ def test_bf16_library_matches_fp32_library(clip_checkpoint, tmp_path):
         lib = CompiledCPU(config, params, dtype, tmp_path, hidden_states=False)
         out[dtype] = lib.encode(pixels)
     assert lib.metadata["params"][0]["dtype"] == "bfloat16"
-    assert np.isfinite(out["bfloat16"]).all()
-    assert cosine(out["bfloat16"], out["float32"]) >= BF16_MIN_COS
+    assert_close(out["bfloat16"], out["float32"], "bf16 library vs the fp32 library", "bfloat16")
 
 
 def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
@@ -124,3 +129,5 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
     linear = [c for c in calls if c.startswith("bf16_linear")]
     assert len(linear) == 1 + 6 * TINY["num_hidden_layers"]  # patch embedding + q, k, v, out, fc1, fc2
     assert not [c for c in calls if "matmul" in c]
+    # out-projection and fc2 add the residual stream in the kernel: no separate add kernel
+    assert len([c for c in linear if c.endswith("_residual")]) == 2 * TINY["num_hidden_layers"]

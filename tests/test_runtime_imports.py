@@ -27,18 +27,21 @@ RUNTIME_ONLY_FORBIDDEN = OURS_FORBIDDEN + ("tvm.relax",)
 # docs/internals.md, "Packages and the direction of imports" (errors.py and the
 # package root are left out: everything imports errors, the root imports nothing eagerly).
 DOCUMENTED = {
+    "atomic": set(),
     "bench": {"bench_peers", "compiler", "config", "testing"},
     "bench_peers": set(),
-    "checkpoint": {"config", "models"},
-    "cli": {"bench", "checkpoint", "compiler", "config", "runtime", "weights.convert"},
-    "compiler": {"config", "cpu_features", "models"},
-    "config": set(),
+    "checkpoint": {"config", "models", "validate", "weights.reader"},
+    "cli": {"atomic", "bench", "checkpoint", "compiler", "config", "runtime", "weights.convert"},
+    "compiler": {"atomic", "config", "cpu_features", "models"},
+    "config": {"validate"},
     "cpu_features": set(),
     "models": {"config"},
-    "runtime": {"config", "cpu_features", "weights.params"},
+    "runtime": {"config", "cpu_features", "weights.integrity", "weights.params"},
     "testing": {"config"},
+    "validate": set(),
     "weights.convert": {"checkpoint", "config", "models", "weights.params", "weights.reader"},
-    "weights.params": set(),
+    "weights.integrity": {"weights.params"},
+    "weights.params": {"atomic"},
     "weights.reader": set(),
 }
 SUBPACKAGES = ("checkpoint", "compiler", "models", "runtime", "testing")

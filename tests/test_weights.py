@@ -16,6 +16,7 @@ import tvm
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
+from mlc_vision.config import Tiling
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import ParamsWriter, load_params, read_params, write_params
@@ -282,6 +283,7 @@ def test_load_hf_config_composites(tmp_path, model_type, vision_type):
     if model_type == "internvl_chat":
         assert outer_options(full) == {
             "select_layer": -1, "downsample_ratio": 0.5, "projector": "mlp1", "projector_hidden_size": 20,
+            "tiling": Tiling("internvl", min_tiles=1, max_tiles=12, thumbnail=True),  # InternVL's defaults
         }
 
 

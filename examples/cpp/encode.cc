@@ -1,6 +1,8 @@
 // mlc-vision C++ loader: what a chat runtime does with a compiled vision encoder.
 //
 //   encode LIB PARAMS_DIR INPUT OUTPUT.npy [--device cpu|cuda|metal|vulkan[:N]] [--entry encode|encode_rgb8]
+//   encode LIB PARAMS_DIR IMAGE.npy OUTPUT.npy --tiles [--max-tiles N] [--min-tiles M] [--no-thumbnail]
+//          [--tiles-out TILES.npy] [--device ...]
 //
 // Links only the TVM runtime (libtvm_runtime + libtvm_ffi from the apache-tvm wheel).
 // LIB is a library from `mlc-vision compile`; PARAMS_DIR is a params directory from
@@ -9,6 +11,12 @@
 // `encode_rgb8`) or a raw file of float32 values (batch inferred from its size).
 // Everything else (image size, parameter names, tokens per image, output width)
 // comes from the library's _metadata().
+//
+// --tiles follows the library's tiling contract (tiling.h, docs/tiling.md): IMAGE.npy is one
+// uint8 [H, W, 3] image of any size; it is cut into tiles (InternVL: the grid, then the
+// thumbnail; LLaVA-NeXT anyres: the base image, then the grid), the tiles run through
+// encode_rgb8, and OUTPUT gets [tiles, tokens, width] (InternVL) or the packed sequence
+// [tokens, width] the language model reads (anyres: unpadded, image_newline after each row).
 
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/container/array.h>
@@ -23,11 +31,14 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <iostream>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "tiling.h"
 
 namespace ffi = tvm::ffi;
 using ffi::Tensor;
@@ -162,20 +173,148 @@ std::vector<char> ToDtype(const Array& input, const std::string& dtype) {
   return out;
 }
 
+size_t DtypeBytes(const std::string& dtype) { return dtype == "float32" ? 4 : dtype == "uint8" ? 1 : 2; }
+
+std::string NpyDescr(const std::string& dtype) {
+  return dtype == "float32" ? "<f4" : dtype == "float16" ? "<f2" : "<u2";  // bf16 as raw uint16
+}
+
+Tensor ToDevice(const std::vector<int64_t>& shape, const std::string& dtype, std::vector<char>& bytes, DLDevice device) {
+  // The runtime's own allocation and copy functions (the wheel ships no C++ headers for them).
+  Tensor t = Global("runtime.TVMTensorAllocWithScope")(ffi::Shape(shape), ParseDtype(dtype), device,
+                                                       ffi::Optional<ffi::String>())
+                 .cast<Tensor>();
+  Global("runtime.TVMTensorCopyFromBytes")(t, static_cast<void*>(bytes.data()), static_cast<int64_t>(bytes.size()));
+  return t;
+}
+
+std::vector<char> ToHost(const Tensor& t, std::vector<int64_t>* shape) {
+  const DLTensor* dl = t.GetDLTensorPtr();
+  shape->assign(dl->shape, dl->shape + dl->ndim);
+  size_t nbytes = dl->dtype.bits / 8;
+  for (int64_t d : *shape) nbytes *= d;
+  std::vector<char> out(nbytes);
+  Global("runtime.TVMTensorCopyToBytes")(t, static_cast<void*>(out.data()), static_cast<int64_t>(nbytes));
+  return out;
+}
+
+// anyres packing of raw features: float32 as floats (OneVision's shrink computes), other dtypes as
+// bytes (packing only copies them).
+std::vector<char> Pack(const std::vector<char>& features, const std::vector<char>& newline, int tokens, int width,
+                       const std::string& dtype, const mlc_vision::Grid& grid, int height, int image_width,
+                       int anyres_max) {
+  if (dtype == "float32") {
+    std::vector<float> f(features.size() / 4), n(newline.size() / 4);
+    std::memcpy(f.data(), features.data(), features.size());
+    std::memcpy(n.data(), newline.data(), newline.size());
+    std::vector<float> packed = mlc_vision::PackAnyres(f, tokens, width, grid, height, image_width, &n, anyres_max);
+    std::vector<char> out(packed.size() * 4);
+    std::memcpy(out.data(), packed.data(), out.size());
+    return out;
+  }
+  int element = static_cast<int>(DtypeBytes(dtype));
+  std::vector<uint8_t> f(features.begin(), features.end()), n(newline.begin(), newline.end());
+  std::vector<uint8_t> packed =
+      mlc_vision::PackAnyres(f, tokens, width * element, grid, height, image_width, &n, anyres_max);
+  return std::vector<char>(packed.begin(), packed.end());
+}
+
+struct TileOptions {
+  std::optional<int> max_tiles, min_tiles;  // unset: the library's
+  bool thumbnail = true;
+  std::string tiles_out;
+};
+
+// --tiles: one image -> the library's tiles -> encode_rgb8 -> features (packed for anyres).
+void EncodeTiles(const ffi::Module& vm, const ffi::json::Object& meta, const ffi::Array<Tensor>& params,
+                 const Array& input, const TileOptions& opt, DLDevice device, const std::string& output_path) {
+  if (!meta.count("tiling") || meta["tiling"] == nullptr) throw std::runtime_error("the library has no tiling contract");
+  ffi::json::Object tiling = meta["tiling"].cast<ffi::json::Object>();
+  std::string backend = meta["preprocess"].cast<ffi::json::Object>()["backend"].cast<ffi::String>();
+  if (backend != "torchvision") {
+    throw std::runtime_error("the library resizes with the '" + backend +
+                             "' backend; this example implements the 'torchvision' one (ATen's integer bicubic)");
+  }
+  if (input.dtype != "uint8" || input.shape.size() != 3 || input.shape[2] != 3) {
+    throw std::runtime_error("--tiles takes one uint8 [H, W, 3] image");
+  }
+  mlc_vision::Image image{static_cast<int>(input.shape[0]), static_cast<int>(input.shape[1]),
+                          std::vector<uint8_t>(input.bytes.begin(), input.bytes.end())};
+  int tile = static_cast<int>(meta["image_size"].cast<int64_t>());
+  std::string mode = tiling["mode"].cast<ffi::String>();
+  mlc_vision::Tiles tiles;
+  if (mode == "internvl") {
+    int min_tiles = opt.min_tiles.value_or(static_cast<int>(tiling["min_tiles"].cast<int64_t>()));
+    int max_tiles = opt.max_tiles.value_or(static_cast<int>(tiling["max_tiles"].cast<int64_t>()));
+    bool thumbnail = opt.thumbnail && tiling["thumbnail"].cast<bool>();
+    tiles = mlc_vision::InternVLTiles(image, tile, min_tiles, max_tiles, thumbnail);
+  } else {
+    if (opt.min_tiles || opt.max_tiles || !opt.thumbnail) {
+      throw std::runtime_error("min/max tiles and the thumbnail are InternVL options; this library tiles with anyres pinpoints");
+    }
+    std::vector<std::pair<int, int>> pins;
+    for (const ffi::Any& p : tiling["grid_pinpoints"].cast<ffi::json::Array>()) {
+      ffi::json::Array hw = p.cast<ffi::json::Array>();
+      pins.emplace_back(static_cast<int>(hw[0].cast<int64_t>()), static_cast<int>(hw[1].cast<int64_t>()));
+    }
+    tiles = mlc_vision::AnyresTiles(image, tile, pins);
+  }
+  std::vector<int64_t> tile_shape{tiles.count, tile, tile, 3};
+  std::vector<char> tile_bytes(tiles.pixels.begin(), tiles.pixels.end());
+  if (!opt.tiles_out.empty()) WriteNpy(opt.tiles_out, tile_shape, "|u1", tile_bytes);
+
+  std::vector<int64_t> shape;
+  std::vector<char> features = ToHost(Get(vm, "encode_rgb8")(ToDevice(tile_shape, "uint8", tile_bytes, device), params)
+                                          .cast<Tensor>(), &shape);
+  std::string dtype = meta["dtype"].cast<ffi::String>();
+  std::string extra = tiles.thumbnail ? " + thumbnail" : tiles.base ? " + base image" : "";
+  std::cout << "grid " << tiles.grid.str() << extra << " -> " << tiles.count << " tiles";
+  ffi::Any newline_spec = tiling.count("image_newline") ? tiling["image_newline"] : ffi::Any(nullptr);
+  if (tiles.base && newline_spec != nullptr) {
+    std::string name = newline_spec.cast<ffi::json::Object>()["param"].cast<ffi::String>();
+    ffi::Array<ffi::String> names{ffi::String(name)};
+    Tensor newline_tensor = Global("vm.builtin.param_array_from_cache_by_name")(names).cast<ffi::Array<Tensor>>()[0];
+    std::vector<int64_t> newline_shape;
+    std::vector<char> newline = ToHost(newline_tensor, &newline_shape);
+    int anyres_max = tiling.count("anyres_max") && tiling["anyres_max"] != nullptr
+                         ? static_cast<int>(tiling["anyres_max"].cast<int64_t>())
+                         : 0;
+    size_t row_bytes = static_cast<size_t>(shape[2]) * DtypeBytes(dtype);
+    if (newline.size() != row_bytes) throw std::runtime_error(name + " does not have the output width");
+    features = Pack(features, newline, static_cast<int>(shape[1]), static_cast<int>(shape[2]), dtype, tiles.grid,
+                    image.height, image.width, anyres_max);
+    shape = {static_cast<int64_t>(features.size() / row_bytes), shape[2]};
+    std::cout << " -> " << shape[0] << " packed tokens";
+  }
+  WriteNpy(output_path, shape, NpyDescr(dtype), features);
+  std::cout << " -> " << output_path << "\n";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 5) {
     std::cerr << "usage: " << argv[0]
-              << " LIB PARAMS_DIR INPUT(.npy|raw f32) OUTPUT.npy [--device cpu|cuda[:N]] [--entry encode|encode_rgb8]\n";
+              << " LIB PARAMS_DIR INPUT(.npy|raw f32) OUTPUT.npy [--device cpu|cuda[:N]] [--entry encode|encode_rgb8]\n"
+              << "       " << argv[0]
+              << " LIB PARAMS_DIR IMAGE.npy OUTPUT.npy --tiles [--max-tiles N] [--min-tiles M] [--no-thumbnail]"
+                 " [--tiles-out TILES.npy]\n";
     return 2;
   }
   std::string lib_path = argv[1], params_dir = argv[2], input_path = argv[3], output_path = argv[4];
   std::string device_spec = "cpu", entry = "encode";
-  for (int i = 5; i + 1 < argc; i += 2) {
+  bool tiled = false;
+  TileOptions tile_options;
+  for (int i = 5; i < argc; ++i) {
     std::string flag = argv[i];
-    if (flag == "--device") device_spec = argv[i + 1];
-    else if (flag == "--entry") entry = argv[i + 1];
+    bool has_value = i + 1 < argc;
+    if (flag == "--tiles") tiled = true;
+    else if (flag == "--no-thumbnail") tile_options.thumbnail = false;
+    else if (flag == "--device" && has_value) device_spec = argv[++i];
+    else if (flag == "--entry" && has_value) entry = argv[++i];
+    else if (flag == "--max-tiles" && has_value) tile_options.max_tiles = std::stoi(argv[++i]);
+    else if (flag == "--min-tiles" && has_value) tile_options.min_tiles = std::stoi(argv[++i]);
+    else if (flag == "--tiles-out" && has_value) tile_options.tiles_out = argv[++i];
     else { std::cerr << "unknown option " << flag << "\n"; return 2; }
   }
   try {
@@ -207,6 +346,11 @@ int main(int argc, char** argv) {
 
     // 4. The input, checked against the library's geometry.
     std::string raw = ReadFile(input_path);
+    if (tiled) {
+      if (raw.rfind("\x93NUMPY", 0) != 0) throw std::runtime_error("--tiles takes a .npy image");
+      EncodeTiles(vm, meta, params, ReadNpy(input_path, raw), tile_options, device, output_path);
+      return 0;
+    }
     Array input;
     if (raw.rfind("\x93NUMPY", 0) == 0) {
       input = ReadNpy(input_path, raw);

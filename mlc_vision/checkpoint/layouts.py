@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MlcVisionError
+from ..validate import check_hf_vision_config
 from .projector import projector_from_hf
+from .tiling import tiling_options
 
 
 # ---- composite configs (a vision tower inside a bigger model) ---------------------------
@@ -81,9 +83,11 @@ def load_hf_config(path: str | Path) -> tuple[dict | None, dict]:
             if not vision.get("model_type"):
                 vision["model_type"] = composite.vision_model_type
             vision.update({field: full[field] for field in composite.inherit if field in full})
+        check_hf_vision_config(vision, path)
         return vision, full
     if full.get("mm_vision_tower"):  # the tower is named, its config is not in this checkpoint
         return None, full
+    check_hf_vision_config(full, path)
     return dict(full), full
 
 
@@ -133,7 +137,7 @@ def is_composite(full_config: dict) -> bool:
 
 
 def outer_options(full_config: dict) -> dict:
-    """VisionConfig options a composite config sets: select layer, feature, projector.
+    """VisionConfig options a composite config sets: select layer, feature, projector, tiling.
 
     Empty for a plain vision checkpoint. The projector (kind, the language
     model's width, InternVL's ``downsample_ratio``) comes from
@@ -151,4 +155,5 @@ def outer_options(full_config: dict) -> dict:
     spec = projector_from_hf(full_config)
     if spec is not None:
         options.update(spec.options())
+    options.update(tiling_options(full_config))
     return options

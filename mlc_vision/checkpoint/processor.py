@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import HF_RESAMPLE, Preprocess
 from ..errors import MlcVisionError
+from ..validate import check_preprocessor_config
 
 PROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -27,6 +28,7 @@ def read_preprocess(path: Path, full_config: dict) -> Preprocess | None:
         data = json.loads(pre_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MlcVisionError(f"cannot read {pre_path}: {err}") from None
+    check_preprocessor_config(data, pre_path)
     return preprocess_config_from_hf(data, pad_to_square=full_config.get("image_aspect_ratio") == "pad")
 
 

@@ -128,17 +128,34 @@ class Source:
             raise MlcVisionError(f"hub snapshot of {self.repo_id!r} moved while fetching ({fetched})")
 
 
-def shards_from_index(index: Path, wanted: Callable[[str], bool] | None) -> list[str]:
-    """Shard file names of an index, in first-appearance order; with ``wanted``, only those needed."""
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor name -> shard file), checked: a dict of names, shards inside the checkpoint."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise MlcVisionError(f"cannot read shard index {index}: {err}") from None
+        raise MlcVisionError(f"cannot read shard index {index}: {type(err).__name__} {err}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MlcVisionError(f"shard index {index}: weight_map must map tensor names to shard file names")
+    for shard in set(weight_map.values()):
+        _check_shard_inside(index, shard)
+    return weight_map
+
+
+def shards_from_index(index: Path, wanted: Callable[[str], bool] | None) -> list[str]:
+    """Shard file names of an index, in first-appearance order; with ``wanted``, only those needed."""
     shards: dict[str, bool] = {}
-    for key, shard in weight_map.items():
+    for key, shard in read_weight_map(index).items():
         needed = wanted is None or wanted(key)
         shards[shard] = shards.get(shard, False) or needed
     return [shard for shard, needed in shards.items() if needed]
+
+
+def _check_shard_inside(index: Path, shard: str) -> None:
+    """A shard named by an index must be a path inside the checkpoint, not one out of it."""
+    # Lexical, not resolve(): a hub snapshot's files are symlinks into the cache's blob store.
+    normal = os.path.normpath(shard)
+    if not shard or os.path.isabs(shard) or normal == ".." or normal.startswith(".." + os.sep):
+        raise MlcVisionError(f"shard index {index} names {shard!r}, which is outside the checkpoint directory")
 
 
 def resolve_source(spec: str | Path, revision: str | None = None) -> Source:
@@ -149,7 +166,10 @@ def resolve_source(spec: str | Path, revision: str | None = None) -> Source:
         return Source(text, _checked_dir(path))
     if isinstance(spec, Path) or not REPO_ID.match(text) or text.startswith((".", "/", "~")):
         raise MlcVisionError(f"checkpoint directory {path} does not exist")
-    snapshot = _hub_download(text, list(METADATA_PATTERNS), revision)
+    try:
+        snapshot = _hub_download(text, list(METADATA_PATTERNS), revision)
+    except MlcVisionError as err:
+        raise MlcVisionError(f"{text!r} is neither a local directory nor a reachable hub id ({err})") from None
     return Source(text, _checked_dir(snapshot), repo_id=text, revision=revision)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import VisionConfig
+from ..config import IMAGE_NEWLINE_PARAM, VisionConfig
 from ..models import Family
 from ..models import projector as projectors
 from ..models.weight_map import WeightMap
@@ -115,4 +115,6 @@ def expected_params(fam: Family, config: VisionConfig, dtype: str) -> dict[str, 
     params = {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in module.named_parameters()}
     if config.projector:
         params.update(projectors.projector_params(config, dtype))
+    if config.has_image_newline:
+        params[IMAGE_NEWLINE_PARAM] = ((config.projector_hidden_size,), dtype)
     return params

@@ -3,8 +3,9 @@
 ``build_library`` is the one entry: it checks the target and the output name
 before the (possibly minutes long) compile, runs ``compiler/pipeline.py``'s
 phases for the target and the attention lowering the metadata records, and
-writes the library and its metadata JSON under temporary names first, so a
-failed build never replaces a good library. CUDA libraries embed an nvcc
+writes the library and its metadata JSON under temporary names first and
+moves both into place under one journal (``mlc_vision/atomic.py``), so a
+failed or killed build never replaces a good library nor splits it from its JSON. CUDA libraries embed an nvcc
 fatbin (``cuda_fatbin.py``).
 """
 
@@ -16,9 +17,9 @@ import logging
 import os
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
+from .. import atomic
 from ..errors import MlcVisionError
 from . import targets as _targets
 from .kernels.cpu_bf16_gemm import compile_object
@@ -49,7 +50,10 @@ def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight
         if target_name == "cuda":
             stack.enter_context(nvcc_compile_callback(_targets.parse_cuda_archs(arch)))
         if gemm == "mma":
-            stack.enter_context(tvm.transform.PassContext(config=mma_pass_config()))
+            # on top of the caller's config (e.g. relax.backend.use_cuda_graph), not instead of it
+            current = tvm.transform.PassContext.current()
+            config = {**{str(k): v for k, v in current.config.items()}, **mma_pass_config()}
+            stack.enter_context(tvm.transform.PassContext(opt_level=current.opt_level, config=config))
         executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention, gemm))
     logger.info("compiled for %s in %.1f s", target_name, time.perf_counter() - start)
     return executable
@@ -69,19 +73,20 @@ def check_output_suffix(target_name: str, output: Path) -> None:
         )
 
 
-def _temp_sibling(path: Path) -> Path:
-    """A unique temporary name in ``path``'s directory that keeps its suffix."""
-    suffix = ".tar" if path.name.endswith(".tar") else path.suffix
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix}")
+def sidecar_path(output: Path) -> Path:
+    """``<lib>.json``, the metadata written beside a library."""
+    return output.with_name(output.name + ".json")
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = _temp_sibling(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def check_output(target_name: str, output: Path) -> Path:
+    """Refuse a bad output before compiling: wrong suffix, a directory, unwritable; clean dead runs' leftovers."""
+    output = Path(output)
+    check_output_suffix(target_name, output)
+    atomic.check_writable(output, what="output")
+    atomic.check_writable(sidecar_path(output), what="output")
+    atomic.recover(output)
+    atomic.recover(sidecar_path(output))
+    return output
 
 
 def export_executable(executable, target_name: str, output: Path, *, arch=None, metadata: dict) -> Path:
@@ -91,24 +96,35 @@ def export_executable(executable, target_name: str, output: Path, *, arch=None, 
     into place only when complete: a failed export leaves no file at
     ``output`` (an earlier library there stays as it was).
     """
-    output = Path(output)
-    check_output_suffix(target_name, output)
-    if not output.parent.is_dir():
-        raise MlcVisionError(f"output directory {str(output.parent)!r} does not exist")
+    output = check_output(target_name, Path(output))
+    output.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {}
     if target_name == "cuda":
         kwargs["fpack_imports"] = pack_imports_with_fatbin(_targets.parse_cuda_archs(arch))
-    tmp = _temp_sibling(output)
+    lib_tmp = atomic.temp_path(output, keep_suffix=True)
+    json_tmp = atomic.temp_path(sidecar_path(output))
     try:
         with tempfile.TemporaryDirectory() as objects:
             if needs_bf16_kernel(target_name, metadata):
                 kwargs["addons"] = [str(compile_object(Path(objects)))]
-            executable.export_library(str(tmp), **kwargs)
-        os.replace(tmp, output)
+            executable.export_library(str(lib_tmp), **kwargs)
+        atomic.die_point("writing")
+        json_tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+        for tmp in (lib_tmp, json_tmp):
+            _fsync(tmp)
+        atomic.commit([atomic.Move(lib_tmp, output), atomic.Move(json_tmp, sidecar_path(output))])
     finally:
-        tmp.unlink(missing_ok=True)
-    _write_json_atomic(output.with_name(output.name + ".json"), metadata)
+        lib_tmp.unlink(missing_ok=True)
+        json_tmp.unlink(missing_ok=True)
     return output
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def needs_bf16_kernel(target_name: str, metadata: dict) -> bool:
@@ -124,9 +140,8 @@ def build_library(mod, target_name: str, output: Path, *, arch=None, host=None, 
     (``module.build_module`` resolved them for this target and dtype), and so
     is the CPU (``metadata["cpu"]``).
     """
-    output = Path(output)
     _targets.check_buildable(target_name)
-    check_output_suffix(target_name, output)  # before minutes of compiling
+    output = check_output(target_name, Path(output))  # before minutes of compiling
     attention = _targets.resolve_attention(target_name, metadata["dtype"], metadata.get("attention"))
     cpu = metadata.get("cpu") if target_name == "cpu" else None
     if cpu is not None:

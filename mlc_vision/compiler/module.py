@@ -20,7 +20,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from .. import __version__
-from ..config import DTYPES, VisionConfig
+from ..config import DTYPES, IMAGE_NEWLINE_PARAM, VisionConfig
 from ..errors import MlcVisionError
 from ..models import get_family
 from ..models import projector as projectors
@@ -191,9 +191,34 @@ def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[di
         "feature": config.feature,
         "projector": projector_metadata(config),
         "preprocess": config.preprocess.to_dict(),
+        "tiling": tiling_metadata(config, tokens),
         "entries": entries,
         "params": params,
     }
+
+
+def tiling_metadata(config: VisionConfig, tokens_per_tile: int) -> dict | None:
+    """The tiling contract a runtime follows for an image of any size (docs/tiling.md)."""
+    if config.tiling is None:
+        return None
+    tiling = config.tiling.to_dict()
+    tiling.update(tile_size=config.image_size, tokens_per_tile=tokens_per_tile, grid="rows x cols (height x width)")
+    if config.tiling.mode == "internvl":
+        tiling["order"] = "tiles row-major, then the thumbnail (only when the grid has more than one tile)"
+        return tiling
+    newline = None
+    if config.has_image_newline:
+        newline = {"param": IMAGE_NEWLINE_PARAM, "shape": [config.projector_hidden_size]}
+    tiling.update(
+        order="the base image (resized to one tile), then the tiles of the chosen pinpoint row-major",
+        image_newline=newline,
+        packing="tile token maps joined, cropped to the image's aspect (unpad), "
+        + ("shrunk to about anyres_max tiles (bilinear) when larger, " if config.tiling.anyres_max else "")
+        + "image_newline after each row, base image tokens first"
+        if newline
+        else "none in the library: compile with the projector to pack",
+    )
+    return tiling
 
 
 def rgb8_shape(config: VisionConfig) -> list:

@@ -13,6 +13,7 @@ from tvm.relax.frontend.nn import Tensor
 
 from ..config import Preprocess, VisionConfig
 from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
+from .transforms import interpolate_position_embedding
 from . import layers
 from .registry import Family, OptionalPart, register
 
@@ -113,6 +114,9 @@ WEIGHTS = WeightMap(
         r"position_ids$",
         *LLAVA_NON_VISION_KEYS,
     ),
+    # ``convert --image-size``: the patch rows of the position table resampled to the
+    # new grid, class row kept (transformers' ``interpolate_pos_encoding=True``)
+    transforms=((r"^embeddings\.position_embedding\.weight$", interpolate_position_embedding),),
 )
 
 

@@ -32,6 +32,7 @@ from tvm.relax.frontend.nn import Tensor
 from ..config import Preprocess, VisionConfig
 from ..errors import MlcVisionError
 from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
+from .transforms import interpolate_position_embedding
 from . import layers
 from .registry import Family, OptionalPart, register
 
@@ -183,6 +184,10 @@ WEIGHTS = WeightMap(
         r"self_attn\.k_proj\.bias$",
         *LLAVA_NON_VISION_KEYS,
     ),
+    # ``convert --image-size``: InternVL's port has no interpolation of its own, so the
+    # rule is CLIP's (transformers' ``interpolate_pos_encoding``): the class row kept,
+    # the patch rows resampled bicubic (a = -0.75), align_corners=False, no antialias.
+    transforms=((r"^embeddings\.position_embedding\.weight$", interpolate_position_embedding),),
 )
 
 

@@ -27,7 +27,7 @@ from typing import Iterable
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from ..config import Preprocess, VisionConfig
+from ..config import Preprocess, Tiling, VisionConfig
 from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
 from .transforms import interpolate_position_embedding
 from . import layers
@@ -100,11 +100,29 @@ def config_from_hf(hf: dict) -> VisionConfig:
         class_token=True,
         patch_bias=True,
         checkpoint_image_size=checkpoint_size if checkpoint_size != image_size else None,
+        tiling=tiling_from_hf(hf),
         preprocess=Preprocess(
             resize="exact", size=image_size, crop_size=None, resample="bicubic",
             mean=IMAGENET_MEAN, std=IMAGENET_STD,
         ),
         **chat,
+    ).validated()
+
+
+def tiling_from_hf(hf: dict) -> Tiling | None:
+    """InternVL's dynamic tiles, as an InternVL-chat config records them.
+
+    ``dynamic_image_size: false`` means one tile per image (no tiling); a tower
+    saved alone records nothing and gets InternVL's defaults (1..12 tiles and
+    a thumbnail).
+    """
+    if hf.get("dynamic_image_size") is False:
+        return None
+    return Tiling(
+        mode="internvl",
+        min_tiles=int(hf.get("min_dynamic_patch", 1)),
+        max_tiles=int(hf.get("max_dynamic_patch", 12)),
+        thumbnail=bool(hf.get("use_thumbnail", True)),
     ).validated()
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from ..config import PROJECTORS, VisionConfig
+from ..config import IMAGE_NEWLINE_PARAM, PROJECTORS, VisionConfig
 from ..errors import MlcVisionError
 from .weight_map import WeightMap
 from . import layers
@@ -157,7 +157,15 @@ PROJECTOR_WEIGHTS = {
 }
 
 
+# LLaVA-NeXT's row separator, converted beside the projector when the runtime packs anyres tiles
+IMAGE_NEWLINE_WEIGHTS = WeightMap(
+    prefixes=(("model.image_newline", IMAGE_NEWLINE_PARAM), ("image_newline", IMAGE_NEWLINE_PARAM)),
+)
+
+
 def weight_map(config: VisionConfig) -> WeightMap:
     """The map of ``config.projector``'s checkpoint keys (what convert merges with the tower's)."""
     check(config)
+    if config.has_image_newline:
+        return PROJECTOR_WEIGHTS[config.projector].merged(IMAGE_NEWLINE_WEIGHTS)
     return PROJECTOR_WEIGHTS[config.projector]

@@ -9,27 +9,50 @@ library comes from the library's own ``_metadata()``.
 from __future__ import annotations
 
 import json
+import threading
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must load without TVM's compiler library
 
+from ..config import Preprocess, check_tile_range
 from ..errors import MlcVisionError
+from ..weights.integrity import check_params_files
 from ..weights.params import load_params, read_params
 from ..cpu_features import check_cpu_library
-from .preprocess import preprocess
+from .libcheck import check_library_file
+from .preprocess import load_rgb, normalize, preprocess
+from .tiling import Grid, anyres_tiles, internvl_tiles, pack_anyres
 
 RUNNABLE_SUFFIXES = (".so", ".dylib", ".dll")
+
+#: Device kinds ``--device`` takes (``kind`` or ``kind:index``).
+DEVICE_KINDS = ("cpu", "cuda", "rocm", "metal", "vulkan", "opencl", "webgpu")
+
+#: Config fields a library and its params may disagree on: what to return
+#: (layer, feature, final norm), the input (size, preprocessing) and names.
+#: Position-embedding sizes and optional heads are covered by the shape check
+#: of every parameter; the projector's fields are compared when the library has one.
+SELECTION_FIELDS = frozenset(
+    {"select_layer", "feature", "post_norm_tokens", "image_size", "checkpoint_image_size", "preprocess", "preset",
+     "projection_dim", "use_head"}
+)
+PROJECTOR_FIELDS = frozenset({"projector", "projector_hidden_size", "downsample_ratio"})
 
 
 def parse_device(device: str) -> tvm.runtime.Device:
     """``cpu``, ``cuda``, ``cuda:1``, ``metal``, ``vulkan``, ``opencl`` -> a TVM device."""
     kind, _, index = str(device).partition(":")
-    try:
-        dev = tvm.device(kind, int(index or 0))
-    except (ValueError, tvm.TVMError) as err:
-        raise MlcVisionError(f"unknown device {device!r}: {err}") from None
+    if kind not in DEVICE_KINDS:
+        raise MlcVisionError(f"unknown device {device!r}; use one of {', '.join(DEVICE_KINDS)} (optionally :index)")
+    if index and not index.isdigit():
+        raise MlcVisionError(f"device index in {device!r} must be a non-negative integer")
+    if kind == "cpu" and int(index or 0) != 0:
+        raise MlcVisionError(f"device {device!r} does not exist: the CPU is one device, cpu (or cpu:0)")
+    dev = tvm.device(kind, int(index or 0))
     if not dev.exist:
         raise MlcVisionError(f"device {device!r} is not available on this machine")
     return dev
@@ -44,6 +67,7 @@ def load_library(lib: str | Path) -> tvm.runtime.Module:
             f"library {lib} is a {lib.suffix or 'suffix-less'} file: only {', '.join(RUNNABLE_SUFFIXES)} "
             "libraries load in this process (a Metal .tar is linked into an app on macOS/iOS)"
         )
+    check_library_file(lib)  # a truncated or foreign file would crash dlopen
     try:
         return tvm.runtime.load_module(str(lib))
     except Exception as err:  # TVM raises its own error types
@@ -58,19 +82,73 @@ def read_metadata(vm: VirtualMachine, lib: Path) -> dict:
         raise MlcVisionError(f"library {lib} has no mlc-vision _metadata(); was it built by mlc-vision compile?") from None
 
 
+def architecture_difference(lib_config: dict, params_config: dict) -> str | None:
+    """The first field (sorted) on which the two configs describe different weights, as text; None if none."""
+    skip = SELECTION_FIELDS | (PROJECTOR_FIELDS if not lib_config.get("projector") else frozenset())
+    for field in sorted((set(lib_config) | set(params_config)) - skip):
+        if lib_config.get(field) != params_config.get(field):
+            return f"{field} is {params_config.get(field)!r} in the params but {lib_config.get(field)!r} in the library"
+    return None
+
+
 def check_params_match(metadata: dict, params_dir: Path) -> None:
-    """Refuse params made for another family or dtype, saying which (names and shapes: load_params)."""
+    """Refuse params made for another model or dtype, naming the field (names and shapes: load_params)."""
     records, params_meta = read_params(params_dir)
-    family = (params_meta or {}).get("mlc_vision", {}).get("family")
-    if family and family != metadata["family"]:
-        raise MlcVisionError(f"params {params_dir} are for family {family!r} but the library is {metadata['family']!r}")
-    for spec in metadata["params"]:
+    ours = params_meta.get("mlc_vision") if isinstance(params_meta, dict) else None
+    if not isinstance(ours, dict) or not isinstance(ours.get("config"), dict):
+        raise MlcVisionError(
+            f"params {params_dir} have no mlc_vision metadata in tensor-cache.json, so nothing says which model "
+            "they are for; make them with mlc-vision convert"
+        )
+    _check_records(metadata["params"], records, params_dir)
+    if ours.get("family") != metadata["family"]:
+        raise MlcVisionError(f"params {params_dir} are for family {ours.get('family')!r} but the library is {metadata['family']!r}")
+    difference = architecture_difference(metadata["config"], ours["config"])
+    if difference:
+        raise MlcVisionError(f"params {params_dir} do not match the library: {difference}")
+
+
+def _check_records(specs: list[dict], records: dict, params_dir: Path) -> None:
+    """Every parameter the library takes is in the params dir with its shape and dtype (no data read)."""
+    for spec in specs:
         record = records.get(spec["name"])
-        if record is not None and record.dtype != spec["dtype"]:
+        if record is None:
+            raise MlcVisionError(f"params dir {params_dir} has no parameter {spec['name']!r}")
+        if record.shape != tuple(spec["shape"]):
+            raise MlcVisionError(
+                f"parameter {spec['name']!r}: params dir has shape {list(record.shape)}, expected {list(spec['shape'])}"
+            )
+        if record.dtype != spec["dtype"]:
             raise MlcVisionError(
                 f"dtype mismatch: params {params_dir} hold {record.dtype} ({spec['name']!r}) but the library was "
                 f"compiled for {spec['dtype']}; convert with --dtype {spec['dtype']}"
             )
+
+
+def warn_if_not_finite(pixel_values: np.ndarray) -> None:
+    """NaN or Inf inputs give NaN features; say so instead of passing them silently."""
+    if pixel_values.dtype.kind == "f" and not np.isfinite(pixel_values).all():
+        bad = int(np.size(pixel_values) - np.isfinite(pixel_values).sum())
+        warnings.warn(f"pixel values hold {bad} NaN or Inf value(s); the features will not be meaningful", stacklevel=3)
+
+
+@dataclass(frozen=True)
+class TiledFeatures:
+    """The features of one tiled image.
+
+    ``features``: ``[tiles, tokens, width]`` in the library's tile order
+    (InternVL: the grid row-major, then the thumbnail; anyres: the base image,
+    then the grid row-major). ``packed``: anyres only, the sequence the
+    language model consumes ``[tokens, width]`` (unpadded, ``image_newline``
+    after every row, base image first); None for InternVL, whose LLM reads the
+    tiles' tokens in order.
+    """
+
+    features: np.ndarray
+    grid: Grid
+    thumbnail: bool = False
+    base: bool = False
+    packed: np.ndarray | None = None
 
 
 class VisionEncoder:
@@ -81,14 +159,29 @@ class VisionEncoder:
     metadata, ``hidden_size``, ``num_patches`` and ``dummy_feature`` at hand; the
     params are loaded on the first call or by :meth:`load_params` (with a params
     dir given then, if none was given here).
+
+    Shard sizes are always checked; ``verify`` also hashes every byte (see
+    ``weights/integrity.py``). The encoder may be called from several threads:
+    the VM call is serialized by a lock (docs/reliability.md says why a lock and
+    not one VM per thread).
     """
 
-    def __init__(self, lib: str | Path, params: str | Path | None = None, device: str = "cpu", load_params: bool = True):
+    def __init__(
+        self,
+        lib: str | Path,
+        params: str | Path | None = None,
+        device: str = "cpu",
+        load_params: bool = True,
+        verify: bool = False,
+    ):
+        self._verify = verify
+        self._newline = None  # read on first use (anyres packing)
         self.lib_path = Path(lib)
         self.params_dir = Path(params) if params is not None else None
         self._device_name = str(device)
         self.tvm_device = parse_device(device)
         self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
+        self._vm_lock = threading.Lock()
         self.metadata = read_metadata(self._vm, self.lib_path)
         check_cpu_library(self.metadata, self.lib_path)  # before any of its code runs
         if "encode" not in self.metadata.get("entries", {"encode": None}):
@@ -111,11 +204,15 @@ class VisionEncoder:
         if self.params_dir is None:
             raise MlcVisionError(f"no params dir for {self.lib_path}: pass params to VisionEncoder or load_params()")
         check_params_match(self.metadata, self.params_dir)
+        check_params_files(self.params_dir, verify=self._verify)
         self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
+        self._newline = None
 
     def _loaded_params(self):
         if self._params is None:
-            self.load_params()
+            with self._vm_lock:
+                if self._params is None:
+                    self.load_params()
         return self._params
 
     # ---- what LLaVA's CLIPVisionTower exposes ------------------------------------
@@ -165,9 +262,7 @@ class VisionEncoder:
 
     # ---- calling -----------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
-        from ..config import Preprocess
-
-        return preprocess(images, Preprocess.from_dict(self.metadata["preprocess"]))
+        return preprocess(images, self._preprocess_config())
 
     def encode_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
         """``[batch, 3, H, W]`` normalized pixels -> ``[batch, tokens, width]``."""
@@ -176,9 +271,9 @@ class VisionEncoder:
             raise MlcVisionError(
                 f"pixel_values has shape {list(pixel_values.shape)}; the library takes [batch, {', '.join(map(str, expected))}]"
             )
+        warn_if_not_finite(pixel_values)
         array = np.ascontiguousarray(pixel_values.astype(_numpy_dtype(self.dtype)))
-        out = self._vm["encode"](tvm.runtime.tensor(array, self.tvm_device), self._loaded_params())
-        return out.numpy()
+        return self._call("encode", array)
 
     def encode_rgb8(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 ``[batch, H, W, 3]`` (already resized/cropped) -> features; normalization runs in the library."""
@@ -188,8 +283,102 @@ class VisionEncoder:
                 f"encode_rgb8 takes uint8 [batch, {self.image_size}, {self.image_size}, 3], "
                 f"got {pixels.dtype} {list(pixels.shape)}"
             )
-        out = self._vm["encode_rgb8"](tvm.runtime.tensor(np.ascontiguousarray(pixels), self.tvm_device), self._loaded_params())
-        return out.numpy()
+        return self._call("encode_rgb8", np.ascontiguousarray(pixels))
+
+    def _call(self, function: str, array: np.ndarray) -> np.ndarray:
+        """One VM call; a Relax VM keeps per-call state, so calls from several threads take turns."""
+        params = self._loaded_params()
+        tensor = tvm.runtime.tensor(array, self.tvm_device)
+        with self._vm_lock:
+            out = self._vm[function](tensor, params)
+            return out.numpy()
+
+    @property
+    def tiling(self) -> dict | None:
+        """The library's tiling contract (``metadata["tiling"]``), None for one input per image."""
+        return self.metadata.get("tiling")
+
+    def encode_tiles(
+        self,
+        images,
+        *,
+        max_tiles: int | None = None,
+        min_tiles: int | None = None,
+        thumbnail: bool | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> TiledFeatures | list[TiledFeatures]:
+        """Images of any size -> tiles (the library's tiling contract) -> features per image, with the grid.
+
+        InternVL dynamic tiles: ``max_tiles``, ``min_tiles`` and ``thumbnail``
+        default to the library's (the checkpoint's ``max_dynamic_patch`` /
+        ``min_dynamic_patch`` / ``use_thumbnail``). LLaVA-NeXT anyres: the grid
+        is one of the library's pinpoints and the result is packed as well.
+        ``grid`` ``(rows, cols)`` skips the grid choice (it must be one the
+        library allows). One image gives one :class:`TiledFeatures`, a list a list.
+        """
+        tiling = self._tiling_contract()
+        chosen = None if grid is None else Grid(*grid)
+        if tiling["mode"] == "internvl":
+            cut = self._internvl_cutter(tiling, min_tiles, max_tiles, thumbnail, chosen)
+        else:
+            if any(v is not None for v in (min_tiles, max_tiles, thumbnail)):
+                raise MlcVisionError(
+                    "min/max tiles and the thumbnail are InternVL options; this library tiles with anyres pinpoints"
+                )
+            pinpoints = [tuple(p) for p in tiling["grid_pinpoints"]]
+            cut = lambda rgb: anyres_tiles(rgb, self.image_size, self._pre, pinpoints, grid=chosen)  # noqa: E731
+        single = not isinstance(images, (list, tuple))
+        results = [self._encode_tiled(load_rgb(image), cut) for image in ([images] if single else images)]
+        return results[0] if single else results
+
+    def _internvl_cutter(self, tiling: dict, min_tiles, max_tiles, thumbnail, grid):
+        min_tiles = tiling["min_tiles"] if min_tiles is None else int(min_tiles)
+        max_tiles = tiling["max_tiles"] if max_tiles is None else int(max_tiles)
+        thumbnail = tiling["thumbnail"] if thumbnail is None else bool(thumbnail)
+        check_tile_range(min_tiles, max_tiles)
+        return lambda rgb: internvl_tiles(
+            rgb, self.image_size, self._pre, min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail, grid=grid
+        )
+
+    def _encode_tiled(self, rgb: np.ndarray, cut) -> TiledFeatures:
+        tiled = cut(rgb)
+        pixels = np.stack([normalize(tile, self._pre, self._pre.backend) for tile in tiled.tiles])
+        features = self.encode_pixels(pixels)
+        packed = None
+        if tiled.base and self._image_newline is not None:
+            packed = pack_anyres(
+                features, tiled.grid, rgb.shape[:2], self._image_newline, self.tiling.get("anyres_max")
+            )
+        return TiledFeatures(features, tiled.grid, tiled.thumbnail, tiled.base, packed)
+
+    def _tiling_contract(self) -> dict:
+        tiling = self.tiling
+        if tiling is None:
+            raise MlcVisionError(
+                f"library {self.lib_path} ({self.metadata['family']}) has no tiling contract; "
+                "compile it from a checkpoint or preset that records one (InternVL-chat, LLaVA-NeXT, InternViT)"
+            )
+        return tiling
+
+    @property
+    def _pre(self):
+        return self._preprocess_config()
+
+    @property
+    def _image_newline(self) -> np.ndarray | None:
+        """LLaVA-NeXT's row separator from the params dir (None when the library has none)."""
+        spec = (self.tiling or {}).get("image_newline")
+        if spec is None:
+            return None
+        if self._newline is None:
+            records, _ = read_params(self.params_dir)
+            if spec["param"] not in records:
+                raise MlcVisionError(f"params {self.params_dir} have no {spec['param']!r}, which the library's packing needs")
+            self._newline = records[spec["param"]].read().astype(np.float32)
+        return self._newline
+
+    def _preprocess_config(self) -> Preprocess:
+        return Preprocess.from_dict(self.metadata["preprocess"])
 
     def __call__(self, images, match_input_dtype: bool = False):
         """Features of a PIL image, a path, a float ``[batch,3,H,W]`` array, or a list of those or of ``(3,H,W)`` arrays.

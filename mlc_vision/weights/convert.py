@@ -43,6 +43,9 @@ PARTS = ("vision", "text", "both")
 # Casts that lose nothing, allowed without being asked (a module may keep some params wider).
 LOSSLESS = {("float16", "float32"), ("bfloat16", "float32")}
 
+# Float dtypes numpy knows only through ml_dtypes (their dtype.kind is "V").
+ML_FLOATS = (np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+
 # ---- plan ------------------------------------------------------------------------------------
 
 
@@ -126,6 +129,14 @@ def cast(array: np.ndarray, want: str, asked: bool, entry: TensorEntry) -> np.nd
     return out
 
 
+def check_finite(array: np.ndarray, entry: TensorEntry) -> np.ndarray:
+    """A NaN or Inf weight poisons every feature: refuse the checkpoint, naming the key."""
+    if (array.dtype.kind == "f" or array.dtype in ML_FLOATS) and not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise MlcVisionError(f"key {entry.key!r} in {entry.file.name} holds {bad} NaN or Inf value(s); the checkpoint is damaged")
+    return array
+
+
 def _progress(total_bytes: int):
     from tqdm import tqdm
 
@@ -136,7 +147,8 @@ def stream(planned: list[Planned], mapper: KeyMapper, config, expected: dict, wr
     with _progress(sum(item.entry.nbytes for item in planned)) as bar:
         for item in planned:
             entry, name = item.entry, item.name
-            array = mapper.transform(name, entry.load(), config)
+            array = check_finite(entry.load(), entry)
+            array = mapper.transform(name, array, config)
             want_shape, want_dtype = expected[name]
             if tuple(array.shape) != want_shape:
                 raise _shape_error(entry, name, want_shape, array.shape)

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,6 +32,7 @@ from typing import Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
+from .. import atomic
 from ..errors import MlcVisionError
 
 CACHE_JSON = "tensor-cache.json"
@@ -94,6 +94,8 @@ class _Shard:
         self.nbytes += raw.nbytes
 
     def close(self) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
         return {
             "dataPath": self.path.name,
@@ -114,8 +116,10 @@ class ParamsWriter:
     def __init__(self, output: str | Path, shard_cap_bytes: int = SHARD_CAP_BYTES):
         self.output = Path(output).absolute()
         _check_output(self.output)
+        atomic.check_writable(self.output, directory=True, what="params dir")
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        atomic.recover(self.output)
+        self.tmp = atomic.make_temp_dir(self.output)
         self.cap = shard_cap_bytes
         self.shards: list[dict] = []
         self.current: _Shard | None = None
@@ -132,6 +136,7 @@ class ParamsWriter:
         if self.current is None:
             self.current = _Shard(self.tmp, len(self.shards))
         self.current.append(name, array)
+        atomic.die_point("writing")
 
     def add_file(self, name: str, data: bytes) -> None:
         """A file that travels with the params (the tokenizer of a text tower), replaced atomically with them."""
@@ -149,14 +154,20 @@ class ParamsWriter:
         self._close_shard()
         with open(self.tmp / CACHE_JSON, "w") as f:
             json.dump({"metadata": metadata, "records": self.shards}, f, indent=1)
-        _move_into_place(self.tmp, self.output)
+            f.flush()
+            os.fsync(f.fileno())
+        _check_output(self.output)
+        atomic.replace_dir(self.tmp, self.output)
         return self.output
 
     def abort(self) -> None:
-        if self.current is not None:
-            self.current.file.close()
-            self.current = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove everything written so far (also when closing the shard fails, e.g. on a full disk)."""
+        current, self.current = self.current, None
+        try:
+            if current is not None:
+                current.file.close()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "ParamsWriter":
         return self
@@ -174,24 +185,6 @@ def _check_output(output: Path) -> None:
         raise MlcVisionError(f"output {output} exists and is not a directory")
     if any(output.iterdir()) and not (output / CACHE_JSON).is_file():
         raise MlcVisionError(f"output {output} is a non-empty directory that is not a params dir; not overwriting it")
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    """``os.replace`` the finished dir onto ``output``; an old params dir is moved aside first."""
-    _check_output(output)
-    old = None
-    if output.exists() and any(output.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, old / "params")
-    try:
-        os.replace(tmp, output)
-    except OSError:
-        if old is not None:
-            os.replace(old / "params", output)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_params(output: str | Path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict) -> Path:

@@ -41,7 +41,8 @@ SAFETENSORS_DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 
-MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
+HEADER_NESTING = 3  # {name: {"shape": [...]}}: anything deeper is not a safetensors header
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,15 @@ def _corrupt(path: Path, why: str) -> MlcVisionError:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header (without ``__metadata__``) and the offset where data starts."""
+    """The JSON header (without ``__metadata__``) and the offset where data starts.
+
+    As strict as the ``safetensors`` library: the header length fits the
+    file, the header is a UTF-8 JSON object (no NaN/Infinity, no duplicate
+    keys, no deeper nesting than a header has), every record has a known
+    dtype, non-negative integer dims and offsets, and the records' byte ranges
+    tile the data section exactly: contiguous from 0, no overlap, no gap, no
+    trailing bytes. Anything else is one line naming the file.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -75,38 +84,88 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         if len(head) < 8:
             raise _corrupt(path, f"only {size} bytes")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
+        if header_len > MAX_HEADER_BYTES or header_len > size - 8:
             raise _corrupt(path, f"header length {header_len} does not fit in a {size}-byte file")
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _corrupt(path, f"header is not JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    header.pop("__metadata__", None)
+    header = _parse_header_json(path, raw)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
     data_start = 8 + header_len
-    for key, info in header.items():
-        _check_safetensors_record(path, key, info, size - data_start)
+    _check_layout(path, {key: _record(path, key, info) for key, info in header.items()}, size - data_start)
     return header, data_start
 
 
-def _check_safetensors_record(path: Path, key: str, info, data_size: int) -> None:
-    """A header record must describe bytes that exist and match its shape."""
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _depth(value, limit: int) -> int:
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
+
+
+def _parse_header_json(path: Path, raw: bytes) -> dict:
+    if not raw.startswith(b"{"):
+        raise _corrupt(path, "header is not a JSON object")
     try:
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = (int(v) for v in info["data_offsets"])
-        shape = tuple(int(d) for d in info["shape"])
-    except KeyError as err:
-        if isinstance(info, dict) and "dtype" in info and info["dtype"] not in SAFETENSORS_DTYPES:
-            raise MlcVisionError(f"tensor {key!r} in {path} has unsupported dtype {info['dtype']}") from None
-        raise _corrupt(path, f"bad header record for {key!r} (missing {err})") from None
-    except (TypeError, ValueError):
-        raise _corrupt(path, f"bad header record for {key!r}") from None
-    if end > data_size:
-        raise _corrupt(path, f"tensor {key!r} ends at byte {end} but the file holds {data_size} data bytes")
-    if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise _corrupt(path, "header is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise _corrupt(path, f"header is not JSON ({' '.join(str(err).split())})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    if _depth(header, HEADER_NESTING + 1) > HEADER_NESTING:
+        raise _corrupt(path, "header is nested deeper than a safetensors header")
+    return header
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
+def _record(path: Path, key: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """``(dtype, shape, begin, end)`` of one header record, each field checked."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise _corrupt(path, f"bad header record for {key!r} (needs dtype, shape and data_offsets)")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str):
+        raise _corrupt(path, f"tensor {key!r} has a dtype that is not a string")
+    if dtype_name not in SAFETENSORS_DTYPES:
+        raise MlcVisionError(f"tensor {key!r} in {path} has unsupported dtype {dtype_name}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _corrupt(path, f"tensor {key!r} has shape {shape!r}; dims must be integers >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(v) for v in offsets):
+        raise _corrupt(path, f"tensor {key!r} has data_offsets {offsets!r}; need [begin, end] integers >= 0")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    begin, end = offsets
+    if end < begin or end - begin != math.prod(shape) * dtype.itemsize:
         raise _corrupt(path, f"tensor {key!r} has offsets {begin}..{end} that do not match shape {list(shape)}")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_layout(path: Path, records: dict, data_size: int) -> None:
+    """The records' byte ranges must tile ``[0, data_size)``: sorted, each starts where the last ended."""
+    position = 0
+    for key, (_, _, begin, end) in sorted(records.items(), key=lambda item: item[1][2:]):
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else f"leaves a gap at byte {position}"
+            raise _corrupt(path, f"tensor {key!r} at bytes {begin}..{end} {what}")
+        position = end
+    if position != data_size:
+        raise _corrupt(path, f"tensors cover {position} data bytes but the file holds {data_size}")
 
 
 def _safetensors_loader(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):

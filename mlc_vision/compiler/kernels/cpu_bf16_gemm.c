@@ -10,8 +10,9 @@
  *   GENERIC   plain C (bf16 -> fp32, fp32 multiply-add): any x86-64 or other CPU.
  *
  * Work is split over TVM's thread pool (TVMBackendParallelLaunch) into
- * (panel of NR output columns) x (block of rows) units. Each task packs the
- * bf16 weights of its panel once, pair-interleaved along k:
+ * (panel of NR output columns) x (block of rows) units that the threads take
+ * one at a time. A thread packs the bf16 weights of a panel once for the
+ * units of that panel it takes in a row, pair-interleaved along k:
  *
  *   panel[kp][c] = (w[n0 + c][2 kp], w[n0 + c][2 kp + 1])   (one 32-bit word)
  *
@@ -147,6 +148,12 @@ static inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
+/* What is added to x . w^T before the store: a bias vector [N] and a residual [M, N], each optional. */
+typedef struct {
+  const float* bias;
+  const float* residual;
+} epilogue;
+
 /* Pack columns [n0, n0 + NR) of w[N, K] into panel[K / 2][NR] 32-bit pairs; columns >= N are 0. */
 static void pack_panel(const uint16_t* w, int64_t N, int64_t K, int64_t n0, uint32_t* panel) {
   const int64_t kpairs = K / 2;
@@ -162,11 +169,11 @@ static void pack_panel(const uint16_t* w, int64_t N, int64_t K, int64_t n0, uint
 }
 
 /* Rows [m0, m1) x columns [n0, n0 + ncols) in plain C, from the packed panel. */
-static void rows_generic(const uint16_t* x, const uint32_t* panel, const float* bias, float* y, int64_t m0,
+static void rows_generic(const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m0,
                          int64_t m1, int64_t n0, int ncols, int64_t N, int64_t K) {
   float acc[NR];
   for (int64_t m = m0; m < m1; ++m) {
-    for (int c = 0; c < ncols; ++c) acc[c] = bias ? bias[n0 + c] : 0.0f;
+    for (int c = 0; c < ncols; ++c) acc[c] = ep->bias ? ep->bias[n0 + c] : 0.0f;
     const uint16_t* xr = x + m * K;
     for (int64_t kp = 0; kp < K / 2; ++kp) {
       float a0 = bf16_to_f32(xr[2 * kp]), a1 = bf16_to_f32(xr[2 * kp + 1]);
@@ -175,6 +182,8 @@ static void rows_generic(const uint16_t* x, const uint32_t* panel, const float* 
         acc[c] += a0 * bf16_to_f32((uint16_t)(bp[c] & 0xffff)) + a1 * bf16_to_f32((uint16_t)(bp[c] >> 16));
       }
     }
+    if (ep->residual)
+      for (int c = 0; c < ncols; ++c) acc[c] += ep->residual[m * N + n0 + c];
     memcpy(y + m * N + n0, acc, sizeof(float) * ncols);
   }
 }
@@ -186,7 +195,7 @@ static void rows_generic(const uint16_t* x, const uint32_t* panel, const float* 
 
 /* One register tile: ``mr`` rows x 64 columns over the whole K, bias added, masked store. */
 AVX512_BF16_TARGET __attribute__((always_inline)) static inline void tile_avx512(
-    int mr, const uint16_t* x, const uint32_t* panel, const float* bias, float* y, int64_t m, int64_t n0,
+    int mr, const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m, int64_t n0,
     int ncols, int64_t N, int64_t K) {
   __m512 acc[MR][4];
   for (int r = 0; r < MR; ++r)
@@ -214,21 +223,26 @@ AVX512_BF16_TARGET __attribute__((always_inline)) static inline void tile_avx512
     int left = ncols - 16 * j;
     if (left <= 0) break;
     __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    __m512 bj = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + 16 * j) : _mm512_setzero_ps();
-    for (int r = 0; r < mr; ++r) _mm512_mask_storeu_ps(y + (m + r) * N + n0 + 16 * j, mask, _mm512_add_ps(acc[r][j], bj));
+    __m512 bj = ep->bias ? _mm512_maskz_loadu_ps(mask, ep->bias + n0 + 16 * j) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; ++r) {
+      int64_t at = (m + r) * N + n0 + 16 * j;
+      __m512 v = _mm512_add_ps(acc[r][j], bj);
+      if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ep->residual + at));
+      _mm512_mask_storeu_ps(y + at, mask, v);
+    }
   }
 }
 
-AVX512_BF16_TARGET static void rows_avx512(const uint16_t* x, const uint32_t* panel, const float* bias, float* y,
+AVX512_BF16_TARGET static void rows_avx512(const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y,
                                            int64_t m0, int64_t m1, int64_t n0, int ncols, int64_t N, int64_t K) {
   int64_t m = m0;
-  for (; m + MR <= m1; m += MR) tile_avx512(MR, x, panel, bias, y, m, n0, ncols, N, K);
+  for (; m + MR <= m1; m += MR) tile_avx512(MR, x, panel, ep, y, m, n0, ncols, N, K);
   switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
-    case 5: tile_avx512(5, x, panel, bias, y, m, n0, ncols, N, K); break;
-    case 4: tile_avx512(4, x, panel, bias, y, m, n0, ncols, N, K); break;
-    case 3: tile_avx512(3, x, panel, bias, y, m, n0, ncols, N, K); break;
-    case 2: tile_avx512(2, x, panel, bias, y, m, n0, ncols, N, K); break;
-    case 1: tile_avx512(1, x, panel, bias, y, m, n0, ncols, N, K); break;
+    case 5: tile_avx512(5, x, panel, ep, y, m, n0, ncols, N, K); break;
+    case 4: tile_avx512(4, x, panel, ep, y, m, n0, ncols, N, K); break;
+    case 3: tile_avx512(3, x, panel, ep, y, m, n0, ncols, N, K); break;
+    case 2: tile_avx512(2, x, panel, ep, y, m, n0, ncols, N, K); break;
+    case 1: tile_avx512(1, x, panel, ep, y, m, n0, ncols, N, K); break;
     default: break;
   }
 }
@@ -258,10 +272,10 @@ AMX_TARGET static void amx_configure(void) {
 }
 
 /* Rows [m0, m1) with 32-row AMX blocks (K a multiple of 32), the rest with the AVX512 tile. */
-AMX_TARGET static void rows_amx(const uint16_t* x, const uint32_t* panel, const float* bias, float* y, int64_t m0,
+AMX_TARGET static void rows_amx(const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m0,
                                 int64_t m1, int64_t n0, int ncols, int64_t N, int64_t K) {
   if (K % AMX_K != 0) {
-    rows_avx512(x, panel, bias, y, m0, m1, n0, ncols, N, K);
+    rows_avx512(x, panel, ep, y, m0, m1, n0, ncols, N, K);
     return;
   }
   float out[16 * 16] __attribute__((aligned(64)));
@@ -295,31 +309,36 @@ AMX_TARGET static void rows_amx(const uint16_t* x, const uint32_t* panel, const 
           default: _tile_stored(3, out, 64); break;
         }
         __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        __m512 bj = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + col) : _mm512_setzero_ps();
-        for (int r = 0; r < 16; ++r)
-          _mm512_mask_storeu_ps(y + (row + r) * N + n0 + col, mask, _mm512_add_ps(_mm512_load_ps(out + 16 * r), bj));
+        __m512 bj = ep->bias ? _mm512_maskz_loadu_ps(mask, ep->bias + n0 + col) : _mm512_setzero_ps();
+        for (int r = 0; r < 16; ++r) {
+          int64_t at = (row + r) * N + n0 + col;
+          __m512 v = _mm512_add_ps(_mm512_load_ps(out + 16 * r), bj);
+          if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ep->residual + at));
+          _mm512_mask_storeu_ps(y + at, mask, v);
+        }
       }
     }
   }
   _tile_release();
-  if (m < m1) rows_avx512(x, panel, bias, y, m, m1, n0, ncols, N, K);
+  if (m < m1) rows_avx512(x, panel, ep, y, m, m1, n0, ncols, N, K);
 }
 #endif
 
 /* ------------------------------------------------------------------ driver */
 
-typedef void (*rows_fn)(const uint16_t*, const uint32_t*, const float*, float*, int64_t, int64_t, int64_t, int,
+typedef void (*rows_fn)(const uint16_t*, const uint32_t*, const epilogue*, float*, int64_t, int64_t, int64_t, int,
                         int64_t, int64_t);
 
 typedef struct {
   const uint16_t* x;
   const uint16_t* w;
-  const float* bias;
+  epilogue ep;
   float* y;
   int64_t M, N, K;
   int64_t row_block; /* rows per work unit */
   int64_t row_blocks, panels;
   rows_fn rows;
+  int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
 } linear_job;
 
 /* Grow-only panel buffer of the calling thread (one per pool thread, kept for the next call). */
@@ -337,14 +356,16 @@ static uint32_t* panel_buffer(size_t words) {
   return thread_panel;
 }
 
-/* Task ``task`` of ``ntask``: a contiguous range of (panel, row block) units, panel-major. */
-static int run_units(int task, int ntask, const linear_job* job) {
+/* One task: take (panel, row block) units, panel-major, until none are left.
+ * Consecutive units mostly share a panel, which is packed again only when it changes. */
+static int run_units(linear_job* job) {
   int64_t units = job->panels * job->row_blocks;
-  int64_t begin = units * task / ntask, end = units * (task + 1) / ntask;
   uint32_t* panel = panel_buffer((size_t)(job->K / 2) * NR);
   if (panel == NULL) return -1;
   int64_t packed = -1;
-  for (int64_t u = begin; u < end; ++u) {
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
+    if (u >= units) break;
     int64_t p = u / job->row_blocks, rb = u % job->row_blocks;
     int64_t n0 = p * NR;
     if (p != packed) {
@@ -354,13 +375,15 @@ static int run_units(int task, int ntask, const linear_job* job) {
     int64_t m0 = rb * job->row_block;
     int64_t m1 = m0 + job->row_block < job->M ? m0 + job->row_block : job->M;
     int ncols = job->N - n0 < NR ? (int)(job->N - n0) : NR;
-    job->rows(job->x, panel, job->bias, job->y, m0, m1, n0, ncols, job->N, job->K);
+    job->rows(job->x, panel, &job->ep, job->y, m0, m1, n0, ncols, job->N, job->K);
   }
   return 0;
 }
 
 static int parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
-  return run_units(task_id, penv->num_task, (const linear_job*)cdata);
+  (void)task_id;
+  (void)penv;
+  return run_units((linear_job*)cdata);
 }
 
 static rows_fn rows_for_path(int path) {
@@ -372,12 +395,13 @@ static rows_fn rows_for_path(int path) {
   return rows_generic;
 }
 
-/* y = x . w^T (+ bias) with an explicit path (tests run every supported one). Returns 0 on success. */
-int mlcv_bf16_linear_path(int path, const uint16_t* x, const uint16_t* w, const float* bias, float* y, int64_t M,
-                          int64_t N, int64_t K) {
+/* y = x . w^T (+ bias) (+ residual) with an explicit path (tests run every supported one); bias and
+ * residual may be NULL. Returns 0 on success. */
+int mlcv_bf16_linear_path(int path, const uint16_t* x, const uint16_t* w, const float* bias, const float* residual,
+                          float* y, int64_t M, int64_t N, int64_t K) {
   if (K % 2 != 0 || !mlcv_bf16_path_supported(path)) return -1;
   if (M == 0 || N == 0) return 0;
-  linear_job job = {x, w, bias, y, M, N, K, 0, 0, (N + NR - 1) / NR, rows_for_path(path)};
+  linear_job job = {x, w, {bias, residual}, y, M, N, K, 0, 0, (N + NR - 1) / NR, rows_for_path(path), 0};
   /* Row blocks of a few hundred rows: enough units for every thread even when
    * N has few panels (768 columns = 12 panels), each unit still long. */
   int64_t rows = path == PATH_AMX ? 8 * AMX_ROWS : 32 * MR;
@@ -388,16 +412,21 @@ int mlcv_bf16_linear_path(int path, const uint16_t* x, const uint16_t* w, const 
   job.row_blocks = (M + job.row_block - 1) / job.row_block;
   parallel_launch_fn launch = thread_pool();
   if (launch != NULL) return launch(parallel_task, &job, 0);
-  return run_units(0, 1, &job);
+  return run_units(&job);
 }
 
-/* The entry point the library calls (compiler/passes/bf16_cpu.py): the fastest path here. */
+/* The entry points the library calls (compiler/passes/bf16_cpu.py), on the fastest path here:
+ * y = x . w^T + bias, with ``nobias`` without it, with ``residual`` plus a residual [M, N]. */
 int mlcv_bf16_linear(const uint16_t* x, const uint16_t* w, const float* bias, float* y, int64_t M, int64_t N,
                      int64_t K) {
-  return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, bias, y, M, N, K);
+  return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, bias, NULL, y, M, N, K);
 }
 
-/* The same without a bias (linear layers with ``bias=False``). */
 int mlcv_bf16_linear_nobias(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K) {
-  return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, NULL, y, M, N, K);
+  return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, NULL, NULL, y, M, N, K);
+}
+
+int mlcv_bf16_linear_residual(const uint16_t* x, const uint16_t* w, const float* bias, const float* residual,
+                              float* y, int64_t M, int64_t N, int64_t K) {
+  return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, bias, residual, y, M, N, K);
 }

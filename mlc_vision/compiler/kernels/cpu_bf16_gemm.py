@@ -20,16 +20,23 @@ from pathlib import Path
 from ...errors import MlcVisionError
 
 SOURCE = Path(__file__).with_suffix(".c")
-ENTRY_BIAS = "mlcv_bf16_linear"
-ENTRY_NO_BIAS = "mlcv_bf16_linear_nobias"
+#: C entry point by (bias, residual) (``cpu_bf16_gemm.c``); a residual comes with a bias
+#: (the residual entry takes a NULL bias when it has none).
+ENTRIES = {
+    (True, False): "mlcv_bf16_linear",
+    (False, False): "mlcv_bf16_linear_nobias",
+    (True, True): "mlcv_bf16_linear_residual",
+    (False, True): "mlcv_bf16_linear_residual",
+}
 #: What ``mlcv_bf16_best_path()`` returns, by number (``cpu_bf16_gemm.c``'s ``PATH_*``).
 PATHS = {0: "generic", 1: "avx512_bf16", 2: "amx_bf16"}
 
 
-def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool):
-    """PrimFunc ``(x bf16 [..., k], w bf16 [n, k], (bias f32 [n]), y f32 [..., n])`` calling the C kernel.
+def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False):
+    """PrimFunc ``(x bf16 [..., k], w bf16 [n, k], (bias f32 [n]), (residual f32 [..., n]), y f32 [..., n])``.
 
-    The ``lead_ndim`` leading axes of x (batch, tokens) are symbolic and flattened into M.
+    It calls the C kernel: ``y = x . w^T (+ bias) (+ residual)``. The
+    ``lead_ndim`` leading axes of x (batch, tokens) are symbolic and flattened into M.
     """
     import tvm
     from tvm import te, tirx
@@ -38,14 +45,18 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool):
     x = te.placeholder([*lead, k], "bfloat16", name="x")
     w = te.placeholder([n, k], "bfloat16", name="w")
     inputs = [x, w] + ([te.placeholder([n], "float32", name="bias")] if bias else [])
+    if residual:
+        inputs.append(te.placeholder([*lead, n], "float32", name="residual"))
     rows = tirx.const(1, "int64")
     for d in lead:
         rows = rows * d
 
     def body(ins, outs):
-        args = [ins[0].data, ins[1].data] + ([ins[2].data] if bias else []) + [outs[0].data]
+        pointers = [b.data for b in ins]
+        if residual and not bias:
+            pointers.insert(2, tirx.reinterpret("handle", tirx.const(0, "uint64")))  # NULL bias
         sizes = [rows, tirx.const(n, "int64"), tirx.const(k, "int64")]
-        status = tirx.call_extern("int32", ENTRY_BIAS if bias else ENTRY_NO_BIAS, *args, *sizes)
+        status = tirx.call_extern("int32", ENTRIES[(bias, residual)], *pointers, outs[0].data, *sizes)
         # The FFI constructor directly: in TVM 0.27 the Python wrapper passes
         # (kind, condition) where the constructor takes (condition, kind).
         return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access

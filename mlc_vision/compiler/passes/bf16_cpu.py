@@ -13,8 +13,9 @@ a GPU bf16 library. Inside, only the linear layers run in bf16:
    ``matmul(x, permute_dims(cast(w_bf16)))`` (+ a bias vector) becomes a call
    of the C kernel ``kernels/cpu_bf16_gemm.c`` on ``cast(x, bf16)`` and the
    bf16 weight as stored: bf16 x bf16 products, fp32 accumulation, fp32
-   bias and output. The activation cast fuses into the kernel that produces
-   x (LayerNorm, GELU), the weight cast disappears.
+   bias and output; a residual added to the result (out-projection, fc2) is
+   added by the kernel too. The activation cast fuses into the kernel that
+   produces x (LayerNorm, GELU), the weight cast disappears.
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def bf16_interface(mod: tvm.IRModule) -> tvm.IRModule:
 # ---------------------------------------------------------------- linear layers
 
 
+def _same_dim(a, b) -> bool:
+    """Two shape dims are the same: equal constants, or one symbolic variable."""
+    if static_int(a) is not None or static_int(b) is not None:
+        return static_int(a) == static_int(b)
+    return a.same_as(b)
+
+
 @relax.expr_functor.mutator
 class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
     """``matmul(x, permute_dims(astype(w_bf16)))`` (+ bias) -> ``call_tir(bf16_linear, ...)``."""
@@ -140,12 +148,22 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
             return cast.args[0]
         return self.builder_.emit(relax.op.reshape(cast.args[0], reshape.args[1]))
 
-    def _kernel(self, lead_ndim: int, k: int, n: int, bias: bool):
-        key = (lead_ndim, k, n, bias)
+    def _kernel(self, lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False):
+        key = (lead_ndim, k, n, bias, residual)
         if key not in self.kernels:
-            name = f"bf16_linear_k{k}_n{n}" + ("_bias" if bias else "")
-            self.kernels[key] = self.builder_.add_func(linear_primfunc(lead_ndim, k, n, bias), name)
+            name = f"bf16_linear_k{k}_n{n}" + ("_bias" if bias else "") + ("_residual" if residual else "")
+            self.kernels[key] = self.builder_.add_func(linear_primfunc(lead_ndim, k, n, bias, residual), name)
         return self.kernels[key]
+
+    def _linear_call(self, expr):
+        """``(key, call)`` when ``expr`` is a var bound to one of our linear kernels' ``call_tir``, else None."""
+        if not isinstance(expr, relax.Var):
+            return None
+        call = self.lookup_binding(expr)
+        if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+            return None
+        key = next((key for key, gv in self.kernels.items() if gv.same_as(call.args[0])), None)
+        return (key, call) if key is not None else None
 
     def _x_bf16(self, x):
         """``astype(x, bf16)``, emitted once per activation tensor."""
@@ -168,7 +186,8 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
         if call.op.same_as(self.matmul):
             return self._rewrite_matmul(call)
         if call.op.same_as(self.add):
-            return self._fold_bias(call)
+            folded = self._fold_bias(call)
+            return folded if folded is not call else self._fold_residual(call)
         return call
 
     def _rewrite_matmul(self, call):
@@ -188,14 +207,10 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
     def _fold_bias(self, call):
         """``add(bf16_linear(x, w), bias[n])`` -> ``bf16_linear(x, w, bias)`` (the unbiased call is then dead)."""
         y, bias = call.args
-        if not isinstance(y, relax.Var):
+        found = self._linear_call(y)
+        if found is None or found[0][3] or found[0][4]:  # already has a bias or a residual
             return call
-        linear = self.lookup_binding(y)
-        if not (isinstance(linear, relax.Call) and linear.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
-            return call
-        gv = linear.args[0]
-        if not any(gv.same_as(v) for key, v in self.kernels.items() if not key[3]):
-            return call
+        linear = found[1]
         bt = bias.ty
         n = static_int(y.ty.shape.values[-1])
         if not isinstance(bt, relax.TensorType) or bt.dtype != F32 or bt.ndim != 1 or static_int(bt.shape.values[0]) != n:
@@ -205,6 +220,24 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
         k = static_int(w16.ty.shape.values[1])
         out_ty = relax.TensorType([*xt.shape.values[:-1], n], F32)
         return relax.call_tir(self._kernel(xt.ndim - 1, k, n, True), [x16, w16, bias], out_ty)
+
+
+    def _fold_residual(self, call):
+        """``add(r, bf16_linear(...))`` (either order) -> the kernel adding ``r`` in its epilogue."""
+        for y, residual in (call.args, call.args[::-1]):
+            found = self._linear_call(y)
+            if found is None or found[0][4]:
+                continue
+            (lead_ndim, k, n, bias, _), linear = found
+            rt, yt = residual.ty, y.ty
+            same_shape = isinstance(rt, relax.TensorType) and rt.dtype == F32 and rt.ndim == yt.ndim and all(
+                _same_dim(a, b) for a, b in zip(rt.shape.values, yt.shape.values)
+            )
+            if not same_shape:
+                continue
+            args = list(linear.args[1].fields) + [residual]
+            return relax.call_tir(self._kernel(lead_ndim, k, n, bias, True), args, yt)
+        return call
 
 
 @tvm.transform.module_pass(opt_level=0, name="Bf16LinearCPU")

@@ -284,10 +284,31 @@ def _has_root(sch):
         return False
 
 
+#: Elementwise kernels with fewer (static) elements run on one thread: waking the
+#: pool costs more than the work (casts of bias vectors, small adds), and a busy
+#: machine can delay a woken thread far longer.
+SERIAL_ELEMENTS = 32768
+
+
+def _static_elements(sch, loops):
+    """Product of the loop extents, None when one is symbolic (e.g. the batch)."""
+    total = 1
+    for loop in loops:
+        ext = _extent(sch, loop)
+        if ext is None:
+            return None
+        total *= ext
+    return total
+
+
 def _schedule_elementwise(sch, block):
     """Parallel over the fused outer loops, vectorize the innermost (static) loop."""
     loops = _loops(sch, block)
     if not loops:
+        return
+    elements = _static_elements(sch, loops)
+    if elements is not None and elements < SERIAL_ELEMENTS:
+        _vectorize_inner(sch, loops[-1])
         return
     inner = loops[-1]
     vec = _vectorize_inner(sch, inner) if len(loops) >= 1 else None

@@ -1,0 +1,54 @@
+"""``bench``'s peers and machine header (no timing assertions)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlc_vision import bench_peers
+
+
+def test_machine_header_names_cpu_isa_frequency_and_peak():
+    machine = bench_peers.machine_info()
+    assert machine["cores"] >= 1 and machine["ghz"] > 0 and machine["fp32_flops_per_cycle"] >= 8
+    assert machine["fp32_peak_gflops"] == pytest.approx(machine["cores"] * machine["ghz"] * machine["fp32_flops_per_cycle"], rel=0.01)
+    header = bench_peers.machine_header(machine)
+    assert header.startswith("CPU: ") and "GHz" in header and "fp32 peak" in header and "\n" not in header
+
+
+def test_bench_imports_without_test_or_bench_dependencies():
+    code = (
+        "import sys, mlc_vision.bench; "
+        "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'openvino', 'onnx') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_peers_run_the_torch_model():
+    """ONNX Runtime and OpenVINO f32 on the ONNX export give the torch model's output."""
+    if bench_peers.missing_peers():
+        pytest.skip(f"bench extra not installed ({', '.join(bench_peers.missing_peers())})")
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
+    model = CLIPVisionModel(cfg).eval()
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype("float32")
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels)).last_hidden_state.numpy()
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = bench_peers.export_onnx(model, pixels, Path(tmp) / "m.onnx")
+        ort = bench_peers.onnxruntime_runner(bench_peers.onnxruntime_session(path), pixels)()
+        ov_f32, precision = bench_peers.openvino_model(path, "f32")
+        ov = bench_peers.openvino_runner(ov_f32, pixels)()
+    assert precision == "f32"
+    np.testing.assert_allclose(ort, expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(ov, expected, atol=1e-4, rtol=1e-4)
