@@ -173,7 +173,12 @@ def build_module(
     if target == "cpu":
         metadata["cpu"] = cpu_spec(cpu)
     if compute != dtype:
-        metadata["compute"] = {"matmul": "bfloat16 x bfloat16 -> float32", "other": compute}
+        metadata["compute"] = {
+            "matmul": "bfloat16 x bfloat16 -> float32",
+            "other": compute,
+            # the C GEMM picks its instructions when it runs: none of them is required
+            "bf16_gemm_paths": ["amx-bf16", "avx512bf16", "generic"],
+        }
     mod = add_metadata_function(mod, metadata)
     return BuiltModule(mod=mod, metadata=metadata)
 

@@ -181,8 +181,8 @@ class VisionEncoder:
 
     Shard sizes are always checked; ``verify`` also hashes every byte (see
     ``weights/integrity.py``). The encoder may be called from several threads:
-    the VM call is serialized by a lock (docs/reliability.md says why a lock and
-    not one VM per thread).
+    each gets its own VM over the same library and params (docs/reliability.md,
+    "Threads", says why).
     """
 
     def __init__(
@@ -199,8 +199,11 @@ class VisionEncoder:
         self.params_dir = Path(params) if params is not None else None
         self._device_name = str(device)
         self.tvm_device = parse_device(device)
-        self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
-        self._vm_lock = threading.Lock()
+        self._module = load_library(self.lib_path)
+        self._vm = VirtualMachine(self._module, self.tvm_device)
+        self._thread = threading.local()  # each calling thread's own VM (see _thread_vm)
+        self._thread.vm = self._vm
+        self._new_vm_lock = threading.Lock()
         self.metadata = read_metadata(self._vm, self.lib_path)
         check_cpu_library(self.metadata, self.lib_path)  # before any of its code runs
         if "encode" not in self.metadata.get("entries", {"encode": None}):
@@ -229,7 +232,7 @@ class VisionEncoder:
 
     def _loaded_params(self):
         if self._params is None:
-            with self._vm_lock:
+            with self._new_vm_lock:
                 if self._params is None:
                     self.load_params()
         return self._params
@@ -304,13 +307,24 @@ class VisionEncoder:
             )
         return self._call("encode_rgb8", np.ascontiguousarray(pixels))
 
+    def _thread_vm(self) -> VirtualMachine:
+        """This thread's VM over the shared library and params, made on its first call.
+
+        A Relax VM keeps per-call state (registers, frames), so threads must
+        not share one; one VM per thread measured faster than a lock around
+        one VM (docs/reliability.md, "Threads"). Each VM holds its own
+        activations; the params are shared.
+        """
+        vm = getattr(self._thread, "vm", None)
+        if vm is None:
+            with self._new_vm_lock:
+                vm = self._thread.vm = VirtualMachine(self._module, self.tvm_device)
+        return vm
+
     def _call(self, function: str, *arrays: np.ndarray) -> np.ndarray:
-        """One VM call; a Relax VM keeps per-call state, so calls from several threads take turns."""
         params = self._loaded_params()
         tensors = [tvm.runtime.tensor(array, self.tvm_device) for array in arrays]
-        with self._vm_lock:
-            out = self._vm[function](*tensors, params)
-            return out.numpy()
+        return self._thread_vm()[function](*tensors, params).numpy()
 
     # ---- native resolution (Qwen2-VL / Qwen2.5-VL) ----------------------------------
     @property
