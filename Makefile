@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15 tests
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q --run-slow tests
+	$(PY) -m pytest -q --run-slow --parity-report -rs tests
 
 bench: $(STAMP)
 	$(VENV)/bin/mlc-vision bench

@@ -92,7 +92,9 @@ def compile_cmd(
     from .compiler.export import check_output
 
     check_buildable(target)
-    output = output or default_output(model, target, output_suffixes(target)[0])
+    if output is None:  # dist/<model>-<target>.so: the default's folder is ours to create
+        output = default_output(model, target, output_suffixes(target)[0])
+        output.parent.mkdir(parents=True, exist_ok=True)
     check_output(target, output)  # before any work: suffix, writable, dead runs' leftovers
     if part != "vision":
         _compile_contrastive(model, target, arch, host, dtype, image_size, attention, part, output)
@@ -225,8 +227,11 @@ def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thu
         features = np.concatenate([r.features if r.packed is None else r.packed for r in results], axis=0)
     else:
         features = encoder(load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images])
+    note = ""
+    if features.dtype.name == "bfloat16":  # .npy has no bf16: numpy would read the file back as raw bytes
+        features, note = features.astype("float32"), " (bfloat16 library, widened exactly)"
     save_atomically(output, features)
-    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}")
+    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}{note}")
 
 
 def describe_tiles(result) -> str:

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from mlc_vision.cli import main
+from parity import assert_fp32_close, randomize_all
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 
@@ -32,8 +33,7 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli-ckpt")
-    torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
+    model = randomize_all(CLIPVisionModel(CLIPVisionConfig(**TINY)), seed=0)
     model.save_pretrained(root)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root)
     return root
@@ -61,7 +61,7 @@ def test_round_trip_image_equals_transformers(built, checkpoint, tmp_path, capsy
     with torch.no_grad():
         ref = model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:].numpy()
     assert feats.shape == ref.shape == (1, 16, 64)
-    assert np.abs(feats - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert_fp32_close(feats, ref, "mlc-vision run --image")
 
 
 def test_run_pixel_values_and_inspect(built, tmp_path, capsys):
@@ -197,14 +197,28 @@ def test_lib_params_dtype_mismatch(built, checkpoint, tmp_path, capsys):
 
 def test_lib_params_shape_mismatch(built, tmp_path, capsys):
     lib, _ = built
-    torch.manual_seed(1)
     other = dict(TINY, hidden_size=32, intermediate_size=64)
-    CLIPVisionModel(CLIPVisionConfig(**other)).save_pretrained(tmp_path / "other")
+    randomize_all(CLIPVisionModel(CLIPVisionConfig(**other)), seed=1).save_pretrained(tmp_path / "other")
     assert main(["convert", "--model", str(tmp_path / "other"), "-o", str(tmp_path / "p")]) == 0
     capsys.readouterr()
     np.save(tmp_path / "px.npy", np.zeros((1, 3, 32, 32), np.float32))
     code, _, err = run_cli(capsys, "run", "--lib", lib, "--params", tmp_path / "p", "--pixel-values", tmp_path / "px.npy", "-o", tmp_path / "f.npy")
     assert code != 0 and "shape" in err and "embeddings." in err and err.count("\n") == 1
+
+
+def test_lib_params_family_mismatch(built, tmp_path, capsys):
+    """SigLIP params with a CLIP library: refused before any call, naming both families."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    siglip = dict(TINY, num_hidden_layers=1)
+    randomize_all(SiglipVisionModel(SiglipVisionConfig(**siglip)), seed=2).save_pretrained(tmp_path / "siglip")
+    assert main(["convert", "--model", str(tmp_path / "siglip"), "-o", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    lib, _ = built
+    np.save(tmp_path / "px.npy", np.zeros((1, 3, 32, 32), np.float32))
+    code, _, err = run_cli(capsys, "run", "--lib", lib, "--params", tmp_path / "p", "--pixel-values", tmp_path / "px.npy", "-o", tmp_path / "f.npy")
+    assert code == 1 and err.count("\n") == 1 and "'siglip'" in err and "'clip'" in err
+    assert not (tmp_path / "f.npy").exists()
 
 
 def test_unreadable_image(built, tmp_path, capsys):

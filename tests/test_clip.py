@@ -18,7 +18,7 @@ from transformers import (
 
 from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.weights.convert import convert
-from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_layer_norms
+from parity import CompiledCPU, assert_all_close, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_all
 
 # Small, but with every feature of the real geometry: 30 px with 8 px patches
 # drops trailing pixels like SigLIP's 384/14, and 3 layers give 4 hidden states.
@@ -30,9 +30,7 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    torch.manual_seed(0)
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY)).eval()
-    randomize_layer_norms(model)
+    model = randomize_all(CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY)), seed=0)
     ckpt = tmp_path_factory.mktemp("clip-ckpt")
     model.save_pretrained(ckpt)
     return model, ckpt
@@ -72,10 +70,9 @@ def compiled(reference, params, tmp_path, dtype="float32", **options):
 
 def test_every_hidden_state_fp32(reference, params, pixels, expected, tmp_path):
     lib = compiled(reference, params, tmp_path, select_layer=-1, feature="cls_patch")
-    ours = lib.hidden_states(pixels)
-    assert len(ours) == len(expected["hidden_states"]) == TINY["num_hidden_layers"] + 1
-    for i, (a, ref) in enumerate(zip(ours, expected["hidden_states"])):
-        assert_fp32_close(a, ref, f"hidden_states[{i}]")
+    assert len(expected["hidden_states"]) == TINY["num_hidden_layers"] + 1
+    assert_all_close(lib.hidden_states(pixels), expected["hidden_states"], "hidden_states")
+    assert_fp32_close(lib.encode(pixels), expected["hidden_states"][-1], "encode(-1, cls_patch)")
 
 
 @pytest.mark.parametrize("select_layer", [-1, -2, 0, 1])
@@ -101,8 +98,7 @@ def test_pooled_projection(reference, params, pixels, expected, tmp_path):
 
 def test_fp16_against_fp32_reference(reference, params, pixels, expected, tmp_path):
     lib = compiled(reference, params, tmp_path, dtype="float16", select_layer=-1, feature="cls_patch")
-    for i, (a, ref) in enumerate(zip(lib.hidden_states(pixels), expected["hidden_states"])):
-        assert_fp16_close(a, ref, f"fp16 hidden_states[{i}]")
+    assert_all_close(lib.hidden_states(pixels), expected["hidden_states"], "fp16 hidden_states", "float16")
     assert_fp16_close(lib.encode(pixels), expected["hidden_states"][-1], "fp16 encode")
 
 
@@ -121,16 +117,15 @@ def test_other_image_size_interpolates_position_embedding(reference, tmp_path, i
     with torch.no_grad():
         ref = model(torch.from_numpy(x), output_hidden_states=True, interpolate_pos_encoding=True).hidden_states
     lib = CompiledCPU(config, params_dir, "float32", tmp_path)
-    for i, (a, r) in enumerate(zip(lib.hidden_states(x), ref)):
-        assert_fp32_close(a, r.numpy(), f"{image_size} px hidden_states[{i}]")
+    assert_all_close(lib.hidden_states(x), [r.numpy() for r in ref], f"{image_size} px hidden_states")
+    assert_fp32_close(lib.encode(x), ref[-1].numpy(), f"{image_size} px encode")
 
 
 def test_clip_model_checkpoint_ignores_text_tower(tmp_path, pixels):
     """A whole CLIPModel: the text tower is ignored, the vision tower and projection are read."""
-    torch.manual_seed(3)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     vision = {k: v for k, v in TINY.items() if k != "projection_dim"}
-    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)).eval()
+    model = randomize_all(CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)), seed=3)
     model.save_pretrained(tmp_path / "ckpt")
     params_dir = convert_checkpoint(tmp_path / "ckpt", tmp_path / "params")
     config = resolve_config(str(tmp_path / "ckpt"), select_layer=-2, feature="patch")
@@ -143,8 +138,7 @@ def test_clip_model_checkpoint_ignores_text_tower(tmp_path, pixels):
 
 def test_vision_model_without_projection(tmp_path, pixels):
     """transformers v5 saves CLIPVisionModel without the vision_model. prefix; both load."""
-    torch.manual_seed(4)
-    model = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
+    model = randomize_all(CLIPVisionModel(CLIPVisionConfig(**TINY)), seed=4)
     model.save_pretrained(tmp_path / "ckpt")
     params_dir = convert_checkpoint(tmp_path / "ckpt", tmp_path / "params")
     config = resolve_config(str(tmp_path / "ckpt"), feature="cls_patch")
@@ -156,13 +150,12 @@ def test_vision_model_without_projection(tmp_path, pixels):
 
 def test_real_shape_layer_clip_l336(tmp_path):
     """One ViT-L/14-336 layer at its real width and token count (577)."""
-    torch.manual_seed(5)
     base = resolve_config("clip-vit-large-patch14-336")
     hf = CLIPVisionConfig(
         hidden_size=base.hidden_size, intermediate_size=base.intermediate_size, num_hidden_layers=1,
         num_attention_heads=base.num_attention_heads, image_size=base.image_size, patch_size=base.patch_size,
     )
-    model = CLIPVisionModel(hf).eval()
+    model = randomize_all(CLIPVisionModel(hf), seed=5)
     model.save_pretrained(tmp_path / "ckpt")
     params_dir = convert_checkpoint(tmp_path / "ckpt", tmp_path / "params")
     config = dataclasses.replace(resolve_config(str(tmp_path / "ckpt")), select_layer=-1, feature="cls_patch")
@@ -170,5 +163,5 @@ def test_real_shape_layer_clip_l336(tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(x), output_hidden_states=True).hidden_states
     lib = CompiledCPU(config, params_dir, "float32", tmp_path)
-    for i, (a, r) in enumerate(zip(lib.hidden_states(x), ref)):
-        assert_fp32_close(a, r.numpy(), f"L/14-336 hidden_states[{i}]")
+    assert_all_close(lib.hidden_states(x), [r.numpy() for r in ref], "L/14-336 hidden_states")
+    assert_fp32_close(lib.encode(x), ref[-1].numpy(), "L/14-336 encode")

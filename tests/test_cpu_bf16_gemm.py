@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from mlc_vision.compiler.kernels import cpu_bf16_gemm
-from parity import CompiledCPU, convert_checkpoint, cosine, randomize_layer_norms
+from parity import CompiledCPU, assert_close, convert_checkpoint, randomize_all
 
-BF16_MIN_COS = 0.9999  # a bf16 library against our fp32 library, same checkpoint
 
 #: (M, N, K): one row, row tails of the 6-row tile, a 64-column panel tail,
 #: k not a multiple of the AMX step (34, 96), and a shape with whole AMX blocks
@@ -94,9 +93,7 @@ def clip_checkpoint(tmp_path_factory):
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
-    randomize_layer_norms(model)
+    model = randomize_all(CLIPVisionModel(CLIPVisionConfig(**TINY)), seed=0)
     ckpt = tmp_path_factory.mktemp("clip-bf16-ckpt")
     model.save_pretrained(ckpt)
     return ckpt
@@ -113,8 +110,7 @@ def test_bf16_library_matches_fp32_library(clip_checkpoint, tmp_path):
         lib = CompiledCPU(config, params, dtype, tmp_path, hidden_states=False)
         out[dtype] = lib.encode(pixels)
     assert lib.metadata["params"][0]["dtype"] == "bfloat16"
-    assert np.isfinite(out["bfloat16"]).all()
-    assert cosine(out["bfloat16"], out["float32"]) >= BF16_MIN_COS
+    assert_close(out["bfloat16"], out["float32"], "bf16 library vs the fp32 library", "bfloat16")
 
 
 def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):

@@ -17,6 +17,7 @@ from tvm.relax.frontend.nn import op
 from mlc_vision.compiler.kernels.fast_exp import exp_f32
 from mlc_vision.compiler.pipeline import relax_pipeline
 from mlc_vision.compiler.schedules.cpu import GEMM
+from parity import assert_all_close, assert_close, assert_fp32_close
 
 TARGET = tvm.target.Target.from_device("cpu")
 
@@ -112,13 +113,6 @@ def _run(ex, pnp, x, fn="encode"):
     return out.numpy()
 
 
-def _close(a, b):
-    a, b = a.astype("float64"), b.astype("float64")
-    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), np.abs(a - b).max()
-    cos = (a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)
-    assert cos >= 0.99999
-
-
 @pytest.mark.parametrize(
     "img,p,sdpa",
     [
@@ -135,7 +129,7 @@ def test_scheduled_matches_unscheduled(img, p, sdpa):
     rng = np.random.default_rng(1)
     for batch in (1, 3):
         x = rng.standard_normal((batch, 3, img, img)).astype("float32")
-        _close(_run(ex, pnp, x), _run(ref, pnp, x))
+        assert_fp32_close(_run(ex, pnp, x), _run(ref, pnp, x), f"scheduled encode, {img}px/{p}, batch {batch}")
 
 
 def test_signatures_survive():
@@ -146,10 +140,8 @@ def test_signatures_survive():
     assert str(vm["_metadata"]()) == '{"test": 1}'
     x = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype("float32")
     hs, hs_ref = _run(ex, pnp, x, "hidden_states"), _run(ref, pnp, x, "hidden_states")
-    assert len(hs) == len(hs_ref) == 3
-    for a, b in zip(hs, hs_ref):
-        assert a.shape == b.shape == (2, 5, 32)
-        _close(a, b)
+    assert len(hs_ref) == 3 and hs_ref[0].shape == (2, 5, 32)
+    assert_all_close(hs, hs_ref, "scheduled hidden_states")
 
 
 def test_float16_compiles_and_runs():
@@ -157,9 +149,7 @@ def test_float16_compiles_and_runs():
     ex = tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline("cpu", TARGET, "fused"))
     ref = tvm.compile(mod, TARGET)
     x = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype("float16")
-    a, b = _run(ex, pnp, x).astype("float32"), _run(ref, pnp, x).astype("float32")
-    assert np.isfinite(a).all()
-    assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
+    assert_close(_run(ex, pnp, x), _run(ref, pnp, x), "scheduled fp16 encode (vs unscheduled fp16)", "float16")
 
 
 @pytest.mark.parametrize("m,n,k,batched", [(5, 40, 7, False), (197, 96, 64, False), (13, 29, 33, True)])

@@ -35,7 +35,7 @@ from mlc_vision.compiler.module import build_module
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
 from mlc_vision.models.transforms import bicubic_matrix, interpolate_position_embedding, resize_bicubic
-from parity import CompiledCPU, assert_fp16_close, assert_fp32_close
+from parity import CompiledCPU, assert_all_close, assert_fp32_close, randomize_all
 
 # Small towers with every feature of the real ones: 56 px / 14 = a 4x4 grid + class token.
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14)
@@ -107,7 +107,7 @@ def chat_config(vision: dict) -> dict:
 
 
 def reference_model(style: dict, arch: dict, seed: int) -> InternVLVisionModel:
-    """InternVLVisionModel with random, non-trivial weights everywhere.
+    """InternVLVisionModel with every parameter random (``randomize_all``).
 
     Init leaves norms at 1/0, layer scale constant, class token and position
     embedding at zero and weights at std 0.02: each would hide a mix-up (a
@@ -118,24 +118,13 @@ def reference_model(style: dict, arch: dict, seed: int) -> InternVLVisionModel:
         **arch, norm_type=style["norm_type"], attention_bias=style["qkv_bias"], use_qk_norm=style["qk_normalization"],
         layer_norm_eps=1e-6, hidden_act="gelu", use_mean_pooling=True,  # no final LayerNorm: like InternViT
     )
-    model = InternVLVisionModel(config).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "lambda_" in name:
-                p.copy_(0.2 + torch.rand(p.shape, generator=gen))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias") or "cls_token" in name or "position_embeddings" in name:
-                p.copy_(0.2 * noise)
-            else:  # linear and conv weights: O(1) activations
-                p.copy_(noise / np.sqrt(p[0].numel()))
-    return model
+    return randomize_all(InternVLVisionModel(config), seed + 1)
 
 
-def save_checkpoint(model: InternVLVisionModel, style: dict, arch: dict, path: Path, chat: bool = False) -> Path:
-    """Save as an original InternViT checkpoint, or as a whole InternVL-chat one."""
+def save_checkpoint(model: InternVLVisionModel, style: dict, arch: dict, path: Path, chat: bool = False,
+                    mlp1: torch.nn.Module | None = None) -> Path:
+    """Save as an original InternViT checkpoint, or as a whole InternVL-chat one (with ``mlp1``'s
+    weights when given, else a partial mlp1 that only a tower-only conversion accepts)."""
     path.mkdir(parents=True, exist_ok=True)
     tensors = to_original(model.state_dict())
     config = original_config(style, arch)
@@ -144,9 +133,12 @@ def save_checkpoint(model: InternVLVisionModel, style: dict, arch: dict, path: P
         tensors.update({  # never read by the vision map
             "language_model.model.embed_tokens.weight": torch.randn(10, 32),
             "language_model.lm_head.weight": torch.randn(10, 32),
-            "mlp1.0.weight": torch.randn(4 * arch["hidden_size"]),
-            "mlp1.1.weight": torch.randn(32, 4 * arch["hidden_size"]),
         })
+        if mlp1 is None:
+            tensors.update({"mlp1.0.weight": torch.randn(4 * arch["hidden_size"]),
+                            "mlp1.1.weight": torch.randn(32, 4 * arch["hidden_size"])})
+        else:
+            tensors.update({f"mlp1.{k}": v.contiguous() for k, v in mlp1.state_dict().items()})
         config = chat_config(config)
     save_file(tensors, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config, indent=2))
@@ -307,10 +299,8 @@ def test_presets(preset, width, layers, heads, norm, qkv_bias, qk_norm):
 @pytest.mark.parametrize("style", sorted(STYLES))
 def test_every_hidden_state_fp32(towers, small_lib, style):
     tower, lib = towers[style], small_lib(style, "float32")
-    ours = lib.hidden_states(tower.pixels)
-    assert len(ours) == len(tower.expected) == SMALL["num_hidden_layers"] + 1
-    for i, (a, ref) in enumerate(zip(ours, tower.expected)):
-        assert_fp32_close(a, ref, f"{style} hidden_states[{i}]")
+    assert len(tower.expected) == SMALL["num_hidden_layers"] + 1
+    assert_all_close(lib.hidden_states(tower.pixels), tower.expected, f"{style} hidden_states")
     # InternVL-chat's features: the last hidden state without the class token
     assert_fp32_close(lib.encode(tower.pixels), tower.expected[-1][:, 1:], f"{style} encode")
 
@@ -318,9 +308,8 @@ def test_every_hidden_state_fp32(towers, small_lib, style):
 @pytest.mark.parametrize("style", sorted(STYLES))
 def test_every_hidden_state_fp16(towers, small_lib, style):
     tower, lib = towers[style], small_lib(style, "float16")
-    for i, (a, ref) in enumerate(zip(lib.hidden_states(tower.pixels), tower.expected)):
-        assert_fp16_close(a, ref, f"{style} fp16 hidden_states[{i}]")
-    assert_fp16_close(lib.encode(tower.pixels), tower.expected[-1][:, 1:], f"{style} fp16 encode")
+    assert_all_close(lib.hidden_states(tower.pixels), tower.expected, f"{style} fp16 hidden_states", "float16")
+    assert_all_close([lib.encode(tower.pixels)], [tower.expected[-1][:, 1:]], f"{style} fp16 encode", "float16")
 
 
 def test_select_layer_builds_fewer_layers(towers):
@@ -343,9 +332,28 @@ def test_internvl_chat_checkpoint(small_lib, tmp_path):
     expected = run_reference(model, pixels)
     # same architecture as the 300M-style tower: its library, with the chat checkpoint's params
     lib = with_params(small_lib("300m", "float32"), params_dir)
-    for i, (a, ref) in enumerate(zip(lib.hidden_states(pixels), expected)):
-        assert_fp32_close(a, ref, f"chat hidden_states[{i}]")
+    assert_all_close(lib.hidden_states(pixels), expected, "chat hidden_states")
     assert_fp32_close(lib.encode(pixels), expected[-1][:, 1:], "chat encode")
+
+
+def test_internvl_chat_mlp1_through_convert(tmp_path):
+    """A whole InternVL-chat checkpoint converted with its projector: tower, pixel shuffle and
+    mlp1 against InternVL's extract_feature (last hidden state, class token dropped)."""
+    from test_projector import internvl_mlp1, internvl_project
+
+    style = STYLES["300m"]
+    model = reference_model(style, SMALL, seed=17)
+    mlp1 = randomize_all(internvl_mlp1(SMALL["hidden_size"], 32, 0.5), seed=18)
+    ckpt = save_checkpoint(model, style, SMALL, tmp_path / "chat", chat=True, mlp1=mlp1)
+    params_dir = convert(ckpt, tmp_path / "params")
+    config = resolve_config(str(ckpt))
+    assert (config.projector, config.projector_hidden_size, config.downsample_ratio) == ("mlp1", 32, 0.5)
+    lib = CompiledCPU(config, params_dir, "float32", tmp_path, hidden_states=False)
+    assert (lib.metadata["num_tokens"], lib.metadata["output_width"]) == (4, 32)  # 4x4 grid shuffled to 2x2
+    pixels = pixels_for(SMALL["image_size"], seed=4)
+    with torch.no_grad():
+        ref = internvl_project(torch.from_numpy(run_reference(model, pixels)[-1][:, 1:]), mlp1, 0.5).numpy()
+    assert_fp32_close(lib.encode(pixels), ref, "InternVL-chat tower + mlp1")
 
 
 def test_position_embedding_interpolated_at_convert(towers, tmp_path, style="6b", image_size=84):
@@ -362,8 +370,8 @@ def test_position_embedding_interpolated_at_convert(towers, tmp_path, style="6b"
     pixels = pixels_for(image_size, seed=5)
     expected = run_reference(tower.model, pixels)
     lib = CompiledCPU(config, params_dir, "float32", tmp_path)
-    for i, (a, ref) in enumerate(zip(lib.hidden_states(pixels), expected)):
-        assert_fp32_close(a, ref, f"{style} at {image_size}px hidden_states[{i}]")
+    assert_all_close(lib.hidden_states(pixels), expected, f"{style} at {image_size}px hidden_states")
+    assert_fp32_close(lib.encode(pixels), expected[-1][:, 1:], f"{style} at {image_size}px encode")
 
 
 def test_real_width_qk_norm_6b_layer(tmp_path):
@@ -381,8 +389,8 @@ def test_real_width_qk_norm_6b_layer(tmp_path):
     ckpt = save_checkpoint(model, STYLES["6b"], arch, tmp_path / "ckpt")
     pixels = pixels_for(28, seed=9, batch=1)
     expected = run_reference(model, pixels)
-    for dtype, check in (("float32", assert_fp32_close), ("float16", assert_fp16_close)):
+    for dtype in ("float32", "float16"):
         params_dir = convert(ckpt, tmp_path / f"params-{dtype}", dtype=dtype)
         lib = CompiledCPU(resolve_config(str(ckpt)), params_dir, dtype, tmp_path)
-        for i, (a, ref) in enumerate(zip(lib.hidden_states(pixels), expected)):
-            check(a, ref, f"6B width {dtype} hidden_states[{i}]")
+        assert_all_close(lib.hidden_states(pixels), expected, f"6B width {dtype} hidden_states", dtype)
+        assert_all_close([lib.encode(pixels)], [expected[-1][:, 1:]], f"6B width {dtype} encode", dtype)

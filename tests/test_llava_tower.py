@@ -17,7 +17,7 @@ from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.runtime.encoder import VisionEncoder
 from mlc_vision.weights.convert import convert
-from parity import CompiledCPU, assert_fp32_close, randomize_layer_norms
+from parity import CompiledCPU, assert_fp32_close, randomize_all
 from test_eva_clip import TINY as EVA_TINY
 from test_eva_clip import make_timm, port_config, port_state_dict, reference_outputs
 from test_intern_vit import STYLES as INTERN_STYLES
@@ -38,9 +38,7 @@ def pixels_for(size: int, seed: int = 0, batch: int = 2) -> np.ndarray:
 @pytest.fixture(scope="module")
 def clip_no_projection(tmp_path_factory):
     """A CLIPVisionModel: config.json says projection_dim 512, the weights hold no projection."""
-    torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(**CLIP_TINY, projection_dim=512)).eval()
-    randomize_layer_norms(model)
+    model = randomize_all(CLIPVisionModel(CLIPVisionConfig(**CLIP_TINY, projection_dim=512)), seed=0)
     root = tmp_path_factory.mktemp("clip-noproj")
     model.save_pretrained(root / "ckpt")
     assert json.loads((root / "ckpt" / "config.json").read_text())["projection_dim"] == 512

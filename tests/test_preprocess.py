@@ -15,20 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torchvision.transforms as T
+import transformers
 from PIL import Image
+from transformers import AutoImageProcessor, CLIPImageProcessor, SiglipImageProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from mlc_vision.config import Preprocess
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.checkpoint.processor import preprocess_config_from_hf
 from mlc_vision.runtime.preprocess import preprocess
-
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
-T = pytest.importorskip("torchvision.transforms")
-
-from transformers import AutoImageProcessor, CLIPImageProcessor, SiglipImageProcessor  # noqa: E402
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

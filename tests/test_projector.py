@@ -5,11 +5,13 @@ transformers Llava checkpoint through our loader; ``encode_rgb8`` == ``encode``.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 import tvm
+from safetensors.torch import save_file as save_torch_file
 from tvm import relax
 from tvm.relax.frontend import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -28,7 +30,7 @@ from mlc_vision.models.projector import (
 )
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
-from parity import assert_fp16_close, assert_fp32_close
+from parity import assert_fp16_close, assert_fp32_close, randomize_all
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               image_size=32, patch_size=8)  # a 4x4 grid: pixel_shuffle gives 2x2
@@ -46,15 +48,6 @@ def tiny_config(projector: str | None, **options):
     return dataclasses.replace(
         config, projector=projector, projector_hidden_size=LLM_WIDTH if projector else None, **options
     ).validated()
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values everywhere (also LayerNorms, which init to 1/0 and would hide a swap)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    return module.eval()
 
 
 def compile_vm(mod: tvm.IRModule) -> relax.VirtualMachine:
@@ -125,7 +118,7 @@ def features():
 def test_mlp2x_gelu_matches_transformers_llava_projector(features):
     llava = LlavaConfig(vision_config=CLIPVisionConfig(**VISION),
                         text_config=tiny_llm(), vision_feature_layer=-2)
-    ref = randomize(LlavaMultiModalProjector(llava))
+    ref = randomize_all(LlavaMultiModalProjector(llava), seed=0)
     weights = mapped(ref.state_dict(), "multi_modal_projector.", "mlp2x_gelu")
     ours = ProjectorRunner(tiny_config("mlp2x_gelu"))(features, weights)
     with torch.no_grad():
@@ -134,8 +127,8 @@ def test_mlp2x_gelu_matches_transformers_llava_projector(features):
 
 def test_mlp2x_gelu_original_llava_keys(features):
     """LLaVA-1.5's ``model.mm_projector.{0,2}`` (a Sequential) maps onto the same params."""
-    ref = randomize(torch.nn.Sequential(torch.nn.Linear(32, LLM_WIDTH), torch.nn.GELU(),
-                                        torch.nn.Linear(LLM_WIDTH, LLM_WIDTH)))
+    ref = randomize_all(torch.nn.Sequential(torch.nn.Linear(32, LLM_WIDTH), torch.nn.GELU(),
+                                        torch.nn.Linear(LLM_WIDTH, LLM_WIDTH)), seed=1)
     weights = mapped(ref.state_dict(), "model.mm_projector.", "mlp2x_gelu")
     ours = ProjectorRunner(tiny_config("mlp2x_gelu"))(features, weights)
     with torch.no_grad():
@@ -143,7 +136,7 @@ def test_mlp2x_gelu_original_llava_keys(features):
 
 
 def test_linear_matches_torch_linear(features):
-    ref = randomize(torch.nn.Linear(VISION["hidden_size"], LLM_WIDTH))
+    ref = randomize_all(torch.nn.Linear(VISION["hidden_size"], LLM_WIDTH), seed=2)
     weights = mapped(ref.state_dict(), "model.mm_projector.", "linear")
     ours = ProjectorRunner(tiny_config("linear"))(features, weights)
     with torch.no_grad():
@@ -152,7 +145,7 @@ def test_linear_matches_torch_linear(features):
 
 @pytest.fixture(scope="module")
 def mlp1_reference():
-    return randomize(internvl_mlp1(VISION["hidden_size"], LLM_WIDTH, 0.5), seed=3)
+    return randomize_all(internvl_mlp1(VISION["hidden_size"], LLM_WIDTH, 0.5), seed=3)
 
 
 def test_mlp1_pixel_shuffle_matches_internvl(features, mlp1_reference):
@@ -212,7 +205,7 @@ def test_mlp1_after_tower_and_rgb8_entry(mlp1_reference):
     from mlc_vision.runtime.preprocess import normalize
 
     config = tiny_config("mlp1", select_layer=-2)
-    tower = randomize(CLIPVisionModel(CLIPVisionConfig(**VISION)), seed=5)
+    tower = randomize_all(CLIPVisionModel(CLIPVisionConfig(**VISION)), seed=5)
     built = build_module(config, "float32", "cpu")
     assert built.metadata["num_tokens"] == 4 and built.metadata["output_width"] == LLM_WIDTH
     assert built.metadata["projector"]["type"] == "mlp1"
@@ -243,7 +236,7 @@ def tiny_llava(tmp_path_factory):
         vision_feature_layer=-2, vision_feature_select_strategy="default", image_token_index=127,
     )
     torch.manual_seed(0)
-    model = randomize(LlavaForConditionalGeneration(config), seed=7)
+    model = randomize_all(LlavaForConditionalGeneration(config), seed=7)
     path = tmp_path_factory.mktemp("tiny-llava")
     model.save_pretrained(path)
     return model, path
@@ -270,3 +263,83 @@ def test_llava_checkpoint_end_to_end(tiny_llava, tmp_path):
     assert_fp32_close(ours, ref, "Llava get_image_features")
     from_bytes = vm["encode_rgb8"](tensor(rgb, "uint8"), params).numpy()
     np.testing.assert_allclose(from_bytes, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
+
+
+# ---- the original LLaVA-1.5 repository layout ------------------------------------------------------
+
+LLAVA15_TOWER = "openai/clip-vit-large-patch14-336"
+
+
+@pytest.fixture
+def tiny_tower_preset(tmp_path, monkeypatch):
+    """The presets dir with one preset: LLaVA-1.5's tower preset shrunk to VISION (same hf_repo).
+
+    An original LLaVA config names its tower (``mm_vision_tower``) instead of
+    holding its config; the preset with that ``hf_repo`` supplies it.
+    """
+    import mlc_vision.config as config_module
+
+    preset = config_module.preset_info("clip-vit-large-patch14-336")
+    assert preset["hf_repo"] == LLAVA15_TOWER
+    preset.update({k: VISION[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "image_size", "patch_size")})
+    preset["preprocess"].update(size=VISION["image_size"], crop_size=VISION["image_size"])
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "tiny-llava15-tower.json").write_text(json.dumps(preset))
+    monkeypatch.setattr(config_module, "PRESET_DIR", presets)
+    return preset
+
+
+def original_llava15_checkpoint(path, tower: CLIPVisionModel, mm_projector: torch.nn.Module):
+    """liuhaotian/llava-v1.5-* layout: a LLaMA config with mm_* fields naming the tower, the tower
+    under ``model.vision_tower.vision_tower.``, the projector under ``model.mm_projector.``, the LLM
+    at the root (``model.layers.*``, ``model.embed_tokens``, ``lm_head``)."""
+    path.mkdir()
+    config = {
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": LLM_WIDTH,
+        "mm_vision_tower": LLAVA15_TOWER, "mm_hidden_size": VISION["hidden_size"], "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False, "num_hidden_layers": 1, "vocab_size": 16,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    tower_keys = {k.removeprefix("vision_model."): v for k, v in tower.state_dict().items() if not k.endswith("position_ids")}
+    tensors = {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in tower_keys.items()}
+    tensors |= {f"model.mm_projector.{k}": v for k, v in mm_projector.state_dict().items()}
+    tensors |= {"model.embed_tokens.weight": torch.randn(16, LLM_WIDTH), "lm_head.weight": torch.randn(16, LLM_WIDTH),
+                "model.layers.0.mlp.up_proj.weight": torch.randn(8, LLM_WIDTH), "model.norm.weight": torch.ones(LLM_WIDTH)}
+    save_torch_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def test_original_llava15_layout_through_convert(tiny_tower_preset, tmp_path):
+    """mm_vision_tower + model.mm_projector.{0,2}: tower and projector converted, compiled and
+    compared with LLaVA's forward (hidden_states[-2] without the class token, then the MLP)."""
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    tower = randomize_all(CLIPVisionModel(CLIPVisionConfig(**VISION, hidden_act="quick_gelu")), seed=11)
+    mm_projector = randomize_all(torch.nn.Sequential(torch.nn.Linear(VISION["hidden_size"], LLM_WIDTH), torch.nn.GELU(),
+                                                     torch.nn.Linear(LLM_WIDTH, LLM_WIDTH)), seed=12)
+    ckpt = original_llava15_checkpoint(tmp_path / "llava-v1.5", tower, mm_projector)
+    params_dir = convert(ckpt, tmp_path / "params")
+    config = resolve_config(str(ckpt))
+    assert (config.family, config.preset, config.select_layer, config.feature) == ("clip", "tiny-llava15-tower", -2, "patch")
+    assert (config.projector, config.projector_hidden_size, config.hidden_act) == ("mlp2x_gelu", LLM_WIDTH, "quick_gelu")
+    built = build_module(config, "float32", "cpu")
+    params = load_params(params_dir, built.metadata["params"], CPU)
+    pixels = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ours = compile_vm(built.mod)["encode"](tensor(pixels), params).numpy()
+    with torch.no_grad():
+        hidden = tower(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-2][:, 1:]
+        ref = mm_projector(hidden).numpy()
+    assert_fp32_close(ours, ref, "LLaVA-1.5 original layout: tower + mm_projector")
+
+
+def test_original_llava15_pads_to_square(tiny_tower_preset, tmp_path):
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    mm_projector = torch.nn.Sequential(torch.nn.Linear(VISION["hidden_size"], LLM_WIDTH), torch.nn.GELU(),
+                                       torch.nn.Linear(LLM_WIDTH, LLM_WIDTH))
+    ckpt = original_llava15_checkpoint(tmp_path / "llava-v1.5", tower, mm_projector)
+    assert resolve_config(str(ckpt)).preprocess.pad_to_square

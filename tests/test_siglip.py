@@ -29,7 +29,7 @@ from mlc_vision.models import route, siglip
 from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.weights.convert import convert
 from mlc_vision.weights.params import load_params
-from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_layer_norms
+from parity import CompiledCPU, assert_all_close, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_all
 
 # Small, but with the real geometry's quirk: 30 px with 8 px patches drops the
 # last 6 pixel rows/columns like SigLIP's 384/14; 3 layers give 4 hidden states.
@@ -63,9 +63,7 @@ def pixels():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SiglipVisionModel(SiglipVisionConfig(**TINY)).eval()
-    randomize_layer_norms(model)
+    model = randomize_all(SiglipVisionModel(SiglipVisionConfig(**TINY)), seed=0)
     ckpt = tmp_path_factory.mktemp("siglip-ckpt")
     model.save_pretrained(ckpt)
     return model, ckpt
@@ -109,10 +107,8 @@ def test_config_from_checkpoint(reference):
 
 def test_every_hidden_state_fp32(reference, params, pixels, expected, tmp_path):
     lib = compiled(reference, params, tmp_path, select_layer=-1, feature="patch")
-    ours = lib.hidden_states(pixels)
-    assert len(ours) == len(expected["hidden_states"]) == TINY["num_hidden_layers"] + 1
-    for i, (a, ref) in enumerate(zip(ours, expected["hidden_states"])):
-        assert_fp32_close(a, ref, f"hidden_states[{i}]")
+    assert len(expected["hidden_states"]) == TINY["num_hidden_layers"] + 1
+    assert_all_close(lib.hidden_states(pixels), expected["hidden_states"], "hidden_states")
     # patch keeps every token (no class token) and is hidden_states[-1]: no post_layernorm
     enc = lib.encode(pixels)
     assert enc.shape == (2, TOKENS, TINY["hidden_size"]) and lib.metadata["num_tokens"] == TOKENS
@@ -150,8 +146,7 @@ def test_pooled_head(reference, params, pixels, expected, tmp_path):
 
 def test_fp16_against_fp32_reference(reference, params, pixels, expected, tmp_path):
     lib = compiled(reference, params, tmp_path, dtype="float16", feature="pooled")
-    for i, (a, ref) in enumerate(zip(lib.hidden_states(pixels), expected["hidden_states"])):
-        assert_fp16_close(a, ref, f"fp16 hidden_states[{i}]")
+    assert_all_close(lib.hidden_states(pixels), expected["hidden_states"], "fp16 hidden_states", "float16")
     # the head reads post_layernorm(hidden_states[-1]): the fp16 post-norm is checked through it
     assert_fp16_close(lib.encode(pixels)[:, 0], expected["pooler_output"], "fp16 pooler_output")
 
@@ -172,25 +167,21 @@ def test_other_image_size_interpolates_position_embedding(reference, pixels, tmp
 
 def test_siglip_model_checkpoint_ignores_text_tower(tmp_path, pixels):
     """A whole SiglipModel (model_type siglip, as SigLIP2 fixed-resolution checkpoints are too)."""
-    torch.manual_seed(3)
-    model = SiglipModel(SiglipConfig(vision_config=TINY, text_config=TINY_TEXT)).eval()
-    randomize_layer_norms(model)
+    model = randomize_all(SiglipModel(SiglipConfig(vision_config=TINY, text_config=TINY_TEXT)), seed=3)
     model.save_pretrained(tmp_path / "ckpt")
     params_dir = convert_checkpoint(tmp_path / "ckpt", tmp_path / "params")
     config = resolve_config(str(tmp_path / "ckpt"), feature="pooled")
     assert config.family == "siglip"
     ref = _reference_outputs(model.vision_model, pixels)
     lib = CompiledCPU(config, params_dir, "float32", tmp_path)
-    for i, (a, r) in enumerate(zip(lib.hidden_states(pixels), ref["hidden_states"])):
-        assert_fp32_close(a, r, f"SiglipModel hidden_states[{i}]")
+    assert_all_close(lib.hidden_states(pixels), ref["hidden_states"], "SiglipModel hidden_states")
     assert_fp32_close(lib.encode(pixels)[:, 0], ref["pooler_output"], "SiglipModel pooler_output")
 
 
 def _llava_tower_checkpoint(tmp_path, model_cls, config_cls, seed, **outer):
-    torch.manual_seed(seed)
     vision = dict(TINY, model_type="siglip_vision_model", vision_use_head=False)
-    model = model_cls(config_cls(vision_config=vision, text_config=TINY_LLM, image_token_index=150, **outer)).eval()
-    randomize_layer_norms(model)
+    model = model_cls(config_cls(vision_config=vision, text_config=TINY_LLM, image_token_index=150, **outer))
+    randomize_all(model, seed)
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     return model.model.vision_tower, ckpt
@@ -223,15 +214,15 @@ def test_llava_onevision_checkpoint(tmp_path, pixels):
     assert (config.family, config.select_layer, config.use_head) == ("siglip", -1, False)
     ref = _reference_outputs(tower, pixels)
     lib = CompiledCPU(config, params_dir, "float32", tmp_path)
-    for i, (a, r) in enumerate(zip(lib.hidden_states(pixels), ref["hidden_states"])):
-        assert_fp32_close(a, r, f"LLaVA-OneVision tower hidden_states[{i}]")
+    assert_all_close(lib.hidden_states(pixels), ref["hidden_states"], "LLaVA-OneVision tower hidden_states")
     assert_fp32_close(lib.encode(pixels), ref["hidden_states"][-1], "LLaVA-OneVision image features")
 
     # the same checkpoint as transformers v4.52+ laid it out converts to the same params
     _as_v4_layout(ckpt)
     v4_dir = convert_checkpoint(ckpt, tmp_path / "params_v4")
     names = [p["name"] for p in lib.metadata["params"]]
-    for name, a, b in zip(names, load_params(params_dir, names, tvm.cpu()), load_params(v4_dir, names, tvm.cpu())):
+    for name, a, b in zip(names, load_params(params_dir, names, tvm.cpu()), load_params(v4_dir, names, tvm.cpu()),
+                          strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
 
 
@@ -287,22 +278,19 @@ def test_presets(preset, tokens, width, compiled_layers):
 
 def test_real_width_layer_so400m(tmp_path):
     """One so400m layer at its real shape: 1152 wide, 16 heads of 72, MLP 4304, 384/14 -> 729 tokens."""
-    torch.manual_seed(7)
     base = resolve_config("siglip-so400m-patch14-384")
     assert (base.hidden_size, base.num_attention_heads, base.head_dim, base.intermediate_size) == (1152, 16, 72, 4304)
     hf = SiglipVisionConfig(
         hidden_size=base.hidden_size, intermediate_size=base.intermediate_size, num_hidden_layers=1,
         num_attention_heads=base.num_attention_heads, image_size=base.image_size, patch_size=base.patch_size,
     )
-    model = SiglipVisionModel(hf).eval()
-    randomize_layer_norms(model)
+    model = randomize_all(SiglipVisionModel(hf), seed=7)
     model.save_pretrained(tmp_path / "ckpt")
     params_dir = convert_checkpoint(tmp_path / "ckpt", tmp_path / "params")
     config = resolve_config(str(tmp_path / "ckpt"), feature="pooled")
     x = np.random.default_rng(1).standard_normal((1, 3, 384, 384)).astype("float32")
     ref = _reference_outputs(model, x)
     lib = CompiledCPU(config, params_dir, "float32", tmp_path)
-    for i, (a, r) in enumerate(zip(lib.hidden_states(x), ref["hidden_states"])):
-        assert a.shape == (1, 729, 1152)
-        assert_fp32_close(a, r, f"so400m hidden_states[{i}]")
+    assert ref["hidden_states"][0].shape == (1, 729, 1152)
+    assert_all_close(lib.hidden_states(x), ref["hidden_states"], "so400m hidden_states")
     assert_fp32_close(lib.encode(x)[:, 0], ref["pooler_output"], "so400m pooler_output")

@@ -56,7 +56,7 @@ def _legalize_sigmoid(bb, call):
 def _legalize_exp(bb, call):
     from tvm import te
 
-    return bb.call_te(lambda x: te.compute(x.shape, lambda *i: exp(x[i]), name="compute"),
+    return bb.call_te(lambda x: te.compute(x.shape, lambda *i: exp(x(*i)), name="compute"),
                       call.args[0], primfunc_name_hint="exp")
 
 
