@@ -101,6 +101,7 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
             f"params {params_dir} have no mlc_vision metadata in tensor-cache.json, so nothing says which model "
             "they are for; make them with mlc-vision convert"
         )
+    # The family first: params of another family miss names too, and the family says why.
     if ours.get("family") != metadata["family"]:
         raise MlcVisionError(f"params {params_dir} are for family {ours.get('family')!r} but the library is {metadata['family']!r}")
     _check_records(metadata["params"], records, params_dir)
