@@ -30,7 +30,7 @@ import numpy as np
 
 from . import bench_peers
 from .bench_peers import machine_info
-from .compiler.targets import ATTENTION_BY_TARGET
+from .compiler.targets import attention_modes
 from .config import VisionConfig, list_presets, load_preset
 
 DEFAULT_MODELS = (
@@ -227,8 +227,8 @@ def _ratio(a, b):
 
 
 def bench_one(preset: str, batches: list[int], runs: int, workdir: Path, torch_compile: bool, peak: float,
-              peers: bool = True, bf16: bool = True) -> list[Row]:  # fmt: skip
-    """Time every contender on ``preset`` at each batch, in alternation; one Row per batch."""
+              peers: bool = True, bf16: bool = True, on_row=None) -> list[Row]:  # fmt: skip
+    """Time every contender on ``preset`` at each batch, in alternation; one Row per batch (``on_row`` sees each)."""
     config = replace(load_preset(preset), select_layer=-1, feature="cls_patch")
     ours = OurLibrary(config, workdir)
     ours16 = OurLibrary(config, workdir, "bfloat16", params=ours.fp32_params) if bf16 else None
@@ -252,6 +252,8 @@ def bench_one(preset: str, batches: list[int], runs: int, workdir: Path, torch_c
         ms = interleaved_medians_ms(contenders, runs)
         rows.append(_make_row(preset, config, batch, ms, cos16, peer_engines, ours.compile_s, peak, notes))
         print(_row_line(rows[-1]), flush=True)
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -450,7 +452,7 @@ def run_gpu_report(models, target: str, output: Path, dtype: str = "float16") ->
     output.mkdir(parents=True, exist_ok=True)
     reports = []
     for preset in models:
-        for attention in ATTENTION_BY_TARGET[target]:  # the default, and the opt-in --attention modes
+        for attention in attention_modes(target, dtype):  # the default, and the opt-in --attention modes
             r = gpu_kernel_report(preset, target, dtype, attention)
             reports.append(r)
             print(f"{preset:<28} {target} {dtype} attention={attention}: {r['launches_per_layer']} launches/layer, "
@@ -486,14 +488,14 @@ def run_benchmark(models, target: str, batches: list[int], runs: int, output: Pa
         peers = False
     bf16 = bf16_is_fast_here() if bf16 is None else bf16
     rows: list[Row] = []
+
+    def write(row: Row) -> None:  # after every row: a long run that is stopped keeps what it measured
+        rows.append(row)
+        report = {"machine": {"platform": platform.platform(), **machine}, "runs": runs, "rows": [asdict(r) for r in rows]}
+        (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        (output / "bench.md").write_text(markdown_table(rows, machine, runs))
+
     for preset in models:
-        rows += bench_one(preset, batches, runs, output, torch_compile, machine["fp32_peak_gflops"], peers, bf16)
-    report = {
-        "machine": {"platform": platform.platform(), **machine},
-        "runs": runs,
-        "rows": [asdict(r) for r in rows],
-    }
-    (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "bench.md").write_text(markdown_table(rows, machine, runs))
+        bench_one(preset, batches, runs, output, torch_compile, machine["fp32_peak_gflops"], peers, bf16, on_row=write)
     print(f"wrote {output / 'bench.json'} and {output / 'bench.md'}")
     return rows

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT anyres: pinpoint choice, tiles, packing and the packed sequence against transformers.
+"""LLaVA-NeXT / OneVision anyres: pinpoint choice, tiles, packing and the packed sequence against transformers.
 
 The reference is transformers' ``LlavaNextImageProcessor`` (tiles) and
 ``LlavaNextModel.get_image_features`` (tower, projector, ``pack_image_features``)
@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+from transformers import (
+    CLIPVisionConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+)
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 
 from mlc_vision.compiler.export import build_library
@@ -146,3 +154,49 @@ def test_pinpoints_must_be_whole_tiles():
         anyres_tiles(image((40, 60)), 336, pre, anyres_tiling({"image_grid_pinpoints": [[336, 500]]}).grid_pinpoints)
     with pytest.raises(MlcVisionError, match="image_grid_pinpoints must be a list"):
         anyres_tiling({"image_grid_pinpoints": "anyres"})
+
+
+# ---- LLaVA-OneVision: anyres_max shrinks large token maps ---------------------------------------------
+
+ONEVISION_PINPOINTS = [[TILE * r, TILE * c] for r in range(1, 4) for c in range(1, 4)]
+SIGLIP = dict(VISION, model_type="siglip_vision_model", vision_use_head=False)
+
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    """A tiny LLaVA-OneVision (SigLIP tower, all 16 tokens per tile) with anyres_max_2, compiled and converted."""
+    torch.manual_seed(1)
+    config = LlavaOnevisionConfig(
+        vision_config=SIGLIP, text_config=LLM, image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_aspect_ratio="anyres_max_2", image_token_index=150, video_token_index=151,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    randomize_all(model, seed=1)
+    root = tmp_path_factory.mktemp("onevision")
+    model.save_pretrained(root / "ckpt")
+    onevision_processor().save_pretrained(root / "ckpt")
+    params = convert(root / "ckpt", root / "params")
+    resolved = resolve_config(str(root / "ckpt"))
+    assert resolved.tiling.anyres_max == 2 and resolved.projector == "mlp2x_gelu"
+    built = build_module(resolved, "float32", "cpu")
+    return model, build_library(built.mod, "cpu", root / "onevision.so", metadata=built.metadata), params
+
+
+def onevision_processor() -> LlavaOnevisionImageProcessor:
+    return LlavaOnevisionImageProcessor(size={"height": TILE, "width": TILE}, image_grid_pinpoints=ONEVISION_PINPOINTS)
+
+
+@pytest.mark.parametrize("size", [(40, 90), (96, 96), (90, 33), (30, 30)])
+def test_onevision_packed_features_equal_get_image_features(onevision, size):
+    """Token maps of 6x12, 12x12 and 12x4 exceed 2 tiles' worth and are shrunk; a 1x1 grid's 4x4 is kept."""
+    model, lib, params = onevision
+    encoder = VisionEncoder(lib, params)
+    rgb = Image.fromarray(image(size, seed=size[0]))
+    ours = encoder.encode_tiles(rgb)
+    inputs = onevision_processor()(images=rgb, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+        ).pooler_output[0]
+    assert_fp32_close(ours.packed, ref.numpy(), f"OneVision packed features of a {size} image")
+    assert anyres_token_count(ours.grid, 16, size, newline=True, anyres_max=2) == len(ours.packed)

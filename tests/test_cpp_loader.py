@@ -20,7 +20,7 @@ from mlc_vision.config import Preprocess
 from mlc_vision.runtime.encoder import VisionEncoder
 from mlc_vision.runtime.tiling import anyres_tiles, internvl_tiles, pack_anyres
 from parity import assert_close, assert_fp32_close, randomize_all
-from test_anyres import anyres_library, reference_model  # noqa: F401  (fixtures of the tiled tests)
+from test_anyres import anyres_library, onevision, reference_model  # noqa: F401  (fixtures of the tiled tests)
 from test_tiling import image, tiled_tower  # noqa: F401
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cpp"
@@ -102,6 +102,16 @@ def test_cpp_encode_rgb8_matches_python(cpp_encode, library, tmp_path):
     np.testing.assert_array_equal(ours_cpp, VisionEncoder(lib, params).encode_rgb8(rgb))
 
 
+def test_cpp_runs_a_bf16_library(cpp_encode, checkpoint, tmp_path):
+    """A bf16 CPU library (its GEMM is C code linked into the .so) loads and runs from C++ alone."""
+    lib, params = compile_and_convert(checkpoint[1], tmp_path, "bfloat16")
+    pixels = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype("float32")
+    np.save(tmp_path / "pixels.npy", pixels)
+    ours_cpp = run_cpp(cpp_encode, lib, params, tmp_path / "pixels.npy", tmp_path / "cpp.npy")
+    ours_py = VisionEncoder(lib, params)(pixels)
+    np.testing.assert_array_equal(ours_cpp, ours_py.view(np.uint16))  # the loader writes bf16 as raw uint16
+
+
 def test_cpp_fp16_library(cpp_encode, checkpoint, tmp_path):
     """An fp16 library from C++: float32 input converted on the host, fp16 features out, equal to
     the Python runtime's and within the fp16 bounds of transformers' fp32 output."""
@@ -171,6 +181,22 @@ def test_cpp_anyres_packing_equals_python(cpp_encode, anyres_library, tmp_path, 
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), packed)
     assert f"-> {len(packed)} packed tokens" in proc.stdout
     assert_fp32_close(np.load(tmp_path / "out.npy"), encoder.encode_tiles(rgb).packed, f"{shape} C++ vs Python runtime")
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (96, 96), (90, 33), (30, 30)])
+def test_cpp_onevision_shrink_equals_python(cpp_encode, onevision, tmp_path, shape):
+    """OneVision's anyres_max_2: three of these token maps are shrunk (bilinear), one is kept."""
+    _, lib, params = onevision
+    encoder = VisionEncoder(lib, params)
+    rgb = image(shape, seed=shape[0])
+    proc, _ = run_cpp_tiles(cpp_encode, lib, params, rgb, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    tiling = encoder.tiling
+    tiled = anyres_tiles(rgb, encoder.image_size, Preprocess.from_dict(encoder.metadata["preprocess"]),
+                         [tuple(p) for p in tiling["grid_pinpoints"]])
+    np.testing.assert_array_equal(np.load(tmp_path / "tiles.npy"), tiled.tiles)
+    packed = pack_anyres(encoder.encode_rgb8(tiled.tiles), tiled.grid, shape, encoder._image_newline, tiling["anyres_max"])
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), packed)
 
 
 def test_cpp_tile_errors_are_one_line(cpp_encode, tiled_tower, anyres_library, library, tmp_path):

@@ -159,10 +159,10 @@ def test_bad_preprocessor_config_is_one_line(case, checkpoint, tmp_path, capsys)
 
 
 def test_config_check_knows_every_activation_of_the_model_builder():
-    from mlc_vision.models.layers import ACTIVATIONS
+    from mlc_vision.models.layers import ACTIVATIONS, GATED_ACTIVATIONS
     from mlc_vision.validate import KNOWN_ACTIVATIONS
 
-    assert sorted(KNOWN_ACTIVATIONS) == sorted(ACTIVATIONS)
+    assert sorted(KNOWN_ACTIVATIONS) == sorted({**ACTIVATIONS, **GATED_ACTIVATIONS})
 
 
 # ---- CLI usage and paths -------------------------------------------------------------------------------
@@ -204,15 +204,20 @@ def test_compile_output_is_checked_before_compiling(checkpoint, tmp_path, capsys
         assert_one_error(code, err, culprit)
 
 
-def test_read_only_output_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+def test_read_only_output_is_one_line(built, checkpoint, tmp_path, capsys, monkeypatch):
+    lib, params, pixels = built
+
     def read_only(self, *_, **__):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
 
     monkeypatch.setattr(Path, "touch", read_only)
-    code, _, err = run_cli(capsys, "compile", "-m", checkpoint, "-o", tmp_path / "x.so")
-    assert_one_error(code, err, "cannot be written", os.strerror(errno.EROFS))
-    code, _, err = run_cli(capsys, "convert", "-m", checkpoint, "-o", tmp_path / "params")
-    assert_one_error(code, err, "cannot be written")
+    for argv in (
+        ["compile", "-m", checkpoint, "-o", tmp_path / "x.so"],
+        ["convert", "-m", checkpoint, "-o", tmp_path / "params"],
+        ["run", "--lib", lib, "--params", params, "--pixel-values", pixels, "-o", tmp_path / "f.npy"],
+    ):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_error(code, err, "cannot be written", os.strerror(errno.EROFS))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -506,9 +511,11 @@ def test_one_encoder_from_four_threads_equals_sequential(built):
     sequential = [encoder(x) for x in inputs]
     results: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
+    start = threading.Barrier(4)
 
     def work(indices):
         try:
+            start.wait()
             for i in indices:
                 results[i] = encoder(inputs[i])
         except BaseException as err:  # noqa: BLE001

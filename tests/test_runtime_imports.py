@@ -30,7 +30,7 @@ DOCUMENTED = {
     "atomic": set(),
     "bench": {"bench_peers", "compiler", "config", "testing"},
     "bench_peers": set(),
-    "checkpoint": {"config", "models", "validate"},
+    "checkpoint": {"config", "models", "validate", "weights.reader"},
     "cli": {"atomic", "bench", "checkpoint", "compiler", "config", "runtime", "weights.convert"},
     "compiler": {"atomic", "config", "cpu_features", "models"},
     "config": {"validate"},

@@ -205,17 +205,24 @@ def towers(tmp_path_factory):
             ids, mask = token_batch()
             pixels = pixels_for()
             cache[family] = dict(root=root, ckpt=root / "ckpt", expected=reference(ids, mask, pixels),
-                                 ids=ids, mask=mask, pixels=pixels)
+                                 ids=ids, mask=mask, pixels=pixels, encoders={})
         return cache[family]
 
     return get
+
+
+def encoder_of(tower: dict, dtype: str) -> ContrastiveEncoder:
+    """Our library and params for a tower, built once per dtype and module."""
+    if dtype not in tower["encoders"]:
+        tower["encoders"][dtype] = build_ours(tower["ckpt"], tower["root"], dtype)
+    return tower["encoders"][dtype]
 
 
 @pytest.mark.parametrize("family", sorted(REFERENCES))
 def test_contrastive_parity_fp32_and_fp16(towers, family):
     tower = towers(family)
     for dtype, check in (("float32", assert_fp32_close), ("float16", assert_fp16_close)):
-        encoder = build_ours(tower["ckpt"], tower["root"], dtype)
+        encoder = encoder_of(tower, dtype)
         ours = our_outputs(encoder, tower["ids"], tower["mask"], tower["pixels"])
         for key, ref in tower["expected"].items():
             check(ours[key], ref, f"{family} {dtype} {key}")
@@ -233,10 +240,9 @@ def test_clip_legacy_eos_id_pools_the_highest_id(tmp_path):
     assert_fp32_close(ours["text_embeds"], expected["text_embeds"], "legacy eos text_embeds")
 
 
-def test_symbolic_length_and_batch(towers, tmp_path):
+def test_symbolic_length_and_batch(towers):
     """One library for every batch and length up to max_position_embeddings; longer is refused."""
-    tower = towers("clip")
-    encoder = build_ours(tower["ckpt"], tmp_path, "float32")
+    encoder = encoder_of(towers("clip"), "float32")
     ids, mask = token_batch(seed=6)
     whole = encoder.encode_token_ids(ids, mask)
     np.testing.assert_allclose(encoder.encode_token_ids(ids[1:2, :5], mask[1:2, :5]), whole[1:2], rtol=1e-5, atol=1e-5)
@@ -316,18 +322,16 @@ def test_similarity_command(towers, tmp_path, capsys):
     assert code == 0 and out[0] == "# clip: softmax over texts"
     probs = np.array([[float(v) for v in line.split("\t")[1:]] for line in out[2:]])
     # the same numbers from transformers, on our preprocessing and the fast tokenizer's ids
+    from transformers import PreTrainedTokenizerFast
+
     from mlc_vision.runtime.preprocess import preprocess
-    from mlc_vision.config import Preprocess
 
     config = resolve_config(str(tower["ckpt"]))
     pixels = preprocess([str(tmp_path / "0.png"), str(tmp_path / "1.png")], config.preprocess)
-    from transformers import PreTrainedTokenizerFast
-
     tok = PreTrainedTokenizerFast.from_pretrained(tower["ckpt"])(texts, padding=True, truncation=True, max_length=MAX_POS)
     model = CLIPModel.from_pretrained(tower["ckpt"]).eval()
     expected = _torch_outputs(model, np.asarray(tok["input_ids"]), np.asarray(tok["attention_mask"]), pixels)
     np.testing.assert_allclose(probs, softmax(expected["logits_per_image"], axis=1), atol=2e-4)
-    assert isinstance(Preprocess(), Preprocess)
 
 
 # ---- one layer at each text tower's real width (slow) -------------------------------------------------
@@ -373,3 +377,31 @@ def _eva_real(path, width, heads, mlp):
         return {"text_embeds": txt / np.linalg.norm(txt, axis=-1, keepdims=True)}
 
     return run
+
+
+def test_inspect_shows_the_text_entry(towers, capsys):
+    from mlc_vision.cli import main
+
+    encoder = encoder_of(towers("siglip"), "float32")
+    assert main(["inspect", str(encoder.lib_path)]) == 0
+    metadata = json.loads(capsys.readouterr().out)
+    assert metadata["part"] == "both" and metadata["text"]["logits"] == "sigmoid"
+    assert metadata["entries"]["encode_text"]["output"]["shape"] == ["batch", PROJ]
+    assert metadata["entries"]["encode"]["output"]["shape"] == ["batch", 1, PROJ]
+    assert {"logit_scale", "logit_bias"} <= {p["name"] for p in metadata["params"]}
+
+
+def test_text_only_library(towers, tmp_path):
+    """--part text: encode_text alone; VisionEncoder and ContrastiveEncoder refuse it in one line."""
+    from mlc_vision.runtime.encoder import VisionEncoder
+
+    tower = towers("eva_clip")
+    config = resolve_config(str(tower["ckpt"]), feature="pooled", projector="none")
+    built = build_contrastive_module(config, resolve_text_config(str(tower["ckpt"])), "float32", "cpu", "text")
+    assert set(built.metadata["entries"]) == {"encode_text"}
+    lib = build_library(built.mod, "cpu", tmp_path / "text.so", metadata=built.metadata)
+    params = convert(tower["ckpt"], tmp_path / "params", part="text")
+    with pytest.raises(MlcVisionError, match="no image entry"):
+        VisionEncoder(lib, params)
+    with pytest.raises(MlcVisionError, match="compile it with --part both"):
+        ContrastiveEncoder(lib, params)

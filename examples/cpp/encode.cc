@@ -198,6 +198,27 @@ std::vector<char> ToHost(const Tensor& t, std::vector<int64_t>* shape) {
   return out;
 }
 
+// anyres packing of raw features: float32 as floats (OneVision's shrink computes), other dtypes as
+// bytes (packing only copies them).
+std::vector<char> Pack(const std::vector<char>& features, const std::vector<char>& newline, int tokens, int width,
+                       const std::string& dtype, const mlc_vision::Grid& grid, int height, int image_width,
+                       int anyres_max) {
+  if (dtype == "float32") {
+    std::vector<float> f(features.size() / 4), n(newline.size() / 4);
+    std::memcpy(f.data(), features.data(), features.size());
+    std::memcpy(n.data(), newline.data(), newline.size());
+    std::vector<float> packed = mlc_vision::PackAnyres(f, tokens, width, grid, height, image_width, &n, anyres_max);
+    std::vector<char> out(packed.size() * 4);
+    std::memcpy(out.data(), packed.data(), out.size());
+    return out;
+  }
+  int element = static_cast<int>(DtypeBytes(dtype));
+  std::vector<uint8_t> f(features.begin(), features.end()), n(newline.begin(), newline.end());
+  std::vector<uint8_t> packed =
+      mlc_vision::PackAnyres(f, tokens, width * element, grid, height, image_width, &n, anyres_max);
+  return std::vector<char>(packed.begin(), packed.end());
+}
+
 struct TileOptions {
   std::optional<int> max_tiles, min_tiles;  // unset: the library's
   bool thumbnail = true;
@@ -250,20 +271,19 @@ void EncodeTiles(const ffi::Module& vm, const ffi::json::Object& meta, const ffi
   std::cout << "grid " << tiles.grid.str() << extra << " -> " << tiles.count << " tiles";
   ffi::Any newline_spec = tiling.count("image_newline") ? tiling["image_newline"] : ffi::Any(nullptr);
   if (tiles.base && newline_spec != nullptr) {
-    // The packed sequence: element bytes are copied, so pack raw bytes of width * element size.
     std::string name = newline_spec.cast<ffi::json::Object>()["param"].cast<ffi::String>();
     ffi::Array<ffi::String> names{ffi::String(name)};
     Tensor newline_tensor = Global("vm.builtin.param_array_from_cache_by_name")(names).cast<ffi::Array<Tensor>>()[0];
     std::vector<int64_t> newline_shape;
-    std::vector<char> newline_raw = ToHost(newline_tensor, &newline_shape);
-    std::vector<uint8_t> newline(newline_raw.begin(), newline_raw.end());
-    int row_bytes = static_cast<int>(shape[2] * DtypeBytes(dtype));
-    if (static_cast<int>(newline.size()) != row_bytes) throw std::runtime_error(name + " does not have the output width");
-    std::vector<uint8_t> raw(features.begin(), features.end());
-    std::vector<uint8_t> packed = mlc_vision::PackAnyres(raw, static_cast<int>(shape[1]), row_bytes, tiles.grid,
-                                                         image.height, image.width, &newline);
-    features.assign(packed.begin(), packed.end());
-    shape = {static_cast<int64_t>(packed.size() / row_bytes), shape[2]};
+    std::vector<char> newline = ToHost(newline_tensor, &newline_shape);
+    int anyres_max = tiling.count("anyres_max") && tiling["anyres_max"] != nullptr
+                         ? static_cast<int>(tiling["anyres_max"].cast<int64_t>())
+                         : 0;
+    size_t row_bytes = static_cast<size_t>(shape[2]) * DtypeBytes(dtype);
+    if (newline.size() != row_bytes) throw std::runtime_error(name + " does not have the output width");
+    features = Pack(features, newline, static_cast<int>(shape[1]), static_cast<int>(shape[2]), dtype, tiles.grid,
+                    image.height, image.width, anyres_max);
+    shape = {static_cast<int64_t>(features.size() / row_bytes), shape[2]};
     std::cout << " -> " << shape[0] << " packed tokens";
   }
   WriteNpy(output_path, shape, NpyDescr(dtype), features);

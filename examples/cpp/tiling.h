@@ -4,7 +4,8 @@
 //   * InternVL dynamic tiles: ChooseGrid (aspect-ratio rule with its tie break), InternVLTiles
 //     (resize to the grid's canvas, cut row-major, thumbnail last when the grid has several tiles).
 //   * LLaVA-NeXT anyres: SelectBestResolution over the pinpoints, AnyresTiles (fit, pad centered
-//     with black, cut row-major, the base image first) and PackAnyres (unpad, image_newline per row).
+//     with black, cut row-major, the base image first) and PackAnyres (unpad, LLaVA-OneVision's
+//     anyres_max shrink, image_newline per row).
 //   * Resize: transformers' default (torchvision) processors on the CPU resize uint8 images with
 //     ATen's antialiased integer kernel: int16 fixed-point weights, horizontal pass, clamp to
 //     uint8, vertical pass. ResizeBicubic does that arithmetic, so tiles are bit-exact to the
@@ -19,6 +20,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -271,22 +273,87 @@ inline std::pair<std::pair<int, int>, std::pair<int, int>> UnpaddedExtent(int ro
   return {{0, rows}, {pad, cols - pad}};
 }
 
-// features: [1 + tiles, side * side, channels] of one element type T (base first) -> [tokens, channels].
+// LLaVA-OneVision's anyres_max_N: the size an unpadded rows x cols token map is shrunk to, or
+// {0, 0} when it is kept (ratio = sqrt(rows * cols / (N * side^2)) above 1.1).
+inline std::pair<int, int> OneVisionShrunkSize(int rows, int cols, int side, int anyres_max) {
+  if (anyres_max <= 0) return {0, 0};
+  double ratio = std::sqrt(static_cast<double>(rows) * cols / (static_cast<double>(anyres_max) * side * side));
+  if (ratio <= 1.1) return {0, 0};
+  return {static_cast<int>(std::floor(rows / ratio)), static_cast<int>(std::floor(cols / ratio))};
+}
+
+struct LinearTaps {
+  std::vector<int64_t> first, second;
+  std::vector<float> w0, w1;
+};
+
+// torch's bilinear taps (align_corners=False), in float32.
+inline LinearTaps BilinearTaps(int in_size, int out_size) {
+  LinearTaps t;
+  float scale = static_cast<float>(in_size) / static_cast<float>(out_size);
+  for (int i = 0; i < out_size; ++i) {
+    float src = std::max(scale * (static_cast<float>(i) + 0.5f) - 0.5f, 0.0f);
+    int64_t first = static_cast<int64_t>(src);
+    float lam1 = std::clamp(src - static_cast<float>(first), 0.0f, 1.0f);
+    t.first.push_back(first);
+    t.second.push_back(first + (first < in_size - 1 ? 1 : 0));
+    t.w0.push_back(1.0f - lam1);
+    t.w1.push_back(lam1);
+  }
+  return t;
+}
+
+// [rows, cols, channels] float32 -> [out_rows, out_cols, channels]:
+// (x00 * w0 + x01 * w1) * h0 + (x10 * w0 + x11 * w1) * h1.
+inline std::vector<float> ShrinkBilinear(const std::vector<float>& map, int rows, int cols, int channels,
+                                         int out_rows, int out_cols) {
+  LinearTaps r = BilinearTaps(rows, out_rows), c = BilinearTaps(cols, out_cols);
+  std::vector<float> out(static_cast<size_t>(out_rows) * out_cols * channels);
+  auto at = [&](int64_t y, int64_t x, int k) { return map[(static_cast<size_t>(y) * cols + x) * channels + k]; };
+  for (int i = 0; i < out_rows; ++i)
+    for (int j = 0; j < out_cols; ++j)
+      for (int k = 0; k < channels; ++k) {
+        float top = at(r.first[i], c.first[j], k) * c.w0[j] + at(r.first[i], c.second[j], k) * c.w1[j];
+        float bottom = at(r.second[i], c.first[j], k) * c.w0[j] + at(r.second[i], c.second[j], k) * c.w1[j];
+        out[(static_cast<size_t>(i) * out_cols + j) * channels + k] = top * r.w0[i] + bottom * r.w1[i];
+      }
+  return out;
+}
+
+// features: [1 + tiles, side * side, channels] of one element type T (base first) -> [tokens, channels]:
+// the tiles' token maps joined, cropped to the image (UnpaddedExtent), shrunk for OneVision's
+// anyres_max (float only), newline after each row, the base image's tokens first.
 template <typename T>
 std::vector<T> PackAnyres(const std::vector<T>& features, int tokens, int channels, const Grid& grid, int height,
-                          int width, const std::vector<T>* newline) {
+                          int width, const std::vector<T>* newline, int anyres_max = 0) {
   int side = static_cast<int>(std::lround(std::sqrt(static_cast<double>(tokens))));
   if (side * side != tokens) throw std::runtime_error("anyres packing needs a square token grid per tile");
-  int rows = grid.rows * side, cols = grid.cols * side;
-  auto [row_range, col_range] = UnpaddedExtent(rows, cols, height, width);
-  std::vector<T> out(features.begin(), features.begin() + static_cast<size_t>(tokens) * channels);  // base image
+  auto [row_range, col_range] = UnpaddedExtent(grid.rows * side, grid.cols * side, height, width);
+  int rows = row_range.second - row_range.first, cols = col_range.second - col_range.first;
+  std::vector<T> map;
+  map.reserve(static_cast<size_t>(rows) * cols * channels);
   for (int r = row_range.first; r < row_range.second; ++r) {
     for (int c = col_range.first; c < col_range.second; ++c) {
       int tile = (r / side) * grid.cols + (c / side);  // row-major tiles after the base
       int token = (r % side) * side + (c % side);
       size_t at = (static_cast<size_t>(1 + tile) * tokens + token) * channels;
-      out.insert(out.end(), features.begin() + at, features.begin() + at + channels);
+      map.insert(map.end(), features.begin() + at, features.begin() + at + channels);
     }
+  }
+  auto [shrunk_rows, shrunk_cols] = OneVisionShrunkSize(rows, cols, side, anyres_max);
+  if (shrunk_rows > 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      map = ShrinkBilinear(map, rows, cols, channels, shrunk_rows, shrunk_cols);
+      rows = shrunk_rows;
+      cols = shrunk_cols;
+    } else {
+      throw std::runtime_error("anyres_max shrinking is implemented for float32 libraries only");
+    }
+  }
+  std::vector<T> out(features.begin(), features.begin() + static_cast<size_t>(tokens) * channels);  // base image
+  for (int r = 0; r < rows; ++r) {
+    out.insert(out.end(), map.begin() + static_cast<size_t>(r) * cols * channels,
+               map.begin() + static_cast<size_t>(r + 1) * cols * channels);
     if (newline) out.insert(out.end(), newline->begin(), newline->end());
   }
   return out;

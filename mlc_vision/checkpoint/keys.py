@@ -16,12 +16,10 @@ and callers keep what the config says (``convert`` cannot read them either).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
-from ..errors import MlcVisionError
-from .source import Source
+from .source import Source, read_weight_map
 
 Shapes = dict[str, "tuple[int, ...] | None"]
 
@@ -68,10 +66,7 @@ def _bin_shapes(path: Path) -> Shapes | None:
 
 
 def _index_shapes(index: Path, read_header, skip: Callable[[str], bool]) -> Shapes:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise MlcVisionError(f"cannot read shard index {index}: {err}") from None
+    weight_map = read_weight_map(index)
     shapes: Shapes = {key: None for key in weight_map}
     needed = {shard for key, shard in weight_map.items() if not skip(key)}
     for shard in sorted(needed):

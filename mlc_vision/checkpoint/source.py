@@ -128,17 +128,23 @@ class Source:
             raise MlcVisionError(f"hub snapshot of {self.repo_id!r} moved while fetching ({fetched})")
 
 
-def shards_from_index(index: Path, wanted: Callable[[str], bool] | None) -> list[str]:
-    """Shard file names of an index, in first-appearance order; with ``wanted``, only those needed."""
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor name -> shard file), checked: a dict of names, shards inside the checkpoint."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise MlcVisionError(f"cannot read shard index {index}: {type(err).__name__} {err}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise MlcVisionError(f"shard index {index}: weight_map must map tensor names to shard file names")
-    shards: dict[str, bool] = {}
-    for key, shard in weight_map.items():
+    for shard in set(weight_map.values()):
         _check_shard_inside(index, shard)
+    return weight_map
+
+
+def shards_from_index(index: Path, wanted: Callable[[str], bool] | None) -> list[str]:
+    """Shard file names of an index, in first-appearance order; with ``wanted``, only those needed."""
+    shards: dict[str, bool] = {}
+    for key, shard in read_weight_map(index).items():
         needed = wanted is None or wanted(key)
         shards[shard] = shards.get(shard, False) or needed
     return [shard for shard, needed in shards.items() if needed]

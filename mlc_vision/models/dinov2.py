@@ -47,7 +47,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # BitImageProcessor, as the DINOv2 checkpoints configure it: shortest edge 256, center crop 224.
 RESIZE_OVER_CROP = 256 / 224
-SWIGLU = "swiglu"
+SWIGLU = "swiglu"  # a gated activation of models/layers.py: the MLP becomes Dinov2SwiGLU
 
 
 # ---- config ------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class Dinov2SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, value = op.split(self.weights_in(x), 2, axis=-1)
-        return self.weights_out(op.silu(gate) * value)
+        return self.weights_out(layers.GATED_ACTIVATIONS[SWIGLU](gate) * value)
 
 
 class Dinov2Layer(nn.Module):

@@ -46,6 +46,11 @@ ACTIVATIONS = {
 }
 
 
+# Gated MLPs (``out(act(gate) * value)``) name their gate's activation here: a
+# family whose config says one of these builds its gated MLP (DINOv2's SwiGLU).
+GATED_ACTIVATIONS = {"swiglu": op.silu}
+
+
 def activation(name: str):
     try:
         return ACTIVATIONS[name]

@@ -37,7 +37,9 @@ and cut row-major; the base image (the whole image resized to one tile,
 aspect ignored) comes first. After the tower and projector,
 :func:`pack_anyres` puts the tiles' token grids side by side, crops the rows or
 columns that only saw padding, appends the ``image_newline`` embedding to every
-row of tokens, and puts the base image's tokens in front.
+row of tokens, and puts the base image's tokens in front. LLaVA-OneVision
+(``anyres_max_N``) first shrinks a token map bigger than about N tiles
+(bilinear, as torch's ``interpolate``).
 """
 
 from __future__ import annotations
@@ -225,13 +227,59 @@ def unpadded_extent(rows: int, cols: int, height: int, width: int) -> tuple[slic
     return slice(0, rows), slice(pad, cols - pad)
 
 
+def onevision_shrunk_size(rows: int, cols: int, side: int, anyres_max: int | None) -> tuple[int, int] | None:
+    """OneVision's ``anyres_max_N``: the size an unpadded token map is shrunk to, None when it is kept.
+
+    ``ratio = sqrt(rows * cols / (N * side^2))``; above 1.1 the map becomes
+    ``int(rows // ratio) x int(cols // ratio)``.
+    """
+    if anyres_max is None:
+        return None
+    ratio = math.sqrt(rows * cols / (anyres_max * side**2))
+    if ratio <= 1.1:
+        return None
+    return int(rows // ratio), int(cols // ratio)
+
+
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """torch's bilinear source taps (align_corners=False) in float32: first, second, their weights."""
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    src = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
+    first = src.astype(np.int64)
+    second = first + (first < in_size - 1)
+    lam1 = np.clip(src - first.astype(f32), f32(0), f32(1)).astype(f32)
+    return first, second, (f32(1) - lam1).astype(f32), lam1
+
+
+def shrink_bilinear(token_map: np.ndarray, out_rows: int, out_cols: int) -> np.ndarray:
+    """``[rows, cols, channels]`` -> ``[out_rows, out_cols, channels]`` as torch's bilinear, in float32.
+
+    Each output is ``(x00 * w0 + x01 * w1) * h0 + (x10 * w0 + x11 * w1) * h1``. torch's CPU
+    kernel agrees to float rounding (a few 1e-7 relative), not bit for bit; the C++
+    example computes exactly this.
+    """
+    x = token_map.astype(np.float32)
+    r0, r1, h0, h1 = _linear_taps(x.shape[0], out_rows)
+    c0, c1, w0, w1 = _linear_taps(x.shape[1], out_cols)
+    w0, w1 = w0[None, :, None], w1[None, :, None]
+    top = x[r0][:, c0] * w0 + x[r0][:, c1] * w1
+    bottom = x[r1][:, c0] * w0 + x[r1][:, c1] * w1
+    return top * h0[:, None, None] + bottom * h1[:, None, None]
+
+
 def pack_anyres(
-    features: np.ndarray, grid: Grid, image_size: tuple[int, int], newline: np.ndarray | None
+    features: np.ndarray,
+    grid: Grid,
+    image_size: tuple[int, int],
+    newline: np.ndarray | None,
+    anyres_max: int | None = None,
 ) -> np.ndarray:
     """``[1 + tiles, side * side, width]`` (base first) -> the LLM's image sequence ``[tokens, width]``.
 
     The tiles' token maps are joined into one ``(rows * side) x (cols * side)``
-    map, cropped to the image (:func:`unpadded_extent`), each token row gets
+    map, cropped to the image (:func:`unpadded_extent`), shrunk when OneVision's
+    ``anyres_max`` says so (:func:`onevision_shrunk_size`), each token row gets
     ``newline`` appended (when given), and the base image's tokens go first.
     """
     count, tokens, channels = features.shape
@@ -247,15 +295,21 @@ def pack_anyres(
     token_map = tiles.transpose(0, 2, 1, 3, 4).reshape(grid.rows * side, grid.cols * side, channels)
     rows, cols = unpadded_extent(token_map.shape[0], token_map.shape[1], *image_size)
     token_map = token_map[rows, cols]
+    shrunk = onevision_shrunk_size(token_map.shape[0], token_map.shape[1], side, anyres_max)
+    if shrunk is not None:
+        token_map = shrink_bilinear(token_map, *shrunk).astype(features.dtype)
     if newline is not None:
         column = np.broadcast_to(newline.astype(token_map.dtype), (token_map.shape[0], 1, channels))
         token_map = np.concatenate([token_map, column], axis=1)
     return np.concatenate([features[0], token_map.reshape(-1, channels)], axis=0)
 
 
-def anyres_token_count(grid: Grid, tokens_per_tile: int, image_size: tuple[int, int], newline: bool) -> int:
+def anyres_token_count(
+    grid: Grid, tokens_per_tile: int, image_size: tuple[int, int], newline: bool, anyres_max: int | None = None
+) -> int:
     """Tokens :func:`pack_anyres` returns for an image of ``image_size`` (height, width) on ``grid``."""
     side = math.isqrt(tokens_per_tile)
     rows, cols = unpadded_extent(grid.rows * side, grid.cols * side, *image_size)
-    kept_rows, kept_cols = rows.stop - rows.start, cols.stop - cols.start
-    return tokens_per_tile + kept_rows * (kept_cols + (1 if newline else 0))
+    kept = (rows.stop - rows.start, cols.stop - cols.start)
+    kept = onevision_shrunk_size(*kept, side, anyres_max) or kept
+    return tokens_per_tile + kept[0] * (kept[1] + (1 if newline else 0))

@@ -4,8 +4,11 @@ One thread block per (batch x head, tile of ``BLOCK_Q`` = 64 queries), four
 warps; warp ``w`` owns query rows ``16 w .. 16 w + 15`` of the tile. The block
 walks the keys in tiles of ``BLOCK_K`` = 64:
 
-1. the key and value tiles are copied to shared memory (16-byte vectors; rows
-   past the sequence and the head_dim padding are zeros);
+1. the key and value tiles arrive in shared memory by ``cp.async`` (16 bytes
+   per copy; rows past the sequence and the head_dim padding are zero-filled).
+   Where two stages fit in 48 KiB (head_dim <= 80) tile ``kt + 1`` is copied
+   while tile ``kt`` is used; at head_dim 128 the copy of the next tile is
+   issued as soon as the current one is consumed;
 2. ``S = Q K^T``: Q's A fragments were loaded once (``ldmatrix.x4``) and stay in
    registers; K's B fragments come from ``ldmatrix.x4`` (K rows are the
    ``col`` layout's columns); each warp gets a 16 x 64 score tile in
@@ -21,7 +24,8 @@ walks the keys in tiles of ``BLOCK_K`` = 64:
    head_dim 72).
 
 The scores never leave registers; shared memory holds only the key and value
-tiles (the query tile passes through the key buffer once). head_dim must be a
+tiles (the query tile passes through the key buffer once). ``cp.async`` and its
+commit/wait are plain copies and no-ops in the CPU build below. head_dim must be a
 multiple of 8 and at most 128 (64, 72, 80, 128 are the ViT sizes); the Q·K^T
 reduction is padded to a multiple of 16 with zeros. Any sequence length: the
 last query tile's extra rows are computed and not stored, the last key tile's
@@ -41,8 +45,6 @@ not only on the GPU (``tests/test_fused_attention.py``).
 
 from __future__ import annotations
 
-import math
-
 from tvm.script import tirx as T
 
 BLOCK_Q = 64  # query rows per block: 16 per warp
@@ -51,6 +53,7 @@ WARPS = 4
 WARP = 32
 THREADS = WARPS * WARP
 MAX_HEAD_DIM = 128
+SHARED_BYTES = 48 * 1024  # static shared memory per block on every CUDA GPU
 DTYPES = ("float16", "bfloat16")
 NEG = -1.0e30  # score of a padding key; finite, so exp2(NEG - max) is 0 and never nan
 LOG2E = 1.4426950408889634
@@ -74,9 +77,20 @@ def row_stride(head_dim: int) -> int:
     return padded_head_dim(head_dim) + 8
 
 
-def shared_bytes(head_dim: int) -> int:
-    """Static shared memory per block: the key and the value tile (2-byte elements)."""
+def tile_bytes(head_dim: int) -> int:
+    """One key tile and one value tile in shared memory (2-byte elements)."""
     return 2 * BLOCK_K * row_stride(head_dim) * 2
+
+
+def kv_stages(head_dim: int) -> int:
+    """Key/value tiles in shared memory: 2 (the next one arrives by ``cp.async`` while this one is
+    used) where both fit in the 48 KiB of static shared memory, else 1 (head_dim 128)."""
+    return 2 if 2 * tile_bytes(head_dim) <= SHARED_BYTES else 1
+
+
+def shared_bytes(head_dim: int) -> int:
+    """Static shared memory per block."""
+    return kv_stages(head_dim) * tile_bytes(head_dim)
 
 
 def ldmatrix_lane_address(lane, row0, col0, stride, col_matrix_fast: bool):
@@ -113,6 +127,8 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
     n_k_tiles = (S + BLOCK_K - 1) // BLOCK_K
     copies = (BLOCK_K * DK // VEC + THREADS - 1) // THREADS  # 16-byte copies per thread per tile
     NT = THREADS
+    STAGES = kv_stages(D)
+    TILE = BLOCK_K * DS  # elements of one key (or value) tile in shared memory
     ptx = PTX_TYPE[dtype]
     scale_log2 = float(scale) * LOG2E
     shared = "global" if cpu else "shared"
@@ -144,18 +160,23 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
             T.evaluate(T.tvm_storage_sync("shared"))
 
     @T.macro
-    def ldmatrix(frag, off, smem, tx, num, trans, address, a1, a2):
-        """``frag[off:off + 2 num]`` of each lane <- ``ldmatrix.x{num}[.trans]``; lane ``l`` gives ``address(l, a1, a2)``."""
+    def ldmatrix(frag, off, smem, base, tx, num, trans, address, a1, a2):
+        """``frag[off:off + 2 num]`` of each lane <- ``ldmatrix.x{num}[.trans]``; lane ``l`` gives
+        ``base + address(l, a1, a2)``."""
         if cpu:
             for j, e in T.grid(num, 2):
                 if trans:
-                    frag[tx, off + 2 * j + e] = smem[address(8 * j + 2 * (tx % WARP % 4) + e, a1, a2) + tx % WARP // 4]
+                    frag[tx, off + 2 * j + e] = smem[
+                        base + address(8 * j + 2 * (tx % WARP % 4) + e, a1, a2) + tx % WARP // 4
+                    ]
                 else:
-                    frag[tx, off + 2 * j + e] = smem[address(8 * j + tx % WARP // 4, a1, a2) + 2 * (tx % WARP % 4) + e]
+                    frag[tx, off + 2 * j + e] = smem[
+                        base + address(8 * j + tx % WARP // 4, a1, a2) + 2 * (tx % WARP % 4) + e
+                    ]
         else:
             T.evaluate(
                 T.ptx_legacy.ldmatrix(
-                    trans, num, ".b16", frag.data, off, smem.data, address(tx % WARP, a1, a2), dtype=dtype
+                    trans, num, ".b16", frag.data, off, smem.data, base + address(tx % WARP, a1, a2), dtype=dtype
                 )
             )
 
@@ -202,18 +223,59 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
     # ---- the kernel ----
 
     @T.macro
-    def copy_tile(dst, src, bh, row0, tx):
-        """``dst[r, c] = src[batch, row0 + r, head, c]`` for a 64 x DK tile; zeros past seq and head_dim."""
+    def copy_tile(dst, base, src, bh, row0, tx):
+        """``dst[base + r DS + c] = src[batch, row0 + r, head, c]`` for a 64 x DK tile; zeros past seq and head_dim."""
         for i in T.unroll(copies):
             if i * NT + tx < BLOCK_K * DK // VEC:
                 r = (i * NT + tx) // (DK // VEC)
                 c8 = (i * NT + tx) % (DK // VEC)
                 if row0 + r < S and c8 < D // VEC:
                     for e in T.vectorized(VEC):
-                        dst[r * DS + c8 * VEC + e] = src[bh // H, row0 + r, bh % H, c8 * VEC + e]
+                        dst[base + r * DS + c8 * VEC + e] = src[bh // H, row0 + r, bh % H, c8 * VEC + e]
                 else:
                     for e in T.vectorized(VEC):
-                        dst[r * DS + c8 * VEC + e] = T.cast(0, dtype)
+                        dst[base + r * DS + c8 * VEC + e] = T.cast(0, dtype)
+
+    @T.macro
+    def copy_tile_async(dst, base, src, bh, row0, tx):
+        """``copy_tile`` into ``dst[base:]`` by ``cp.async`` (16 bytes, zero-filled past seq and head_dim),
+        one commit group; on the CPU a plain copy."""
+        if cpu:
+            copy_tile(dst, base, src, bh, row0, tx)
+        else:
+            for i in T.unroll(copies):
+                if i * NT + tx < BLOCK_K * DK // VEC:
+                    T.evaluate(
+                        T.ptx["cp.async.cg.shared.global"](
+                            T.address_of(dst[base + (i * NT + tx) // (DK // VEC) * DS + (i * NT + tx) % (DK // VEC) * VEC]),
+                            T.address_of(
+                                src[
+                                    bh // H,
+                                    T.min(row0 + (i * NT + tx) // (DK // VEC), S - 1),
+                                    bh % H,
+                                    T.min((i * NT + tx) % (DK // VEC), D // VEC - 1) * VEC,
+                                ]
+                            ),
+                            16,
+                            T.cast(
+                                T.if_then_else(
+                                    row0 + (i * NT + tx) // (DK // VEC) < S and (i * NT + tx) % (DK // VEC) < D // VEC, 16, 0
+                                ),
+                                "uint32",
+                            ),
+                        )
+                    )
+
+    @T.macro
+    def commit():
+        if not cpu:
+            T.evaluate(T.ptx["cp.async.commit_group"]())
+
+    @T.macro
+    def wait(pending):
+        """Until at most ``pending`` commit groups of this thread are in flight."""
+        if not cpu:
+            T.evaluate(T.ptx["cp.async.wait_group"](pending))
 
     @T.prim_func(private=True)
     def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
@@ -225,8 +287,8 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
         O = T.match_buffer(o_h, (b, S, H, D), dtype)
         for bh in grid_axis(b * H, "blockIdx.y"):
             for qt in grid_axis(n_q_tiles, "blockIdx.x"):
-                Ks = T.alloc_buffer((BLOCK_K * DS,), dtype, scope=shared)
-                Vs = T.alloc_buffer((BLOCK_K * DS,), dtype, scope=shared)
+                Ks = T.alloc_buffer((STAGES * TILE,), dtype, scope=shared)
+                Vs = T.alloc_buffer((STAGES * TILE,), dtype, scope=shared)
                 q_frag = T.alloc_buffer((rows, NK16 * 8), dtype, scope=local)  # A fragments of Q, all k16 steps
                 k_frag = T.alloc_buffer((rows, 8), dtype, scope=local)  # B fragments of two n8 key tiles
                 v_frag = T.alloc_buffer((rows, 8), dtype, scope=local)  # B fragments of two n8 head_dim tiles
@@ -238,11 +300,16 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                 full = T.alloc_buffer((rows, 2), "float32", scope=local)  # the quad's
                 # the query tile passes through Ks into registers
                 for tx in threads():
-                    copy_tile(Ks, Q, bh, qt * BLOCK_Q, tx)
+                    copy_tile(Ks, 0, Q, bh, qt * BLOCK_Q, tx)
                 barrier()
                 for kc in unroll(NK16):
                     for tx in threads():
-                        ldmatrix(q_frag, kc * 8, Ks, tx, 4, False, q_address, tx // WARP, kc)
+                        ldmatrix(q_frag, kc * 8, Ks, 0, tx, 4, False, q_address, tx // WARP, kc)
+                barrier()  # every warp has its Q fragments: Ks may be refilled
+                for tx in threads():
+                    copy_tile_async(Ks, 0, K, bh, 0, tx)
+                    copy_tile_async(Vs, 0, V, bh, 0, tx)
+                    commit()
                 for tx in threads():
                     for i in T.unroll(ND8 * 4):
                         o_acc[tx * own, i] = T.float32(0)
@@ -250,10 +317,16 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                         stat[tx * own, r] = T.float32(NEG)
                         stat[tx * own, 2 + r] = T.float32(0)
                 for kt in T.serial(n_k_tiles):
-                    barrier()
+                    # tile kt arrived (with two stages, tile kt + 1 is on its way meanwhile)
                     for tx in threads():
-                        copy_tile(Ks, K, bh, kt * BLOCK_K, tx)
-                        copy_tile(Vs, V, bh, kt * BLOCK_K, tx)
+                        if STAGES == 2:
+                            if kt + 1 < n_k_tiles:
+                                copy_tile_async(Ks, (kt + 1) % 2 * TILE, K, bh, (kt + 1) * BLOCK_K, tx)
+                                copy_tile_async(Vs, (kt + 1) % 2 * TILE, V, bh, (kt + 1) * BLOCK_K, tx)
+                            commit()
+                            wait(1)
+                        else:
+                            wait(0)
                     barrier()
                     for tx in threads():
                         for i in T.unroll(NS * 4):
@@ -262,7 +335,7 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                     for j2 in unroll(NS // 2):
                         for kc in unroll(NK16):
                             for tx in threads():
-                                ldmatrix(k_frag, 0, Ks, tx, 4, False, k_address, j2, kc)
+                                ldmatrix(k_frag, 0, Ks, kt % STAGES * TILE, tx, 4, False, k_address, j2, kc)
                             for tx in threads():
                                 mma(s_acc, 8 * j2, q_frag, 8 * kc, k_frag, 0, tx)
                                 mma(s_acc, 8 * j2 + 4, q_frag, 8 * kc, k_frag, 4, tx)
@@ -298,15 +371,22 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                                 p_frag[tx * own, i] = T.cast(s_acc[tx * own, kc * 8 + i], dtype)
                         for n16 in unroll(ND16):
                             for tx in threads():
-                                ldmatrix(v_frag, 0, Vs, tx, 4, True, v_address, kc, n16)
+                                ldmatrix(v_frag, 0, Vs, kt % STAGES * TILE, tx, 4, True, v_address, kc, n16)
                             for tx in threads():
                                 mma(o_acc, 8 * n16, p_frag, 0, v_frag, 0, tx)
                                 mma(o_acc, 8 * n16 + 4, p_frag, 0, v_frag, 4, tx)
                         if ND8 % 2 == 1:
                             for tx in threads():
-                                ldmatrix(v_frag, 0, Vs, tx, 2, True, v_address, kc, ND16)
+                                ldmatrix(v_frag, 0, Vs, kt % STAGES * TILE, tx, 2, True, v_address, kc, ND16)
                             for tx in threads():
                                 mma(o_acc, 4 * (ND8 - 1), p_frag, 0, v_frag, 0, tx)
+                    barrier()  # every warp is done with this stage before it is refilled
+                    if STAGES == 1:
+                        for tx in threads():
+                            if kt + 1 < n_k_tiles:
+                                copy_tile_async(Ks, 0, K, bh, (kt + 1) * BLOCK_K, tx)
+                                copy_tile_async(Vs, 0, V, bh, (kt + 1) * BLOCK_K, tx)
+                            commit()
                 # normalize by the row sums (reduced over the quad now) and store the rows inside seq
                 for tx in threads():
                     for r in T.unroll(2):
@@ -326,10 +406,3 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
 
     return kernel
 
-
-def flops(seq: int, heads: int, head_dim: int) -> int:
-    """Multiply-adds x 2 of Q·K^T and P·V for one image (what TFLOP/s figures count)."""
-    return 4 * heads * seq * seq * head_dim
-
-
-__all__ = ["tc_flash_attention_kernel", "supports", "shared_bytes", "flops", "math"]
