@@ -101,9 +101,9 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
             f"params {params_dir} have no mlc_vision metadata in tensor-cache.json, so nothing says which model "
             "they are for; make them with mlc-vision convert"
         )
-    _check_records(metadata["params"], records, params_dir)
-    if ours.get("family") != metadata["family"]:
+    if ours.get("family") != metadata["family"]:  # first: it explains every name that differs
         raise MlcVisionError(f"params {params_dir} are for family {ours.get('family')!r} but the library is {metadata['family']!r}")
+    _check_records(metadata["params"], records, params_dir)
     difference = architecture_difference(metadata["config"], ours["config"])
     if difference:
         raise MlcVisionError(f"params {params_dir} do not match the library: {difference}")
