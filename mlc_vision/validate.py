@@ -22,8 +22,8 @@ from .errors import MlcVisionError
 
 #: Activations the model builder knows (``models/layers.py``'s ``ACTIVATIONS``
 #: and ``GATED_ACTIVATIONS``); kept here so that a config is checked without
-#: importing TVM.
-KNOWN_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_tanh", "swiglu")
+#: importing TVM. ``silu`` is the gate of Qwen2.5-VL's gated MLP (its vision config's value).
+KNOWN_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_tanh", "swiglu", "silu")
 MAX_WIDTH = 1 << 16
 MAX_IMAGE = 1 << 14
 RESAMPLE_CODES = (0, 1, 2, 3, 4, 5)

@@ -389,3 +389,19 @@ def test_inspect_shows_the_text_entry(towers, capsys):
     assert metadata["entries"]["encode_text"]["output"]["shape"] == ["batch", PROJ]
     assert metadata["entries"]["encode"]["output"]["shape"] == ["batch", 1, PROJ]
     assert {"logit_scale", "logit_bias"} <= {p["name"] for p in metadata["params"]}
+
+
+def test_text_only_library(towers, tmp_path):
+    """--part text: encode_text alone; VisionEncoder and ContrastiveEncoder refuse it in one line."""
+    from mlc_vision.runtime.encoder import VisionEncoder
+
+    tower = towers("eva_clip")
+    config = resolve_config(str(tower["ckpt"]), feature="pooled", projector="none")
+    built = build_contrastive_module(config, resolve_text_config(str(tower["ckpt"])), "float32", "cpu", "text")
+    assert set(built.metadata["entries"]) == {"encode_text"}
+    lib = build_library(built.mod, "cpu", tmp_path / "text.so", metadata=built.metadata)
+    params = convert(tower["ckpt"], tmp_path / "params", part="text")
+    with pytest.raises(MlcVisionError, match="no image entry"):
+        VisionEncoder(lib, params)
+    with pytest.raises(MlcVisionError, match="compile it with --part both"):
+        ContrastiveEncoder(lib, params)
