@@ -16,6 +16,7 @@ EXPECTED = {
     "clip-vit-base-patch16": (-1, "cls_patch", 197, 768),
     "clip-vit-large-patch14": (-2, "patch", 256, 1024),
     "clip-vit-large-patch14-336": (-2, "patch", 576, 1024),
+    "dinov2-large": (-1, "cls_patch", 257, 1024),
     "eva-clip": (-1, "patch", 256, 1792),
     "internvit-300m-448px": (-1, "patch", 1024, 1024),
     "internvit-6b-224px": (-1, "patch", 256, 3200),
