@@ -142,14 +142,20 @@ def available_memory() -> int:
     return 0
 
 
+# families whose presets this file does not run, and where they are checked instead
+NOT_HERE = {"qwen2_vl": "native resolution: its entry takes patches and their grid (tests/test_qwen2_vl.py)"}
+
+
 def test_every_preset_has_a_writer():
-    assert {load_preset(name).family for name in list_presets()} <= set(CHECKPOINT_WRITERS)
+    assert {load_preset(name).family for name in list_presets()} <= set(CHECKPOINT_WRITERS) | set(NOT_HERE)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list_presets())
 def test_preset_full_depth_fp32(preset, tmp_path):
     config = load_preset(preset)
+    if config.family in NOT_HERE:
+        pytest.skip(f"{preset}: {NOT_HERE[config.family]}")
     need = 3 * 4 * parameter_count(config)  # torch model, our params, conversion and activations
     if available_memory() < need:
         pytest.skip(f"{preset}: needs about {need / 2**30:.0f} GiB free, {available_memory() / 2**30:.0f} GiB here")
