@@ -87,7 +87,11 @@ def tower(request, tmp_path_factory, patches):
 
 
 def compiled(tower, tmp_path, dtype="float32") -> CompiledCPU:
-    return CompiledCPU(resolve_config(str(tower["ckpt"])), tower["params"][dtype], dtype, tmp_path)
+    """The tower's library in ``dtype``, built once per module (the tests only read it)."""
+    libs = tower.setdefault("libs", {})
+    if dtype not in libs:
+        libs[dtype] = CompiledCPU(resolve_config(str(tower["ckpt"])), tower["params"][dtype], dtype, tmp_path)
+    return libs[dtype]
 
 
 def call_inputs(lib: CompiledCPU, patches: np.ndarray, grids) -> list:
@@ -235,3 +239,73 @@ def test_vision_encoder_images_of_different_sizes_in_one_call(tmp_path_factory, 
     assert_fp32_close(out.features, expected, "VisionEncoder qwen2.5 merged")
     with pytest.raises(MlcVisionError, match=r"patch grid 3x4 is not a multiple of the merge size 2"):
         encoder.encode_patches(np.zeros((12, PATCH), np.float32), [(1, 3, 4)])
+    check_cli_run(lib.lib_path, root / "f32", images[:2], out.features[: sum(out.tokens_per_image[:2])], tmp_path)
+
+
+def check_cli_run(lib_path, params, images, expected, tmp_path) -> None:
+    """``mlc-vision run --image a --image b`` prints each grid and saves both images' tokens."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from mlc_vision.cli import cli
+
+    paths = []
+    for i, image in enumerate(images):
+        paths += ["--image", str(tmp_path / f"{i}.png")]
+        Image.fromarray(image).save(paths[-1])
+    out = tmp_path / "features.npy"
+    result = CliRunner().invoke(cli, ["run", "--lib", str(lib_path), "--params", str(params), *paths, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "0.png: grid_thw (1, " in result.output and "tokens" in result.output
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-6, atol=1e-6)
+
+
+# one block at the released towers' widths (Qwen2.5-VL-7B, Qwen2-VL-2B), merger included
+REAL_WIDTH = {
+    "qwen2.5": dict(depth=1, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                    window_size=112, fullatt_block_indexes=[]),
+    "qwen2": dict(depth=1, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(REAL_WIDTH))
+def test_real_width_layer(variant, tmp_path):
+    config_cls, model_cls = MODELS[variant]
+    torch.manual_seed(0)
+    text = dict(TEXT, hidden_size=REAL_WIDTH[variant].get("out_hidden_size", 1536))
+    model = model_cls(config_cls(text_config=text, vision_config=REAL_WIDTH[variant])).eval()
+    randomize_all(model, 1)
+    model.save_pretrained(tmp_path / "ckpt")
+    grids = [(1, 16, 12), (1, 10, 6)]  # 16 x 12: whole 8 x 8 windows do not fit; two images in one call
+    patches = np.random.default_rng(1).standard_normal((16 * 12 + 10 * 6, PATCH)).astype("float32")
+    ref = reference_outputs(model.model.visual, patches, grids)
+    tower = {"ckpt": tmp_path / "ckpt", "params": {"float32": convert_checkpoint(tmp_path / "ckpt", tmp_path / "f32")}}
+    lib = compiled(tower, tmp_path)
+    inputs = call_inputs(lib, patches, grids)
+    for i, (a, r) in enumerate(zip(run(lib, "hidden_states", inputs), ref["hidden_states"])):
+        assert_fp32_close(a, r, f"{variant} real width hidden_states[{i}]")
+    assert_fp32_close(run(lib, "encode", inputs), ref["merged"], f"{variant} real width merged")
+
+
+def hf_vision_config(config) -> tuple[str, dict]:
+    """The transformers vision config of one of our Qwen configs: (variant, fields)."""
+    common = dict(depth=config.num_hidden_layers, num_heads=config.num_attention_heads, patch_size=config.patch_size,
+                  spatial_merge_size=config.spatial_merge_size, temporal_patch_size=config.temporal_patch_size)  # fmt: skip
+    if config.norm_type == "rms_norm":
+        return "qwen2.5", dict(common, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                               out_hidden_size=config.merger_hidden_size, window_size=config.window_size,
+                               fullatt_block_indexes=list(config.fullatt_block_indexes))  # fmt: skip
+    return "qwen2", dict(common, embed_dim=config.hidden_size, hidden_size=config.merger_hidden_size,
+                         mlp_ratio=config.intermediate_size // config.hidden_size)  # fmt: skip
+
+
+def write_preset_reference(config, path, seed: int = 6):
+    """A whole random VLM whose tower has ``config``'s architecture, saved at ``path``; returns its ``visual``."""
+    variant, vision = hf_vision_config(config)
+    config_cls, model_cls = MODELS[variant]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(text_config=TEXT, vision_config=vision)).eval()
+    randomize_all(model, seed + 1)
+    model.save_pretrained(path)
+    return model.model.visual

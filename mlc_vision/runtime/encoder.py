@@ -101,7 +101,8 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
             f"params {params_dir} have no mlc_vision metadata in tensor-cache.json, so nothing says which model "
             "they are for; make them with mlc-vision convert"
         )
-    if ours.get("family") != metadata["family"]:  # first: it explains every name that differs
+    # The family first: params of another family miss names too, and the family says why.
+    if ours.get("family") != metadata["family"]:
         raise MlcVisionError(f"params {params_dir} are for family {ours.get('family')!r} but the library is {metadata['family']!r}")
     _check_records(metadata["params"], records, params_dir)
     difference = architecture_difference(metadata["config"], ours["config"])
@@ -124,6 +125,34 @@ def _check_records(specs: list[dict], records: dict, params_dir: Path) -> None:
                 f"dtype mismatch: params {params_dir} hold {record.dtype} ({spec['name']!r}) but the library was "
                 f"compiled for {spec['dtype']}; convert with --dtype {spec['dtype']}"
             )
+
+
+class PerThreadVM:
+    """One Relax VM per calling thread over one loaded library, made on the thread's first call.
+
+    A Relax VM keeps per-call state (registers, frames), so threads must not
+    share one; one VM per thread measured faster than a lock around one VM
+    (docs/reliability.md, "Threads"). Each VM holds the activations of its
+    own call; the params passed in are shared. ``vms["encode"]`` is the
+    calling thread's function.
+    """
+
+    def __init__(self, module: tvm.runtime.Module, device: tvm.runtime.Device):
+        self.module, self.device = module, device
+        self.first = VirtualMachine(module, device)
+        self._local = threading.local()
+        self._local.vm = self.first
+        self._new_vm = threading.Lock()
+
+    def get(self) -> VirtualMachine:
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            with self._new_vm:
+                vm = self._local.vm = VirtualMachine(self.module, self.device)
+        return vm
+
+    def __getitem__(self, function: str):
+        return self.get()[function]
 
 
 def warn_if_not_finite(pixel_values: np.ndarray) -> None:
@@ -199,11 +228,9 @@ class VisionEncoder:
         self.params_dir = Path(params) if params is not None else None
         self._device_name = str(device)
         self.tvm_device = parse_device(device)
-        self._module = load_library(self.lib_path)
-        self._vm = VirtualMachine(self._module, self.tvm_device)
-        self._thread = threading.local()  # each calling thread's own VM (see _thread_vm)
-        self._thread.vm = self._vm
-        self._new_vm_lock = threading.Lock()
+        self._vms = PerThreadVM(load_library(self.lib_path), self.tvm_device)
+        self._vm = self._vms.first
+        self._params_lock = threading.Lock()  # lazy params: loaded once, by the first caller
         self.metadata = read_metadata(self._vm, self.lib_path)
         check_cpu_library(self.metadata, self.lib_path)  # before any of its code runs
         if "encode" not in self.metadata.get("entries", {"encode": None}):
@@ -232,7 +259,7 @@ class VisionEncoder:
 
     def _loaded_params(self):
         if self._params is None:
-            with self._new_vm_lock:
+            with self._params_lock:
                 if self._params is None:
                     self.load_params()
         return self._params
@@ -307,24 +334,10 @@ class VisionEncoder:
             )
         return self._call("encode_rgb8", np.ascontiguousarray(pixels))
 
-    def _thread_vm(self) -> VirtualMachine:
-        """This thread's VM over the shared library and params, made on its first call.
-
-        A Relax VM keeps per-call state (registers, frames), so threads must
-        not share one; one VM per thread measured faster than a lock around
-        one VM (docs/reliability.md, "Threads"). Each VM holds its own
-        activations; the params are shared.
-        """
-        vm = getattr(self._thread, "vm", None)
-        if vm is None:
-            with self._new_vm_lock:
-                vm = self._thread.vm = VirtualMachine(self._module, self.tvm_device)
-        return vm
-
     def _call(self, function: str, *arrays: np.ndarray) -> np.ndarray:
         params = self._loaded_params()
         tensors = [tvm.runtime.tensor(array, self.tvm_device) for array in arrays]
-        return self._thread_vm()[function](*tensors, params).numpy()
+        return self._vms[function](*tensors, params).numpy()
 
     # ---- native resolution (Qwen2-VL / Qwen2.5-VL) ----------------------------------
     @property
