@@ -142,20 +142,14 @@ def available_memory() -> int:
     return 0
 
 
-# families whose presets this file does not run, and where they are checked instead
-NOT_HERE = {"qwen2_vl": "native resolution: its entry takes patches and their grid (tests/test_qwen2_vl.py)"}
-
-
 def test_every_preset_has_a_writer():
-    assert {load_preset(name).family for name in list_presets()} <= set(CHECKPOINT_WRITERS) | set(NOT_HERE)
+    assert {load_preset(name).family for name in list_presets()} <= set(CHECKPOINT_WRITERS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list_presets())
 def test_preset_full_depth_fp32(preset, tmp_path):
     config = load_preset(preset)
-    if config.family in NOT_HERE:
-        pytest.skip(f"{preset}: {NOT_HERE[config.family]}")
     need = 3 * 4 * parameter_count(config)  # torch model, our params, conversion and activations
     if available_memory() < need:
         pytest.skip(f"{preset}: needs about {need / 2**30:.0f} GiB free, {available_memory() / 2**30:.0f} GiB here")
@@ -190,8 +184,10 @@ def check_native_preset(preset: str, config: VisionConfig, lib, reference) -> No
     patches = np.random.default_rng(0).standard_normal((count, width)).astype(np.float32)
     ours = run(lib, "encode", call_inputs(lib, patches, reference.grids))
     expected = reference(patches)
-    print(f"\n{preset}: {config.num_hidden_layers} layers, {len(ours)} tokens -> {measure(ours, expected, preset, 'float32').line()}")
-    assert_fp32_close(ours, expected, f"{preset} at full depth ({config.num_hidden_layers} layers)")
+    figures = measure(ours, expected, f"{preset} at full depth ({config.num_hidden_layers} layers)", "float32")
+    print(f"\n{preset}: {len(ours)} tokens -> {figures.line()}")
+    broken = failures(figures)
+    assert not broken, f"{preset} at full depth: " + "; ".join(broken)
 
 
 def test_parameter_count_is_close_to_the_reference():
