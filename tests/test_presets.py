@@ -16,12 +16,15 @@ EXPECTED = {
     "clip-vit-base-patch16": (-1, "cls_patch", 197, 768),
     "clip-vit-large-patch14": (-2, "patch", 256, 1024),
     "clip-vit-large-patch14-336": (-2, "patch", 576, 1024),
+    "dinov2-large": (-1, "cls_patch", 257, 1024),
     "eva-clip": (-1, "patch", 256, 1792),
     "internvit-300m-448px": (-1, "patch", 1024, 1024),
     "internvit-6b-224px": (-1, "patch", 256, 3200),
     "internvit-6b-448px-v1-0": (-1, "patch", 1024, 3200),
     "internvit-6b-448px-v1-2": (-1, "patch", 1024, 3200),
     "internvit-6b-448px-v1-5": (-1, "patch", 1024, 3200),
+    "qwen2-vl-2b-vision": (-1, "patch", None, 1536),  # native resolution: tokens depend on the image
+    "qwen2.5-vl-7b-vision": (-1, "patch", None, 3584),
     "siglip-base-patch16-224": (-1, "patch", 196, 768),
     "siglip-so400m-patch14-384": (-2, "patch", 729, 1152),
 }

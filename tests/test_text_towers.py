@@ -218,15 +218,36 @@ def encoder_of(tower: dict, dtype: str) -> ContrastiveEncoder:
     return tower["encoders"][dtype]
 
 
+def assert_logits_within_embedding_error(ours: dict, ref: dict, logit_scale: float, what: str) -> None:
+    """fp16 logits: each off by at most what its embeddings' errors allow.
+
+    ``|cos(a', b') - cos(a, b)| <= |a' - a| + |b' - b|`` for unit vectors, so a
+    logit may move by ``exp(logit_scale)`` times that and no more. The logits
+    of random towers are differences of small cosines (cancellation), so a
+    relative bound on them would measure the cancellation, not the library;
+    a wrong scale, bias or formula still breaks this one.
+    """
+    d_image = np.linalg.norm(ours["image_embeds"] - ref["image_embeds"], axis=-1)
+    d_text = np.linalg.norm(ours["text_embeds"] - ref["text_embeds"], axis=-1)
+    allowed = np.exp(logit_scale) * (d_image[:, None] + d_text[None, :]) + 1e-5
+    error = np.abs(ours["logits_per_image"] - ref["logits_per_image"])
+    assert (error <= allowed).all(), f"{what}: logit errors {error.max():.3g} exceed what the embeddings allow"
+
+
 @pytest.mark.parametrize("family", sorted(REFERENCES))
 def test_contrastive_parity_fp32_and_fp16(towers, family):
     tower = towers(family)
-    for dtype, check in (("float32", assert_fp32_close), ("float16", assert_fp16_close)):
-        encoder = encoder_of(tower, dtype)
-        ours = our_outputs(encoder, tower["ids"], tower["mask"], tower["pixels"])
-        for key, ref in tower["expected"].items():
-            check(ours[key], ref, f"{family} {dtype} {key}")
+    expected = tower["expected"]
+    encoder = encoder_of(tower, "float32")
+    ours = our_outputs(encoder, tower["ids"], tower["mask"], tower["pixels"])
+    for key, ref in expected.items():
+        assert_fp32_close(ours[key], ref, f"{family} float32 {key}")
     assert encoder.metadata["text"]["logits"] == ("sigmoid" if family == "siglip" else "softmax")
+    half = encoder_of(tower, "float16")
+    ours = our_outputs(half, tower["ids"], tower["mask"], tower["pixels"])
+    for key in ("text_embeds", "image_embeds"):
+        assert_fp16_close(ours[key], expected[key], f"{family} float16 {key}")
+    assert_logits_within_embedding_error(ours, expected, half.logit_scale, f"{family} float16 logits_per_image")
 
 
 def test_clip_legacy_eos_id_pools_the_highest_id(tmp_path):
@@ -389,3 +410,19 @@ def test_inspect_shows_the_text_entry(towers, capsys):
     assert metadata["entries"]["encode_text"]["output"]["shape"] == ["batch", PROJ]
     assert metadata["entries"]["encode"]["output"]["shape"] == ["batch", 1, PROJ]
     assert {"logit_scale", "logit_bias"} <= {p["name"] for p in metadata["params"]}
+
+
+def test_text_only_library(towers, tmp_path):
+    """--part text: encode_text alone; VisionEncoder and ContrastiveEncoder refuse it in one line."""
+    from mlc_vision.runtime.encoder import VisionEncoder
+
+    tower = towers("eva_clip")
+    config = resolve_config(str(tower["ckpt"]), feature="pooled", projector="none")
+    built = build_contrastive_module(config, resolve_text_config(str(tower["ckpt"])), "float32", "cpu", "text")
+    assert set(built.metadata["entries"]) == {"encode_text"}
+    lib = build_library(built.mod, "cpu", tmp_path / "text.so", metadata=built.metadata)
+    params = convert(tower["ckpt"], tmp_path / "params", part="text")
+    with pytest.raises(MlcVisionError, match="no image entry"):
+        VisionEncoder(lib, params)
+    with pytest.raises(MlcVisionError, match="compile it with --part both"):
+        ContrastiveEncoder(lib, params)
