@@ -426,3 +426,10 @@ def test_text_only_library(towers, tmp_path):
         VisionEncoder(lib, params)
     with pytest.raises(MlcVisionError, match="compile it with --part both"):
         ContrastiveEncoder(lib, params)
+
+
+def test_gpu_targets_are_refused_in_one_line(towers):
+    ckpt = str(towers("clip")["ckpt"])
+    config = resolve_config(ckpt, feature="pooled", projector="none")
+    with pytest.raises(MlcVisionError, match="build for cpu only, not 'cuda'"):
+        build_contrastive_module(config, resolve_text_config(ckpt), "float16", "cuda", "both")
