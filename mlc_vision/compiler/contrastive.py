@@ -73,7 +73,8 @@ def text_metadata(text: TextConfig, dtype: str) -> dict:
 
 
 def build_contrastive_module(
-    vision: VisionConfig, text: TextConfig, dtype: str, target: str, part: str, attention: str | None = None
+    vision: VisionConfig, text: TextConfig, dtype: str, target: str, part: str, attention: str | None = None,
+    gemm: str | None = None, cpu: str | None = None,
 ) -> BuiltModule:
     """``encode_text`` (``part="text"``) or ``encode`` (pooled) + ``encode_text`` (``part="both"``)."""
     if part not in ("text", "both"):
@@ -108,9 +109,9 @@ def build_contrastive_module(
     else:
         metadata["entries"] = {"encode": metadata["entries"]["encode"]}
     metadata["entries"]["encode_text"] = text_metadata(text, dtype)["entry"]
-    metadata.update(part=part, text=text_metadata(text, dtype), attention=attention, gemm=resolve_gemm(target, dtype, None))
+    metadata.update(part=part, text=text_metadata(text, dtype), attention=attention, gemm=resolve_gemm(target, dtype, gemm))
     if target == "cpu":
-        metadata["cpu"] = cpu_spec(None)
+        metadata["cpu"] = cpu_spec(cpu)
     return BuiltModule(mod=add_metadata_function(mod, metadata), metadata=metadata)
 
 
