@@ -30,7 +30,7 @@ import numpy as np
 
 from . import bench_peers
 from .bench_peers import machine_info
-from .compiler.targets import ATTENTION_BY_TARGET
+from .compiler.targets import attention_modes
 from .config import VisionConfig, list_presets, load_preset
 
 DEFAULT_MODELS = (
@@ -452,7 +452,7 @@ def run_gpu_report(models, target: str, output: Path, dtype: str = "float16") ->
     output.mkdir(parents=True, exist_ok=True)
     reports = []
     for preset in models:
-        for attention in ATTENTION_BY_TARGET[target]:  # the default, and the opt-in --attention modes
+        for attention in attention_modes(target, dtype):  # the default, and the opt-in --attention modes
             r = gpu_kernel_report(preset, target, dtype, attention)
             reports.append(r)
             print(f"{preset:<28} {target} {dtype} attention={attention}: {r['launches_per_layer']} launches/layer, "

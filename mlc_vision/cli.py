@@ -117,10 +117,12 @@ def compile_cmd(
     built = build_module(config, dtype, target, attention=attention, gemm=gemm, cpu=cpu)
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     meta = built.metadata
-    click.echo(
-        f"wrote {path} ({meta['family']}, {meta['image_size']}px, select_layer {meta['select_layer']}, "
-        f"{meta['feature']} -> [batch, {meta['num_tokens']}, {meta['output_width']}] {dtype}) and {path}.json"
-    )
+    if meta.get("native_resolution"):
+        shape = f"native resolution -> [tokens, {meta['output_width']}] {dtype}"
+    else:
+        shape = (f"{meta['image_size']}px, select_layer {meta['select_layer']}, "
+                 f"{meta['feature']} -> [batch, {meta['num_tokens']}, {meta['output_width']}] {dtype}")  # fmt: skip
+    click.echo(f"wrote {path} ({meta['family']}, {shape}) and {path}.json")
 
 
 def _compile_contrastive(model, target, arch, host, dtype, image_size, attention, gemm, cpu, part, output) -> None:
@@ -227,7 +229,9 @@ def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thu
     tile_options = {"max_tiles": max_tiles, "min_tiles": min_tiles, "thumbnail": thumbnail}
     encoder = VisionEncoder(lib, params, device=device, verify=verify)
     tiled = bool(images) and (encoder.tiling is not None or any(v is not None for v in tile_options.values()))
-    if tiled:
+    if encoder.native_resolution is not None:
+        features = _run_native(encoder, images, pixel_values)
+    elif tiled:
         results = encoder.encode_tiles([str(p) for p in images], **tile_options)
         for path, result in zip(images, results):
             click.echo(f"{path}: {describe_tiles(result)}")
@@ -239,6 +243,16 @@ def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thu
         features, note = features.astype("float32"), " (bfloat16 library, widened exactly)"
     save_atomically(output, features)
     click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}{note}")
+
+
+def _run_native(encoder, images, pixel_values) -> np.ndarray:
+    """A native-resolution library: every image in one call, each image's patch grid and token count printed."""
+    if pixel_values:
+        raise MlcVisionError("a native-resolution library takes --image (it resizes each image itself), not --pixel-values")
+    result = encoder.encode_native([str(p) for p in images])
+    for path, (t, rows, cols), tokens in zip(images, result.grid_thw, result.tokens_per_image):
+        click.echo(f"{path}: grid_thw ({t}, {rows}, {cols}) -> {tokens} tokens")
+    return result.features
 
 
 def describe_tiles(result) -> str:

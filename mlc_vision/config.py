@@ -56,6 +56,9 @@ class Preprocess:
     std: tuple[float, float, float] = CLIP_STD
     pad_to_square: bool = False
     backend: str = "torchvision"
+    # resize "smart" (Qwen2-VL's smart_resize): the pixel budget of an image, any size in between kept
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,6 +175,13 @@ class VisionConfig:
     downsample_ratio: float = 0.5  # InternVL pixel_shuffle ratio for the mlp1 projector
     preset: str | None = None
     tiling: Tiling | None = None  # None: one image is one input of image_size
+    # Native-resolution towers (Qwen2-VL, Qwen2.5-VL): the patch count is an input, not image_size.
+    temporal_patch_size: int = 1  # frames per patch (a still image is repeated)
+    spatial_merge_size: int = 1  # the patch merger joins merge x merge patches into one output token
+    window_size: int = 0  # window attention span in pixels (0: every block attends over the whole image)
+    fullatt_block_indexes: tuple[int, ...] = ()  # blocks that attend over the whole image despite windows
+    merger_hidden_size: int | None = None  # the patch merger's output width (the LLM's)
+    rope_theta: float = 10000.0  # base of the 2D rotary position
 
     # ---- derived geometry -------------------------------------------------
     @property
@@ -225,6 +235,8 @@ class VisionConfig:
             data["preprocess"] = Preprocess.from_dict(data["preprocess"])
         if isinstance(data.get("tiling"), dict):
             data["tiling"] = Tiling.from_dict(data["tiling"])
+        if "fullatt_block_indexes" in data:
+            data["fullatt_block_indexes"] = tuple(int(i) for i in data["fullatt_block_indexes"])
         missing = [
             f.name
             for f in dataclasses.fields(cls)

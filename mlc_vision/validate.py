@@ -24,6 +24,9 @@ from .errors import MlcVisionError
 #: and ``GATED_ACTIVATIONS``); kept here so that a config is checked without
 #: importing TVM.
 KNOWN_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_tanh", "swiglu")
+#: Other names a ``config.json`` may use, which its family maps to one of ours:
+#: Qwen2.5-VL's vision config says ``silu``, the gate of its gated MLP (our ``swiglu``).
+HF_ACTIVATION_ALIASES = ("silu",)
 MAX_WIDTH = 1 << 16
 MAX_IMAGE = 1 << 14
 RESAMPLE_CODES = (0, 1, 2, 3, 4, 5)
@@ -88,9 +91,11 @@ HF_VISION_FIELDS = {
     "patch_size": IntRange(1, MAX_IMAGE),
     "num_channels": IntRange(1, 16),
     "layer_norm_eps": PositiveNumber(below=1.0),
-    "hidden_act": OneOf(KNOWN_ACTIVATIONS),
+    "hidden_act": OneOf(KNOWN_ACTIVATIONS + HF_ACTIVATION_ALIASES),
     "projection_dim": Nullable(IntRange(1, MAX_WIDTH)),
 }
+#: The same fields of a :class:`~mlc_vision.config.VisionConfig`, where only our own activation names are valid.
+CONFIG_FIELDS = {**HF_VISION_FIELDS, "hidden_act": OneOf(KNOWN_ACTIVATIONS)}
 
 #: ``preprocessor_config.json`` field -> rule (``size``, ``crop_size``, mean and std: see below).
 PREPROCESSOR_FIELDS = {
@@ -167,8 +172,8 @@ def check_preprocessor_config(data, path: str | Path) -> None:
 def check_config_values(config) -> None:
     """Ranges of a :class:`~mlc_vision.config.VisionConfig` (from any source, options applied)."""
     where = f"config of {config.preset or config.family}"
-    fields = {name: getattr(config, name) for name in HF_VISION_FIELDS if hasattr(config, name)}
-    _check_fields(fields, HF_VISION_FIELDS, where)
+    fields = {name: getattr(config, name) for name in CONFIG_FIELDS if hasattr(config, name)}
+    _check_fields(fields, CONFIG_FIELDS, where)
     if config.projector_hidden_size is not None:
         why = IntRange(1, MAX_WIDTH).check(config.projector_hidden_size)
         if why:

@@ -49,6 +49,7 @@ class CompiledCPU:
         tag = f"{config.family}-{config.select_layer}-{config.feature}-{dtype}-{digest}"
         lib_path = build_library(built.mod, "cpu", Path(workdir) / f"{tag}.so", metadata=built.metadata)
         self.metadata = built.metadata
+        self.lib_path = lib_path
         self.dtype = dtype
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
         names = [p["name"] for p in built.metadata["params"]]

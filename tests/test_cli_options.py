@@ -217,7 +217,7 @@ def test_arch_and_host_reach_the_target(checkpoint, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow  # nvcc builds every kernel (about 40 s on 2 cores)
+@pytest.mark.slow  # nvcc compiles every kernel of the library: the slowest test of this file by far
 @pytest.mark.skipif(not T._probe("cuda")[0], reason="no CUDA build here (nvcc or codegen missing)")
 def test_arch_option_picks_the_fatbin_archs(checkpoint, tmp_path, capsys):
     _, ckpt = checkpoint

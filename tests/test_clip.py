@@ -112,7 +112,7 @@ def test_other_image_size_interpolates_position_embedding(reference, tmp_path, i
     model, ckpt = reference
     params_dir = convert(ckpt, tmp_path / f"params{image_size}", image_size=image_size)
     config = resolve_config(str(ckpt), image_size=image_size, select_layer=-1, feature="cls_patch")
-    assert (config.checkpoint_image_size, config.grid_size) == (TINY["image_size"], image_size // 8)
+    assert (config.checkpoint_image_size, config.tokens.grid) == (TINY["image_size"], (image_size // 8,) * 2)
     x = np.random.default_rng(2).standard_normal((1, 3, image_size, image_size)).astype("float32")
     with torch.no_grad():
         ref = model(torch.from_numpy(x), output_hidden_states=True, interpolate_pos_encoding=True).hidden_states

@@ -102,13 +102,9 @@ def test_cpp_encode_rgb8_matches_python(cpp_encode, library, tmp_path):
     np.testing.assert_array_equal(ours_cpp, VisionEncoder(lib, params).encode_rgb8(rgb))
 
 
-def test_cpp_runs_a_bf16_library(cpp_encode, library, tmp_path):
+def test_cpp_runs_a_bf16_library(cpp_encode, checkpoint, tmp_path):
     """A bf16 CPU library (its GEMM is C code linked into the .so) loads and runs from C++ alone."""
-    lib32, _ = library
-    ckpt = lib32.parent / "ckpt"
-    lib, params = tmp_path / "clip-bf16.so", tmp_path / "params-bf16"
-    assert cli_main(["compile", "--model", str(ckpt), "--target", "cpu", "--dtype", "bfloat16", "-o", str(lib)]) == 0
-    assert cli_main(["convert", "--model", str(ckpt), "--dtype", "bfloat16", "-o", str(params)]) == 0
+    lib, params = compile_and_convert(checkpoint[1], tmp_path, "bfloat16")
     pixels = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype("float32")
     np.save(tmp_path / "pixels.npy", pixels)
     ours_cpp = run_cpp(cpp_encode, lib, params, tmp_path / "pixels.npy", tmp_path / "cpp.npy")

@@ -55,15 +55,25 @@ def pixels():
     return np.random.default_rng(0).standard_normal((2, 3, 56, 56)).astype("float32")
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def tower(request, tmp_path_factory, pixels):
-    root = tmp_path_factory.mktemp(f"dinov2-{request.param}")
-    model = make_reference(request.param, root / "ckpt")
+def build_tower(variant: str, root, pixels) -> dict:
+    """Checkpoint, fp32 and fp16 params and transformers' outputs of one variant."""
+    model = make_reference(variant, root / "ckpt")
     params = {
         "float32": convert_checkpoint(root / "ckpt", root / "f32"),
         "float16": convert_checkpoint(root / "ckpt", root / "f16", dtype="float16"),
     }
-    return {"name": request.param, "ckpt": root / "ckpt", "params": params, "ref": reference_outputs(model, pixels)}
+    return {"name": variant, "ckpt": root / "ckpt", "params": params, "ref": reference_outputs(model, pixels)}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def tower(request, tmp_path_factory, pixels):
+    return build_tower(request.param, tmp_path_factory.mktemp(f"dinov2-{request.param}"), pixels)
+
+
+@pytest.fixture(scope="module")
+def registers(tmp_path_factory, pixels):
+    """The variant where feature selection has most to drop (class + register tokens)."""
+    return build_tower("registers", tmp_path_factory.mktemp("dinov2-registers-only"), pixels)
 
 
 def compiled(tower, tmp_path, dtype="float32", **options) -> CompiledCPU:
@@ -103,20 +113,21 @@ def test_every_hidden_state_and_pooled_fp16(tower, pixels, tmp_path):
     assert_fp16_close(lib.encode(pixels)[:, 0], tower["ref"]["pooler_output"], f"{tower['name']} fp16 pooler_output")
 
 
-def test_patch_drops_class_and_registers(tower, pixels, tmp_path):
-    lib = compiled(tower, tmp_path, select_layer=1, feature="patch")
-    assert lib.metadata["tokens"]["dropped_prefix"] == prefix_of(tower) and lib.metadata["num_tokens"] == 16
-    assert_fp32_close(lib.encode(pixels), tower["ref"]["hidden_states"][1][:, prefix_of(tower):], "encode(patch)")
+def test_patch_drops_class_and_registers(registers, pixels, tmp_path):
+    lib = compiled(registers, tmp_path, select_layer=1, feature="patch")
+    assert lib.metadata["tokens"]["dropped_prefix"] == 1 + REGISTERS and lib.metadata["num_tokens"] == 16
+    assert_fp32_close(lib.encode(pixels), registers["ref"]["hidden_states"][1][:, 1 + REGISTERS:], "encode(patch)")
 
 
-def test_post_norm_tokens_is_last_hidden_state(tower, pixels, tmp_path):
-    lib = compiled(tower, tmp_path, feature="cls_patch", post_norm_tokens=True)
-    assert_fp32_close(lib.encode(pixels), tower["ref"]["last_hidden_state"], "last_hidden_state")
+def test_post_norm_tokens_is_last_hidden_state(registers, pixels, tmp_path):
+    lib = compiled(registers, tmp_path, feature="cls_patch", post_norm_tokens=True)
+    assert_fp32_close(lib.encode(pixels), registers["ref"]["last_hidden_state"], "last_hidden_state")
     with pytest.raises(MlcVisionError, match="last layer only"):
-        build_module(resolve_config(str(tower["ckpt"]), select_layer=-2, post_norm_tokens=True), "float32", "cpu")
+        build_module(resolve_config(str(registers["ckpt"]), select_layer=-2, post_norm_tokens=True), "float32", "cpu")
 
 
-@pytest.mark.parametrize("variant, image_size", [("plain", 42), ("registers", 42), ("registers", 84)])
+# plain: transformers' bicubic, upscaling; registers: the antialiased resize, downscaling
+@pytest.mark.parametrize("variant, image_size", [("plain", 84), ("registers", 42)])
 def test_other_image_size_interpolates_position_embeddings(variant, image_size, tmp_path):
     """Converted for another grid: what transformers interpolates at every forward pass (registers: antialiased)."""
     model = make_reference(variant, tmp_path / "ckpt", seed=5)

@@ -20,7 +20,7 @@ from tvm.relax.frontend.nn import op
 
 from mlc_vision.compiler.passes.legalize_cpu import LEGALIZE_OVERRIDES
 from mlc_vision.compiler.pipeline import relax_pipeline
-from mlc_vision.models.layers import ACTIVATIONS
+from mlc_vision.models.layers import ACTIVATIONS, GATED_ACTIVATIONS
 
 TARGET = tvm.target.Target.from_device("cpu")
 # -12..12 covers the saturated tails; dense enough to hit the polynomial's worst points
@@ -53,12 +53,19 @@ EXACT_ACTIVATIONS = {
     "quick_gelu": quick_gelu,
 }
 
+def silu(x):
+    return x * sigmoid(x)
+
+
+# gated MLP name (hidden_act) -> the exact activation of its gate
+EXACT_GATES = {"swiglu": silu}
+
 # max |ours - exact| / max(1, |x|): absolute error, scaled where |x| > 1. (Relative error
 # means nothing in GELU's negative tail, where the result underflows towards 0.)
-# measured fp32: gelu 1.6e-7, tanh forms 1.5e-7, quick_gelu 1.2e-7 (4801 points in [-12, 12])
+# measured fp32: gelu 1.6e-7, tanh forms 1.5e-7, quick_gelu 1.2e-7, silu (swiglu gate) 1.4e-7 (4801 points in [-12, 12])
 FP32_ABS_ERR = 1e-6
 # fp16: the input and the result are rounded to fp16 and 1 + erf(..) is summed in fp16;
-# measured: gelu 7.6e-4, tanh forms 7.6e-4, quick_gelu 9.3e-4 (GELU's tail, where 1 + erf cancels)
+# measured: gelu 7.6e-4, tanh forms 7.6e-4, quick_gelu 9.3e-4, silu 9.4e-4 (the negative tails)
 FP16_ABS_ERR = 4e-3
 
 
@@ -88,6 +95,7 @@ def compile_elementwise(fn, dtype: str, shape=(POINTS.size,)):
 
 def test_every_activation_has_an_exact_formula():
     assert sorted(EXACT_ACTIVATIONS) == sorted(ACTIVATIONS)
+    assert sorted(EXACT_GATES) == sorted(GATED_ACTIVATIONS)
 
 
 @pytest.mark.parametrize("dtype, bound", [("float32", FP32_ABS_ERR), ("float16", FP16_ABS_ERR)])
@@ -99,6 +107,17 @@ def test_activation(name, dtype, bound):
     err = scaled_abs_err(ours, EXACT_ACTIVATIONS[name](x), x)
     print(f"{name} {dtype}: max |err| / max(1, |x|) = {err.max():.2e}")
     assert err.max() <= bound, f"{name} {dtype}: {err.max():.3g} at x = {x[err.argmax()]}"
+
+
+@pytest.mark.parametrize("dtype, bound", [("float32", FP32_ABS_ERR), ("float16", FP16_ABS_ERR)])
+@pytest.mark.parametrize("name", sorted(EXACT_GATES))
+def test_gate_activation(name, dtype, bound):
+    x = POINTS.astype(dtype)
+    ours = compile_elementwise(GATED_ACTIVATIONS[name], dtype)(x)
+    x = x.astype(np.float64)
+    err = scaled_abs_err(ours, EXACT_GATES[name](x), x)
+    print(f"{name} gate {dtype}: max |err| / max(1, |x|) = {err.max():.2e}")
+    assert err.max() <= bound, f"{name} gate {dtype}: {err.max():.3g} at x = {x[err.argmax()]}"
 
 
 def _softmax(x):

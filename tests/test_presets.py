@@ -23,6 +23,8 @@ EXPECTED = {
     "internvit-6b-448px-v1-0": (-1, "patch", 1024, 3200),
     "internvit-6b-448px-v1-2": (-1, "patch", 1024, 3200),
     "internvit-6b-448px-v1-5": (-1, "patch", 1024, 3200),
+    "qwen2-vl-2b-vision": (-1, "patch", None, 1536),  # native resolution: tokens depend on the image
+    "qwen2.5-vl-7b-vision": (-1, "patch", None, 3584),
     "siglip-base-patch16-224": (-1, "patch", 196, 768),
     "siglip-so400m-patch14-384": (-2, "patch", 729, 1152),
 }

@@ -511,9 +511,11 @@ def test_one_encoder_from_four_threads_equals_sequential(built):
     sequential = [encoder(x) for x in inputs]
     results: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
+    start = threading.Barrier(4)
 
     def work(indices):
         try:
+            start.wait()
             for i in indices:
                 results[i] = encoder(inputs[i])
         except BaseException as err:  # noqa: BLE001

@@ -54,6 +54,8 @@ COMPOSITES = {
     "llava_next": Composite("clip_vision_model", language=LLM_KEYS),
     "llava_onevision": Composite("siglip_vision_model", language=LLM_KEYS),
     "internvl_chat": Composite("intern_vit_6b", language=LLM_KEYS),
+    "qwen2_vl": Composite("qwen2_vl_vision", language=LLM_KEYS),
+    "qwen2_5_vl": Composite("qwen2_5_vl_vision", language=LLM_KEYS),
 }
 
 

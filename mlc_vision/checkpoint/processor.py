@@ -14,6 +14,8 @@ from ..errors import MlcVisionError
 from ..validate import check_preprocessor_config
 
 PROCESSOR_CONFIG = "preprocessor_config.json"
+# Processors whose ``size`` is a pixel budget ({shortest_edge: min_pixels, longest_edge: max_pixels}), not a side
+SMART_RESIZE_PROCESSORS = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil")
 
 
 def read_preprocess(path: Path, full_config: dict) -> Preprocess | None:
@@ -28,6 +30,8 @@ def read_preprocess(path: Path, full_config: dict) -> Preprocess | None:
         data = json.loads(pre_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MlcVisionError(f"cannot read {pre_path}: {err}") from None
+    if isinstance(data, dict) and data.get("image_processor_type") in SMART_RESIZE_PROCESSORS:
+        return smart_resize_config_from_hf(data, pre_path)
     check_preprocessor_config(data, pre_path)
     return preprocess_config_from_hf(data, pad_to_square=full_config.get("image_aspect_ratio") == "pad")
 
@@ -60,6 +64,27 @@ def preprocess_config_from_hf(preprocessor_config: dict, *, pad_to_square: bool 
         mean=_triple(cfg.get("image_mean", (0.5, 0.5, 0.5)), "image_mean") if normalize_on else (0.0, 0.0, 0.0),
         std=_triple(cfg.get("image_std", (0.5, 0.5, 0.5)), "image_std") if normalize_on else (1.0, 1.0, 1.0),
         pad_to_square=pad_to_square,
+    )
+
+
+def smart_resize_config_from_hf(data: dict, path: Path) -> Preprocess:
+    """``Qwen2VLImageProcessor``: ``min_pixels`` / ``max_pixels`` (or ``size`` {shortest_edge, longest_edge})."""
+    size = data.get("size") if isinstance(data.get("size"), dict) else {}
+    budget = {
+        "min_pixels": data.get("min_pixels", size.get("shortest_edge")),
+        "max_pixels": data.get("max_pixels", size.get("longest_edge")),
+    }
+    for name, value in budget.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MlcVisionError(f"{path}: {name} must be a positive integer, got {value!r}")
+    if budget["min_pixels"] > budget["max_pixels"]:
+        raise MlcVisionError(f"{path}: min_pixels {budget['min_pixels']} exceeds max_pixels {budget['max_pixels']}")
+    check_preprocessor_config({k: v for k, v in data.items() if k != "size"}, path)
+    fixed = preprocess_config_from_hf({**data, "size": 224, "do_center_crop": False})
+    factor = int(data.get("patch_size", 14)) * int(data.get("merge_size", 2))
+    return Preprocess(
+        resize="smart", size=factor, crop_size=None, resample=fixed.resample, rescale_factor=fixed.rescale_factor,
+        mean=fixed.mean, std=fixed.std, **budget,
     )
 
 

@@ -24,6 +24,7 @@ from ..config import DTYPES, IMAGE_NEWLINE_PARAM, VisionConfig
 from ..errors import MlcVisionError
 from ..models import get_family
 from ..models import projector as projectors
+from .native import PATCHES, TOKENS, native_metadata, native_spec
 from .passes.bf16_cpu import bf16_interface
 from .targets import cpu_spec, resolve_attention, resolve_gemm
 
@@ -97,6 +98,31 @@ class _Exported(nn.Module):
         return tuple(self.model.hidden_states(pixel_values))
 
 
+class _NativeExported(nn.Module):
+    """A native-resolution tower's entries: per-patch inputs (compiler/native.py), no ``encode_rgb8``.
+
+    The nn exporter binds the spec's inputs by the entry's parameter names, hence
+    one signature per input list (:class:`_WindowedExported` adds the windows).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def encode(self, patches, position_ids, image_ids) -> nn.Tensor:
+        return self.model(patches, position_ids, image_ids)
+
+    def hidden_states(self, patches, position_ids, image_ids):
+        return tuple(self.model.hidden_states(patches, position_ids, image_ids))
+
+
+class _WindowedExported(_NativeExported):
+    def encode(self, patches, position_ids, image_ids, window_ids, window_index) -> nn.Tensor:
+        return self.model(patches, position_ids, image_ids, window_ids, window_index)
+
+    def hidden_states(self, patches, position_ids, image_ids, window_ids, window_index):
+        return tuple(self.model.hidden_states(patches, position_ids, image_ids, window_ids, window_index))
+
+
 def build_module(
     config: VisionConfig,
     dtype: str,
@@ -120,6 +146,8 @@ def build_module(
     attention = resolve_attention(target, dtype, attention)
     gemm = resolve_gemm(target, dtype, gemm)
     compute = compute_dtype(target, dtype)
+    if get_family(config.family).native_resolution:
+        return build_native_module(config, dtype, target, expose_hidden_states, attention, gemm, cpu)
     model = build_vision_model(config, compute)
     projector = build_projector(config, compute)
     size = config.image_size
@@ -145,9 +173,62 @@ def build_module(
     if target == "cpu":
         metadata["cpu"] = cpu_spec(cpu)
     if compute != dtype:
-        metadata["compute"] = {"matmul": "bfloat16 x bfloat16 -> float32", "other": compute}
+        metadata["compute"] = {
+            "matmul": "bfloat16 x bfloat16 -> float32",
+            "other": compute,
+            # the C GEMM picks its instructions when it runs: none of them is required
+            "bf16_gemm_paths": ["amx-bf16", "avx512bf16", "generic"],
+        }
     mod = add_metadata_function(mod, metadata)
     return BuiltModule(mod=mod, metadata=metadata)
+
+
+def build_native_module(config, dtype, target, expose_hidden_states, attention, gemm, cpu) -> BuiltModule:
+    """:func:`build_module` for a native-resolution family: symbolic patch count, per-patch inputs."""
+    if compute_dtype(target, dtype) != dtype:
+        raise MlcVisionError(f"{config.family} libraries are built in float32 or float16 on the CPU, not {dtype}")
+    model = build_vision_model(config, dtype)
+    method = native_spec(config, dtype, {"param_mode": "packed", "effect_mode": "none"})
+    spec = {"encode": method}
+    if expose_hidden_states:
+        spec["hidden_states"] = dict(method)
+    wrapper = _WindowedExported(model) if config.window_size else _NativeExported(model)
+    mod, named_params = wrapper.export_tvm(spec=spec)
+    params = [
+        {"name": name.removeprefix("model."), "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
+        for name, p in named_params
+    ]
+    native = native_metadata(config, dtype)
+    output = {"shape": [TOKENS, config.merger_hidden_size], "dtype": dtype}
+    entries = {"encode": {"inputs": native["inputs"], "output": output}}
+    if expose_hidden_states:
+        entries["hidden_states"] = {"inputs": native["inputs"], "output": f"tuple of [{PATCHES}, hidden] in window order"}
+    metadata = {
+        "mlc_vision_version": __version__,
+        "family": config.family,
+        "preset": config.preset,
+        "config": config.to_dict(),
+        "patch_size": config.patch_size,
+        "tokens": None,
+        "num_tokens": None,
+        "output_width": config.merger_hidden_size,
+        "hidden_size": config.hidden_size,
+        "dtype": dtype,
+        "target": target,
+        "select_layer": config.select_layer,
+        "feature": config.feature,
+        "projector": None,
+        "preprocess": config.preprocess.to_dict(),
+        "tiling": None,
+        "native_resolution": native,
+        "entries": entries,
+        "params": params,
+        "attention": attention,
+        "gemm": gemm,
+    }
+    if target == "cpu":
+        metadata["cpu"] = cpu_spec(cpu)
+    return BuiltModule(mod=add_metadata_function(mod, metadata), metadata=metadata)
 
 
 def compute_dtype(target: str, dtype: str) -> str:

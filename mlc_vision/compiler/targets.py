@@ -357,14 +357,19 @@ def resolve_gemm(name: str, dtype: str, gemm: str | None) -> str:
     return gemm
 
 
+def attention_modes(name: str, dtype: str) -> tuple[str, ...]:
+    """The attention lowerings target ``name`` builds in ``dtype``, its default first."""
+    return tuple(
+        mode for mode in ATTENTION_BY_TARGET.get(name, ("split",)) if dtype in ATTENTION_DTYPES.get((name, mode), (dtype,))
+    )
+
+
 def resolve_attention(name: str, dtype: str, attention: str | None) -> str:
     """The attention lowering a library for target ``name`` in ``dtype`` gets (``None``: the default).
 
     An unknown mode, or one this target (or dtype) cannot build, is a one-line error.
     """
-    modes = tuple(
-        mode for mode in ATTENTION_BY_TARGET.get(name, ("split",)) if dtype in ATTENTION_DTYPES.get((name, mode), (dtype,))
-    )
+    modes = attention_modes(name, dtype)
     if attention is None:
         return modes[0]
     if attention not in ATTENTION:

@@ -40,6 +40,10 @@ class Family:
       checkpoint's keys are known, ``checkpoint.config`` sets the field to the
       part's ``absent`` value when no key maps to it, for compile and convert
       alike.
+    - ``native_resolution``: the tower takes a symbolic number of flattened
+      patches and per-patch position/segment inputs instead of fixed-size
+      ``pixel_values`` (``VisionModel(config).hidden_states(*inputs)``, see
+      ``docs/native_resolution.md``).
     """
 
     name: str
@@ -50,6 +54,7 @@ class Family:
     weights: WeightMap
     claims: Claims | None = None
     optional_parts: Mapping[str, "OptionalPart"] = field(default_factory=dict)
+    native_resolution: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm.runtime.vm import VirtualMachine
 
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
 from ..cpu_features import check_cpu_library
-from .encoder import check_params_match, load_library, parse_device, read_metadata
+from .encoder import PerThreadVM, check_params_match, load_library, parse_device, read_metadata
 from .preprocess import preprocess
 from .tokenize import TextTokenizer
 
@@ -46,8 +45,8 @@ class ContrastiveEncoder:
     def __init__(self, lib: str | Path, params: str | Path, device: str = "cpu", tokenizer: str | Path | None = None):
         self.lib_path, self.params_dir = Path(lib), Path(params)
         self.tvm_device = parse_device(device)
-        self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
-        self.metadata = read_metadata(self._vm, self.lib_path)
+        self._vm = PerThreadVM(load_library(self.lib_path), self.tvm_device)  # safe from several threads
+        self.metadata = read_metadata(self._vm.first, self.lib_path)
         check_cpu_library(self.metadata, self.lib_path)
         if self.metadata.get("part") != "both":
             raise MlcVisionError(

@@ -24,6 +24,7 @@ from ..weights.integrity import check_params_files
 from ..weights.params import load_params, read_params
 from ..cpu_features import check_cpu_library
 from .libcheck import check_library_file
+from .native import NativeGeometry, attention_inputs, check_grid, preprocess_native
 from .preprocess import load_rgb, normalize, preprocess
 from .tiling import Grid, anyres_tiles, internvl_tiles, pack_anyres
 
@@ -100,9 +101,10 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
             f"params {params_dir} have no mlc_vision metadata in tensor-cache.json, so nothing says which model "
             "they are for; make them with mlc-vision convert"
         )
-    _check_records(metadata["params"], records, params_dir)
+    # The family first: params of another family miss names too, and the family says why.
     if ours.get("family") != metadata["family"]:
         raise MlcVisionError(f"params {params_dir} are for family {ours.get('family')!r} but the library is {metadata['family']!r}")
+    _check_records(metadata["params"], records, params_dir)
     difference = architecture_difference(metadata["config"], ours["config"])
     if difference:
         raise MlcVisionError(f"params {params_dir} do not match the library: {difference}")
@@ -125,11 +127,57 @@ def _check_records(specs: list[dict], records: dict, params_dir: Path) -> None:
             )
 
 
+class PerThreadVM:
+    """One Relax VM per calling thread over one loaded library, made on the thread's first call.
+
+    A Relax VM keeps per-call state (registers, frames), so threads must not
+    share one; one VM per thread measured faster than a lock around one VM
+    (docs/reliability.md, "Threads"). Each VM holds the activations of its
+    own call; the params passed in are shared. ``vms["encode"]`` is the
+    calling thread's function.
+    """
+
+    def __init__(self, module: tvm.runtime.Module, device: tvm.runtime.Device):
+        self.module, self.device = module, device
+        self.first = VirtualMachine(module, device)
+        self._local = threading.local()
+        self._local.vm = self.first
+        self._new_vm = threading.Lock()
+
+    def get(self) -> VirtualMachine:
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            with self._new_vm:
+                vm = self._local.vm = VirtualMachine(self.module, self.device)
+        return vm
+
+    def __getitem__(self, function: str):
+        return self.get()[function]
+
+
 def warn_if_not_finite(pixel_values: np.ndarray) -> None:
     """NaN or Inf inputs give NaN features; say so instead of passing them silently."""
     if pixel_values.dtype.kind == "f" and not np.isfinite(pixel_values).all():
         bad = int(np.size(pixel_values) - np.isfinite(pixel_values).sum())
         warnings.warn(f"pixel values hold {bad} NaN or Inf value(s); the features will not be meaningful", stacklevel=3)
+
+
+@dataclass(frozen=True)
+class NativeFeatures:
+    """The features of images encoded at their own resolution (Qwen2-VL / Qwen2.5-VL).
+
+    ``features``: ``[tokens, width]``, the images' tokens one after the other
+    (what the language model consumes); ``grid_thw``: ``(t, grid_h, grid_w)``
+    per image in patches, as transformers' processor returns ``image_grid_thw``;
+    image ``i`` has ``grid_h * grid_w / merge**2`` tokens (``tokens_per_image``).
+    """
+
+    features: np.ndarray
+    grid_thw: tuple[tuple[int, int, int], ...]
+    tokens_per_image: tuple[int, ...]
+
+    def per_image(self) -> list[np.ndarray]:
+        return np.split(self.features, np.cumsum(self.tokens_per_image)[:-1])
 
 
 @dataclass(frozen=True)
@@ -162,8 +210,8 @@ class VisionEncoder:
 
     Shard sizes are always checked; ``verify`` also hashes every byte (see
     ``weights/integrity.py``). The encoder may be called from several threads:
-    the VM call is serialized by a lock (docs/reliability.md says why a lock and
-    not one VM per thread).
+    each gets its own VM over the same library and params (docs/reliability.md,
+    "Threads", says why).
     """
 
     def __init__(
@@ -180,8 +228,9 @@ class VisionEncoder:
         self.params_dir = Path(params) if params is not None else None
         self._device_name = str(device)
         self.tvm_device = parse_device(device)
-        self._vm = VirtualMachine(load_library(self.lib_path), self.tvm_device)
-        self._vm_lock = threading.Lock()
+        self._vms = PerThreadVM(load_library(self.lib_path), self.tvm_device)
+        self._vm = self._vms.first
+        self._params_lock = threading.Lock()  # lazy params: loaded once, by the first caller
         self.metadata = read_metadata(self._vm, self.lib_path)
         check_cpu_library(self.metadata, self.lib_path)  # before any of its code runs
         if "encode" not in self.metadata.get("entries", {"encode": None}):
@@ -210,7 +259,7 @@ class VisionEncoder:
 
     def _loaded_params(self):
         if self._params is None:
-            with self._vm_lock:
+            with self._params_lock:
                 if self._params is None:
                     self.load_params()
         return self._params
@@ -285,13 +334,52 @@ class VisionEncoder:
             )
         return self._call("encode_rgb8", np.ascontiguousarray(pixels))
 
-    def _call(self, function: str, array: np.ndarray) -> np.ndarray:
-        """One VM call; a Relax VM keeps per-call state, so calls from several threads take turns."""
+    def _call(self, function: str, *arrays: np.ndarray) -> np.ndarray:
         params = self._loaded_params()
-        tensor = tvm.runtime.tensor(array, self.tvm_device)
-        with self._vm_lock:
-            out = self._vm[function](tensor, params)
-            return out.numpy()
+        tensors = [tvm.runtime.tensor(array, self.tvm_device) for array in arrays]
+        return self._vms[function](*tensors, params).numpy()
+
+    # ---- native resolution (Qwen2-VL / Qwen2.5-VL) ----------------------------------
+    @property
+    def native_resolution(self) -> dict | None:
+        """The native-resolution contract (``metadata["native_resolution"]``), None for fixed-size libraries."""
+        return self.metadata.get("native_resolution")
+
+    def _native_geometry(self) -> NativeGeometry:
+        native = self.native_resolution
+        if native is None:
+            raise MlcVisionError(
+                f"library {self.lib_path} ({self.metadata['family']}) takes fixed-size images, not patches at native resolution"
+            )
+        return NativeGeometry.from_metadata(native)
+
+    def encode_native(self, images) -> NativeFeatures:
+        """Images of any sizes (one call; each attends only within itself) -> their tokens and ``grid_thw``.
+
+        Each image is resized as ``Qwen2VLImageProcessor`` does (``smart_resize``:
+        sides multiples of patch x merge, area within the library's
+        ``min_pixels`` / ``max_pixels``; a larger image is resized down).
+        """
+        patches, grids = preprocess_native(images, self._pre, self._native_geometry())
+        return self.encode_patches(np.concatenate(patches), grids)
+
+    def encode_patches(self, patches: np.ndarray, grid_thw) -> NativeFeatures:
+        """Flattened normalized patches ``[n, C*t*p*p]`` (the processor's ``pixel_values``) and their ``grid_thw``."""
+        geometry = self._native_geometry()
+        grids = tuple(tuple(int(v) for v in g) for g in grid_thw)
+        for _, grid_h, grid_w in grids:
+            check_grid(grid_h, grid_w, geometry.merge_size)
+        width = self.native_resolution["inputs"][0]["shape"][1]
+        count = sum(t * h * w for t, h, w in grids)
+        if patches.ndim != 2 or patches.shape != (count, width):
+            raise MlcVisionError(f"patches have shape {list(patches.shape)}; grid_thw {list(grids)} needs [{count}, {width}]")
+        warn_if_not_finite(patches)
+        arrays = {"patches": np.ascontiguousarray(patches.astype(_numpy_dtype(self.dtype))),
+                  **attention_inputs(grids, geometry)}  # fmt: skip
+        ordered = [arrays[spec["name"]] for spec in self.native_resolution["inputs"]]
+        group = geometry.merge_size**2
+        features = self._call("encode", *ordered)
+        return NativeFeatures(features, grids, tuple(t * h * w // group for t, h, w in grids))
 
     @property
     def tiling(self) -> dict | None:
@@ -392,6 +480,8 @@ class VisionEncoder:
         the input arrays (LLaVA casts back to ``images.dtype``); images give
         float32.
         """
+        if self.native_resolution is not None:
+            return self.encode_native(images)
         if isinstance(images, np.ndarray) and images.dtype.kind == "f":
             return _as_dtype(self.encode_pixels(images), images.dtype, match_input_dtype)
         if isinstance(images, (list, tuple)) and images and all(_is_chw(x) for x in images):
@@ -405,6 +495,11 @@ class VisionEncoder:
 
     def __repr__(self) -> str:
         m = self.metadata
+        if self.native_resolution is not None:
+            return (
+                f"VisionEncoder({m['family']}, preset={m['preset']}, native resolution -> "
+                f"[tokens, {m['output_width']}] {m['dtype']} on {self.device})"
+            )
         return (
             f"VisionEncoder({m['family']}, preset={m['preset']}, {m['image_size']}px -> "
             f"[batch, {m['num_tokens']}, {m['output_width']}] {m['dtype']} on {self.device})"

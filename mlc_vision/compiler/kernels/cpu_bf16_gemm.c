@@ -407,8 +407,8 @@ int mlcv_bf16_linear_path(int path, const uint16_t* x, const uint16_t* w, const 
   int64_t rows = path == PATH_AMX ? 8 * AMX_ROWS : 32 * MR;
   job.row_blocks = (M + rows - 1) / rows;
   job.row_block = (M + job.row_blocks - 1) / job.row_blocks;
-  if (path == PATH_AMX && job.row_block % AMX_ROWS) job.row_block += AMX_ROWS - job.row_block % AMX_ROWS;
-  else if (job.row_block % MR) job.row_block += MR - job.row_block % MR;
+  int64_t align = path == PATH_AMX ? AMX_ROWS : MR; /* whole tiles in every block but the last */
+  if (job.row_block % align) job.row_block += align - job.row_block % align;
   job.row_blocks = (M + job.row_block - 1) / job.row_block;
   parallel_launch_fn launch = thread_pool();
   if (launch != NULL) return launch(parallel_task, &job, 0);

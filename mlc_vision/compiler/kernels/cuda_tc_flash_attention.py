@@ -45,8 +45,6 @@ not only on the GPU (``tests/test_fused_attention.py``).
 
 from __future__ import annotations
 
-import math
-
 from tvm.script import tirx as T
 
 BLOCK_Q = 64  # query rows per block: 16 per warp
@@ -408,10 +406,3 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
 
     return kernel
 
-
-def flops(seq: int, heads: int, head_dim: int) -> int:
-    """Multiply-adds x 2 of Q·K^T and P·V for one image (what TFLOP/s figures count)."""
-    return 4 * heads * seq * seq * head_dim
-
-
-__all__ = ["tc_flash_attention_kernel", "supports", "shared_bytes", "flops", "math"]

@@ -29,10 +29,6 @@ to dlight's rules.
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger(__name__)
-
 BLOCK_M = 128
 BLOCK_N = 128
 BLOCK_K = 32
