@@ -161,6 +161,7 @@ class OurLibrary:
         self.fp32_params = params if params is not None else _random_params(built.metadata)
         self.params = [tvm.runtime.tensor(p.astype(self._np_dtype()), self.device) for p in self.fp32_params]
         self.tokens = built.metadata["num_tokens"]
+        self.metadata = built.metadata
 
     def _np_dtype(self):
         if self.dtype == "bfloat16":
@@ -503,7 +504,114 @@ def run_benchmark(models, target: str, batches: list[int], runs: int, output: Pa
         (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
         (output / "bench.md").write_text(markdown_table(rows, machine, runs))
 
+    native_rows: list[NativeRow] = []
+
+    def write_native(row: NativeRow) -> None:
+        native_rows.append(row)
+        report = {"machine": {"platform": platform.platform(), **machine}, "runs": runs, "rows": [asdict(r) for r in native_rows]}
+        (output / "bench-native.json").write_text(json.dumps(report, indent=2) + "\n")
+        (output / "bench-native.md").write_text(native_markdown(native_rows, machine, runs))
+
     for preset in models:
+        if load_preset(preset).native_resolution:  # image sizes, not batches
+            bench_native(preset, runs, output, on_row=write_native)
+            continue
         bench_one(preset, batches, runs, output, torch_compile, machine["fp32_peak_gflops"], peers, bf16, on_row=write)
-    print(f"wrote {output / 'bench.json'} and {output / 'bench.md'}")
+    print(f"wrote {output / 'bench.json'} and {output / 'bench.md'}" + (" and bench-native.*" if native_rows else ""))
     return rows
+
+
+# ---- native resolution (Qwen2-VL / Qwen2.5-VL towers) ------------------------------------
+
+#: image sizes (height, width) timed for a native-resolution preset, batch 1
+NATIVE_IMAGE_SIZES = ((448, 448), (1008, 672))
+
+
+@dataclass
+class NativeRow:
+    model: str
+    image: str  # height x width in pixels (already multiples of patch x merge)
+    patches: int
+    tokens: int
+    tvm_ms: float
+    torch_eager_ms: float
+    ratio_eager: float
+    cosine_vs_torch: float
+    compile_s: float
+
+
+def native_inputs(library: "OurLibrary", height: int, width: int) -> tuple[list[np.ndarray], tuple]:
+    """Random normalized patches of one ``height x width`` image and the library's per-patch inputs."""
+    from .runtime.native import NativeGeometry, attention_inputs
+
+    native = library.metadata["native_resolution"]
+    geometry = NativeGeometry.from_metadata(native)
+    grid = (1, height // geometry.patch_size, width // geometry.patch_size)
+    count, size = grid[1] * grid[2], native["inputs"][0]["shape"][1]
+    arrays = {"patches": np.random.default_rng(0).standard_normal((count, size)).astype("float32"),
+              **attention_inputs([grid], geometry)}  # fmt: skip
+    return [arrays[spec["name"]] for spec in native["inputs"]], grid
+
+
+def bench_native(preset: str, runs: int, workdir: Path, on_row=None) -> list[NativeRow]:
+    """Our fp32 library against transformers' ``visual`` tower (same random weights), one image per call."""
+    import torch
+    import tvm
+
+    from .testing.references import torch_model
+
+    config = load_preset(preset)
+    ours = OurLibrary(config, workdir)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = torch_model(config).eval()
+    load_library_params_into(model, ours)
+    rows = []
+    for height, width in NATIVE_IMAGE_SIZES:
+        inputs, grid = native_inputs(ours, height, width)
+        args = [tvm.runtime.tensor(a, ours.device) for a in inputs]
+        patches, grid_thw = torch.from_numpy(inputs[0]), torch.tensor([grid])
+
+        def reference():
+            with torch.inference_mode():
+                return model(patches, grid_thw=grid_thw).pooler_output
+
+        contenders = {"tvm": lambda: ours.vm["encode"](*args, ours.params), "eager": reference}
+        cos = cosine(contenders["tvm"]().numpy(), reference().numpy())
+        ms = interleaved_medians_ms(contenders, runs)
+        rows.append(NativeRow(
+            model=preset, image=f"{height}x{width}", patches=len(inputs[0]), tokens=len(inputs[0]) // config.spatial_merge_size**2,
+            tvm_ms=round(ms["tvm"], 2), torch_eager_ms=round(ms["eager"], 2), ratio_eager=_ratio(ms["tvm"], ms["eager"]),
+            cosine_vs_torch=round(cos, 6), compile_s=round(ours.compile_s, 1),
+        ))  # fmt: skip
+        r = rows[-1]
+        print(f"{preset:<28} {r.image:>9} ({r.tokens} tokens) ours fp32 {r.tvm_ms:9.1f} ms | eager {r.torch_eager_ms:9.1f} "
+              f"| ours/eager {r.ratio_eager:.2f} | cos {r.cosine_vs_torch:.6f}", flush=True)  # fmt: skip
+        if on_row is not None:
+            on_row(r)
+    return rows
+
+
+def load_library_params_into(model, library: "OurLibrary") -> None:
+    """Give the torch tower our library's random params (checkpoint names; the merger's fc1/fc2 are mlp.0/mlp.2)."""
+    import torch
+
+    ours = {p["name"]: value for p, value in zip(library.metadata["params"], library.fp32_params)}
+    state = {}
+    for name in model.state_dict():
+        key = name.replace("merger.mlp.0.", "merger.fc1.").replace("merger.mlp.2.", "merger.fc2.")
+        state[name] = torch.from_numpy(ours[key])
+    model.load_state_dict(state)
+
+
+def native_markdown(rows: list[NativeRow], machine: dict, runs: int) -> str:
+    lines = [
+        bench_peers.machine_header(machine),
+        "",
+        "| model | image | patches | tokens | ours fp32 ms | transformers eager ms | ours / eager | cosine | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.image} | {r.patches} | {r.tokens} | {r.tvm_ms:.1f} | {r.torch_eager_ms:.1f} "
+                     f"| {r.ratio_eager:.2f} | {r.cosine_vs_torch:.6f} | {r.compile_s:.0f} |")  # fmt: skip
+    lines += ["", f"Batch 1, median of {runs} runs after warm-up, in alternation; same random weights in both."]
+    return "\n".join(lines) + "\n"

@@ -264,6 +264,11 @@ class VisionConfig:
         return self
 
     @property
+    def native_resolution(self) -> bool:
+        """Images keep their own size (Qwen2-VL's smart resize): the library takes patches, not fixed-size pixels."""
+        return self.preprocess.resize == "smart"
+
+    @property
     def has_image_newline(self) -> bool:
         """LLaVA-NeXT: the params hold ``image_newline`` (it needs the projector: it has the LLM's width)."""
         return self.tiling is not None and self.tiling.mode == "anyres" and self.projector is not None

@@ -309,3 +309,26 @@ def write_preset_reference(config, path, seed: int = 6):
     randomize_all(model, seed + 1)
     model.save_pretrained(path)
     return model.model.visual
+
+
+def test_bench_native_rows(monkeypatch, tmp_path):
+    """``bench`` on a (tiny) Qwen2.5 preset: rows per image size, ours and transformers on the same weights."""
+    import json
+
+    import mlc_vision.bench as bench
+    import mlc_vision.config as config_module
+
+    preset = json.loads((config_module.PRESET_DIR / "qwen2.5-vl-7b-vision.json").read_text())
+    preset.update(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  merger_hidden_size=24, fullatt_block_indexes=[1])  # fmt: skip
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "tiny-qwen.json").write_text(json.dumps(preset))
+    monkeypatch.setattr(config_module, "PRESET_DIR", presets)
+    monkeypatch.setattr(bench, "NATIVE_IMAGE_SIZES", ((112, 112), (168, 84)))
+    rows = bench.run_benchmark(["tiny-qwen"], "cpu", [1], 2, tmp_path / "out", torch_compile=False, peers=False, bf16=False)
+    assert rows == []  # no fixed-size rows
+    report = json.loads((tmp_path / "out" / "bench-native.json").read_text())
+    assert [(r["image"], r["tokens"]) for r in report["rows"]] == [("112x112", 16), ("168x84", 18)]
+    assert all(r["tvm_ms"] > 0 and r["torch_eager_ms"] > 0 and r["cosine_vs_torch"] > 0.99999 for r in report["rows"])
+    assert "| tiny-qwen | 168x84 |" in (tmp_path / "out" / "bench-native.md").read_text()

@@ -58,7 +58,29 @@ def _torch_eva_clip(c: VisionConfig):
     )
 
 
+def _torch_qwen2_vl(c: VisionConfig):
+    """The ``visual`` tower alone (``Qwen2_5_VisionTransformerPretrainedModel`` / ``Qwen2VisionTransformerPretrainedModel``);
+    it takes ``(patches [n, C*t*p*p], grid_thw)``, not pixel values."""
+    common = dict(depth=c.num_hidden_layers, num_heads=c.num_attention_heads, patch_size=c.patch_size,
+                  spatial_merge_size=c.spatial_merge_size, temporal_patch_size=c.temporal_patch_size)  # fmt: skip
+    if c.norm_type == "rms_norm":
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+        hf = qwen.Qwen2_5_VLVisionConfig(
+            **common, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            out_hidden_size=c.merger_hidden_size, window_size=c.window_size,
+            fullatt_block_indexes=list(c.fullatt_block_indexes),
+        )
+        return qwen.Qwen2_5_VisionTransformerPretrainedModel(hf)
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen
+
+    hf = qwen.Qwen2VLVisionConfig(**common, embed_dim=c.hidden_size, hidden_size=c.merger_hidden_size,
+                                  mlp_ratio=c.intermediate_size // c.hidden_size)  # fmt: skip
+    return qwen.Qwen2VisionTransformerPretrainedModel(hf)
+
+
 TORCH_BUILDERS = {
+    "qwen2_vl": _torch_qwen2_vl,
     "clip": _torch_clip,
     "siglip": _torch_siglip,
     "intern_vit": _torch_intern_vit,
