@@ -90,8 +90,9 @@ def _single_var(expr):
 def _gemm_info(sch, block):
     """Recognize ``C[b.., m, n] += A[.., m, k] * B[.., n, k] (NT) or B[.., k, n] (NN)``.
 
-    Returns a dict or None. All of m, n, k must be static (token counts are
-    static per image size; only the batch may be symbolic)."""
+    Returns a dict or None. n must be static; m (rows) and k may be symbolic
+    (``None``: native-resolution towers, whose token count is an input), the
+    batch too."""
     blk = sch.get(block)
     ivs = list(blk.iter_vars)
     if len(ivs) < 3 or ivs[-1].iter_type != tirx.IterVar.CommReduce:
@@ -113,7 +114,7 @@ def _gemm_info(sch, block):
     if [_single_var(i) for i in store.indices[-2:]] != [vm, vn]:
         return None
     exts = [_as_int(iv.dom.extent) for iv in ivs[-3:]]
-    if any(e is None for e in exts):
+    if exts[1] is None:
         return None
     a_idx = b_idx = None
     b_layout = None
@@ -196,9 +197,11 @@ class GEMM(dlight.ScheduleRule):
         mr, nr = self.mr, self.nr
         nb = info["nbatch"]
         m, n = info["m"], info["n"]
-        if m < mr:
+        if m is not None and m < mr:
             mr = m
-        pads = [1] * nb + [mr if m % mr else 1, nr if n % nr else 1, 1]
+        # a symbolic row count is not padded: the split below guards the last rows instead
+        pad_m = mr if m is not None and m % mr else 1
+        pads = [1] * nb + [pad_m, nr if n % nr else 1, 1]
         if any(p > 1 for p in pads):
             sch.pad_einsum(gemm, pads)
         blk = sch.get(gemm)
