@@ -67,7 +67,13 @@ def bf16_is_fast_here() -> bool:
 # ---- timing ---------------------------------------------------------------------------------
 
 
-def interleaved_medians_ms(fns: dict, runs: int, warmup: int = 2) -> dict:
+#: Pause before each timed call. Thread pools (OpenMP in torch, ONNX Runtime's,
+#: OpenVINO's, TVM's) keep spinning for a while after a call; without a pause the
+#: engine timed next shares the cores with the previous one's spinning threads.
+QUIET_S = 0.2
+
+
+def interleaved_medians_ms(fns: dict, runs: int, warmup: int = 2, quiet_s: float = QUIET_S) -> dict:
     """Median ms of each callable, timed in alternation (A, B, C, A, B, C, ...).
 
     On a shared 2-core VM the machine's speed drifts by tens of percent over a
@@ -79,6 +85,7 @@ def interleaved_medians_ms(fns: dict, runs: int, warmup: int = 2) -> dict:
     times = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
+            time.sleep(quiet_s)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -314,8 +321,9 @@ def markdown_table(rows: list[Row], machine: dict, runs: int) -> str:
     notes = [f"- {r.model} b={r.batch}: {n}" for r in rows for n in r.notes]
     lines += [
         "",
-        f"Median of {runs} timed calls after 2 warm-up calls, every contender timed in alternation in one process; "
-        "random weights; ONNX Runtime and OpenVINO run the same ONNX export of the torch model.",
+        f"Median of {runs} timed calls after 2 warm-up calls, every contender timed in alternation in one process, "
+        f"{QUIET_S:g} s of pause before each call; random weights; ONNX Runtime and OpenVINO run the same ONNX "
+        "export of the torch model.",
         *notes,
     ]
     return "\n".join(lines) + "\n"

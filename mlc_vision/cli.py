@@ -97,7 +97,13 @@ def compile_cmd(
         output.parent.mkdir(parents=True, exist_ok=True)
     check_output(target, output)  # before any work: suffix, writable, dead runs' leftovers
     if part != "vision":
-        _compile_contrastive(model, target, arch, host, dtype, image_size, attention, part, output)
+        tower_options = {"--select-layer": select_layer, "--projector": projector,
+                         "--projector-hidden-size": projector_hidden_size,
+                         "--feature": feature if feature != "pooled" else None}
+        given = [name for name, value in tower_options.items() if value is not None]
+        if given:
+            raise MlcVisionError(f"--part {part} compiles the pooled image embedding; {', '.join(given)} do not apply")
+        _compile_contrastive(model, target, arch, host, dtype, image_size, attention, gemm, cpu, part, output)
         return
     config = resolve_config(
         model,
@@ -119,7 +125,7 @@ def compile_cmd(
     click.echo(f"wrote {path} ({meta['family']}, {shape}) and {path}.json")
 
 
-def _compile_contrastive(model, target, arch, host, dtype, image_size, attention, part, output) -> None:
+def _compile_contrastive(model, target, arch, host, dtype, image_size, attention, gemm, cpu, part, output) -> None:
     from .checkpoint.resolve import resolve_config, resolve_text_config
     from .compiler.contrastive import build_contrastive_module
     from .compiler.export import build_library
@@ -127,7 +133,8 @@ def _compile_contrastive(model, target, arch, host, dtype, image_size, attention
 
     config = resolve_config(model, image_size=image_size, feature="pooled", projector="none")
     dtype = dtype or default_dtype(target)
-    built = build_contrastive_module(config, resolve_text_config(model), dtype, target, part, attention=attention)
+    built = build_contrastive_module(config, resolve_text_config(model), dtype, target, part, attention=attention,
+                                     gemm=gemm, cpu=cpu)
     output = output or default_output(model, target, output_suffixes(target)[0])
     path = build_library(built.mod, target, output, arch=arch, host=host, metadata=built.metadata)
     text = built.metadata["text"]

@@ -265,3 +265,23 @@ def test_list_of_chw_arrays_and_input_dtype(clip_library):
     assert encoder(batch.astype(np.float16), match_input_dtype=True).dtype == np.float16
     with pytest.raises(MlcVisionError, match="pixel_values has shape"):
         encoder([batch[0], batch[1][:, :24, :24]])
+
+
+@pytest.mark.parametrize("hint,chosen", [
+    ("./pretrained/InternViT-6B-448px-V1-2", "internvit-6b-448px-v1-2"),
+    ("OpenGVLab/InternViT-6B-448px-V1-5", "internvit-6b-448px-v1-5"),
+    ("./pretrained/eva_vit_g", "internvit-6b-448px-v1-2"),  # no hint: the first of the equal architectures
+])
+def test_real_presets_matched_by_shapes_alone(hint, chosen):
+    """Shapes of a real InternViT-6B-448px (45 layers) tower, no weights: V1-2 and V1-5 fit, V1-0 (48) does not."""
+    from mlc_vision.checkpoint.tower import preset_for_tower
+    from mlc_vision.checkpoint.weight_plan import expected_params
+    from mlc_vision.config import load_preset
+    from mlc_vision.models import get_family
+
+    preset = load_preset("internvit-6b-448px-v1-5")
+    shapes = {f"model.vision_tower.vision_tower.{name}": shape
+              for name, (shape, _) in expected_params(get_family("intern_vit"), preset, "float32").items()}
+    shapes["model.layers.0.mlp.up_proj.weight"] = (8, 8)  # the LLM: ignored
+    fam, config = preset_for_tower(hint, _llava_config(hint), shapes, None)
+    assert (fam.name, config.preset, config.num_hidden_layers) == ("intern_vit", chosen, 45)

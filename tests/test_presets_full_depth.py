@@ -22,7 +22,7 @@ import torch
 from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.config import VisionConfig, list_presets, load_preset
 from mlc_vision.weights.convert import convert
-from parity import CompiledCPU, assert_fp32_close, measure, randomize_all
+from parity import CompiledCPU, failures, measure, randomize_all
 
 # Architecture fields the converted checkpoint must resolve to, as the preset states them.
 ARCHITECTURE = ("family", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -142,20 +142,14 @@ def available_memory() -> int:
     return 0
 
 
-# families whose presets this file does not run, and where they are checked instead
-NOT_HERE = {"qwen2_vl": "native resolution: its entry takes patches and their grid (tests/test_qwen2_vl.py)"}
-
-
 def test_every_preset_has_a_writer():
-    assert {load_preset(name).family for name in list_presets()} <= set(CHECKPOINT_WRITERS) | set(NOT_HERE)
+    assert {load_preset(name).family for name in list_presets()} <= set(CHECKPOINT_WRITERS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list_presets())
 def test_preset_full_depth_fp32(preset, tmp_path):
     config = load_preset(preset)
-    if config.family in NOT_HERE:
-        pytest.skip(f"{preset}: {NOT_HERE[config.family]}")
     need = 3 * 4 * parameter_count(config)  # torch model, our params, conversion and activations
     if available_memory() < need:
         pytest.skip(f"{preset}: needs about {need / 2**30:.0f} GiB free, {available_memory() / 2**30:.0f} GiB here")
@@ -175,9 +169,10 @@ def test_preset_full_depth_fp32(preset, tmp_path):
     if config.feature == "patch" and config.class_token:
         expected = expected[:, 1:]
     ours = lib.encode(pixels)
-    figures = measure(ours, expected, f"{preset} full depth", "float32")
-    print(f"\n{preset}: {config.num_layers_compiled} layers, {lib.metadata['num_tokens']} tokens -> {figures.line()}")
-    assert_fp32_close(ours, expected, f"{preset} at full depth ({config.num_layers_compiled} layers)")
+    figures = measure(ours, expected, f"{preset} at full depth ({config.num_layers_compiled} layers)", "float32")
+    print(f"\n{preset}: {lib.metadata['num_tokens']} tokens -> {figures.line()}")
+    broken = failures(figures)
+    assert not broken, f"{preset} at full depth: " + "; ".join(broken)
 
 
 def check_native_preset(preset: str, config: VisionConfig, lib, reference) -> None:
@@ -189,8 +184,10 @@ def check_native_preset(preset: str, config: VisionConfig, lib, reference) -> No
     patches = np.random.default_rng(0).standard_normal((count, width)).astype(np.float32)
     ours = run(lib, "encode", call_inputs(lib, patches, reference.grids))
     expected = reference(patches)
-    print(f"\n{preset}: {config.num_hidden_layers} layers, {len(ours)} tokens -> {measure(ours, expected, preset, 'float32').line()}")
-    assert_fp32_close(ours, expected, f"{preset} at full depth ({config.num_hidden_layers} layers)")
+    figures = measure(ours, expected, f"{preset} at full depth ({config.num_hidden_layers} layers)", "float32")
+    print(f"\n{preset}: {len(ours)} tokens -> {figures.line()}")
+    broken = failures(figures)
+    assert not broken, f"{preset} at full depth: " + "; ".join(broken)
 
 
 def test_parameter_count_is_close_to_the_reference():

@@ -426,3 +426,43 @@ def test_text_only_library(towers, tmp_path):
         VisionEncoder(lib, params)
     with pytest.raises(MlcVisionError, match="compile it with --part both"):
         ContrastiveEncoder(lib, params)
+
+
+def test_gpu_targets_are_refused_in_one_line(towers):
+    ckpt = str(towers("clip")["ckpt"])
+    config = resolve_config(ckpt, feature="pooled", projector="none")
+    with pytest.raises(MlcVisionError, match="build for cpu only, not 'cuda'"):
+        build_contrastive_module(config, resolve_text_config(ckpt), "float16", "cuda", "both")
+
+
+def test_compile_part_refuses_tower_options(towers, capsys):
+    from mlc_vision.cli import main
+
+    code = main(["compile", "--model", str(towers("clip")["ckpt"]), "--part", "both", "--select-layer", "-2"])
+    assert code == 1 and "--select-layer do not apply" in capsys.readouterr().err
+
+
+def test_cli_compile_convert_similarity_siglip(towers, tmp_path, capsys):
+    """compile/convert --part both through the CLI, then similarity --lib --params (sigmoid per pair)."""
+    from PIL import Image
+
+    from mlc_vision.cli import main
+
+    tower = towers("siglip")
+    save_tokenizer(tower["ckpt"])
+    lib, params = tmp_path / "siglip.so", tmp_path / "params"
+    assert main(["compile", "--model", str(tower["ckpt"]), "--part", "both", "-o", str(lib)]) == 0
+    assert main(["convert", "--model", str(tower["ckpt"]), "--part", "both", "-o", str(params)]) == 0
+    assert (params / "tokenizer.json").is_file()
+    Image.new("RGB", (37, 52), (90, 60, 200)).save(tmp_path / "a.png")
+    capsys.readouterr()
+    texts = ["a red car", "the dog on grass"]
+    code = main(["similarity", "--image", str(tmp_path / "a.png"), "--text", texts[0], "--text", texts[1],
+                 "--lib", str(lib), "--params", str(params)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and out[0] == "# siglip: sigmoid per pair"
+    printed = np.array([float(v) for v in out[2].split("\t")[1:]])
+    encoder = ContrastiveEncoder(lib, params)
+    assert np.allclose(printed, encoder.probabilities([str(tmp_path / "a.png")], texts)[0], atol=1e-4)
+    ids, _ = encoder.tokenizer(texts)
+    assert ids.shape == (2, MAX_POS)  # SigLIP pads to the maximum length

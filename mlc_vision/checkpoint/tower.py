@@ -91,8 +91,9 @@ def find_tower_dir(name: str, source_dir: Path) -> Path | None:
 
 
 def as_run_by_llava(config: VisionConfig, full: dict) -> VisionConfig:
-    """The tower as InternVL's LLaVA runs it: its family's fixed size and processor, LLaVA's padding."""
+    """The tower as InternVL's LLaVA runs it: its family's fixed size and processor, LLaVA's padding, no tiles."""
     pad = full.get("image_aspect_ratio") == "pad"
+    config = dataclasses.replace(config, tiling=None)
     runs_at = LLAVA_TOWER_RUNS_AT.get(config.family)
     if runs_at is None:
         return dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, pad_to_square=pad))
@@ -173,5 +174,5 @@ def preset_for_tower(name: str, full: dict, shapes: dict | None, family: Family 
 
 
 def _architecture(config: VisionConfig) -> str:
-    """The config without what does not change the network (its preset name, its preprocessing)."""
-    return repr(dataclasses.replace(config, preset=None, preprocess=Preprocess()))
+    """The config without what does not change the network (its name, preprocessing, how images are tiled)."""
+    return repr(dataclasses.replace(config, preset=None, preprocess=Preprocess(), tiling=None))

@@ -9,6 +9,13 @@
 The metadata's ``text`` entry says how to tokenize (padding, maximum length,
 pad id) and how the logits are made (``softmax``: CLIP, EVA; ``sigmoid``:
 SigLIP); ``logit_scale`` (and ``logit_bias``) are float32 params.
+
+Targets: the CPU only, for now. On CUDA, dlight's matmul rule cannot
+schedule the masked attention-score matmul (its cast/scale/mask epilogue is
+not inlined: "consumers of the cache-write stage that are not properly
+inlined"); the text attention needs the split/fused attention path the
+vision towers take on GPUs, with an additive mask, before GPU targets can be
+offered.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from .module import BATCH, BuiltModule, add_metadata_function, build_vision_mode
 from .targets import cpu_spec, resolve_attention, resolve_gemm
 
 PARTS = ("vision", "text", "both")
+CONTRASTIVE_TARGETS = ("cpu",)
 LENGTH = "length"
 
 
@@ -65,13 +73,19 @@ def text_metadata(text: TextConfig, dtype: str) -> dict:
 
 
 def build_contrastive_module(
-    vision: VisionConfig, text: TextConfig, dtype: str, target: str, part: str, attention: str | None = None
+    vision: VisionConfig, text: TextConfig, dtype: str, target: str, part: str, attention: str | None = None,
+    gemm: str | None = None, cpu: str | None = None,
 ) -> BuiltModule:
     """``encode_text`` (``part="text"``) or ``encode`` (pooled) + ``encode_text`` (``part="both"``)."""
     if part not in ("text", "both"):
         raise MlcVisionError(f"a contrastive library is part 'text' or 'both', got {part!r}")
     if text.family != vision.family:
         raise MlcVisionError(f"text tower of family {text.family!r} with a {vision.family!r} vision tower")
+    if target not in CONTRASTIVE_TARGETS:
+        raise MlcVisionError(
+            f"contrastive libraries (--part text|both) build for {', '.join(CONTRASTIVE_TARGETS)} only, not {target!r} "
+            "(the masked text attention has no GPU schedule yet)"
+        )
     if compute_dtype(target, dtype) != dtype:
         raise MlcVisionError(f"{dtype} contrastive libraries are not supported on {target}; use float32")
     attention = resolve_attention(target, dtype, attention)
@@ -95,9 +109,9 @@ def build_contrastive_module(
     else:
         metadata["entries"] = {"encode": metadata["entries"]["encode"]}
     metadata["entries"]["encode_text"] = text_metadata(text, dtype)["entry"]
-    metadata.update(part=part, text=text_metadata(text, dtype), attention=attention, gemm=resolve_gemm(target, dtype, None))
+    metadata.update(part=part, text=text_metadata(text, dtype), attention=attention, gemm=resolve_gemm(target, dtype, gemm))
     if target == "cpu":
-        metadata["cpu"] = cpu_spec(None)
+        metadata["cpu"] = cpu_spec(cpu)
     return BuiltModule(mod=add_metadata_function(mod, metadata), metadata=metadata)
 
 

@@ -356,34 +356,38 @@ static uint32_t* panel_buffer(size_t words) {
   return thread_panel;
 }
 
-/* One task: take (panel, row block) units, panel-major, until none are left.
- * Consecutive units mostly share a panel, which is packed again only when it changes. */
-static int run_units(linear_job* job) {
+/* One of ``threads`` tasks: take (panel, row block) units, panel-major, until none are left.
+ * With at least two panels per thread a task takes a whole panel (all its row
+ * blocks) at a time, so every panel is packed once; with fewer, single units,
+ * and a panel is packed again when the next unit a task takes has another one. */
+static int run_units(linear_job* job, int threads) {
   int64_t units = job->panels * job->row_blocks;
+  int64_t take = job->panels >= 2 * (int64_t)threads ? job->row_blocks : 1;
   uint32_t* panel = panel_buffer((size_t)(job->K / 2) * NR);
   if (panel == NULL) return -1;
   int64_t packed = -1;
   for (;;) {
-    int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
-    if (u >= units) break;
-    int64_t p = u / job->row_blocks, rb = u % job->row_blocks;
-    int64_t n0 = p * NR;
-    if (p != packed) {
-      pack_panel(job->w, job->N, job->K, n0, panel);
-      packed = p;
+    int64_t first = __atomic_fetch_add(&job->next_unit, take, __ATOMIC_RELAXED);
+    if (first >= units) break;
+    for (int64_t u = first; u < first + take && u < units; ++u) {
+      int64_t p = u / job->row_blocks, rb = u % job->row_blocks;
+      int64_t n0 = p * NR;
+      if (p != packed) {
+        pack_panel(job->w, job->N, job->K, n0, panel);
+        packed = p;
+      }
+      int64_t m0 = rb * job->row_block;
+      int64_t m1 = m0 + job->row_block < job->M ? m0 + job->row_block : job->M;
+      int ncols = job->N - n0 < NR ? (int)(job->N - n0) : NR;
+      job->rows(job->x, panel, &job->ep, job->y, m0, m1, n0, ncols, job->N, job->K);
     }
-    int64_t m0 = rb * job->row_block;
-    int64_t m1 = m0 + job->row_block < job->M ? m0 + job->row_block : job->M;
-    int ncols = job->N - n0 < NR ? (int)(job->N - n0) : NR;
-    job->rows(job->x, panel, &job->ep, job->y, m0, m1, n0, ncols, job->N, job->K);
   }
   return 0;
 }
 
 static int parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
   (void)task_id;
-  (void)penv;
-  return run_units((linear_job*)cdata);
+  return run_units((linear_job*)cdata, penv->num_task);
 }
 
 static rows_fn rows_for_path(int path) {
@@ -412,7 +416,7 @@ int mlcv_bf16_linear_path(int path, const uint16_t* x, const uint16_t* w, const 
   job.row_blocks = (M + job.row_block - 1) / job.row_block;
   parallel_launch_fn launch = thread_pool();
   if (launch != NULL) return launch(parallel_task, &job, 0);
-  return run_units(&job);
+  return run_units(&job, 1);
 }
 
 /* The entry points the library calls (compiler/passes/bf16_cpu.py), on the fastest path here:
