@@ -245,7 +245,7 @@ def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thu
     click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}{note}")
 
 
-def _run_native(encoder, images, pixel_values) -> np.ndarray:
+def _run_native(encoder, images, pixel_values):
     """A native-resolution library: every image in one call, each image's patch grid and token count printed."""
     if pixel_values:
         raise MlcVisionError("a native-resolution library takes --image (it resizes each image itself), not --pixel-values")

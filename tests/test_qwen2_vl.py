@@ -239,6 +239,8 @@ def test_vision_encoder_images_of_different_sizes_in_one_call(tmp_path_factory, 
     assert_fp32_close(out.features, expected, "VisionEncoder qwen2.5 merged")
     with pytest.raises(MlcVisionError, match=r"patch grid 3x4 is not a multiple of the merge size 2"):
         encoder.encode_patches(np.zeros((12, PATCH), np.float32), [(1, 3, 4)])
+    with pytest.raises(MlcVisionError, match=r"num_patches|tokens: library .* encodes images at their own size"):
+        encoder.num_patches
     check_cli_run(lib.lib_path, root / "f32", images[:2], out.features[: sum(out.tokens_per_image[:2])], tmp_path)
 
 

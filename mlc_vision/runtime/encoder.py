@@ -284,12 +284,21 @@ class VisionEncoder:
 
     @property
     def image_size(self) -> int:
+        self._fixed_size_only("image_size")
         return self.metadata["image_size"]
 
     @property
     def tokens(self) -> dict:
         """The library's token layout (prefix tokens, patch grid, merge, output count)."""
+        self._fixed_size_only("tokens")
         return self.metadata["tokens"]
+
+    def _fixed_size_only(self, what: str) -> None:
+        if self.metadata.get("native_resolution") is not None:
+            raise MlcVisionError(
+                f"{what}: library {self.lib_path} encodes images at their own size; the tokens of each image "
+                "come with its grid_thw (encode_native)"
+            )
 
     @property
     def num_patches_per_side(self) -> int:
