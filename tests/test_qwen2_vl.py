@@ -20,7 +20,7 @@ from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.errors import MlcVisionError
 from mlc_vision.models import qwen2_vl, route
 from mlc_vision.runtime.native import NativeGeometry, attention_inputs
-from parity import CompiledCPU, assert_fp16_close, assert_fp32_close, convert_checkpoint
+from parity import CompiledCPU, assert_all_close, assert_fp16_close, assert_fp32_close, convert_checkpoint, randomize_all
 
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
             vocab_size=64, bos_token_id=0, eos_token_id=1)  # fmt: skip
@@ -38,20 +38,6 @@ MODELS = {
 # (t, grid_h, grid_w): square, non-square with partial windows (merge grid 3 x 5), a small one
 GRIDS = [(1, 8, 8), (1, 6, 10), (1, 4, 2)]
 PATCH = 3 * 2 * 14 * 14
-
-
-def randomize_all(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter away from its init: matrices fan-in scaled, norm weights around 1, biases around 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2:
-                p.copy_(noise / np.prod(p.shape[1:]) ** 0.5)
-            elif "norm" in name or "ln_q" in name:
-                p.copy_((0.8 + 0.4 * torch.rand(p.shape, generator=gen)) if name.endswith("weight") else 0.2 * noise)
-            else:
-                p.copy_(0.3 * noise)
 
 
 def make_reference(variant: str, path, seed: int = 0):
@@ -124,9 +110,8 @@ def test_every_hidden_state_and_merged_fp32(tower, patches, tmp_path):
     inputs = call_inputs(lib, patches, GRIDS)
     ref = tower["ref"]
     ours = run(lib, "hidden_states", inputs)
-    assert len(ours) == len(ref["hidden_states"]) == VISION[tower["name"]]["depth"] + 1
-    for i, (a, r) in enumerate(zip(ours, ref["hidden_states"])):
-        assert_fp32_close(a, r, f"{tower['name']} hidden_states[{i}]")
+    assert len(ours) == VISION[tower["name"]]["depth"] + 1
+    assert_all_close(ours, ref["hidden_states"], f"{tower['name']} hidden_states")
     merged = run(lib, "encode", inputs)
     assert merged.shape == (len(patches) // 4, 24)
     assert_fp32_close(merged, ref["merged"], f"{tower['name']} merged")
@@ -135,8 +120,7 @@ def test_every_hidden_state_and_merged_fp32(tower, patches, tmp_path):
 def test_every_hidden_state_and_merged_fp16(tower, patches, tmp_path):
     lib = compiled(tower, tmp_path, dtype="float16")
     inputs = call_inputs(lib, patches, GRIDS)
-    for i, (a, r) in enumerate(zip(run(lib, "hidden_states", inputs), tower["ref"]["hidden_states"])):
-        assert_fp16_close(a, r, f"{tower['name']} fp16 hidden_states[{i}]")
+    assert_all_close(run(lib, "hidden_states", inputs), tower["ref"]["hidden_states"], f"{tower['name']} fp16 hidden_states", "float16")
     assert_fp16_close(run(lib, "encode", inputs), tower["ref"]["merged"], f"{tower['name']} fp16 merged")
 
 
@@ -285,8 +269,7 @@ def test_real_width_layer(variant, tmp_path):
     tower = {"ckpt": tmp_path / "ckpt", "params": {"float32": convert_checkpoint(tmp_path / "ckpt", tmp_path / "f32")}}
     lib = compiled(tower, tmp_path)
     inputs = call_inputs(lib, patches, grids)
-    for i, (a, r) in enumerate(zip(run(lib, "hidden_states", inputs), ref["hidden_states"])):
-        assert_fp32_close(a, r, f"{variant} real width hidden_states[{i}]")
+    assert_all_close(run(lib, "hidden_states", inputs), ref["hidden_states"], f"{variant} real width hidden_states")
     assert_fp32_close(run(lib, "encode", inputs), ref["merged"], f"{variant} real width merged")
 
 
