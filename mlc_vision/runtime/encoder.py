@@ -238,6 +238,7 @@ class VisionEncoder:
                 f"library {self.lib_path} has no image entry (compiled with --part text); "
                 "compile with --part vision or both"
             )
+        self._pre = Preprocess.from_dict(self.metadata["preprocess"])  # read once: tiling normalizes per tile
         self._params = None
         if load_params and self.params_dir is not None:
             self.load_params()
@@ -320,7 +321,7 @@ class VisionEncoder:
 
     # ---- calling -----------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
-        return preprocess(images, self._preprocess_config())
+        return preprocess(images, self._pre)
 
     def encode_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
         """``[batch, 3, H, W]`` normalized pixels -> ``[batch, tokens, width]``."""
@@ -458,10 +459,6 @@ class VisionEncoder:
         return tiling
 
     @property
-    def _pre(self):
-        return self._preprocess_config()
-
-    @property
     def _image_newline(self) -> np.ndarray | None:
         """LLaVA-NeXT's row separator from the params dir (None when the library has none)."""
         spec = (self.tiling or {}).get("image_newline")
@@ -473,9 +470,6 @@ class VisionEncoder:
                 raise MlcVisionError(f"params {self.params_dir} have no {spec['param']!r}, which the library's packing needs")
             self._newline = records[spec["param"]].read().astype(np.float32)
         return self._newline
-
-    def _preprocess_config(self) -> Preprocess:
-        return Preprocess.from_dict(self.metadata["preprocess"])
 
     def __call__(self, images, match_input_dtype: bool = False):
         """Features of a PIL image, a path, a float ``[batch,3,H,W]`` array, or a list of those or of ``(3,H,W)`` arrays.
