@@ -34,6 +34,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+
+def reject_unknown_fields(cls, data: dict, what: str, list_known: bool = True) -> None:
+    """A dict for dataclass ``cls`` may hold only its fields; one line names the others."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        listed = f"; known: {sorted(known)}" if list_known else ""
+        raise MlcVisionError(f"unknown {what} field(s) {sorted(unknown)}{listed}")
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes ``pixel_values`` (the transformers image processor's fields).
@@ -65,10 +74,7 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocess":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise MlcVisionError(f"unknown preprocessing field(s) {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown_fields(cls, data, "preprocessing")
         data = dict(data)
         for key in ("mean", "std"):
             if key in data:
@@ -112,10 +118,7 @@ class Tiling:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Tiling":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise MlcVisionError(f"unknown tiling field(s) {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown_fields(cls, data, "tiling")
         data = dict(data)
         data["grid_pinpoints"] = tuple(tuple(int(v) for v in p) for p in data.get("grid_pinpoints", ()))
         return cls(**data).validated()
@@ -226,10 +229,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VisionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise MlcVisionError(f"unknown config field(s) {sorted(unknown)}")
+        reject_unknown_fields(cls, data, "config", list_known=False)  # ~50 fields: too many to list
         data = dict(data)
         if isinstance(data.get("preprocess"), dict):
             data["preprocess"] = Preprocess.from_dict(data["preprocess"])
