@@ -182,21 +182,12 @@ class Dinov2Layer(nn.Module):
         return x + self.layer_scale2(self.mlp(self.norm2(x)))
 
 
-def _check_options(config: VisionConfig) -> None:
-    last = config.num_hidden_states - 1
-    if config.post_norm_tokens and config.layer_index != last:
-        raise MlcVisionError(
-            f"post_norm_tokens applies DINOv2's final layernorm, which follows the last layer only; "
-            f"select_layer {config.select_layer} is hidden state {config.layer_index}, not {last}"
-        )
-
-
 class VisionModel(nn.Module):
     """DINOv2 built up to the selected layer (``full`` builds every layer and the final norm, for convert)."""
 
     def __init__(self, config: VisionConfig, full: bool = False):
         if not full:
-            _check_options(config)
+            layers.check_post_norm_tokens(config, "DINOv2's final layernorm")
         self.config = config
         needs_norm = full or config.feature == "pooled" or config.post_norm_tokens
         num_layers = config.num_hidden_layers if needs_norm else config.num_layers_compiled

@@ -14,6 +14,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import VisionConfig
+from ..errors import MlcVisionError
 
 
 # ---- small ops ----------------------------------------------------------------
@@ -255,6 +256,16 @@ def pooled_class_token(last_hidden: Tensor, norm: nn.Module, projection: nn.Modu
     """``[b, 1, width]``: the class token of the last layer, normed, then projected if there is a projection."""
     cls = norm(slice_axis(last_hidden, 1, 0, 1, "class_token"))
     return projection(cls) if projection is not None else cls
+
+
+def check_post_norm_tokens(config: VisionConfig, norm: str) -> None:
+    """``post_norm_tokens`` applies the final ``norm``, which exists after the last layer only."""
+    last = config.num_hidden_states - 1
+    if config.post_norm_tokens and config.layer_index != last:
+        raise MlcVisionError(
+            f"post_norm_tokens applies {norm}, which follows the last layer only; "
+            f"select_layer {config.select_layer} is hidden state {config.layer_index}, not {last}"
+        )
 
 
 def layers_to_build(config: VisionConfig, full: bool) -> int:

@@ -152,12 +152,7 @@ def _check_options(config: VisionConfig) -> None:
             "feature 'pooled' needs SigLIP's attention-pooling head, but this checkpoint has none "
             "(vision_use_head is false); use feature 'patch'"
         )
-    last = config.num_hidden_states - 1
-    if config.post_norm_tokens and config.layer_index != last:
-        raise MlcVisionError(
-            f"post_norm_tokens applies SigLIP's post_layernorm, which follows the last layer only; "
-            f"select_layer {config.select_layer} is hidden state {config.layer_index}, not {last}"
-        )
+    layers.check_post_norm_tokens(config, "SigLIP's post_layernorm")
 
 
 class VisionModel(nn.Module):
