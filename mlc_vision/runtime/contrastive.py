@@ -17,7 +17,7 @@ import tvm
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
 from ..cpu_features import check_cpu_library
-from .encoder import PerThreadVM, check_params_match, load_library, parse_device, read_metadata
+from .encoder import PerThreadVM, check_params_match, load_library, param_names, parse_device, read_metadata
 from .preprocess import preprocess
 from .tokenize import TextTokenizer
 
@@ -54,7 +54,7 @@ class ContrastiveEncoder:
                 "compile it with --part both"
             )
         check_params_match(self.metadata, self.params_dir)
-        self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
+        self._params = load_params(self.params_dir, param_names(self.metadata), self.tvm_device)
         self.text = self.metadata["text"]
         self._tokenizer_dir = Path(tokenizer) if tokenizer is not None else self.params_dir
         self._tokenizer = None

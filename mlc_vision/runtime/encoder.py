@@ -110,6 +110,11 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
         raise MlcVisionError(f"params {params_dir} do not match the library: {difference}")
 
 
+def param_names(metadata: dict) -> list[str]:
+    """The library's parameter names in call order (shapes and dtypes: checked by ``check_params_match``)."""
+    return [spec["name"] for spec in metadata["params"]]
+
+
 def _check_records(specs: list[dict], records: dict, params_dir: Path) -> None:
     """Every parameter the library takes is in the params dir with its shape and dtype (no data read)."""
     for spec in specs:
@@ -255,7 +260,7 @@ class VisionEncoder:
             raise MlcVisionError(f"no params dir for {self.lib_path}: pass params to VisionEncoder or load_params()")
         check_params_match(self.metadata, self.params_dir)
         check_params_files(self.params_dir, verify=self._verify)
-        self._params = load_params(self.params_dir, self.metadata["params"], self.tvm_device)
+        self._params = load_params(self.params_dir, param_names(self.metadata), self.tvm_device)
         self._newline = None
 
     def _loaded_params(self):
