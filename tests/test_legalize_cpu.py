@@ -101,23 +101,23 @@ def test_every_activation_has_an_exact_formula():
 @pytest.mark.parametrize("dtype, bound", [("float32", FP32_ABS_ERR), ("float16", FP16_ABS_ERR)])
 @pytest.mark.parametrize("name", sorted(EXACT_ACTIVATIONS))
 def test_activation(name, dtype, bound):
-    x = POINTS.astype(dtype)
-    ours = compile_elementwise(ACTIVATIONS[name], dtype)(x)
-    x = x.astype(np.float64)
-    err = scaled_abs_err(ours, EXACT_ACTIVATIONS[name](x), x)
-    print(f"{name} {dtype}: max |err| / max(1, |x|) = {err.max():.2e}")
-    assert err.max() <= bound, f"{name} {dtype}: {err.max():.3g} at x = {x[err.argmax()]}"
+    check_elementwise(ACTIVATIONS[name], EXACT_ACTIVATIONS[name], name, dtype, bound)
 
 
 @pytest.mark.parametrize("dtype, bound", [("float32", FP32_ABS_ERR), ("float16", FP16_ABS_ERR)])
 @pytest.mark.parametrize("name", sorted(EXACT_GATES))
 def test_gate_activation(name, dtype, bound):
+    check_elementwise(GATED_ACTIVATIONS[name], EXACT_GATES[name], f"{name} gate", dtype, bound)
+
+
+def check_elementwise(ours_fn, exact, label: str, dtype: str, bound: float) -> None:
+    """Our compiled activation against its exact float64 formula on POINTS."""
     x = POINTS.astype(dtype)
-    ours = compile_elementwise(GATED_ACTIVATIONS[name], dtype)(x)
+    ours = compile_elementwise(ours_fn, dtype)(x)
     x = x.astype(np.float64)
-    err = scaled_abs_err(ours, EXACT_GATES[name](x), x)
-    print(f"{name} gate {dtype}: max |err| / max(1, |x|) = {err.max():.2e}")
-    assert err.max() <= bound, f"{name} gate {dtype}: {err.max():.3g} at x = {x[err.argmax()]}"
+    err = scaled_abs_err(ours, exact(x), x)
+    print(f"{label} {dtype}: max |err| / max(1, |x|) = {err.max():.2e}")
+    assert err.max() <= bound, f"{label} {dtype}: {err.max():.3g} at x = {x[err.argmax()]}"
 
 
 def _softmax(x):
