@@ -151,6 +151,12 @@ class QueryTransformer:
     projected from the tower's width). A final RMSNorm gives the query
     outputs, ``[batch, num_query_tokens, hidden_size]``. ``vocab_size`` is
     the text side's (the image side never reads the token embedding).
+
+    ``feature="pooled"`` is the contrastive image embedding, ``projection_dim``
+    (InternVL's ``clip_embed_dim``) wide, from attention-pooling heads of
+    ``attn_pool_num_heads`` heads: ``internvl_c`` pools the vision tokens
+    (``clip_projector``); ``internvl_g`` adds the pooled query outputs
+    (``clip_projector2``), each L2-normalized, as InternVL-G does.
     """
 
     num_query_tokens: int = 96
@@ -162,6 +168,8 @@ class QueryTransformer:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     vocab_size: int = 49954
+    attn_pool_num_heads: int = 16
+    pooled_head: str = "internvl_g"  # internvl_c | internvl_g
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -201,6 +201,8 @@ QUERY_TRANSFORMER_FIELDS = {
     "rms_norm_eps": PositiveNumber(below=1.0),
     "rope_theta": PositiveNumber(),
     "vocab_size": IntRange(1, 1 << 24),
+    "attn_pool_num_heads": IntRange(1, 1024),
+    "pooled_head": OneOf(("internvl_c", "internvl_g")),
 }
 
 

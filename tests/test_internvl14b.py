@@ -18,6 +18,7 @@ QLLaMA cross-attention layer at real width (``--run-slow``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -244,17 +245,31 @@ class RefQLlama(nn.Module):
         return states
 
 
-class RefAttentionPool(nn.Module):
-    """An InternVL-C/G head's parameters under their checkpoint names (not compiled: must be ignored)."""
-
-    def __init__(self, d, out):
+class RefPoolAttention(nn.Module):
+    def __init__(self, d, out, num_heads):
         super().__init__()
-        self.norm1_q, self.norm1_k, self.norm1_v = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.cross_attn = nn.Module()
-        for name in ("q", "k", "v"):
-            setattr(self.cross_attn, name, nn.Linear(d, d, bias=False))
-            self.cross_attn.register_parameter(f"{name}_bias", nn.Parameter(torch.zeros(d)))
-        self.cross_attn.proj = nn.Linear(d, out)
+        self.num_heads = num_heads
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.q_bias, self.k_bias, self.v_bias = (nn.Parameter(torch.zeros(d)) for _ in range(3))
+        self.proj = nn.Linear(d, out)
+
+    def forward(self, x, k, v):
+        q = heads(F.linear(x, self.q.weight, self.q_bias), self.num_heads)
+        k = heads(F.linear(k, self.k.weight, self.k_bias), self.num_heads)
+        v = heads(F.linear(v, self.v.weight, self.v_bias), self.num_heads)
+        return self.proj(merge(softmax_attention(q, k, v)))
+
+
+class RefAttentionPool(nn.Module):
+    """AttentionPoolingBlock: the token mean attends to the tokens (LayerNorms eps 1e-5); ``[b, out]``."""
+
+    def __init__(self, d, out, num_heads=4):
+        super().__init__()
+        self.norm1_q, self.norm1_k, self.norm1_v = (nn.LayerNorm(d, eps=1e-5) for _ in range(3))
+        self.cross_attn = RefPoolAttention(d, out, num_heads)
+
+    def forward(self, x):
+        return self.cross_attn(self.norm1_q(x.mean(1, keepdim=True)), self.norm1_k(x), self.norm1_v(x)).squeeze(1)
 
 
 class RefInternVL14B(nn.Module):
@@ -276,6 +291,16 @@ class RefInternVL14B(nn.Module):
         tower = self.vision_model(pixels)
         queries = self.query_tokens.expand(pixels.shape[0], -1, -1)
         return tower, self.qllama(queries, tower[-1])
+
+    @torch.no_grad()
+    def encode_image(self, pixels, mode):
+        """InternVL-C: the pooled vision tokens; InternVL-G: plus the pooled query outputs, each normalized."""
+        tower, qllama = self(pixels)
+        backbone = self.clip_projector(tower[-1])
+        if mode == "InternVL-C":
+            return backbone
+        image = self.clip_projector2(qllama[-1])
+        return backbone / backbone.norm(dim=1, keepdim=True) + image / image.norm(dim=1, keepdim=True)
 
 
 # ---- the checkpoint, as the hub stores it ------------------------------------------------------
@@ -310,9 +335,13 @@ PREPROCESSOR = {
 }  # fmt: skip
 
 
-def save_hub_checkpoint(model: RefInternVL14B, path: Path, config: dict, prefix: str = "") -> Path:
+# InternVL's LLaVA fork builds InternVLModel without the contrastive and ITM heads (commented out there).
+LLAVA_LACKS = ("text_projection", "logit_scale", "clip_projector", "itm_head")
+
+
+def save_hub_checkpoint(model: RefInternVL14B, path: Path, config: dict, prefix: str = "", drop=()) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
+    tensors = {prefix + k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(drop)}
     save_file(tensors, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config))
     if "vision_config" in config:  # the hub checkpoint's CLIPImageProcessor at the tower's size
@@ -347,6 +376,7 @@ class Library:
 
     def __call__(self, entry: str, pixels: np.ndarray) -> list[np.ndarray]:
         out = self.vm[entry](tvm.runtime.tensor(pixels.astype(self.dtype), tvm.cpu()), self.params)
+        out = [out] if isinstance(out, tvm.runtime.Tensor) else out
         return [t.numpy().astype(np.float32) for t in out]
 
 
@@ -449,7 +479,23 @@ def test_vision_encoder_and_cli_run_return_both_outputs(tiny, tiny_fp32, tmp_pat
     assert inspect.exit_code == 0 and '"query_outputs"' in inspect.output
 
 
-def test_lm_head_and_heads_are_ignored_but_a_missing_query_tensor_is_an_error(tiny, tmp_path):
+@pytest.mark.parametrize("mode", ["InternVL-G", "InternVL-C"])
+def test_pooled_is_the_internvl_image_embedding(tiny, mode):
+    """``feature="pooled"``: one output, InternVL-G's (or, by the config's ``pooled_head``, InternVL-C's) embedding."""
+    model, ckpt, params, _, work = tiny
+    config = resolve_config(str(ckpt), feature="pooled")
+    assert config.projection_dim == CLIP_EMBED and config.qllama.pooled_head == "internvl_g"
+    if mode == "InternVL-C":
+        config = dataclasses.replace(config, qllama=dataclasses.replace(config.qllama, pooled_head="internvl_c"))
+    lib = Library(config, params, "float32", work / mode)
+    assert [o["name"] for o in lib.metadata["entries"]["encode"]["outputs"]] == ["features"]
+    x = pixels(2, TOWER["image_size"], seed=9)
+    (embedding,) = lib("encode", x)
+    assert embedding.shape == (2, 1, CLIP_EMBED)
+    assert_close(embedding[:, 0], model.encode_image(torch.from_numpy(x), mode).numpy(), f"{mode} image embedding")
+
+
+def test_a_missing_query_tensor_is_an_error_that_names_it(tiny, tmp_path):
     model = tiny[0]
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "query_tokens"}
     ckpt = tmp_path / "ckpt"
@@ -478,12 +524,13 @@ def test_llava_checkpoint_naming_internvl_14b_runs_it_at_336(tiny, tmp_path):
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": 32,
         "mm_vision_tower": "./pretrained/internvl_14b_224px", "mm_vision_select_layer": -1,
         "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
-    }, prefix="model.vision_tower.vision_tower.")  # fmt: skip
+    }, prefix="model.vision_tower.vision_tower.", drop=LLAVA_LACKS)  # fmt: skip
     tower_dir.mkdir(parents=True)
     (tower_dir / "config.json").write_text(json.dumps(hub_config()))
     config = resolve_config(str(llava))
     assert (config.family, config.image_size, config.preprocess.crop_size) == ("internvl_14b", 336, 336)
     assert config.preprocess.pad_to_square and config.tiling is None
+    assert config.projection_dim is None  # no InternVL-C/G heads in this copy of the model
     params = convert(llava, tmp_path / "params")
     lib = Library(config, params, "float32", tmp_path)
     x = pixels(1, 336, seed=5)

@@ -244,7 +244,7 @@ def encode_outputs(config: VisionConfig, dtype: str) -> list[dict]:
     (docs/internals.md, "Calling convention").
     """
     outputs = [{"name": "features", "shape": [BATCH, config.tokens.output, output_width(config)], "dtype": dtype}]
-    if config.qllama is not None:
+    if config.qllama is not None and config.feature != "pooled":  # pooled: InternVL-C/G's one image embedding
         q = config.qllama
         outputs.append({"name": "query_outputs", "shape": [BATCH, q.num_query_tokens, q.hidden_size], "dtype": dtype})
     return outputs

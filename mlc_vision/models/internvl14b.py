@@ -42,7 +42,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from ..config import Preprocess, QueryTransformer, VisionConfig
 from ..errors import MlcVisionError
 from . import intern_vit, layers
-from .registry import Family, register
+from .registry import Family, OptionalPart, register
 from .transforms import interpolate_position_embedding
 from .weight_map import LLAVA_NON_VISION_KEYS, WeightMap
 
@@ -51,7 +51,7 @@ MODEL_TYPES = ("internvl",)
 ARCHITECTURES = ("InternVLModel", "InternVL_C", "InternVL_G")
 
 # InternVLConfig's defaults (configuration_internvl.py) for the fields that shape the query side.
-HF_DEFAULTS = {"num_query_token": 96, "cross_attention_frequency": 2}
+HF_DEFAULTS = {"num_query_token": 96, "cross_attention_frequency": 2, "clip_embed_dim": 768, "attn_pool_num_heads": 16}
 # LlamaConfig's defaults for the fields QLLaMA reads (a qllama_config saved without them).
 LLAMA_DEFAULTS = {
     "hidden_size": 4096,
@@ -64,6 +64,7 @@ LLAMA_DEFAULTS = {
 }
 # QLLaMA's rotary base: fixed in its code (LlamaRotaryEmbedding's default), not read from the config.
 QLLAMA_ROPE_THETA = 10000.0
+POOL_NORM_EPS = 1e-5  # the heads' LayerNorms: partial(nn.LayerNorm, eps=1e-5)
 
 
 # ---- config ------------------------------------------------------------------------
@@ -90,6 +91,7 @@ def query_transformer_from_hf(hf: dict) -> QueryTransformer:
         rms_norm_eps=float(_llama_field(qllama, "rms_norm_eps")),
         rope_theta=QLLAMA_ROPE_THETA,
         vocab_size=_llama_field(qllama, "vocab_size"),
+        attn_pool_num_heads=int(hf.get("attn_pool_num_heads") or HF_DEFAULTS["attn_pool_num_heads"]),
     ).validated()
 
 
@@ -118,6 +120,8 @@ def config_from_hf(hf: dict) -> VisionConfig:
                 mean=intern_vit.IMAGENET_MEAN, std=intern_vit.IMAGENET_STD,
             ).to_dict(),
             "qllama": query_transformer_from_hf(hf).to_dict(),
+            # the InternVL-C/G heads' width; settled to None where the checkpoint has no heads (LLaVA's copy)
+            "projection_dim": int(hf.get("clip_embed_dim") or HF_DEFAULTS["clip_embed_dim"]),
         }
     )
 
@@ -256,6 +260,54 @@ class QLlama(nn.Module):
         return states
 
 
+# ---- InternVL-C / InternVL-G image heads ------------------------------------------------
+
+
+class PoolingCrossAttention(nn.Module):
+    """``cross_attn`` of InternVL's attention pooling: q/k/v without a Linear bias, separate ``*_bias`` vectors."""
+
+    def __init__(self, width: int, out: int, num_heads: int):
+        self.num_heads = num_heads
+        self.q = nn.Linear(width, width, bias=False)
+        self.k = nn.Linear(width, width, bias=False)
+        self.v = nn.Linear(width, width, bias=False)
+        self.q_bias = nn.Parameter((width,))
+        self.k_bias = nn.Parameter((width,))
+        self.v_bias = nn.Parameter((width,))
+        self.proj = nn.Linear(width, out)
+
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        q, k, v = self.q(query) + self.q_bias, self.k(keys) + self.k_bias, self.v(values) + self.v_bias
+        return self.proj(layers.attention(q, k, v, self.num_heads))
+
+
+class AttentionPool(nn.Module):
+    """``clip_projector`` / ``clip_projector2``: the token mean (LayerNorm ``norm1_q``) attends to the tokens.
+
+    Keys are ``norm1_k(x)``, values ``norm1_v(x)`` (LayerNorms, eps 1e-5);
+    the result is ``[b, 1, out]``.
+    """
+
+    def __init__(self, width: int, out: int, num_heads: int):
+        if width % num_heads:
+            raise MlcVisionError(f"attention pooling: width {width} is not divisible by attn_pool_num_heads {num_heads}")
+        self.norm1_q = nn.LayerNorm(width, eps=POOL_NORM_EPS)
+        self.norm1_k = nn.LayerNorm(width, eps=POOL_NORM_EPS)
+        self.norm1_v = nn.LayerNorm(width, eps=POOL_NORM_EPS)
+        self.cross_attn = PoolingCrossAttention(width, out, num_heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = op.sum(x, axis=1, keepdims=True) / float(x.shape[1])
+        return self.cross_attn(self.norm1_q(mean), self.norm1_k(x), self.norm1_v(x))
+
+
+def l2_normalized(x: Tensor) -> Tensor:
+    """``x / ||x||`` over the last axis (computed in float32)."""
+    x32 = x.astype("float32") if x.dtype != "float32" else x
+    out = x32 / op.sqrt(op.sum(x32 * x32, axis=-1, keepdims=True))
+    return out.astype(x.dtype) if x.dtype != "float32" else out
+
+
 # ---- the whole encoder ----------------------------------------------------------------
 
 
@@ -273,6 +325,17 @@ class VisionModel(intern_vit.VisionModel):
         q = _query_config(config)
         self.qllama = QLlama(q, config.hidden_size)
         self.query_tokens = nn.Parameter((1, q.num_query_tokens, q.hidden_size))
+        pooled = config.feature == "pooled"
+        if pooled and not config.projection_dim:
+            raise MlcVisionError(
+                "feature 'pooled' is InternVL-C/G's image embedding: this checkpoint has no clip_projector heads"
+            )
+        heads = config.projection_dim and (full or pooled)
+        self.clip_projector = AttentionPool(config.hidden_size, config.projection_dim, q.attn_pool_num_heads) if heads else None
+        with_queries = heads and (full or q.pooled_head == "internvl_g")
+        self.clip_projector2 = (
+            AttentionPool(q.hidden_size, config.projection_dim, q.attn_pool_num_heads) if with_queries else None
+        )
 
     def _queries(self, batch) -> Tensor:
         _, n, d = self.query_tokens.shape
@@ -286,11 +349,23 @@ class VisionModel(intern_vit.VisionModel):
         tower = self.tower_states(pixel_values)
         return tower + self.qllama.hidden_states(self._queries(pixel_values.shape[0]), tower[-1])
 
+    def _query_outputs(self, tower: list[Tensor], batch) -> Tensor:
+        return self.qllama.hidden_states(self._queries(batch), tower[-1])[-1]
+
+    def image_embedding(self, tower: list[Tensor], batch) -> Tensor:
+        """InternVL-C: ``clip_projector(last state)``; InternVL-G: that and ``clip_projector2(queries)``, normalized, summed."""
+        backbone = self.clip_projector(tower[-1])
+        if self.config.qllama.pooled_head == "internvl_c":
+            return backbone
+        queries = self.clip_projector2(self._query_outputs(tower, batch))
+        return l2_normalized(backbone) + l2_normalized(queries)
+
     def forward(self, pixel_values: Tensor):
-        tower = self.tower_states(pixel_values)
-        features = layers.features(tower, self.config, self.pooled)
-        query_outputs = self.qllama.hidden_states(self._queries(pixel_values.shape[0]), tower[-1])[-1]
-        return features, query_outputs
+        """``(features, query_outputs)``; ``feature="pooled"``: the InternVL-C/G image embedding ``[b, 1, dim]``."""
+        tower, batch = self.tower_states(pixel_values), pixel_values.shape[0]
+        if self.config.feature == "pooled":
+            return self.image_embedding(tower, batch)
+        return layers.features(tower, self.config, self.pooled), self._query_outputs(tower, batch)
 
 
 # ---- weights ---------------------------------------------------------------------------
@@ -306,13 +381,17 @@ WEIGHTS = WeightMap(
         ("model.vision_tower.vision_tower.vision_model.", ""),
         ("model.vision_tower.vision_tower.qllama.model.", "qllama."),
         ("model.vision_tower.vision_tower.query_tokens", "query_tokens"),
+        ("clip_projector.", "clip_projector."),  # the InternVL-C/G image heads (feature "pooled")
+        ("clip_projector2.", "clip_projector2."),
+        ("model.vision_tower.vision_tower.clip_projector.", "clip_projector."),
+        ("model.vision_tower.vision_tower.clip_projector2.", "clip_projector2."),
     ),
     ignore=(
         rf"^({LLAVA_TOWER})?qllama\.lm_head\.",  # the language-model head: never read
         rf"^({LLAVA_TOWER})?qllama\.model\.embed_tokens\.",  # the text side's token embedding
         r"\.rotary_emb\.inv_freq$",  # a buffer older checkpoints saved; recomputed from the head width
-        # InternVL-C/G heads and the ITM head: not compiled (docs/families.md, InternVL-14B)
-        rf"^({LLAVA_TOWER})?(clip_projector|clip_projector2|itm_head)\.",
+        # the text side of InternVL-C/G (not compiled: docs/internvl14b.md) and the ITM head
+        rf"^({LLAVA_TOWER})?itm_head\.",
         rf"^({LLAVA_TOWER})?(text_projection|logit_scale)$",
         *LLAVA_NON_VISION_KEYS,
     ),
@@ -329,5 +408,7 @@ FAMILY = register(
         module=VisionModel,
         weights=WEIGHTS,
         claims=claims,
+        # InternVL-14B's hub checkpoint has the InternVL-C/G heads; InternVL's LLaVA copy of it has none
+        optional_parts={"projection_dim": OptionalPart(r"^clip_projector\.")},
     )
 )
