@@ -441,6 +441,23 @@ def test_fp16_against_the_fp32_reference(tiny):
     assert_close(queries, qllama[-1], "query_outputs", "float16")
 
 
+def test_bf16_cpu_library_returns_both_outputs(tiny):
+    """A bf16 CPU library (bf16 matmuls, the rest fp32) through VisionEncoder: both outputs cast at the interface."""
+    from mlc_vision.compiler.export import build_library
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.runtime.encoder import VisionEncoder
+
+    model, ckpt, _, config, work = tiny
+    built = build_module(config, "bfloat16", "cpu")
+    lib = build_library(built.mod, "cpu", work / "internvl14b-bf16.so", metadata=built.metadata)
+    x = pixels(2, TOWER["image_size"], seed=10)
+    tower, qllama = reference_outputs(model, x)
+    out = VisionEncoder(lib, convert(ckpt, work / "params-bf16", dtype="bfloat16"))(x)
+    assert out.features.dtype.name == out.query_outputs.dtype.name == "bfloat16"
+    assert_close(out.features.astype(np.float32), tower[-1][:, 1:], "features", "bfloat16")
+    assert_close(out.query_outputs.astype(np.float32), qllama[-1], "query_outputs", "bfloat16")
+
+
 def test_select_layer_moves_the_features_not_the_queries(tiny):
     """``select_layer -2`` returns an earlier tower state; the queries still read the last one."""
     model, ckpt, params, _, work = tiny
