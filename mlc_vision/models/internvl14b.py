@@ -20,10 +20,14 @@ internvl``), and what InternVL's LLaVA ``CLIPVisionTower`` returns for it:
   6B's); then ``x + down(silu(gate(y)) * up(y))`` with ``y =
   post_attention_layernorm(x)``. A final RMSNorm gives ``query_outputs``.
   Every norm is an RMSNorm with ``rms_norm_eps``; no projection has a bias.
+- ``feature="pooled"``: the contrastive image embedding instead (one output,
+  ``[batch, 1, clip_embed_dim]``): InternVL-C's ``clip_projector`` (attention
+  pooling: the token mean attends to the tower's last hidden state) or
+  InternVL-G's sum of that and ``clip_projector2`` over the query outputs,
+  each L2-normalized (``qllama.pooled_head``).
 - Never read: the language-model head (``qllama.lm_head``), the token
-  embedding (the text side's), ITM head. The InternVL-C/G contrastive heads
-  (``clip_projector``, ``clip_projector2``, ``text_projection``,
-  ``logit_scale``) are not compiled: they are listed as ignored.
+  embedding, ``text_projection`` and ``logit_scale`` (the text side of
+  InternVL-C/G, not compiled), the ITM head.
 
 ``hidden_states`` (exposed for parity) are the tower's ``num_hidden_layers +
 1`` states followed by QLLaMA's ``num_hidden_layers + 1``: the input of each
