@@ -77,7 +77,7 @@ class _CpuKernels:
         if key not in self.kernels:
             func = segment_attention_primfunc(heads, head_dim, 1.0 / math.sqrt(head_dim))
             self.kernels[key] = builder.add_func(func, f"segment_attention_h{heads}_d{head_dim}")
-        q32, k32, v32 = (builder.emit(_cast(x, F32)) for x in (q, k, v))
+        q32, k32, v32 = (x if x.ty.dtype == F32 else builder.emit(_cast(x, F32)) for x in (q, k, v))
         out_ty = relax.TensorType(q.ty.shape, F32)
         out = builder.emit(relax.call_tir(self.kernels[key], [q32, k32, v32, segments], out_ty))
         return _cast(out, q.ty.dtype)
@@ -91,7 +91,8 @@ def masked_segment_attention(builder, q, k, v, segments):
     qh = builder.emit(op.permute_dims(q, [1, 0, 2]))
     kt = builder.emit(op.permute_dims(k, [1, 2, 0]))
     vh = builder.emit(op.permute_dims(v, [1, 0, 2]))
-    scores = builder.emit(_cast(op.matmul(qh, kt), F32))
+    scores = builder.emit(op.matmul(qh, kt))
+    scores = builder.emit(_cast(scores, F32)) if scores.ty.dtype != F32 else scores
     same = builder.emit(op.equal(op.expand_dims(segments, 1), op.expand_dims(segments, 0)))
     masked = relax.const(np.full((1,), MASKED, dtype=np.float32))
     mask = builder.emit(op.expand_dims(op.where(same, relax.const(np.zeros((1,), np.float32)), masked), 0))
