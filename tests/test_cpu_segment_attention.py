@@ -18,7 +18,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from mlc_vision.compiler.kernels import cpu_bf16_gemm, cpu_segment_attention
+from mlc_vision.compiler.kernels import cpu_segment_attention
+from mlc_vision.compiler.kernels.c_objects import c_compiler
 from mlc_vision.models.qwen2_vl import SEGMENT_ATTENTION
 
 #: (segment lengths, heads, head_dim)
@@ -59,7 +60,7 @@ def inputs(rng, lengths, heads, head_dim, dtype=np.float32):
 def kernel(tmp_path_factory):
     obj = cpu_segment_attention.compile_object(tmp_path_factory.mktemp("segment-attention-obj"))
     so = obj.with_suffix(".so")
-    subprocess.run([cpu_bf16_gemm._compiler(), "-shared", str(obj), "-o", str(so)], check=True)
+    subprocess.run([c_compiler(), "-shared", str(obj), "-o", str(so)], check=True)
     lib = ctypes.CDLL(str(so))
     lib.mlcv_segment_attention_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [
         ctypes.c_float
@@ -211,3 +212,17 @@ def test_masked_lowering_in_a_library(tmp_path):
     q, k, v, _ = inputs(rng, [20], 2, 16)
     segments = rng.integers(0, 3, size=20).astype(np.int32)  # interleaved
     np.testing.assert_allclose(call(vm, q, k, v, segments), reference(q, k, v, segments), rtol=1e-5, atol=2e-5)
+
+
+def test_runtime_ids_are_runs_in_window_order():
+    """What the kernel relies on: the runtime's ids, in the order the blocks see the patches, never decrease
+    (several images, partial windows)."""
+    from mlc_vision.runtime.native import NativeGeometry, attention_inputs
+
+    geometry = NativeGeometry(patch_size=14, temporal_patch_size=2, merge_size=2, window_size=112)
+    grids = [(1, 20, 12), (1, 4, 4), (1, 18, 34)]
+    ids = attention_inputs(grids, geometry)
+    in_window_order = {k: ids[k].reshape(-1, 4)[ids["window_index"]].ravel() for k in ("image_ids", "window_ids")}
+    for name, order in in_window_order.items():
+        assert (np.diff(order) >= 0).all(), name
+    assert (np.diff(ids["image_ids"]) >= 0).all()  # Qwen2 (no windows): processor order

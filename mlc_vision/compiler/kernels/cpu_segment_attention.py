@@ -12,13 +12,9 @@ nothing besides TVM's runtime at load time.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
 from pathlib import Path
 
-from ...errors import MlcVisionError
-from .cpu_bf16_gemm import _compiler
+from .c_objects import compile_c
 
 SOURCE = Path(__file__).with_suffix(".c")
 ENTRY = "mlcv_segment_attention"
@@ -61,15 +57,4 @@ def segment_attention_primfunc(heads: int, head_dim: int, scale: float):
 
 def compile_object(workdir: Path) -> Path:
     """Compile ``cpu_segment_attention.c`` to a position-independent object in ``workdir`` (reused when unchanged)."""
-    cc = _compiler()
-    flags = ["-O3", "-fPIC", "-std=gnu11", "-c"]
-    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:12]
-    obj = Path(workdir) / f"cpu_segment_attention-{digest}.o"
-    if not obj.exists():
-        tmp = obj.with_name(obj.name + f".{os.getpid()}.tmp")
-        result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-        if result.returncode != 0:
-            first = (result.stderr.strip().splitlines() or ["no output"])[0]
-            raise MlcVisionError(f"compiling the segmented attention CPU kernel with {cc} failed: {first}")
-        os.replace(tmp, obj)
-    return obj
+    return compile_c(SOURCE, workdir, "the segmented attention CPU kernel")
