@@ -28,6 +28,9 @@ ENTRIES = {
     (True, True): "mlcv_bf16_linear_residual",
     (False, True): "mlcv_bf16_linear_residual",
 }
+#: Activations the kernel applies before a bf16 store (``mlcv_bf16_linear_act``), by the numbers of
+#: ``cpu_bf16_gemm.c``'s ``ACT_*``; the keys are the names bf16_cpu.py matches.
+ACTIVATIONS = {"quick_gelu": 1, "gelu": 2, "gelu_tanh": 3}
 #: What ``mlcv_bf16_best_path()`` returns, by number (``cpu_bf16_gemm.c``'s ``PATH_*``).
 PATHS = {0: "generic", 1: "avx512_bf16", 2: "amx_bf16"}
 
