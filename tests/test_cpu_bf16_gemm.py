@@ -165,8 +165,10 @@ def test_bf16_library_matches_fp32_library(clip_checkpoint, tmp_path):
     assert_close(out["bfloat16"], out["float32"], "bf16 library vs the fp32 library", "bfloat16")
 
 
-def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
-    """Every linear layer of a bf16 CPU library becomes the C kernel; none stays an fp32 matmul."""
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
+def test_bf16_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
+    """Every linear layer of a bf16 CPU library becomes the C kernel; none stays an fp32 matmul; fc1
+    applies the MLP's activation in its epilogue (no activation kernel is left)."""
     import tvm
 
     from mlc_vision.bench import kernel_calls
@@ -174,7 +176,9 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
     from mlc_vision.compiler.pipeline import relax_pipeline
     from mlc_vision.checkpoint.resolve import resolve_config
 
-    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    config = dataclasses.replace(
+        resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch", hidden_act=hidden_act
+    )
     built = build_module(config, "bfloat16", "cpu")
     target = tvm.target.Target.from_device("cpu")
     calls = kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"])(built.mod))
@@ -183,3 +187,6 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
     assert not [c for c in calls if "matmul" in c]
     # out-projection and fc2 add the residual stream in the kernel: no separate add kernel
     assert len([c for c in linear if c.endswith("_residual")]) == 2 * TINY["num_hidden_layers"]
+    epilogue = {"quick_gelu": "_quick_gelu", "gelu": "_gelu", "gelu_pytorch_tanh": "_gelu_tanh"}[hidden_act]
+    assert len([c for c in linear if c.endswith(epilogue)]) == TINY["num_hidden_layers"]
+    assert not [c for c in calls if "gelu" in c and not c.startswith("bf16_linear") or "sigmoid" in c]
