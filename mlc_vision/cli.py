@@ -373,13 +373,20 @@ def targets_cmd():
 @click.option("--no-torch-compile", is_flag=True, help="Skip torch.compile.")
 @click.option("--no-peers", is_flag=True, help="Skip ONNX Runtime and OpenVINO (the bench extra).")
 @click.option("--bf16/--no-bf16", default=None, help="Time our bf16 library too (default: when this CPU has AVX512-BF16 or AMX).")
-def bench_cmd(models, target, batch, runs, output, no_torch_compile, no_peers, bf16):
+@click.option("--native-size", "native_sizes", multiple=True,
+              help="HEIGHTxWIDTH image for native-resolution presets (repeatable; default 448x448 and 1008x672).")
+@click.option("--tiles", type=click.IntRange(min=1), default=None,
+              help="Presets with InternVL tiles: time encode_tiles on one image cut into this many tiles "
+                   "(plus the thumbnail) instead of batches.")  # fmt: skip
+def bench_cmd(models, target, batch, runs, output, no_torch_compile, no_peers, bf16, native_sizes, tiles):
     """Time our library against the torch reference in the same process (random weights)."""
-    from .bench import run_benchmark
+    from .bench import parse_image_size, run_benchmark
 
     batches = [int(b) for b in batch.split(",") if b]
+    sizes = [parse_image_size(s) for s in native_sizes] or None
     run_benchmark(
-        list(models) or None, target, batches, runs, output, torch_compile=not no_torch_compile, peers=not no_peers, bf16=bf16
+        list(models) or None, target, batches, runs, output, torch_compile=not no_torch_compile, peers=not no_peers,
+        bf16=bf16, native_sizes=sizes, tiles=tiles,
     )
 
 
