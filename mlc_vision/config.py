@@ -26,7 +26,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 # The canonical option values (the CLI's choices are built from these).
 DTYPES = ("float32", "float16", "bfloat16")
 FEATURES = ("patch", "cls_patch", "pooled")  # pooled: the [b, 1, width] pooled/projected embedding
-PROJECTORS = ("linear", "mlp2x_gelu", "mlp1")  # see models/projector.py
+PROJECTORS = ("linear", "mlp2x_gelu", "mlp1", "two_mlp")  # see models/projector.py
 # Resampling filters, by the Pillow codes that ``preprocessor_config.json`` stores.
 HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 RESAMPLE_FILTERS = tuple(HF_RESAMPLE.values())
@@ -359,6 +359,8 @@ class TokenLayout:
     grid: tuple[int, int]
     feature: str
     merge: int = 1
+    # InternVL's LLaVA two_mlp projector puts InternVL-14B's query tokens before the patches
+    queries: int = 0
 
     @classmethod
     def of(cls, config: "VisionConfig") -> "TokenLayout":
@@ -369,6 +371,7 @@ class TokenLayout:
             grid=(side, side),
             feature=config.feature,
             merge=merge_factor(config.downsample_ratio) if config.projector == "mlp1" else 1,
+            queries=config.qllama.num_query_tokens if config.projector == "two_mlp" and config.qllama else 0,
         )
 
     @property
@@ -404,11 +407,11 @@ class TokenLayout:
 
     @property
     def output(self) -> int:
-        """Tokens per image that ``encode`` returns."""
+        """Tokens per image that ``encode`` returns (the query tokens first, when a projector joins them)."""
         if self.merge == 1:
-            return self.selected
+            return self.queries + self.selected
         rows, cols = self.output_grid
-        return rows * cols
+        return self.queries + rows * cols
 
     def to_dict(self) -> dict:
         """The ``tokens`` entry of a library's metadata (what a runtime reads instead of computing it)."""
@@ -422,6 +425,7 @@ class TokenLayout:
             "dropped_prefix": self.dropped_prefix,
             "merge": self.merge,
             "output_grid": list(self.output_grid),
+            "queries": self.queries,
             "output": self.output,
         }
 

@@ -339,9 +339,10 @@ PREPROCESSOR = {
 LLAVA_LACKS = ("text_projection", "logit_scale", "clip_projector", "itm_head")
 
 
-def save_hub_checkpoint(model: RefInternVL14B, path: Path, config: dict, prefix: str = "", drop=()) -> Path:
+def save_hub_checkpoint(model: RefInternVL14B, path: Path, config: dict, prefix: str = "", drop=(), extra=None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {prefix + k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(drop)}
+    tensors.update(extra or {})
     save_file(tensors, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config))
     if "vision_config" in config:  # the hub checkpoint's CLIPImageProcessor at the tower's size
@@ -523,36 +524,62 @@ def test_a_missing_query_tensor_is_an_error_that_names_it(tiny, tmp_path):
         convert(ckpt, tmp_path / "params")
 
 
-def test_a_projector_is_refused_in_one_line(tiny):
-    with pytest.raises(MlcVisionError, match="two outputs"):
-        from mlc_vision.compiler.module import build_module
+def test_a_single_output_projector_is_refused_in_one_line(tiny):
+    from mlc_vision.compiler.module import build_module
 
+    with pytest.raises(MlcVisionError, match="two_mlp"):
         build_module(resolve_config(str(tiny[1]), projector="linear", projector_hidden_size=32), "float32", "cpu")
 
 
 # ---- InternVL's LLaVA: the tower named in mm_vision_tower, run at 336 px ------------------------------
 
 
+LLM_WIDTH = 32
+
+
+class RefTwoMlp(nn.Module):
+    """InternVL's LLaVA ``TwoMLP`` (``mm_projector``): an MLP per output, the query tokens first."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp1 = nn.Sequential(nn.Linear(TOWER["hidden_size"], LLM_WIDTH), nn.GELU(), nn.Linear(LLM_WIDTH, LLM_WIDTH))
+        self.mlp2 = nn.Sequential(nn.Linear(QLLAMA["hidden_size"], LLM_WIDTH), nn.GELU(), nn.Linear(LLM_WIDTH, LLM_WIDTH))
+
+    @torch.no_grad()
+    def forward(self, images, queries):
+        return torch.cat([self.mlp2(queries), self.mlp1(images)], dim=1)
+
+
 def test_llava_checkpoint_naming_internvl_14b_runs_it_at_336(tiny, tmp_path):
+    """The whole LLaVA checkpoint: the tower at 336 px with its two outputs, and with the two_mlp projector."""
     model = tiny[0]
     llava = tmp_path / "llava"
     tower_dir = llava / "pretrained" / "internvl_14b_224px"
+    projector = randomize_all(RefTwoMlp(), seed=11)
+    tensors = {f"model.mm_projector.{k}": v.contiguous() for k, v in projector.state_dict().items()}
+    tensors["model.embed_tokens.weight"] = torch.randn(10, LLM_WIDTH)  # the LLM: never read
     save_hub_checkpoint(model, llava, {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": 32,
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": LLM_WIDTH,
         "mm_vision_tower": "./pretrained/internvl_14b_224px", "mm_vision_select_layer": -1,
-        "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
-    }, prefix="model.vision_tower.vision_tower.", drop=LLAVA_LACKS)  # fmt: skip
+        "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad", "mm_projector_type": "two_mlp",
+        "mm_hidden_size": QLLAMA["hidden_size"],
+    }, prefix="model.vision_tower.vision_tower.", drop=LLAVA_LACKS, extra=tensors)  # fmt: skip
     tower_dir.mkdir(parents=True)
     (tower_dir / "config.json").write_text(json.dumps(hub_config()))
     config = resolve_config(str(llava))
     assert (config.family, config.image_size, config.preprocess.crop_size) == ("internvl_14b", 336, 336)
     assert config.preprocess.pad_to_square and config.tiling is None
     assert config.projection_dim is None  # no InternVL-C/G heads in this copy of the model
+    assert (config.projector, config.tokens.output) == ("two_mlp", NUM_QUERIES + 24 * 24)
     params = convert(llava, tmp_path / "params")
-    lib = Library(config, params, "float32", tmp_path)
     x = pixels(1, 336, seed=5)
     tower, qllama = reference_outputs(model, x)  # the reference interpolates its position grid at the call
-    features, queries = lib("encode", x)
+
+    (joined,) = Library(config, params, "float32", tmp_path / "projected")("encode", x)
+    expected = projector(torch.from_numpy(tower[-1][:, 1:]), torch.from_numpy(qllama[-1])).numpy()
+    assert_close(joined, expected, "LLaVA InternVL-14B + two_mlp at 336 px")
+
+    features, queries = Library(resolve_config(str(llava), projector="none"), params, "float32", tmp_path)("encode", x)
     assert_close(features, tower[-1][:, 1:], "LLaVA InternVL-14B features at 336 px")
     assert_close(queries, qllama[-1], "LLaVA InternVL-14B query_outputs at 336 px")
 

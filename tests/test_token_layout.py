@@ -39,7 +39,7 @@ def test_layout_dict_and_positions():
     config = tiny(register_tokens=2, projector="mlp1", projector_hidden_size=8)
     assert config.tokens.to_dict() == {
         "prefix": 3, "class": 1, "registers": 2, "grid": [4, 4], "sequence": 19, "selected": 16,
-        "dropped_prefix": 3, "merge": 2, "output_grid": [2, 2], "output": 4,
+        "dropped_prefix": 3, "merge": 2, "output_grid": [2, 2], "queries": 0, "output": 4,
     }
     assert config.num_positions == 17  # registers have no position embedding
 

@@ -68,6 +68,6 @@ def _transformers_llava(full: dict) -> ProjectorSpec:
 
 def _original_llava(full: dict) -> ProjectorSpec:
     kind = full.get("mm_projector_type", "linear")  # LLaVA's builder defaults to linear
-    if kind not in ("linear", "mlp2x_gelu"):
-        raise MlcVisionError(f"LLaVA mm_projector_type {kind!r} is not supported; known: linear, mlp2x_gelu")
+    if kind not in ("linear", "mlp2x_gelu", "two_mlp"):  # two_mlp: InternVL's LLaVA with InternVL-14B
+        raise MlcVisionError(f"LLaVA mm_projector_type {kind!r} is not supported; known: linear, mlp2x_gelu, two_mlp")
     return ProjectorSpec(kind, int(full["hidden_size"]))

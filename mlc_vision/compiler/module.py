@@ -75,6 +75,9 @@ def projector_metadata(config: VisionConfig) -> dict | None:
     }
     if config.projector == "mlp1":
         meta["downsample_ratio"] = config.downsample_ratio
+    if config.projector == "two_mlp":
+        meta.update(query_tokens=config.qllama.num_query_tokens, query_width=config.qllama.hidden_size,
+                    order="the projected query outputs, then the projected patch features")
     return meta
 
 
@@ -90,7 +93,9 @@ class _Exported(nn.Module):
     def encode(self, pixel_values: nn.Tensor):
         """The features (projected when a projector is compiled in), or the model's tuple of outputs."""
         outputs = self.model(pixel_values)
-        return self.projector(outputs) if self.projector is not None else outputs
+        if self.projector is None:
+            return outputs
+        return self.projector(*outputs) if isinstance(outputs, tuple) else self.projector(outputs)
 
     def encode_rgb8(self, pixels: nn.Tensor) -> nn.Tensor:
         return self.encode(normalize_rgb8(pixels, self.preprocess, self.dtype))
@@ -244,7 +249,8 @@ def encode_outputs(config: VisionConfig, dtype: str) -> list[dict]:
     (docs/internals.md, "Calling convention").
     """
     outputs = [{"name": "features", "shape": [BATCH, config.tokens.output, output_width(config)], "dtype": dtype}]
-    if config.qllama is not None and config.feature != "pooled":  # pooled: InternVL-C/G's one image embedding
+    # pooled: InternVL-C/G's one image embedding; two_mlp joins both outputs into one
+    if config.qllama is not None and config.feature != "pooled" and config.projector is None:
         q = config.qllama
         outputs.append({"name": "query_outputs", "shape": [BATCH, q.num_query_tokens, q.hidden_size], "dtype": dtype})
     return outputs

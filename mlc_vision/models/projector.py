@@ -10,6 +10,9 @@ projector is compiled into the same library, after feature selection:
   2x2 block of patch tokens into one token of 4x the width (1024 tokens ->
   256 for 448/14), then ``LayerNorm(4c)``, ``Linear(4c, llm)``, GELU,
   ``Linear(llm, llm)``.
+- ``two_mlp``: InternVL's LLaVA fork with InternVL-14B (``TwoMLP``): the
+  ``mlp2x_gelu`` shape twice, ``mlp1`` on the InternViT features and
+  ``mlp2`` on the query outputs, joined queries first (96 + 576 tokens at 336 px).
 
 Parameters live under ``projector.`` in the params dir and in the library's
 parameter list; :data:`PROJECTOR_WEIGHTS` maps each kind's checkpoint keys
@@ -49,10 +52,11 @@ def check(config: VisionConfig) -> None:
         )
     if config.feature == "pooled":
         raise MlcVisionError("a projector maps token features; it cannot follow feature 'pooled'")
-    if config.qllama is not None:
+    if (config.qllama is not None) != (config.projector == "two_mlp"):
         raise MlcVisionError(
-            "InternVL-14B's encode has two outputs (features and query outputs); its LLaVA projector "
-            "(two_mlp, one MLP for each) is not built: compile without a projector"
+            "InternVL-14B's two outputs (features and query outputs) take InternVL's LLaVA projector two_mlp "
+            "(one MLP each, queries first), and two_mlp takes only InternVL-14B's; got projector "
+            f"{config.projector!r} for family {config.family!r}"
         )
     if config.projector == "mlp1":
         _check_shuffle(config)
@@ -106,18 +110,35 @@ class Projector(nn.Module):
         if self.kind == "linear":
             self.linear = nn.Linear(width_in, width_out)
             return
+        if self.kind == "two_mlp":
+            self.images = GeluMlp(width_in, width_out)
+            self.queries = GeluMlp(config.qllama.hidden_size, width_out)
+            return
         if self.kind == "mlp1":
             self.norm = nn.LayerNorm(width_in, eps=LAYER_NORM_EPS)
         self.linear_1 = nn.Linear(width_in, width_out)
         self.linear_2 = nn.Linear(width_out, width_out)
 
-    def forward(self, features: Tensor) -> Tensor:
-        """``[b, tokens, vision width] -> [b, tokens', llm width]``."""
+    def forward(self, features: Tensor, query_outputs: Tensor | None = None) -> Tensor:
+        """``[b, tokens, vision width] -> [b, tokens', llm width]`` (two_mlp: the query outputs' tokens first)."""
         if self.kind == "linear":
             return self.linear(features)
+        if self.kind == "two_mlp":
+            return op.concat([self.queries(query_outputs), self.images(features)], dim=1)
         x = features
         if self.kind == "mlp1":
             x = self.norm(pixel_shuffle(x, self.grid, self.factor))
+        return self.linear_2(layers.gelu_erf(self.linear_1(x)))
+
+
+class GeluMlp(nn.Module):
+    """``linear_2(gelu(linear_1(x)))`` (erf GELU): one branch of two_mlp."""
+
+    def __init__(self, width_in: int, width_out: int):
+        self.linear_1 = nn.Linear(width_in, width_out)
+        self.linear_2 = nn.Linear(width_out, width_out)
+
+    def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(layers.gelu_erf(self.linear_1(x)))
 
 
@@ -150,6 +171,14 @@ PROJECTOR_WEIGHTS = {
             ("mm_projector.2.", f"{PREFIX}.linear_2."),
             ("model.multi_modal_projector.", f"{PREFIX}."),  # transformers Llava (in memory, v4.52+)
             ("multi_modal_projector.", f"{PREFIX}."),  # transformers Llava (as saved)
+        ),
+    ),
+    "two_mlp": WeightMap(
+        prefixes=(  # InternVL's LLaVA TwoMLP: mlp1 on the InternViT features, mlp2 on InternVL-14B's queries
+            ("model.mm_projector.mlp1.0.", f"{PREFIX}.images.linear_1."),
+            ("model.mm_projector.mlp1.2.", f"{PREFIX}.images.linear_2."),
+            ("model.mm_projector.mlp2.0.", f"{PREFIX}.queries.linear_1."),
+            ("model.mm_projector.mlp2.2.", f"{PREFIX}.queries.linear_2."),
         ),
     ),
     "mlp1": WeightMap(
