@@ -207,7 +207,8 @@ def save_atomically(path: Path, array) -> None:
 @click.option("--min-tiles", type=int, default=None, help="InternVL tiles: fewest tiles per image (default: the library's).")
 @click.option("--thumbnail/--no-thumbnail", default=None,
               help="InternVL tiles: add the whole image as one more tile when the grid has several (default: the library's).")
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Features .npy to write.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="Features .npy to write (a library with more outputs writes each beside it: OUT.query_outputs.npy).")
 @click.option("--verify", is_flag=True, help="Check the params shards' checksums before running (sizes are always checked).")
 def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thumbnail, output, verify):
     """Turn images (or preprocessed pixels) into features.
@@ -238,11 +239,25 @@ def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thu
         features = np.concatenate([r.features if r.packed is None else r.packed for r in results], axis=0)
     else:
         features = encoder(load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images])
+    outputs = features if isinstance(features, tuple) else (features,)
+    for name, array in zip(encoder.output_names, outputs):
+        save_output(output_path(output, name, first=name == encoder.output_names[0]), array)
+
+
+def output_path(output: Path, name: str, first: bool) -> Path:
+    """Where ``run`` writes one output: ``--output`` for the features, ``<stem>.<name>.npy`` beside it for others."""
+    if first:
+        return output
+    stem = output.name[: -len(".npy")] if output.name.endswith(".npy") else output.name
+    return output.with_name(f"{stem}.{name}.npy")
+
+
+def save_output(path: Path, array) -> None:
     note = ""
-    if features.dtype.name == "bfloat16":  # .npy has no bf16: numpy would read the file back as raw bytes
-        features, note = features.astype("float32"), " (bfloat16 library, widened exactly)"
-    save_atomically(output, features)
-    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}{note}")
+    if array.dtype.name == "bfloat16":  # .npy has no bf16: numpy would read the file back as raw bytes
+        array, note = array.astype("float32"), " (bfloat16 library, widened exactly)"
+    save_atomically(path, array)
+    click.echo(f"wrote {path}: {array.dtype} {list(array.shape)}{note}")
 
 
 def _run_native(encoder, images, pixel_values):
