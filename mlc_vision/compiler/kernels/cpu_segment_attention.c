@@ -19,12 +19,19 @@
  * the unit's buffers. Scores are kept in base 2: q is scaled by
  * scale * log2(e) when loaded, so p = 2^(s - max).
  *
- * The tiles use GCC/Clang vector extensions (16 floats), compiled three times
- * (AVX-512, AVX2 + FMA, baseline) with per-function target attributes; the
- * path is picked from the CPU at run time, so the object runs on any x86-64
- * CPU (and on other CPUs with the baseline path). Compiled with the host C
- * compiler at export (cpu_segment_attention.py) and linked into the library.
+ * The register tiles use GCC/Clang vector extensions. Their width must be
+ * the machine's (GCC splits wider vectors into scalar code), so the vector
+ * code below (between the MLCV_VECTOR_CODE guards) is compiled once per
+ * instruction set: this file includes itself with the lane count, target
+ * attribute and tile sizes of each path (C has no templates; the FN macro
+ * gives each copy's functions their own names). AVX-512 (16 lanes), AVX2 + FMA
+ * and baseline (8 lanes); the path is picked from the CPU at run time, so the
+ * object runs on any x86-64 CPU (and on other CPUs with the baseline path).
+ * Compiled with the host C compiler at export (cpu_segment_attention.py) and
+ * linked into the library.
  */
+
+#ifndef MLCV_VECTOR_CODE
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -56,58 +63,15 @@ enum { PATH_GENERIC = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
 enum { OK = 0, OUT_OF_MEMORY = -1, SEGMENTS_NOT_SORTED = -2, BAD_HEAD_DIM = -3 };
 
 #define QB 32          /* queries per unit */
-#define KB 64          /* keys per block: 4 vectors of 16 */
-#define LANES 16
+#define KB 64          /* keys per block */
 #define MAX_HEAD_DIM 128
-#define MAX_VECTORS (MAX_HEAD_DIM / LANES)
 #define LOG2_E 1.44269504088896341f
-#define EXP2_MIN -126.0f /* 2^x below this is treated as 2^-126 (a masked key or an empty start) */
-
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+#define EXP2_MIN -126.0f /* 2^x below this is taken as 2^-126 (a masked key, or the start of a row) */
+#define MASKED_SCORE -1.0e30f
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-/* 64-byte vectors only live inside the workers below (everything is inlined), so no call passes one. */
+/* Vectors only live inside each path's worker (everything is inlined), so no call passes one. */
 #pragma GCC diagnostic ignored "-Wpsabi"
-
-ALWAYS_INLINE v16 splat(float x) { return (v16){0} + x; }
-ALWAYS_INLINE v16 load(const float* p) { return *(const v16*)p; }
-ALWAYS_INLINE void store(float* p, v16 x) { *(v16*)p = x; }
-ALWAYS_INLINE v16 vmax(v16 a, v16 b) {
-  i16 take_a = (i16)(a > b); /* all ones where a > b */
-  return (v16)(((i16)a & take_a) | ((i16)b & ~take_a));
-}
-
-/* 2^x for x <= 0, relative error about 1e-7: x = n + f with n = round(x), f in [-1/2, 1/2], 2^f by the
- * degree-7 Taylor polynomial of e^(f ln 2), 2^n from the exponent bits. Below EXP2_MIN it is 2^-126. */
-ALWAYS_INLINE v16 exp2_neg(v16 x) {
-  x = vmax(x, splat(EXP2_MIN));
-  v16 up = x + 0.5f;
-  i16 n = __builtin_convertvector(up, i16); /* truncates toward zero: n >= up for up <= 0 */
-  n = n + (i16)(__builtin_convertvector(n, v16) > up); /* the comparison is -1 where true: floor(up) */
-  v16 f = x - __builtin_convertvector(n, v16);
-  v16 p = splat(1.5252733804059840e-5f);
-  p = p * f + 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  return p * (v16)((n + 127) << 23);
-}
-
-ALWAYS_INLINE float hmax(v16 x) {
-  float m = x[0];
-  for (int l = 1; l < LANES; ++l) m = x[l] > m ? x[l] : m;
-  return m;
-}
-
-ALWAYS_INLINE float hsum(v16 x) {
-  float s = 0.0f;
-  for (int l = 0; l < LANES; ++l) s += x[l];
-  return s;
-}
 
 /* One unit's state: its queries scaled into base 2, the running max / sum, the output accumulator. */
 typedef struct {
@@ -130,87 +94,7 @@ typedef struct {
   int64_t next_unit;
 } attention_job;
 
-/* s[r, 0:KB] = q[r] . kt for ``rows`` rows at once (4 vectors of keys each), register accumulators. */
-ALWAYS_INLINE void score_rows(unit_buffers* b, int r0, int rows, int64_t d) {
-  v16 acc[4][4];
-  for (int i = 0; i < rows; ++i)
-    for (int t = 0; t < 4; ++t) acc[i][t] = splat(0.0f);
-  for (int64_t c = 0; c < d; ++c) {
-    const float* kc = b->kt + c * KB;
-    v16 k0 = load(kc), k1 = load(kc + 16), k2 = load(kc + 32), k3 = load(kc + 48);
-    for (int i = 0; i < rows; ++i) {
-      v16 qi = splat(b->q[(r0 + i) * MAX_HEAD_DIM + c]);
-      acc[i][0] += qi * k0;
-      acc[i][1] += qi * k1;
-      acc[i][2] += qi * k2;
-      acc[i][3] += qi * k3;
-    }
-  }
-  for (int i = 0; i < rows; ++i)
-    for (int t = 0; t < 4; ++t) store(b->s + (r0 + i) * KB + t * LANES, acc[i][t]);
-}
-
-/* acc[r] += p[r, 0:keys] . vb for ``rows`` rows of ``vectors`` vectors each, register accumulators. */
-ALWAYS_INLINE void context_rows(unit_buffers* b, int r0, int rows, int vectors, int keys) {
-  v16 acc[4][MAX_VECTORS];
-  for (int i = 0; i < rows; ++i)
-    for (int t = 0; t < vectors; ++t) acc[i][t] = load(b->acc + (r0 + i) * MAX_HEAD_DIM + t * LANES);
-  for (int j = 0; j < keys; ++j) {
-    const float* vj = b->vb + j * MAX_HEAD_DIM;
-    for (int i = 0; i < rows; ++i) {
-      v16 p = splat(b->s[(r0 + i) * KB + j]);
-      for (int t = 0; t < vectors; ++t) acc[i][t] += p * load(vj + t * LANES);
-    }
-  }
-  for (int i = 0; i < rows; ++i)
-    for (int t = 0; t < vectors; ++t) store(b->acc + (r0 + i) * MAX_HEAD_DIM + t * LANES, acc[i][t]);
-}
-
-/* Online softmax of score row r over ``keys`` valid keys: p in place (0 past ``keys``), the accumulator
- * of the row rescaled by 2^(old max - new max). */
-ALWAYS_INLINE void softmax_row(unit_buffers* b, int r, int keys, int vectors) {
-  float* s = b->s + r * KB;
-  for (int j = keys; j < KB; ++j) s[j] = -1.0e30f;
-  v16 m = vmax(vmax(load(s), load(s + 16)), vmax(load(s + 32), load(s + 48)));
-  float top = hmax(m);
-  float old = b->max[r];
-  float next = top > old ? top : old;
-  for (int t = 0; t < 4; ++t) store(s + t * LANES, exp2_neg(load(s + t * LANES) - next));
-  for (int j = keys; j < KB; ++j) s[j] = 0.0f;
-  v16 total = load(s) + load(s + 16) + load(s + 32) + load(s + 48);
-  float alpha = exp2_neg(splat(old - next))[0];
-  b->sum[r] = b->sum[r] * alpha + hsum(total);
-  b->max[r] = next;
-  if (alpha != 1.0f)
-    for (int t = 0; t < vectors; ++t) {
-      float* a = b->acc + r * MAX_HEAD_DIM + t * LANES;
-      store(a, load(a) * alpha);
-    }
-}
-
-/* acc += p . vb for the unit's ``nq`` rows: register tiles of up to 4 rows (AVX-512) x ``vectors``
- * vectors; ``vectors`` is a constant in each instantiation (see context_block), so the tile is registers. */
-ALWAYS_INLINE void context_all(unit_buffers* b, int nq, int vectors, int keys, int wide) {
-  int tile = wide ? (24 / vectors < 4 ? 24 / vectors : 4) : 1;
-  int r = 0;
-  for (; r + tile <= nq; r += tile) context_rows(b, r, tile, vectors, keys);
-  for (; r < nq; ++r) context_rows(b, r, 1, vectors, keys);
-}
-
-ALWAYS_INLINE void context_block(unit_buffers* b, int nq, int vectors, int keys, int wide) {
-  switch (vectors) {
-    case 1: context_all(b, nq, 1, keys, wide); break;
-    case 2: context_all(b, nq, 2, keys, wide); break;
-    case 3: context_all(b, nq, 3, keys, wide); break;
-    case 4: context_all(b, nq, 4, keys, wide); break;
-    case 5: context_all(b, nq, 5, keys, wide); break;
-    case 6: context_all(b, nq, 6, keys, wide); break;
-    case 7: context_all(b, nq, 7, keys, wide); break;
-    default: context_all(b, nq, 8, keys, wide); break;
-  }
-}
-
-/* Copy the key block [k0, k0 + keys) of head h: k transposed into kt, v rows into vb (zero padded). */
+/* Copy the key block [k0, k0 + keys) of head h: k transposed into kt (0 past ``keys``), v rows into vb. */
 ALWAYS_INLINE void load_key_block(unit_buffers* b, const attention_job* job, int64_t h, int64_t k0, int keys) {
   int64_t d = job->head_dim, row = job->heads * d;
   for (int j = 0; j < KB; ++j) {
@@ -220,58 +104,42 @@ ALWAYS_INLINE void load_key_block(unit_buffers* b, const attention_job* job, int
   for (int j = 0; j < keys; ++j) memcpy(b->vb + j * MAX_HEAD_DIM, job->v + (k0 + j) * row + h * d, d * sizeof(float));
 }
 
-/* One unit: queries [q0, q1) of head h against the keys [s0, s1) of their segment. */
-ALWAYS_INLINE void run_unit(unit_buffers* b, const attention_job* job, int64_t h, const int64_t* block, int wide) {
-  int64_t q0 = block[0], s0 = block[2], s1 = block[3];
-  int nq = (int)(block[1] - q0);
-  int64_t d = job->head_dim, row = job->heads * d;
-  int vectors = (int)((d + LANES - 1) / LANES);
-  int score_tile = wide ? 4 : 1;
-  float qscale = job->scale * LOG2_E;
-  for (int i = 0; i < nq; ++i) {
-    b->max[i] = -1.0e30f;
-    b->sum[i] = 0.0f;
-    memset(b->acc + i * MAX_HEAD_DIM, 0, (size_t)vectors * LANES * sizeof(float));
-    const float* qi = job->q + (q0 + i) * row + h * d;
-    for (int64_t c = 0; c < d; ++c) b->q[i * MAX_HEAD_DIM + c] = qi[c] * qscale;
-  }
-  for (int64_t k0 = s0; k0 < s1; k0 += KB) {
-    int keys = (int)(s1 - k0 < KB ? s1 - k0 : KB);
-    load_key_block(b, job, h, k0, keys);
-    int r = 0;
-    for (; r + score_tile <= nq; r += score_tile) score_rows(b, r, score_tile, d);
-    for (; r < nq; ++r) score_rows(b, r, 1, d);
-    for (r = 0; r < nq; ++r) softmax_row(b, r, keys, vectors);
-    context_block(b, nq, vectors, keys, wide);
-  }
-  for (int i = 0; i < nq; ++i) {
-    float inv = 1.0f / b->sum[i];
-    float* o = job->out + (q0 + i) * row + h * d;
-    for (int64_t c = 0; c < d; ++c) o[c] = b->acc[i * MAX_HEAD_DIM + c] * inv;
-  }
-}
+#define CONCAT_(a, b) a##_##b
+#define CONCAT(a, b) CONCAT_(a, b)
+#define FN(name) CONCAT(name, PATH_NAME)
+#define MLCV_VECTOR_CODE
 
-/* Take units until none are left; one body per instruction set (the vector code is inlined into each). */
-#define DEFINE_WORKER(NAME, ATTR, WIDE)                                                         \
-  ATTR static int NAME(attention_job* job) {                                                      \
-    unit_buffers* b = NULL;                                                                       \
-    if (posix_memalign((void**)&b, 64, sizeof *b) != 0) return OUT_OF_MEMORY;                     \
-    memset(b, 0, sizeof *b); /* the padding lanes of v rows are read (and never written out) */   \
-    int64_t units = job->num_blocks * job->heads;                                                 \
-    for (;;) {                                                                                    \
-      int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);                      \
-      if (u >= units) break;                                                                      \
-      run_unit(b, job, u % job->heads, job->blocks + 4 * (u / job->heads), WIDE);                 \
-    }                                                                                             \
-    free(b);                                                                                      \
-    return OK;                                                                                    \
-  }
-
-DEFINE_WORKER(worker_generic, , 0)
+/* AVX-512: 16 lanes, 32 registers: score tiles of 4 rows x 4 vectors, context tiles of up to 24 vectors. */
+#define LANES 16
+#define PATH_NAME avx512
+#define PATH_TARGET __attribute__((target("avx512f,avx512dq,fma")))
+#define SCORE_ROWS 4
+#define CONTEXT_ACCUMULATORS 24
 #if MLCV_X86
-DEFINE_WORKER(worker_avx2, __attribute__((target("avx2,fma"))), 0)
-DEFINE_WORKER(worker_avx512, __attribute__((target("avx512f,avx512dq,fma"))), 1)
+#include "cpu_segment_attention.c" /* this file, found beside itself */
 #endif
+#undef LANES
+#undef PATH_NAME
+#undef PATH_TARGET
+#undef SCORE_ROWS
+#undef CONTEXT_ACCUMULATORS
+
+/* AVX2 + FMA: 8 lanes, 16 registers: one score row of 8 vectors, context tiles of up to 12 vectors. */
+#define LANES 8
+#define PATH_NAME avx2
+#define PATH_TARGET __attribute__((target("avx2,fma")))
+#define SCORE_ROWS 1
+#define CONTEXT_ACCUMULATORS 12
+#if MLCV_X86
+#include "cpu_segment_attention.c" /* this file, found beside itself */
+#endif
+#undef PATH_NAME
+#undef PATH_TARGET
+
+/* Baseline: the AVX2 tiles in whatever vectors the compiler's default target has. */
+#define PATH_NAME generic
+#define PATH_TARGET
+#include "cpu_segment_attention.c" /* this file, found beside itself */
 
 static int path_supported(int path) {
 #if MLCV_X86
@@ -337,7 +205,8 @@ int mlcv_segment_attention_best_path(void) {
   return PATH_GENERIC;
 }
 
-/* The attention with an explicit path (tests run every supported one). Returns 0 or a negative code. */
+/* The attention with an explicit path (tests run every supported one; an unsupported one runs the
+ * baseline). Returns 0 or a negative code. */
 int mlcv_segment_attention_path(int path, const float* q, const float* k, const float* v, const int32_t* seg,
                                 float* out, int64_t n, int64_t heads, int64_t head_dim, float scale) {
   if (head_dim < 1 || head_dim > MAX_HEAD_DIM) return BAD_HEAD_DIM;
@@ -359,3 +228,192 @@ int mlcv_segment_attention(const float* q, const float* k, const float* v, const
                            int64_t heads, int64_t head_dim, float scale) {
   return mlcv_segment_attention_path(mlcv_segment_attention_best_path(), q, k, v, seg, out, n, heads, head_dim, scale);
 }
+
+#else /* MLCV_VECTOR_CODE: one path's vector code (LANES, PATH_NAME, PATH_TARGET, SCORE_ROWS, CONTEXT_ACCUMULATORS) */
+
+#define VEC FN(vec)
+#define IVEC FN(ivec)
+#define KEY_VECTORS (KB / LANES)
+#define MAX_VECTORS (MAX_HEAD_DIM / LANES)
+typedef float VEC __attribute__((vector_size(4 * LANES), aligned(4)));
+typedef int32_t IVEC __attribute__((vector_size(4 * LANES), aligned(4)));
+
+ALWAYS_INLINE VEC FN(splat)(float x) { return (VEC){0} + x; }
+ALWAYS_INLINE VEC FN(load)(const float* p) { return *(const VEC*)p; }
+ALWAYS_INLINE void FN(store)(float* p, VEC x) { *(VEC*)p = x; }
+ALWAYS_INLINE VEC FN(vmax)(VEC a, VEC b) {
+  IVEC take_a = (IVEC)(a > b); /* all ones where a > b */
+  return (VEC)(((IVEC)a & take_a) | ((IVEC)b & ~take_a));
+}
+
+/* 2^x for x <= 0, relative error about 1e-7: x = n + f with n = round(x), f in [-1/2, 1/2], 2^f by the
+ * degree-7 Taylor polynomial of e^(f ln 2), 2^n from the exponent bits. Below EXP2_MIN it is 2^-126. */
+ALWAYS_INLINE VEC FN(exp2_neg)(VEC x) {
+  x = FN(vmax)(x, FN(splat)(EXP2_MIN));
+  VEC up = x + 0.5f;
+  IVEC n = __builtin_convertvector(up, IVEC);            /* truncates toward zero: n >= up for up <= 0 */
+  n = n + (IVEC)(__builtin_convertvector(n, VEC) > up); /* the comparison is -1 where true: floor(up) */
+  VEC f = x - __builtin_convertvector(n, VEC);
+  VEC p = FN(splat)(1.5252733804059840e-5f);
+  p = p * f + 1.5403530393381606e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  return p * (VEC)((n + 127) << 23);
+}
+
+ALWAYS_INLINE float FN(hmax)(VEC x) {
+  float m = x[0];
+  for (int l = 1; l < LANES; ++l) m = x[l] > m ? x[l] : m;
+  return m;
+}
+
+ALWAYS_INLINE float FN(hsum)(VEC x) {
+  float s = 0.0f;
+  for (int l = 0; l < LANES; ++l) s += x[l];
+  return s;
+}
+
+/* s[r, 0:KB] = q[r] . kt for ``rows`` rows at once, register accumulators. */
+ALWAYS_INLINE void FN(score_rows)(unit_buffers* b, int r0, int rows, int64_t d) {
+  VEC acc[SCORE_ROWS][KEY_VECTORS];
+  for (int i = 0; i < rows; ++i)
+    for (int t = 0; t < KEY_VECTORS; ++t) acc[i][t] = FN(splat)(0.0f);
+  for (int64_t c = 0; c < d; ++c) {
+    const float* kc = b->kt + c * KB;
+    for (int i = 0; i < rows; ++i) {
+      VEC qi = FN(splat)(b->q[(r0 + i) * MAX_HEAD_DIM + c]);
+      for (int t = 0; t < KEY_VECTORS; ++t) acc[i][t] += qi * FN(load)(kc + t * LANES);
+    }
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int t = 0; t < KEY_VECTORS; ++t) FN(store)(b->s + (r0 + i) * KB + t * LANES, acc[i][t]);
+}
+
+/* acc[r] += p[r, 0:keys] . vb for ``rows`` rows of ``vectors`` vectors each, register accumulators. */
+ALWAYS_INLINE void FN(context_rows)(unit_buffers* b, int r0, int rows, int vectors, int keys) {
+  VEC acc[4][MAX_VECTORS];
+  for (int i = 0; i < rows; ++i)
+    for (int t = 0; t < vectors; ++t) acc[i][t] = FN(load)(b->acc + (r0 + i) * MAX_HEAD_DIM + t * LANES);
+  for (int j = 0; j < keys; ++j) {
+    const float* vj = b->vb + j * MAX_HEAD_DIM;
+    for (int i = 0; i < rows; ++i) {
+      VEC p = FN(splat)(b->s[(r0 + i) * KB + j]);
+      for (int t = 0; t < vectors; ++t) acc[i][t] += p * FN(load)(vj + t * LANES);
+    }
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int t = 0; t < vectors; ++t) FN(store)(b->acc + (r0 + i) * MAX_HEAD_DIM + t * LANES, acc[i][t]);
+}
+
+/* acc += p . vb for the unit's ``nq`` rows in tiles of up to 4 rows within CONTEXT_ACCUMULATORS vectors;
+ * ``vectors`` is a constant in each instantiation (context_block), so the tile stays in registers. */
+ALWAYS_INLINE void FN(context_all)(unit_buffers* b, int nq, int vectors, int keys) {
+  int fit = CONTEXT_ACCUMULATORS / vectors;
+  int tile = fit < 1 ? 1 : fit > 4 ? 4 : fit;
+  int r = 0;
+  for (; r + tile <= nq; r += tile) FN(context_rows)(b, r, tile, vectors, keys);
+  for (; r < nq; ++r) FN(context_rows)(b, r, 1, vectors, keys);
+}
+
+ALWAYS_INLINE void FN(context_block)(unit_buffers* b, int nq, int vectors, int keys) {
+  switch (vectors) {
+    case 1: FN(context_all)(b, nq, 1, keys); break;
+    case 2: FN(context_all)(b, nq, 2, keys); break;
+    case 3: FN(context_all)(b, nq, 3, keys); break;
+    case 4: FN(context_all)(b, nq, 4, keys); break;
+    case 5: FN(context_all)(b, nq, 5, keys); break;
+    case 6: FN(context_all)(b, nq, 6, keys); break;
+    case 7: FN(context_all)(b, nq, 7, keys); break;
+#if MAX_VECTORS > 8
+    case 8: FN(context_all)(b, nq, 8, keys); break;
+    case 9: FN(context_all)(b, nq, 9, keys); break;
+    case 10: FN(context_all)(b, nq, 10, keys); break;
+    case 11: FN(context_all)(b, nq, 11, keys); break;
+    case 12: FN(context_all)(b, nq, 12, keys); break;
+    case 13: FN(context_all)(b, nq, 13, keys); break;
+    case 14: FN(context_all)(b, nq, 14, keys); break;
+    case 15: FN(context_all)(b, nq, 15, keys); break;
+#endif
+    default: FN(context_all)(b, nq, MAX_VECTORS, keys); break;
+  }
+}
+
+/* Online softmax of score row r over ``keys`` valid keys: p in place (0 past ``keys``), the accumulator
+ * of the row rescaled by 2^(old max - new max). */
+ALWAYS_INLINE void FN(softmax_row)(unit_buffers* b, int r, int keys, int vectors) {
+  float* s = b->s + r * KB;
+  for (int j = keys; j < KB; ++j) s[j] = MASKED_SCORE;
+  VEC m = FN(load)(s);
+  for (int t = 1; t < KEY_VECTORS; ++t) m = FN(vmax)(m, FN(load)(s + t * LANES));
+  float top = FN(hmax)(m);
+  float old = b->max[r];
+  float next = top > old ? top : old;
+  for (int t = 0; t < KEY_VECTORS; ++t) FN(store)(s + t * LANES, FN(exp2_neg)(FN(load)(s + t * LANES) - next));
+  for (int j = keys; j < KB; ++j) s[j] = 0.0f;
+  VEC total = FN(load)(s);
+  for (int t = 1; t < KEY_VECTORS; ++t) total += FN(load)(s + t * LANES);
+  float alpha = FN(exp2_neg)(FN(splat)(old - next))[0];
+  b->sum[r] = b->sum[r] * alpha + FN(hsum)(total);
+  b->max[r] = next;
+  if (alpha != 1.0f)
+    for (int t = 0; t < vectors; ++t) {
+      float* a = b->acc + r * MAX_HEAD_DIM + t * LANES;
+      FN(store)(a, FN(load)(a) * alpha);
+    }
+}
+
+/* One unit: queries [q0, q1) of head h against the keys [s0, s1) of their segment. */
+ALWAYS_INLINE void FN(run_unit)(unit_buffers* b, const attention_job* job, int64_t h, const int64_t* block) {
+  int64_t q0 = block[0], s0 = block[2], s1 = block[3];
+  int nq = (int)(block[1] - q0);
+  int64_t d = job->head_dim, row = job->heads * d;
+  int vectors = (int)((d + LANES - 1) / LANES);
+  float qscale = job->scale * LOG2_E;
+  for (int i = 0; i < nq; ++i) {
+    b->max[i] = MASKED_SCORE;
+    b->sum[i] = 0.0f;
+    memset(b->acc + i * MAX_HEAD_DIM, 0, (size_t)vectors * LANES * sizeof(float));
+    const float* qi = job->q + (q0 + i) * row + h * d;
+    for (int64_t c = 0; c < d; ++c) b->q[i * MAX_HEAD_DIM + c] = qi[c] * qscale;
+  }
+  for (int64_t k0 = s0; k0 < s1; k0 += KB) {
+    int keys = (int)(s1 - k0 < KB ? s1 - k0 : KB);
+    load_key_block(b, job, h, k0, keys);
+    int r = 0;
+    for (; r + SCORE_ROWS <= nq; r += SCORE_ROWS) FN(score_rows)(b, r, SCORE_ROWS, d);
+    for (; r < nq; ++r) FN(score_rows)(b, r, 1, d);
+    for (r = 0; r < nq; ++r) FN(softmax_row)(b, r, keys, vectors);
+    FN(context_block)(b, nq, vectors, keys);
+  }
+  for (int i = 0; i < nq; ++i) {
+    float inv = 1.0f / b->sum[i];
+    float* o = job->out + (q0 + i) * row + h * d;
+    for (int64_t c = 0; c < d; ++c) o[c] = b->acc[i * MAX_HEAD_DIM + c] * inv;
+  }
+}
+
+/* Take units until none are left. */
+PATH_TARGET static int FN(worker)(attention_job* job) {
+  unit_buffers* b = NULL;
+  if (posix_memalign((void**)&b, 64, sizeof *b) != 0) return OUT_OF_MEMORY;
+  memset(b, 0, sizeof *b); /* the padding lanes of v rows are read (and never written out) */
+  int64_t units = job->num_blocks * job->heads;
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
+    if (u >= units) break;
+    FN(run_unit)(b, job, u % job->heads, job->blocks + 4 * (u / job->heads));
+  }
+  free(b);
+  return OK;
+}
+
+#undef VEC
+#undef IVEC
+#undef KEY_VECTORS
+#undef MAX_VECTORS
+
+#endif /* MLCV_VECTOR_CODE */
