@@ -36,6 +36,9 @@ def kernel(tmp_path_factory):
     subprocess.run([cpu_bf16_gemm._compiler(), "-shared", str(obj), "-o", str(so)], check=True)
     lib = ctypes.CDLL(str(so))
     lib.mlcv_bf16_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+    lib.mlcv_bf16_linear_act_path.argtypes = (
+        [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
+    )
     return lib
 
 
@@ -70,6 +73,55 @@ def test_kernel_matches_numpy(kernel, path, epilogue, shape):
     ref = x.astype(np.float32) @ w.astype(np.float32).T
     ref = ref + (bias if with_bias else 0) + (residual if with_residual else 0)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+#: The activations the kernel can apply before its bf16 store, as numpy functions of fp64 values.
+def _erf(z):
+    import math
+
+    return np.vectorize(math.erf)(z)
+
+
+ACTIVATION_REFERENCES = {
+    "quick_gelu": lambda v: v / (1 + np.exp(-1.702 * v)),
+    "gelu": lambda v: 0.5 * v * (1 + _erf(v / np.sqrt(2))),
+    "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3))),
+}
+
+
+@pytest.mark.parametrize("path", sorted(cpu_bf16_gemm.PATHS), ids=list(cpu_bf16_gemm.PATHS.values()))
+@pytest.mark.parametrize("act", list(ACTIVATION_REFERENCES))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_activation_epilogue_matches_numpy(kernel, path, act, with_bias, shape):
+    """x . w^T (+ bias), the activation and the bf16 rounding in the kernel: within one bf16 step of
+    the exact activation of numpy's product (the inputs' scale spans the activations' curved part
+    and their tails)."""
+    if not kernel.mlcv_bf16_path_supported(path):
+        pytest.skip(f"this CPU has no {cpu_bf16_gemm.PATHS[path]}")
+    m, n, k = shape
+    rng = np.random.default_rng(m + 7 * n + k)
+    x = (rng.standard_normal((m, k)) * 2 / np.sqrt(k)).astype(ml_dtypes.bfloat16)
+    w = rng.standard_normal((n, k)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    y16 = np.zeros((m, n), dtype=ml_dtypes.bfloat16)
+    ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    status = kernel.mlcv_bf16_linear_act_path(
+        path, ptr(x), ptr(w), ptr(bias), cpu_bf16_gemm.ACTIVATIONS[act], ptr(y16), m, n, k
+    )
+    assert status == 0
+    pre = x.astype(np.float64) @ w.astype(np.float64).T + (bias if with_bias else 0)
+    ref = ACTIVATION_REFERENCES[act](pre)
+    assert np.abs(pre).max() > 3 and (pre < -3).any()  # the tails are exercised
+    np.testing.assert_allclose(y16.astype(np.float64), ref, rtol=2.0**-7, atol=1e-5 * np.sqrt(k))
+
+
+def test_unknown_activation_is_refused(kernel):
+    x = np.ones((2, 4), dtype=ml_dtypes.bfloat16)
+    y16 = np.zeros((2, 3), dtype=ml_dtypes.bfloat16)
+    w = np.ones((3, 4), dtype=ml_dtypes.bfloat16)
+    status = kernel.mlcv_bf16_linear_act_path(0, x.ctypes.data, w.ctypes.data, None, 99, y16.ctypes.data, 2, 3, 4)
+    assert status != 0
 
 
 def test_odd_k_is_refused(kernel):
@@ -113,8 +165,10 @@ def test_bf16_library_matches_fp32_library(clip_checkpoint, tmp_path):
     assert_close(out["bfloat16"], out["float32"], "bf16 library vs the fp32 library", "bfloat16")
 
 
-def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
-    """Every linear layer of a bf16 CPU library becomes the C kernel; none stays an fp32 matmul."""
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
+def test_bf16_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
+    """Every linear layer of a bf16 CPU library becomes the C kernel; none stays an fp32 matmul; fc1
+    applies the MLP's activation in its epilogue (no activation kernel is left)."""
     import tvm
 
     from mlc_vision.bench import kernel_calls
@@ -122,7 +176,9 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
     from mlc_vision.compiler.pipeline import relax_pipeline
     from mlc_vision.checkpoint.resolve import resolve_config
 
-    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    config = dataclasses.replace(
+        resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch", hidden_act=hidden_act
+    )
     built = build_module(config, "bfloat16", "cpu")
     target = tvm.target.Target.from_device("cpu")
     calls = kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"])(built.mod))
@@ -131,3 +187,6 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint):
     assert not [c for c in calls if "matmul" in c]
     # out-projection and fc2 add the residual stream in the kernel: no separate add kernel
     assert len([c for c in linear if c.endswith("_residual")]) == 2 * TINY["num_hidden_layers"]
+    epilogue = {"quick_gelu": "_quick_gelu", "gelu": "_gelu", "gelu_pytorch_tanh": "_gelu_tanh"}[hidden_act]
+    assert len([c for c in linear if c.endswith(epilogue)]) == TINY["num_hidden_layers"]
+    assert not [c for c in calls if "gelu" in c and not c.startswith("bf16_linear") or "sigmoid" in c]

@@ -17,7 +17,11 @@
  *   panel[kp][c] = (w[n0 + c][2 kp], w[n0 + c][2 kp + 1])   (one 32-bit word)
  *
  * which is the operand layout of vdpbf16ps (16 columns x 2 k per zmm) and of
- * an AMX B tile (rows = k pairs, 16 columns of 4 bytes). x needs no packing:
+ * an AMX B tile (rows = k pairs, 16 columns of 4 bytes). On the AVX512 and AMX
+ * paths the packing is a 16 x 16 transpose of 32-bit words in registers: 16
+ * weight rows are read 64 bytes at a time (a word-at-a-time pack cost about a
+ * sixth of the GEMM at 197 rows, the transpose about a twentieth; the weights
+ * are read from memory once per call either way). x needs no packing:
  * a pair of consecutive x values is one 32-bit broadcast (AVX512) or an A
  * tile row (AMX). K must be even (the compiler pass only offers even K).
  *
@@ -26,6 +30,7 @@
  * the object runs on any x86-64 CPU and uses what it finds.
  */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -148,11 +153,44 @@ static inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-/* What is added to x . w^T before the store: a bias vector [N] and a residual [M, N], each optional. */
+/* Activations the epilogue can apply (``ACTIVATIONS`` in cpu_bf16_gemm.py has the same numbers). */
+enum { ACT_NONE = 0, ACT_QUICK_GELU = 1, ACT_GELU_ERF = 2, ACT_GELU_TANH = 3 };
+
+/* What happens to x . w^T before the store: a bias vector [N] and a residual [M, N] are added (each
+ * optional), then ``act`` is applied. The result goes to ``y`` (fp32) or, when ``y16`` is set, is
+ * rounded to bf16 (nearest even) into ``y16``: the next linear layer's input, without an fp32
+ * round trip through memory. */
 typedef struct {
   const float* bias;
   const float* residual;
+  int act;
+  uint16_t* y16;
 } epilogue;
+
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays a quiet NaN */
+  return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline float activation_scalar(int act, float v) {
+  switch (act) {
+    case ACT_QUICK_GELU: return v / (1.0f + expf(-1.702f * v));
+    case ACT_GELU_ERF: return 0.5f * v * (1.0f + erff(v * 0.70710678f));
+    case ACT_GELU_TANH: return 0.5f * v * (1.0f + tanhf(0.79788456f * (v + 0.044715f * v * v * v)));
+    default: return v;
+  }
+}
+
+/* Stores ``v`` (bias and residual already added) to row-major position ``at``. */
+static inline void store_scalar(const epilogue* ep, float v, float* y, int64_t at) {
+  v = activation_scalar(ep->act, v);
+  if (ep->y16)
+    ep->y16[at] = f32_to_bf16(v);
+  else
+    y[at] = v;
+}
 
 /* Pack columns [n0, n0 + NR) of w[N, K] into panel[K / 2][NR] 32-bit pairs; columns >= N are 0. */
 static void pack_panel(const uint16_t* w, int64_t N, int64_t K, int64_t n0, uint32_t* panel) {
@@ -184,7 +222,7 @@ static void rows_generic(const uint16_t* x, const uint32_t* panel, const epilogu
     }
     if (ep->residual)
       for (int c = 0; c < ncols; ++c) acc[c] += ep->residual[m * N + n0 + c];
-    memcpy(y + m * N + n0, acc, sizeof(float) * ncols);
+    for (int c = 0; c < ncols; ++c) store_scalar(ep, acc[c], y, m * N + n0 + c);
   }
 }
 
@@ -192,6 +230,122 @@ static void rows_generic(const uint16_t* x, const uint32_t* panel, const epilogu
 
 #if MLCV_X86
 #define AVX512_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* e^x for x in [-87, 88] (clamped outside): x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6
+ * Taylor polynomial (relative error about 1e-7), times 2^n. */
+AVX512_BF16_TARGET static inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 in two parts: r exact */
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* v * sigmoid(s v) = v / (1 + e^(-s v)). */
+AVX512_BF16_TARGET static inline __m512 times_sigmoid_avx512(__m512 v, __m512 sv) {
+  __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), sv));
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+/* erf(z) = 1 - t (a1 + t (a2 + ... + t a5)) e^(-z^2), t = 1 / (1 + p |z|), odd in z: Abramowitz and
+ * Stegun 7.1.26, absolute error below 1.5e-7 (invisible after the bf16 rounding that follows). */
+AVX512_BF16_TARGET static inline __m512 erf_avx512(__m512 z) {
+  __m512 a = _mm512_abs_ps(z);
+  __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  __m512 q = _mm512_set1_ps(1.061405429f);
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-1.453152027f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
+  q = _mm512_mul_ps(q, t);
+  __m512 e = exp_avx512(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-1.0f)));
+  __m512 y = _mm512_fnmadd_ps(q, e, _mm512_set1_ps(1.0f));
+  __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mask_sub_ps(y, negative, _mm512_setzero_ps(), y);
+}
+
+AVX512_BF16_TARGET static inline __m512 activation_avx512(int act, __m512 v) {
+  switch (act) {
+    case ACT_QUICK_GELU: return times_sigmoid_avx512(v, _mm512_mul_ps(v, _mm512_set1_ps(1.702f)));
+    case ACT_GELU_ERF: {
+      __m512 half = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
+      return _mm512_fmadd_ps(half, erf_avx512(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678f))), half);
+    }
+    case ACT_GELU_TANH: { /* 0.5 v (1 + tanh(u)) = v sigmoid(2u), u = sqrt(2 / pi) (v + 0.044715 v^3) */
+      __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      __m512 u = _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v);
+      return times_sigmoid_avx512(v, _mm512_mul_ps(u, _mm512_set1_ps(2.0f * 0.79788456f)));
+    }
+    default: return v;
+  }
+}
+
+/* Stores the 16 lanes of ``v`` that ``mask`` selects at ``at``: residual added, activation, fp32 or bf16. */
+AVX512_BF16_TARGET static inline void store_avx512(const epilogue* ep, __m512 v, __mmask16 mask, float* y,
+                                                   int64_t at) {
+  if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ep->residual + at));
+  if (ep->act != ACT_NONE) v = activation_avx512(ep->act, v);
+  if (ep->y16)
+    _mm256_mask_storeu_epi16(ep->y16 + at, mask, (__m256i)_mm512_cvtneps_pbh(v));
+  else
+    _mm512_mask_storeu_ps(y + at, mask, v);
+}
+
+/* 16 x 16 transpose of 32-bit words: r[i][j] -> r[j][i]. */
+AVX512_BF16_TARGET static inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  /* Each 128-bit lane now holds a 4 x 4 block; gather the lanes. */
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+/* pack_panel with 16 x 16 word transposes: 16 rows of w are read 64 bytes at a
+ * time and written as 16 panel rows, instead of one word at a time. */
+AVX512_BF16_TARGET static void pack_panel_avx512(const uint16_t* w, int64_t N, int64_t K, int64_t n0,
+                                                 uint32_t* panel) {
+  const int64_t kpairs = K / 2;
+  for (int cb = 0; cb < NR; cb += 16) {
+    for (int64_t kb = 0; kb < kpairs; kb += 16) {
+      int left = kpairs - kb < 16 ? (int)(kpairs - kb) : 16;
+      __mmask16 mask = (__mmask16)((1u << left) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        int64_t n = n0 + cb + i;
+        r[i] = n < N ? _mm512_maskz_loadu_epi32(mask, (const uint32_t*)(w + n * K) + kb) : _mm512_setzero_si512();
+      }
+      transpose16x16(r);
+      for (int j = 0; j < left; ++j) _mm512_storeu_si512(panel + (kb + j) * NR + cb, r[j]);
+    }
+  }
+}
 
 /* One register tile: ``mr`` rows x 64 columns over the whole K, bias added, masked store. */
 AVX512_BF16_TARGET __attribute__((always_inline)) static inline void tile_avx512(
@@ -226,9 +380,7 @@ AVX512_BF16_TARGET __attribute__((always_inline)) static inline void tile_avx512
     __m512 bj = ep->bias ? _mm512_maskz_loadu_ps(mask, ep->bias + n0 + 16 * j) : _mm512_setzero_ps();
     for (int r = 0; r < mr; ++r) {
       int64_t at = (m + r) * N + n0 + 16 * j;
-      __m512 v = _mm512_add_ps(acc[r][j], bj);
-      if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ep->residual + at));
-      _mm512_mask_storeu_ps(y + at, mask, v);
+      store_avx512(ep, _mm512_add_ps(acc[r][j], bj), mask, y, at);
     }
   }
 }
@@ -312,9 +464,7 @@ AMX_TARGET static void rows_amx(const uint16_t* x, const uint32_t* panel, const 
         __m512 bj = ep->bias ? _mm512_maskz_loadu_ps(mask, ep->bias + n0 + col) : _mm512_setzero_ps();
         for (int r = 0; r < 16; ++r) {
           int64_t at = (row + r) * N + n0 + col;
-          __m512 v = _mm512_add_ps(_mm512_load_ps(out + 16 * r), bj);
-          if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ep->residual + at));
-          _mm512_mask_storeu_ps(y + at, mask, v);
+          store_avx512(ep, _mm512_add_ps(_mm512_load_ps(out + 16 * r), bj), mask, y, at);
         }
       }
     }
@@ -326,6 +476,7 @@ AMX_TARGET static void rows_amx(const uint16_t* x, const uint32_t* panel, const 
 
 /* ------------------------------------------------------------------ driver */
 
+typedef void (*pack_fn)(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*);
 typedef void (*rows_fn)(const uint16_t*, const uint32_t*, const epilogue*, float*, int64_t, int64_t, int64_t, int,
                         int64_t, int64_t);
 
@@ -338,6 +489,7 @@ typedef struct {
   int64_t row_block; /* rows per work unit */
   int64_t row_blocks, panels;
   rows_fn rows;
+  pack_fn pack;
   int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
 } linear_job;
 
@@ -373,7 +525,7 @@ static int run_units(linear_job* job, int threads) {
       int64_t p = u / job->row_blocks, rb = u % job->row_blocks;
       int64_t n0 = p * NR;
       if (p != packed) {
-        pack_panel(job->w, job->N, job->K, n0, panel);
+        job->pack(job->w, job->N, job->K, n0, panel);
         packed = p;
       }
       int64_t m0 = rb * job->row_block;
@@ -390,6 +542,14 @@ static int parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
   return run_units((linear_job*)cdata, penv->num_task);
 }
 
+static pack_fn pack_for_path(int path) {
+#if MLCV_X86
+  if (path == PATH_AMX || path == PATH_AVX512) return pack_panel_avx512;
+#endif
+  (void)path;
+  return pack_panel;
+}
+
 static rows_fn rows_for_path(int path) {
 #if MLCV_X86
   if (path == PATH_AMX) return rows_amx;
@@ -399,13 +559,12 @@ static rows_fn rows_for_path(int path) {
   return rows_generic;
 }
 
-/* y = x . w^T (+ bias) (+ residual) with an explicit path (tests run every supported one); bias and
- * residual may be NULL. Returns 0 on success. */
-int mlcv_bf16_linear_path(int path, const uint16_t* x, const uint16_t* w, const float* bias, const float* residual,
-                          float* y, int64_t M, int64_t N, int64_t K) {
-  if (K % 2 != 0 || !mlcv_bf16_path_supported(path)) return -1;
+/* x . w^T finished by ``ep`` into y (or ep.y16) on ``path``. Returns 0 on success. */
+static int run_linear(int path, const uint16_t* x, const uint16_t* w, epilogue ep, float* y, int64_t M, int64_t N,
+                      int64_t K) {
+  if (K % 2 != 0 || !mlcv_bf16_path_supported(path) || ep.act < ACT_NONE || ep.act > ACT_GELU_TANH) return -1;
   if (M == 0 || N == 0) return 0;
-  linear_job job = {x, w, {bias, residual}, y, M, N, K, 0, 0, (N + NR - 1) / NR, rows_for_path(path), 0};
+  linear_job job = {x, w, ep, y, M, N, K, 0, 0, (N + NR - 1) / NR, rows_for_path(path), pack_for_path(path), 0};
   /* Row blocks of a few hundred rows: enough units for every thread even when
    * N has few panels (768 columns = 12 panels), each unit still long. */
   int64_t rows = path == PATH_AMX ? 8 * AMX_ROWS : 32 * MR;
@@ -419,8 +578,24 @@ int mlcv_bf16_linear_path(int path, const uint16_t* x, const uint16_t* w, const 
   return run_units(&job, 1);
 }
 
+/* y = x . w^T (+ bias) (+ residual) with an explicit path (tests run every supported one); bias and
+ * residual may be NULL. Returns 0 on success. */
+int mlcv_bf16_linear_path(int path, const uint16_t* x, const uint16_t* w, const float* bias, const float* residual,
+                          float* y, int64_t M, int64_t N, int64_t K) {
+  epilogue ep = {bias, residual, ACT_NONE, NULL};
+  return run_linear(path, x, w, ep, y, M, N, K);
+}
+
+/* y16 = bf16(act(x . w^T (+ bias))) with an explicit path; bias may be NULL. */
+int mlcv_bf16_linear_act_path(int path, const uint16_t* x, const uint16_t* w, const float* bias, int act,
+                              uint16_t* y16, int64_t M, int64_t N, int64_t K) {
+  epilogue ep = {bias, NULL, act, y16};
+  return run_linear(path, x, w, ep, NULL, M, N, K);
+}
+
 /* The entry points the library calls (compiler/passes/bf16_cpu.py), on the fastest path here:
- * y = x . w^T + bias, with ``nobias`` without it, with ``residual`` plus a residual [M, N]. */
+ * y = x . w^T + bias, with ``nobias`` without it, with ``residual`` plus a residual [M, N], with
+ * ``act`` an activation and a bf16 output. */
 int mlcv_bf16_linear(const uint16_t* x, const uint16_t* w, const float* bias, float* y, int64_t M, int64_t N,
                      int64_t K) {
   return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, bias, NULL, y, M, N, K);
@@ -433,4 +608,11 @@ int mlcv_bf16_linear_nobias(const uint16_t* x, const uint16_t* w, float* y, int6
 int mlcv_bf16_linear_residual(const uint16_t* x, const uint16_t* w, const float* bias, const float* residual,
                               float* y, int64_t M, int64_t N, int64_t K) {
   return mlcv_bf16_linear_path(mlcv_bf16_best_path(), x, w, bias, residual, y, M, N, K);
+}
+
+/* y16 = bf16(act(x . w^T (+ bias))): a linear layer, its activation and the cast that feeds the next
+ * linear layer in one pass (``act``: the ACT_* numbers; bias may be NULL). */
+int mlcv_bf16_linear_act(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y16, int64_t M,
+                         int64_t N, int64_t K, int32_t act) {
+  return mlcv_bf16_linear_act_path(mlcv_bf16_best_path(), x, w, bias, act, y16, M, N, K);
 }

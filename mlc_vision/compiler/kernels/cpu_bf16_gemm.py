@@ -11,13 +11,10 @@ The C code picks AMX, AVX512-BF16 or plain C from the CPU it runs on.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
-from ...errors import MlcVisionError
+from .c_objects import c_compiler as _compiler  # noqa: F401 (the tests link the object with it)
+from .c_objects import compile_c
 
 SOURCE = Path(__file__).with_suffix(".c")
 #: C entry point by (bias, residual) (``cpu_bf16_gemm.c``); a residual comes with a bias
@@ -28,15 +25,19 @@ ENTRIES = {
     (True, True): "mlcv_bf16_linear_residual",
     (False, True): "mlcv_bf16_linear_residual",
 }
+#: Activations the kernel applies before a bf16 store (``mlcv_bf16_linear_act``), by the numbers of
+#: ``cpu_bf16_gemm.c``'s ``ACT_*``; the keys are the names bf16_cpu.py matches.
+ACTIVATIONS = {"quick_gelu": 1, "gelu": 2, "gelu_tanh": 3}
 #: What ``mlcv_bf16_best_path()`` returns, by number (``cpu_bf16_gemm.c``'s ``PATH_*``).
 PATHS = {0: "generic", 1: "avx512_bf16", 2: "amx_bf16"}
 
 
-def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False):
+def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False, act: str | None = None):
     """PrimFunc ``(x bf16 [..., k], w bf16 [n, k], (bias f32 [n]), (residual f32 [..., n]), y f32 [..., n])``.
 
-    It calls the C kernel: ``y = x . w^T (+ bias) (+ residual)``. The
-    ``lead_ndim`` leading axes of x (batch, tokens) are symbolic and flattened into M.
+    It calls the C kernel: ``y = x . w^T (+ bias) (+ residual)``; with ``act``
+    (a key of :data:`ACTIVATIONS`; no residual then) ``y = bf16(act(x . w^T (+ bias)))``,
+    in bf16. The ``lead_ndim`` leading axes of x (batch, tokens) are symbolic and flattened into M.
     """
     import tvm
     from tvm import te, tirx
@@ -51,12 +52,18 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool =
     for d in lead:
         rows = rows * d
 
+    null = tirx.reinterpret("handle", tirx.const(0, "uint64"))
+
     def body(ins, outs):
         pointers = [b.data for b in ins]
-        if residual and not bias:
-            pointers.insert(2, tirx.reinterpret("handle", tirx.const(0, "uint64")))  # NULL bias
+        if (residual or act) and not bias:
+            pointers.insert(2, null)  # NULL bias
         sizes = [rows, tirx.const(n, "int64"), tirx.const(k, "int64")]
-        status = tirx.call_extern("int32", ENTRIES[(bias, residual)], *pointers, outs[0].data, *sizes)
+        if act is not None:
+            code = tirx.const(ACTIVATIONS[act], "int32")
+            status = tirx.call_extern("int32", "mlcv_bf16_linear_act", *pointers, outs[0].data, *sizes, code)
+        else:
+            status = tirx.call_extern("int32", ENTRIES[(bias, residual)], *pointers, outs[0].data, *sizes)
         # The FFI constructor directly: in TVM 0.27 the Python wrapper passes
         # (kind, condition) where the constructor takes (condition, kind).
         return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
@@ -64,29 +71,13 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool =
             [tvm.ir.StringImm("bf16 linear: out of memory for the packed weight panel")], None,
         )  # fmt: skip
 
-    y = te.extern([*lead, n], inputs, body, dtype="float32", name="bf16_linear")
+    if act is not None and residual:
+        raise ValueError("the activation epilogue takes no residual")
+    y = te.extern([*lead, n], inputs, body, dtype="bfloat16" if act else "float32", name="bf16_linear")
     func = te.create_prim_func([*inputs, y])
     return func.with_attr("tir.is_scheduled", True)
 
 
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise MlcVisionError("bf16 CPU libraries need a C compiler (cc, gcc or clang; or set $CC) to build their GEMM kernel")
-    return cc
-
-
 def compile_object(workdir: Path) -> Path:
     """Compile ``cpu_bf16_gemm.c`` to a position-independent object in ``workdir`` (reused when unchanged)."""
-    cc = _compiler()
-    flags = ["-O3", "-fPIC", "-std=gnu11", "-c"]
-    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:12]
-    obj = Path(workdir) / f"cpu_bf16_gemm-{digest}.o"
-    if not obj.exists():
-        tmp = obj.with_name(obj.name + f".{os.getpid()}.tmp")
-        result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-        if result.returncode != 0:
-            first = (result.stderr.strip().splitlines() or ["no output"])[0]
-            raise MlcVisionError(f"compiling the bf16 CPU kernel with {cc} failed: {first}")
-        os.replace(tmp, obj)
-    return obj
+    return compile_c(SOURCE, workdir, "the bf16 CPU kernel")

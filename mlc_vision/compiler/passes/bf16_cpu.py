@@ -15,7 +15,11 @@ a GPU bf16 library. Inside, only the linear layers run in bf16:
    bf16 weight as stored: bf16 x bf16 products, fp32 accumulation, fp32
    bias and output; a residual added to the result (out-projection, fc2) is
    added by the kernel too. The activation cast fuses into the kernel that
-   produces x (LayerNorm, GELU), the weight cast disappears.
+   produces x (LayerNorm), the weight cast disappears. A linear layer whose
+   only consumer is the next one's input through an activation the kernel
+   knows (``ACTIVATIONS``: CLIP's quick GELU, GELU with erf or tanh), e.g. the
+   MLP's fc1, applies the activation and the bf16 cast in its own epilogue and
+   writes bf16: no fp32 ``[tokens, intermediate]`` tensor, no GELU kernel.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..kernels.cpu_bf16_gemm import linear_primfunc
+from ..kernels.cpu_bf16_gemm import ACTIVATIONS, linear_primfunc
 from .relax_rewrite import rewrite_relax_functions, static_int
 
 BF16 = "bfloat16"
 F32 = "float32"
+#: Relax ops that are one of the kernel's ``ACTIVATIONS`` of their argument.
+ACTIVATION_OPS = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh"}
+#: quick GELU is ``y * sigmoid(QUICK_GELU_SCALE * y)`` (layers.quick_gelu).
+QUICK_GELU_SCALE = 1.702
 
 
 # ---------------------------------------------------------------- interface
@@ -106,6 +114,7 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
         super().__init__(mod)
         self.matmul = tvm.ir.Op.get("relax.matmul")
         self.add = tvm.ir.Op.get("relax.add")
+        self.multiply = tvm.ir.Op.get("relax.multiply")
         self.kernels = {}
         self.bf16_inputs = {}
 
@@ -148,27 +157,67 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
             return cast.args[0]
         return self.builder_.emit(relax.op.reshape(cast.args[0], reshape.args[1]))
 
-    def _kernel(self, lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False):
-        key = (lead_ndim, k, n, bias, residual)
+    def _kernel(self, lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False, act: str | None = None):
+        key = (lead_ndim, k, n, bias, residual, act)
         if key not in self.kernels:
             name = f"bf16_linear_k{k}_n{n}" + ("_bias" if bias else "") + ("_residual" if residual else "")
-            self.kernels[key] = self.builder_.add_func(linear_primfunc(lead_ndim, k, n, bias, residual), name)
+            name += f"_{act}" if act else ""
+            self.kernels[key] = self.builder_.add_func(linear_primfunc(lead_ndim, k, n, bias, residual, act), name)
         return self.kernels[key]
 
     def _linear_call(self, expr):
-        """``(key, call)`` when ``expr`` is a var bound to one of our linear kernels' ``call_tir``, else None."""
+        """``(key, call)`` when ``expr`` is a var bound to one of our fp32-output linear kernels' ``call_tir``
+        (not one with an activation epilogue), else None."""
         if not isinstance(expr, relax.Var):
             return None
         call = self.lookup_binding(expr)
         if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
             return None
         key = next((key for key, gv in self.kernels.items() if gv.same_as(call.args[0])), None)
-        return (key, call) if key is not None else None
+        return (key, call) if key is not None and key[5] is None else None
+
+    def _scaled(self, expr, y, scale: float) -> bool:
+        """Whether ``expr`` stands for ``y * scale`` (a scalar constant, either order)."""
+        mul = self._bound(expr, "relax.multiply")
+        if mul is None:
+            return False
+        for a, c in (mul.args, mul.args[::-1]):
+            if a.same_as(y) and isinstance(c, tvm.ir.Constant) and c.value.numpy().size == 1:
+                return abs(float(c.value.numpy().reshape(())) - scale) < 1e-6
+        return False
+
+    def _activation(self, x):
+        """``(name, y)`` when ``x`` stands for the activation ``name`` (of ``ACTIVATIONS``) of ``y``, else None."""
+        value = self._value(x)
+        if not isinstance(value, relax.Call):
+            return None
+        for op, name in ACTIVATION_OPS.items():
+            if value.op.same_as(tvm.ir.Op.get(op)):
+                return name, value.args[0]
+        if value.op.same_as(self.multiply):
+            for y, s in (value.args, value.args[::-1]):
+                sigmoid = self._bound(s, "relax.sigmoid")
+                if sigmoid is not None and self._scaled(sigmoid.args[0], y, QUICK_GELU_SCALE):
+                    return "quick_gelu", y
+        return None
+
+    def _linear_with_activation(self, x):
+        """``x = act(linear(...))`` in bf16 by one kernel with the activation epilogue, else None."""
+        found = self._activation(x)
+        linear = self._linear_call(found[1]) if found is not None else None
+        if linear is None or linear[0][4]:  # not our kernel, or one adding a residual
+            return None
+        (lead_ndim, k, n, bias, _, _), call = linear
+        out_ty = relax.TensorType(x.ty.shape.values, BF16)
+        kernel = self._kernel(lead_ndim, k, n, bias, act=found[0])
+        return self.builder_.emit(relax.call_tir(kernel, list(call.args[1].fields), out_ty))
 
     def _x_bf16(self, x):
-        """``astype(x, bf16)``, emitted once per activation tensor."""
+        """``astype(x, bf16)``, emitted once per activation tensor (by the producing linear layer's
+        epilogue when it can)."""
         if x not in self.bf16_inputs:
-            self.bf16_inputs[x] = self.builder_.emit(relax.op.astype(x, BF16))
+            fused = self._linear_with_activation(x)
+            self.bf16_inputs[x] = fused if fused is not None else self.builder_.emit(relax.op.astype(x, BF16))
         return self.bf16_inputs[x]
 
     def _linear(self, x, w16, bias=None):
@@ -228,7 +277,7 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
             found = self._linear_call(y)
             if found is None or found[0][4]:
                 continue
-            (lead_ndim, k, n, bias, _), linear = found
+            (lead_ndim, k, n, bias, _, _), linear = found
             rt, yt = residual.ty, y.ty
             same_shape = isinstance(rt, relax.TensorType) and rt.dtype == F32 and rt.ndim == yt.ndim and all(
                 _same_dim(a, b) for a, b in zip(rt.shape.values, yt.shape.values)
