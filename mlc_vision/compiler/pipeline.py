@@ -52,6 +52,7 @@ from .passes.bf16_cpu import bf16_linear_cpu
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.segment_attention import lower_segment_attention_cpu, lower_segment_attention_masked
+from .passes.segment_attention_cuda import lower_segment_attention_cuda_flash
 from .passes.split_attention import split_attention, split_attention_cuda
 
 
@@ -113,7 +114,7 @@ def gpu_phases(target, attention: str, gemm: str = "dlight") -> list[tuple[str, 
         "split": [split_attention],
         "fused": [fuse_attention_cuda, split_attention],
         "tensorcore": [split_attention_cuda],
-        "flash": [fuse_attention_cuda_tc, split_attention_cuda],
+        "flash": [fuse_attention_cuda_tc, split_attention_cuda, lower_segment_attention_cuda_flash],
     }[attention]
     return [
         ("lower_attention", lower_attention + [lower_segment_attention_masked]),

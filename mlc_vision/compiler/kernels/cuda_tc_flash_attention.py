@@ -542,22 +542,23 @@ def segment_bounds_kernel(cpu: bool = False):
                 else:
                     span[1] = (span[0] + span[1]) // 2
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=False)  # thread loops inside the root block
     def bounds_kernel(ids_h: T.handle, bounds_h: T.handle):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         ids = T.match_buffer(ids_h, (n,), "int32")
         bounds = T.match_buffer(bounds_h, (n, 2), "int32")
-        for blk in axis((n + BOUNDS_THREADS - 1) // BOUNDS_THREADS, "blockIdx.x"):
-            for tx in axis(BOUNDS_THREADS, "threadIdx.x"):
-                if blk * BOUNDS_THREADS + tx < n:
-                    span = T.alloc_buffer((2,), "int64", scope=local)
-                    span[0] = T.int64(0)
-                    span[1] = blk * BOUNDS_THREADS + tx
-                    search(ids, span, ids[blk * BOUNDS_THREADS + tx], False)
-                    bounds[blk * BOUNDS_THREADS + tx, 0] = T.cast(span[0], "int32")
-                    span[0] = blk * BOUNDS_THREADS + tx + 1
-                    span[1] = n
-                    search(ids, span, ids[blk * BOUNDS_THREADS + tx], True)
-                    bounds[blk * BOUNDS_THREADS + tx, 1] = T.cast(span[0], "int32")
+        with T.sblock("root"):  # TVM's reshape detection (one input, one output) expects a root block
+            for blk in axis((n + BOUNDS_THREADS - 1) // BOUNDS_THREADS, "blockIdx.x"):
+                for tx in axis(BOUNDS_THREADS, "threadIdx.x"):
+                    if blk * BOUNDS_THREADS + tx < n:
+                        span = T.alloc_buffer((2,), "int64", scope=local)
+                        span[0] = T.int64(0)
+                        span[1] = blk * BOUNDS_THREADS + tx
+                        search(ids, span, ids[blk * BOUNDS_THREADS + tx], False)
+                        bounds[blk * BOUNDS_THREADS + tx, 0] = T.cast(span[0], "int32")
+                        span[0] = blk * BOUNDS_THREADS + tx + 1
+                        span[1] = n
+                        search(ids, span, ids[blk * BOUNDS_THREADS + tx], True)
+                        bounds[blk * BOUNDS_THREADS + tx, 1] = T.cast(span[0], "int32")
 
     return bounds_kernel
