@@ -9,8 +9,9 @@ runs, for every target:
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
    The segmented attention of native-resolution towers becomes the CPU's
-   segment kernel, or anywhere else a ``[n, n]`` mask lowering
-   (``passes/segment_attention.py``).
+   segment kernel, with CUDA ``flash`` the segmented tensor-core flash kernel
+   (``passes/segment_attention_cuda.py``), or anywhere else a ``[n, n]`` mask
+   lowering (``passes/segment_attention.py``).
 2. ``legalize``: ``matmul(x, permute_dims(w))`` becomes one NT matmul (weights
    are read in their checkpoint ``[out, in]`` layout, no transpose kernel),
    then every op becomes a TIR PrimFunc (on the CPU with our vectorizable

@@ -31,6 +31,15 @@ reduction is padded to a multiple of 16 with zeros. Any sequence length: the
 last query tile's extra rows are computed and not stored, the last key tile's
 extra keys are masked.
 
+**Segmented** (:func:`tc_segment_attention_kernel`, the native-resolution
+towers): the sequence length is symbolic and a ``bounds [n, 2]`` input gives
+each position's segment (:func:`segment_bounds_kernel` makes it from sorted
+ids). A block walks the keys from its first row's segment start to its last
+row's segment end, tiles starting at that key, and masks each score to its
+row's segment (bounds of the 64 rows in shared memory: in registers they
+pushed head_dim 72/80 into spills on sm_80). Everything else is the kernel
+above; the dense kernel's generated code does not change.
+
 **CPU check of the same TVMScript.** ``cpu=True`` builds this kernel with the
 warp's lanes run one after another and every per-thread register array given a
 thread index. The warp-wide instructions become their definitions, computed
