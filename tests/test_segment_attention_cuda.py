@@ -159,3 +159,46 @@ def test_bounds_are_computed_once_per_id_array():
     calls = kernel_calls(_lowered_gpu_module(config, "cuda", "float16", "flash"))
     assert sum(name.startswith("segment_bounds") for name in calls) == 2, calls
     assert sum(name.startswith("flash_segment_attention") for name in calls) == 4, calls
+
+
+def test_lowering_wiring_matches_numpy():
+    """The Relax rewrite itself, run with the kernels' CPU builds: two attention calls over two id arrays
+    (the bounds of each computed once), the reshapes to ``[1, n, heads, head_dim]`` and the kernels'
+    argument order, against numpy."""
+    from tvm import relax
+
+    from mlc_vision.compiler.passes.segment_attention_cuda import FlashKernels, lower_with
+    from mlc_vision.models.qwen2_vl import SEGMENT_ATTENTION
+
+    heads, head_dim, dtype = 2, 64, "float16"
+    n = tvm.tirx.Var("n", "int64")
+    bb = relax.BlockBuilder()
+    q, k, v = (relax.Var(name, relax.TensorType([n, heads, head_dim], dtype)) for name in "qkv")
+    images, windows = (relax.Var(name, relax.TensorType([n], "int32")) for name in ("images", "windows"))
+    out_ty = relax.TensorType([n, heads, head_dim], dtype)
+    with bb.function("main", [q, k, v, images, windows]):
+        with bb.dataflow():
+            first = bb.emit(relax.call_dps_packed(SEGMENT_ATTENTION, [q, k, v, windows], out_ty))
+            second = bb.emit(relax.call_dps_packed(SEGMENT_ATTENTION, [first, k, v, images], out_ty))
+            third = bb.emit(relax.call_dps_packed(SEGMENT_ATTENTION, [second, k, v, windows], out_ty))
+            result = bb.emit_output(third)
+        bb.emit_func_output(result)
+    kernels = FlashKernels(cpu=True)
+    mod = lower_with(bb.get(), kernels)
+    assert "mlc_vision.segment_attention" not in mod.script()
+    assert mod.script().count("segment_bounds") - mod.script().count("def segment_bounds") == 2
+    ex = tvm.compile(mod, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+
+    rng = np.random.default_rng(3)
+    image_ids = segment_ids([70, 45])
+    window_ids = segment_ids([1, 64, 5, 20, 25])
+    count = len(image_ids)
+    qn, kn, vn = (rng.standard_normal((count, heads, head_dim)).astype(dtype) for _ in range(3))
+    args = [tvm.runtime.tensor(a) for a in (qn, kn, vn, image_ids, window_ids)]
+    ours = vm["main"](*args).numpy().astype("float64")
+    k32, v32 = kn.astype("float32"), vn.astype("float32")
+    expected = qn.astype("float32")
+    for ids in (window_ids, image_ids, window_ids):
+        expected = segment_reference(expected, k32, v32, ids, head_dim**-0.5).astype(dtype).astype("float32")
+    np.testing.assert_allclose(ours, expected, atol=5e-3, rtol=0)

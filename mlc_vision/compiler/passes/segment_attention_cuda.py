@@ -33,11 +33,15 @@ BOUNDS = "segment_bounds"
 OPAQUE = 8  # relax OpPatternKind::kOpaque
 
 
-class _FlashKernels:
-    """``lower(builder, q, k, v, segments)`` for the segment rewriter; PrimFuncs added once each."""
+class FlashKernels:
+    """``lower(builder, q, k, v, segments)`` for the segment rewriter; PrimFuncs added once each.
 
-    def __init__(self):
+    ``cpu``: the kernels' CPU builds (the same TVMScript, lanes emulated), so the whole lowering can be
+    run and checked on a CPU (tests/test_segment_attention_cuda.py)."""
+
+    def __init__(self, cpu: bool = False):
         self.kernels = {}
+        self.cpu = cpu
 
     def _kernel(self, builder, name, make):
         # opaque to fusion: the kernels are scheduled already, and TVM's reshape-pattern analysis
@@ -54,10 +58,12 @@ class _FlashKernels:
         if any(x.ty.dtype != dtype for x in (k, v)):
             return None
         n = q.ty.shape.values[0]
-        bounds_func = self._kernel(builder, BOUNDS, segment_bounds_kernel)
+        bounds_func = self._kernel(builder, BOUNDS, lambda: segment_bounds_kernel(self.cpu))
         name = f"flash_segment_attention_h{heads}_d{head_dim}_{dtype}"
         scale = 1.0 / math.sqrt(head_dim)
-        flash = self._kernel(builder, name, lambda: tc_segment_attention_kernel(heads, head_dim, dtype, scale))
+        flash = self._kernel(
+            builder, name, lambda: tc_segment_attention_kernel(heads, head_dim, dtype, scale, cpu=self.cpu)
+        )
         bounds = builder.emit(relax.call_tir(bounds_func, [segments], relax.TensorType([n, 2], "int32")))
         batched = [builder.emit(relax.op.reshape(x, [1, n, heads, head_dim])) for x in (q, k, v)]
         out_ty = relax.TensorType([1, n, heads, head_dim], dtype)
@@ -69,6 +75,10 @@ class _FlashKernels:
 def lower_segment_attention_cuda_flash(mod, _ctx):
     """Segmented attention -> segment bounds + the tensor-core flash kernel (fp16/bf16, head_dim a multiple
     of 8 up to 128); one ``segment_bounds`` call per id array."""
-    kernels = _FlashKernels()
+    return lower_with(mod, FlashKernels())
+
+
+def lower_with(mod, kernels: FlashKernels):
+    """``mod`` with every segmented attention that ``kernels`` takes rewritten, equal bounds calls merged."""
     mod = rewrite_relax_functions(mod, _SegmentAttentionRewriter(mod, kernels))
     return relax.transform.EliminateCommonSubexpr()(mod) if kernels.kernels else mod
