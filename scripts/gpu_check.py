@@ -21,6 +21,12 @@ runtime travels to it) and this one has no GPU:
 
 A variant whose compile fails is reported and skipped.
 
+Native-resolution towers (``NATIVE_MODELS``: Qwen2.5-VL's 7B tower) get
+``default`` (the ``[n, n]`` mask) and ``flash`` (the segmented tensor-core
+flash kernel): parity of two images in one call at ``PARITY_LAYERS`` layers
+against our fp32 CPU library, and ms per call at 448x448 and 1008x672 (no
+torch row for them).
+
 It also runs our fp32 CPU library, whose parity with transformers the tests
 prove, on a fixed input: that output is the reference. Models whose fp32
 params do not fit this machine (EVA-CLIP E/14: 4.4 B) get their reference,
@@ -420,12 +426,105 @@ def run(root: Path, out: Path, batches: list[int], runs: int, models: list[str],
     print(table)
 
 
+# ---- native-resolution towers (Qwen2.5-VL): patches + segment ids in, merged tokens out -------------------
+
+#: Native-resolution presets and their variants (segmented attention: the [n, n] mask, or the flash kernel).
+NATIVE_MODELS = ("qwen2.5-vl-7b-vision",)
+NATIVE_VARIANTS = {"default": VARIANTS["default"], "flash": VARIANTS["flash"]}
+#: Parity call: two images in one call (a partial window row/column in the second), at PARITY_LAYERS layers.
+NATIVE_CHECK_GRIDS = [(1, 16, 16), (1, 12, 20)]
+#: Timed calls: 448 x 448 (1024 patches) and 1008 x 672 (3456 patches), one image each.
+NATIVE_TIMED_GRIDS = {"448x448": [(1, 32, 32)], "1008x672": [(1, 72, 48)]}
+
+
+def native_inputs(metadata: dict, grids, seed: int) -> list[np.ndarray]:
+    """``encode``'s inputs for ``grids`` in the metadata's order: random patches, the runtime's ids."""
+    from mlc_vision.runtime.native import NativeGeometry, attention_inputs
+
+    native = metadata["native_resolution"]
+    count = sum(t * h * w for t, h, w in grids)
+    width = native["inputs"][0]["shape"][1]
+    arrays = {"patches": np.random.default_rng(seed).standard_normal((count, width)).astype(np.float32)}
+    arrays.update(attention_inputs(grids, NativeGeometry.from_metadata(native)))
+    return [arrays[spec["name"]] for spec in native["inputs"]]
+
+
+def native_cpu_reference(config) -> np.ndarray:
+    import tempfile
+
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from mlc_vision.compiler.export import build_library
+    from mlc_vision.compiler.module import build_module
+
+    built = build_module(config, "float32", "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = build_library(built.mod, "cpu", Path(tmp) / "ref.so", metadata=built.metadata)
+        vm = VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+        params = [tvm.runtime.tensor(a) for a in hashed_params(built.metadata)]
+        inputs = [tvm.runtime.tensor(a) for a in native_inputs(built.metadata, NATIVE_CHECK_GRIDS, 0)]
+        return vm["encode"](*inputs, params).numpy()
+
+
+def build_native(out: Path, models: list[str], variants: list[str]) -> None:
+    """Full-depth CUDA libraries per variant, PARITY_LAYERS-layer parity libraries and their fp32 CPU reference."""
+    (out / "libs").mkdir(parents=True, exist_ok=True)
+    (out / "ref").mkdir(parents=True, exist_ok=True)
+    for preset in models:
+        for variant in variants:
+            start = time.perf_counter()
+            try:
+                build_variant(full_depth(preset), variant, out / "libs" / lib_name(preset, variant))
+                build_variant(full_depth(preset, PARITY_LAYERS), variant, out / "libs" / lib_name(preset, variant, True))
+            except Exception as err:  # reported, the others go on
+                print(f"{preset} {variant}: NOT BUILT ({type(err).__name__}: {str(err).splitlines()[0][:200]})", flush=True)
+                continue
+            print(f"{preset} {variant}: built in {time.perf_counter() - start:.0f} s", flush=True)
+        np.save(out / "ref" / f"{preset}.npy", native_cpu_reference(full_depth(preset, PARITY_LAYERS)))
+
+
+def run_native(root: Path, out: Path, runs: int, models: list[str], variants: list[str]) -> None:
+    """Per preset and variant: parity of the parity library with the fp32 CPU reference, ms per timed grid.
+
+    No torch row here: ``mlc-vision bench -m qwen2.5-vl-7b-vision`` times transformers on the CPU;
+    on the GPU only our variants are compared with each other."""
+    import tvm
+
+    load_cuda_runtime()
+    out.mkdir(parents=True, exist_ok=True)
+    dev = tvm.cuda(0)
+    rows = []
+    for preset in models:
+        reference = np.load(root / "ref" / f"{preset}.npy")
+        for variant in variants:
+            path = root / "libs" / lib_name(preset, variant)
+            if not path.exists():
+                print(f"{preset} {variant}: no library (not built)", flush=True)
+                continue
+            row = {"model": preset, "variant": variant}
+            vm, metadata = load_vm(root / "libs" / lib_name(preset, variant, True), dev)
+            inputs = [tvm.runtime.tensor(a.astype(DTYPE) if a.dtype == np.float32 else a, dev)
+                      for a in native_inputs(metadata, NATIVE_CHECK_GRIDS, 0)]  # fmt: skip
+            ours = vm["encode"](*inputs, device_params(metadata)).numpy()
+            row.update({f"vs_cpu_fp32_{k}": v for k, v in compare(ours, reference).items()})
+            vm, metadata = load_vm(path, dev)
+            params = device_params(metadata)
+            for label, grids in NATIVE_TIMED_GRIDS.items():
+                inputs = [tvm.runtime.tensor(a.astype(DTYPE) if a.dtype == np.float32 else a, dev)
+                          for a in native_inputs(metadata, grids, 1)]  # fmt: skip
+                row[f"{label}_ms"] = round(gpu_median_ms(lambda: vm["encode"](*inputs, params), dev.sync, runs), 3)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    (out / "gpu-check-native.json").write_text(json.dumps({"device": str(dev), "rows": rows}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
     for name in ("build", "run"):
         p = sub.add_parser(name)
-        p.add_argument("--only", nargs="*", default=list(MODELS), help="models (presets) to include")
+        p.add_argument("--only", nargs="*", default=list(MODELS + NATIVE_MODELS), help="models (presets) to include")
         p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     b = sub.choices["build"]
     b.add_argument("--out", type=Path, default=Path(".gpu"))
@@ -435,10 +534,19 @@ def main() -> None:
     r.add_argument("--batch", default="1,8,32")
     r.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
+    native = [m for m in args.only if m in NATIVE_MODELS]
+    fixed = [m for m in args.only if m not in NATIVE_MODELS]
+    native_variants = [v for v in args.variants if v in NATIVE_VARIANTS]
     if args.step == "build":
-        build(args.out, args.only, args.variants)
+        if fixed:
+            build(args.out, fixed, args.variants)
+        if native:
+            build_native(args.out, native, native_variants)
     else:
-        run(args.dir, args.out, [int(b) for b in args.batch.split(",")], args.runs, args.only, args.variants)
+        if fixed:
+            run(args.dir, args.out, [int(b) for b in args.batch.split(",")], args.runs, fixed, args.variants)
+        if native:
+            run_native(args.dir, args.out, args.runs, native, native_variants)
 
 
 if __name__ == "__main__":

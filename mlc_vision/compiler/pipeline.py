@@ -9,8 +9,9 @@ runs, for every target:
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
    The segmented attention of native-resolution towers becomes the CPU's
-   segment kernel, or anywhere else a ``[n, n]`` mask lowering
-   (``passes/segment_attention.py``).
+   segment kernel, with CUDA ``flash`` the segmented tensor-core flash kernel
+   (``passes/segment_attention_cuda.py``), or anywhere else a ``[n, n]`` mask
+   lowering (``passes/segment_attention.py``).
 2. ``legalize``: ``matmul(x, permute_dims(w))`` becomes one NT matmul (weights
    are read in their checkpoint ``[out, in]`` layout, no transpose kernel),
    then every op becomes a TIR PrimFunc (on the CPU with our vectorizable
@@ -52,6 +53,7 @@ from .passes.bf16_cpu import bf16_linear_cpu
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.segment_attention import lower_segment_attention_cpu, lower_segment_attention_masked
+from .passes.segment_attention_cuda import lower_segment_attention_cuda_flash
 from .passes.split_attention import split_attention, split_attention_cuda
 
 
@@ -113,7 +115,7 @@ def gpu_phases(target, attention: str, gemm: str = "dlight") -> list[tuple[str, 
         "split": [split_attention],
         "fused": [fuse_attention_cuda, split_attention],
         "tensorcore": [split_attention_cuda],
-        "flash": [fuse_attention_cuda_tc, split_attention_cuda],
+        "flash": [fuse_attention_cuda_tc, split_attention_cuda, lower_segment_attention_cuda_flash],
     }[attention]
     return [
         ("lower_attention", lower_attention + [lower_segment_attention_masked]),

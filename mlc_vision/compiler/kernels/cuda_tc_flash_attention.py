@@ -31,6 +31,15 @@ reduction is padded to a multiple of 16 with zeros. Any sequence length: the
 last query tile's extra rows are computed and not stored, the last key tile's
 extra keys are masked.
 
+**Segmented** (:func:`tc_segment_attention_kernel`, the native-resolution
+towers): the sequence length is symbolic and a ``bounds [n, 2]`` input gives
+each position's segment (:func:`segment_bounds_kernel` makes it from sorted
+ids). A block walks the keys from its first row's segment start to its last
+row's segment end, tiles starting at that key, and masks each score to its
+row's segment (bounds of the 64 rows in shared memory: in registers they
+pushed head_dim 72/80 into spills on sm_80). Everything else is the kernel
+above; the dense kernel's generated code does not change.
+
 **CPU check of the same TVMScript.** ``cpu=True`` builds this kernel with the
 warp's lanes run one after another and every per-thread register array given a
 thread index. The warp-wide instructions become their definitions, computed
@@ -45,6 +54,7 @@ not only on the GPU (``tests/test_fused_attention.py``).
 
 from __future__ import annotations
 
+import tvm
 from tvm.script import tirx as T
 
 BLOCK_Q = 64  # query rows per block: 16 per warp
@@ -88,9 +98,9 @@ def kv_stages(head_dim: int) -> int:
     return 2 if 2 * tile_bytes(head_dim) <= SHARED_BYTES else 1
 
 
-def shared_bytes(head_dim: int) -> int:
-    """Static shared memory per block."""
-    return kv_stages(head_dim) * tile_bytes(head_dim)
+def shared_bytes(head_dim: int, segmented: bool = False) -> int:
+    """Static shared memory per block (segmented: plus each query row's segment bounds, two int32)."""
+    return kv_stages(head_dim) * tile_bytes(head_dim) + (2 * BLOCK_Q * 4 if segmented else 0)
 
 
 def ldmatrix_lane_address(lane, row0, col0, stride, col_matrix_fast: bool):
@@ -110,13 +120,36 @@ def ldmatrix_lane_address(lane, row0, col0, stride, col_matrix_fast: bool):
 
 def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, scale: float, cpu: bool = False):
     """A PrimFunc ``(q, k, v, out)``, all ``[batch, seq, heads, head_dim]`` in ``dtype``, batch symbolic."""
+    return _flash_kernel(seq, heads, head_dim, dtype, scale, cpu, segmented=False)
+
+
+def tc_segment_attention_kernel(heads: int, head_dim: int, dtype: str, scale: float, cpu: bool = False):
+    """A PrimFunc ``(q, k, v, bounds, out)``: attention within segments, the sequence length symbolic.
+
+    q, k, v, out ``[batch, n, heads, head_dim]`` in ``dtype`` (batch and ``n``
+    symbolic); ``bounds [n, 2]`` int32: the first position of each position's
+    segment and one past its last (:func:`segment_bounds_kernel`). Query ``i``
+    attends to the keys ``bounds[i, 0] <= j < bounds[i, 1]``. A query tile
+    walks only the keys from its first row's segment start to its last row's
+    segment end (segments are contiguous runs), so a layer of windows costs
+    about ``n x window`` scores, not ``n x n``.
+    """
+    return _flash_kernel(None, heads, head_dim, dtype, scale, cpu, segmented=True)
+
+
+def _flash_kernel(seq, heads: int, head_dim: int, dtype: str, scale: float, cpu: bool, segmented: bool):
+    """The kernel of both entries: a static ``seq`` (every key), or ``segmented`` (``seq`` symbolic, key
+    ranges from the ``bounds`` input)."""
     dtype = str(dtype)  # Relax hands a PrimType
     if not supports(head_dim, dtype):
         raise ValueError(
             f"tensor-core flash attention takes fp16/bf16 and head_dim a multiple of 8 up to {MAX_HEAD_DIM} "
             f"(got {head_dim}, {dtype})"
         )
-    S, H, D = seq, heads, head_dim
+    # ``N``: the buffers' sequence length; ``S``: the same in index arithmetic (int32: fewer registers)
+    N = tvm.tirx.Var("n", "int64") if segmented else seq
+    S = tvm.tirx.Cast("int32", N) if segmented else seq
+    H, D = heads, head_dim
     DK = padded_head_dim(D)
     DS = row_stride(D)
     NK16 = DK // 16  # k16 steps of Q·K^T
@@ -124,6 +157,7 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
     ND8 = D // 8  # n8 output tiles
     ND16 = ND8 // 2  # pairs of output tiles loaded by one ldmatrix.x4.trans
     n_q_tiles = (S + BLOCK_Q - 1) // BLOCK_Q
+    ROW_BOUNDS = (2 * BLOCK_Q,)  # segmented: first and one-past-last key of each row's segment
     n_k_tiles = (S + BLOCK_K - 1) // BLOCK_K
     copies = (BLOCK_K * DK // VEC + THREADS - 1) // THREADS  # 16-byte copies per thread per tile
     NT = THREADS
@@ -151,6 +185,31 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
 
     def v_address(lane, kc, n16):
         return ldmatrix_lane_address(lane, kc * 16, n16 * 16, DS, False)
+
+    # ---- the keys a block walks: all of them, or (segmented) its rows' segments ----
+
+    def query_row(qt, tx, r):
+        """The sequence position of row ``g + 8 r`` of lane ``tx``'s warp in query tile ``qt``."""
+        return qt * BLOCK_Q + tx // WARP * 16 + tx % WARP // 4 + 8 * r
+
+    def key_start(krange, tx):
+        """The first key of the block's range (``krange``: this thread's copy of the range)."""
+        return krange[tx * own, 0] if segmented else 0
+
+    def key_end(krange, tx):
+        return krange[tx * own, 1] if segmented else S
+
+    def key_tiles(krange):
+        """Key tiles the block walks (read outside the thread loops: thread 0's copy, the same in all)."""
+        return (krange[0, 1] - krange[0, 0] + BLOCK_K - 1) // BLOCK_K if segmented else n_k_tiles
+
+    def key_valid(key, rowb, tx, r):
+        """Whether row ``g + 8 r`` of lane ``tx`` attends to ``key``: inside the sequence, or inside its
+        segment (``rowb``: the tile's segment bounds in shared memory, two per row)."""
+        if segmented:
+            row = tx // WARP * 16 + tx % WARP // 4 + 8 * r
+            return tvm.tirx.all(rowb[2 * row] <= key, key < rowb[2 * row + 1])
+        return key < S
 
     # ---- warp-wide instructions: PTX on the GPU, their definition on the CPU ----
 
@@ -223,13 +282,14 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
     # ---- the kernel ----
 
     @T.macro
-    def copy_tile(dst, base, src, bh, row0, tx):
-        """``dst[base + r DS + c] = src[batch, row0 + r, head, c]`` for a 64 x DK tile; zeros past seq and head_dim."""
+    def copy_tile(dst, base, src, bh, row0, end, tx):
+        """``dst[base + r DS + c] = src[batch, row0 + r, head, c]`` for a 64 x DK tile; zeros from row ``end``
+        on and past head_dim."""
         for i in T.unroll(copies):
             if i * NT + tx < BLOCK_K * DK // VEC:
                 r = (i * NT + tx) // (DK // VEC)
                 c8 = (i * NT + tx) % (DK // VEC)
-                if row0 + r < S and c8 < D // VEC:
+                if row0 + r < end and c8 < D // VEC:
                     for e in T.vectorized(VEC):
                         dst[base + r * DS + c8 * VEC + e] = src[bh // H, row0 + r, bh % H, c8 * VEC + e]
                 else:
@@ -237,11 +297,11 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                         dst[base + r * DS + c8 * VEC + e] = T.cast(0, dtype)
 
     @T.macro
-    def copy_tile_async(dst, base, src, bh, row0, tx):
-        """``copy_tile`` into ``dst[base:]`` by ``cp.async`` (16 bytes, zero-filled past seq and head_dim),
-        one commit group; on the CPU a plain copy."""
+    def copy_tile_async(dst, base, src, bh, row0, end, tx):
+        """``copy_tile`` into ``dst[base:]`` by ``cp.async`` (16 bytes, zero-filled from row ``end`` on and past
+        head_dim), one commit group; on the CPU a plain copy."""
         if cpu:
-            copy_tile(dst, base, src, bh, row0, tx)
+            copy_tile(dst, base, src, bh, row0, end, tx)
         else:
             for i in T.unroll(copies):
                 if i * NT + tx < BLOCK_K * DK // VEC:
@@ -259,7 +319,9 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                             16,
                             T.cast(
                                 T.if_then_else(
-                                    row0 + (i * NT + tx) // (DK // VEC) < S and (i * NT + tx) % (DK // VEC) < D // VEC, 16, 0
+                                    row0 + (i * NT + tx) // (DK // VEC) < end and (i * NT + tx) % (DK // VEC) < D // VEC,
+                                    16,
+                                    0,
                                 ),
                                 "uint32",
                             ),
@@ -277,15 +339,21 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
         if not cpu:
             T.evaluate(T.ptx["cp.async.wait_group"](pending))
 
-    @T.prim_func(private=True)
-    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-        b = T.int64()
-        Q = T.match_buffer(q_h, (b, S, H, D), dtype)
-        K = T.match_buffer(k_h, (b, S, H, D), dtype)
-        V = T.match_buffer(v_h, (b, S, H, D), dtype)
-        O = T.match_buffer(o_h, (b, S, H, D), dtype)
-        for bh in grid_axis(b * H, "blockIdx.y"):
+    @T.macro
+    def key_ranges(krange, rowb, bounds, qt, tx):
+        """Segmented: the block's key range (first row's segment start, last row's segment end) in this
+        thread's registers, and each row's segment bounds in shared memory (in shared memory they cost
+        no registers across the key loop; rows past the sequence take the last one's)."""
+        if segmented:
+            krange[tx * own, 0] = bounds[qt * BLOCK_Q, 0]
+            krange[tx * own, 1] = bounds[T.min(qt * BLOCK_Q + BLOCK_Q - 1, S - 1), 1]
+            if tx < BLOCK_Q:
+                for e in T.unroll(2):
+                    rowb[2 * tx + e] = bounds[T.min(qt * BLOCK_Q + tx, S - 1), e]
+
+    @T.macro
+    def attention(Q, K, V, O, bounds):
+        for bh in grid_axis(Q.shape[0] * H, "blockIdx.y"):
             for qt in grid_axis(n_q_tiles, "blockIdx.x"):
                 Ks = T.alloc_buffer((STAGES * TILE,), dtype, scope=shared)
                 Vs = T.alloc_buffer((STAGES * TILE,), dtype, scope=shared)
@@ -298,17 +366,21 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                 stat = T.alloc_buffer((rows, 4), "float32", scope=local)  # running max, sum of rows g, g + 8
                 part = T.alloc_buffer((rows, 2), "float32", scope=local)  # this lane's share of a row reduction
                 full = T.alloc_buffer((rows, 2), "float32", scope=local)  # the quad's
+                # segmented: the block's keys, each row's segment (dense: unused registers, which vanish)
+                krange = T.alloc_buffer((rows, 2), "int32", scope=local)
+                rowb = T.alloc_buffer(ROW_BOUNDS if segmented else (1,), "int32", scope=shared if segmented else local)
                 # the query tile passes through Ks into registers
                 for tx in threads():
-                    copy_tile(Ks, 0, Q, bh, qt * BLOCK_Q, tx)
+                    key_ranges(krange, rowb, bounds, qt, tx)
+                    copy_tile(Ks, 0, Q, bh, qt * BLOCK_Q, S, tx)
                 barrier()
                 for kc in unroll(NK16):
                     for tx in threads():
                         ldmatrix(q_frag, kc * 8, Ks, 0, tx, 4, False, q_address, tx // WARP, kc)
                 barrier()  # every warp has its Q fragments: Ks may be refilled
                 for tx in threads():
-                    copy_tile_async(Ks, 0, K, bh, 0, tx)
-                    copy_tile_async(Vs, 0, V, bh, 0, tx)
+                    copy_tile_async(Ks, 0, K, bh, key_start(krange, tx), key_end(krange, tx), tx)
+                    copy_tile_async(Vs, 0, V, bh, key_start(krange, tx), key_end(krange, tx), tx)
                     commit()
                 for tx in threads():
                     for i in T.unroll(ND8 * 4):
@@ -316,13 +388,19 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                     for r in T.unroll(2):
                         stat[tx * own, r] = T.float32(NEG)
                         stat[tx * own, 2 + r] = T.float32(0)
-                for kt in T.serial(n_k_tiles):
+                for kt in T.serial(key_tiles(krange)):
                     # tile kt arrived (with two stages, tile kt + 1 is on its way meanwhile)
                     for tx in threads():
                         if STAGES == 2:
-                            if kt + 1 < n_k_tiles:
-                                copy_tile_async(Ks, (kt + 1) % 2 * TILE, K, bh, (kt + 1) * BLOCK_K, tx)
-                                copy_tile_async(Vs, (kt + 1) % 2 * TILE, V, bh, (kt + 1) * BLOCK_K, tx)
+                            if kt + 1 < key_tiles(krange):
+                                copy_tile_async(
+                                    Ks, (kt + 1) % 2 * TILE, K, bh, key_start(krange, tx) + (kt + 1) * BLOCK_K,
+                                    key_end(krange, tx), tx,
+                                )  # fmt: skip
+                                copy_tile_async(
+                                    Vs, (kt + 1) % 2 * TILE, V, bh, key_start(krange, tx) + (kt + 1) * BLOCK_K,
+                                    key_end(krange, tx), tx,
+                                )  # fmt: skip
                             commit()
                             wait(1)
                         else:
@@ -339,20 +417,26 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                             for tx in threads():
                                 mma(s_acc, 8 * j2, q_frag, 8 * kc, k_frag, 0, tx)
                                 mma(s_acc, 8 * j2 + 4, q_frag, 8 * kc, k_frag, 4, tx)
-                    # scale, mask the padding keys, this lane's row maxima
+                    # scale, mask the keys outside the sequence (segmented: outside the row's segment),
+                    # this lane's row maxima
                     for tx in threads():
                         for r in T.unroll(2):
                             part[tx * own, r] = T.float32(NEG)
                         for i in T.unroll(NS * 4):
                             s_acc[tx * own, i] = T.if_then_else(
-                                kt * BLOCK_K + i // 4 * 8 + 2 * (tx % WARP % 4) + i % 2 < S,
+                                key_valid(
+                                    key_start(krange, tx) + kt * BLOCK_K + i // 4 * 8 + 2 * (tx % WARP % 4) + i % 2,
+                                    rowb, tx, i % 4 // 2,
+                                ),
                                 s_acc[tx * own, i] * T.float32(scale_log2),
                                 T.float32(NEG),
-                            )
+                            )  # fmt: skip
                             part[tx * own, i % 4 // 2] = T.max(part[tx * own, i % 4 // 2], s_acc[tx * own, i])
                     for tx in threads():
                         quad_reduce(full, part, tx, T.max)
-                    # online softmax: new max, rescale the sum and the output, p = exp2(s - max)
+                    # online softmax: new max, rescale the sum and the output, p = exp2(s - max). A row whose
+                    # keys so far were all masked has max NEG and sums exp2(0) terms; its first real key
+                    # rescales them by exp2(NEG - max) = 0.
                     for tx in threads():
                         for r in T.unroll(2):
                             full[tx * own, r] = T.max(full[tx * own, r], stat[tx * own, r])  # new max
@@ -383,9 +467,13 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                     barrier()  # every warp is done with this stage before it is refilled
                     if STAGES == 1:
                         for tx in threads():
-                            if kt + 1 < n_k_tiles:
-                                copy_tile_async(Ks, 0, K, bh, (kt + 1) * BLOCK_K, tx)
-                                copy_tile_async(Vs, 0, V, bh, (kt + 1) * BLOCK_K, tx)
+                            if kt + 1 < key_tiles(krange):
+                                copy_tile_async(
+                                    Ks, 0, K, bh, key_start(krange, tx) + (kt + 1) * BLOCK_K, key_end(krange, tx), tx
+                                )
+                                copy_tile_async(
+                                    Vs, 0, V, bh, key_start(krange, tx) + (kt + 1) * BLOCK_K, key_end(krange, tx), tx
+                                )
                             commit()
                 # normalize by the row sums (reduced over the quad now) and store the rows inside seq
                 for tx in threads():
@@ -395,14 +483,91 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
                     quad_reduce(full, part, tx, add)
                 for tx in threads():
                     for i2 in T.unroll(ND8 * 2):
-                        if qt * BLOCK_Q + tx // WARP * 16 + tx % WARP // 4 + 8 * (i2 % 2) < S:
+                        if query_row(qt, tx, i2 % 2) < S:
                             for e in T.vectorized(2):
                                 O[
                                     bh // H,
-                                    qt * BLOCK_Q + tx // WARP * 16 + tx % WARP // 4 + 8 * (i2 % 2),
+                                    query_row(qt, tx, i2 % 2),
                                     bh % H,
                                     i2 // 2 * 8 + 2 * (tx % WARP % 4) + e,
                                 ] = T.cast(o_acc[tx * own, i2 // 2 * 4 + i2 % 2 * 2 + e] / full[tx * own, i2 % 2], dtype)
 
+    if segmented:
+
+        @T.prim_func(private=True)
+        def segment_kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, bounds_h: T.handle, o_h: T.handle):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            b = T.int64()
+            Q = T.match_buffer(q_h, (b, N, H, D), dtype)
+            K = T.match_buffer(k_h, (b, N, H, D), dtype)
+            V = T.match_buffer(v_h, (b, N, H, D), dtype)
+            bounds = T.match_buffer(bounds_h, (N, 2), "int32")
+            O = T.match_buffer(o_h, (b, N, H, D), dtype)
+            attention(Q, K, V, O, bounds)
+
+        return segment_kernel
+
+    @T.prim_func(private=True)
+    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        b = T.int64()
+        Q = T.match_buffer(q_h, (b, N, H, D), dtype)
+        K = T.match_buffer(k_h, (b, N, H, D), dtype)
+        V = T.match_buffer(v_h, (b, N, H, D), dtype)
+        O = T.match_buffer(o_h, (b, N, H, D), dtype)
+        attention(Q, K, V, O, None)
+
     return kernel
 
+
+BOUNDS_THREADS = 256
+SEARCH_STEPS = 32  # halvings that bring any int32-sized range to one position
+
+
+def segment_bounds_kernel(cpu: bool = False):
+    """A PrimFunc ``(ids, bounds)``: ``ids [n]`` int32 non-decreasing, ``bounds [n, 2]`` int32 the first
+    position of ``ids[i]``'s run and one past its last.
+
+    One thread per position, two binary searches over the whole ``ids`` (lower
+    and upper bound of ``ids[i]``): every position independent, no scan. The
+    flash kernel reads a block's key range from two rows of ``bounds`` instead
+    of searching per block. Needs the ids sorted, which the native-resolution
+    runtime gives in the order the blocks see the patches (images in order,
+    windows numbered in window order; docs/native_resolution.md).
+    """
+    n = tvm.tirx.Var("n", "int64")
+    local = "global" if cpu else "local"
+
+    def axis(extent, tag):
+        return T.serial(extent) if cpu else T.thread_binding(extent, thread=tag)
+
+    @T.macro
+    def search(ids, span, key, strict):
+        """``span = [lo, hi)`` narrowed to the first position whose id is ``> key`` (``strict``) or ``>= key``."""
+        for _ in T.serial(SEARCH_STEPS):
+            if span[0] < span[1]:
+                if (ids[(span[0] + span[1]) // 2] <= key) if strict else (ids[(span[0] + span[1]) // 2] < key):
+                    span[0] = (span[0] + span[1]) // 2 + 1
+                else:
+                    span[1] = (span[0] + span[1]) // 2
+
+    @T.prim_func(private=True, check_well_formed=False)  # thread loops inside the root block
+    def bounds_kernel(ids_h: T.handle, bounds_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        ids = T.match_buffer(ids_h, (n,), "int32")
+        bounds = T.match_buffer(bounds_h, (n, 2), "int32")
+        with T.sblock("root"):  # TVM's reshape detection (one input, one output) expects a root block
+            for blk in axis((n + BOUNDS_THREADS - 1) // BOUNDS_THREADS, "blockIdx.x"):
+                for tx in axis(BOUNDS_THREADS, "threadIdx.x"):
+                    if blk * BOUNDS_THREADS + tx < n:
+                        span = T.alloc_buffer((2,), "int64", scope=local)
+                        span[0] = T.int64(0)
+                        span[1] = blk * BOUNDS_THREADS + tx
+                        search(ids, span, ids[blk * BOUNDS_THREADS + tx], False)
+                        bounds[blk * BOUNDS_THREADS + tx, 0] = T.cast(span[0], "int32")
+                        span[0] = blk * BOUNDS_THREADS + tx + 1
+                        span[1] = n
+                        search(ids, span, ids[blk * BOUNDS_THREADS + tx], True)
+                        bounds[blk * BOUNDS_THREADS + tx, 1] = T.cast(span[0], "int32")
+
+    return bounds_kernel
