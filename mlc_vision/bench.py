@@ -155,6 +155,7 @@ class OurLibrary:
         built = build_module(config, dtype, "cpu")
         lib = build_library(built.mod, "cpu", workdir / f"{config.preset}-cpu-{dtype}.so", metadata=built.metadata)
         self.compile_s = time.perf_counter() - start
+        self.lib_path = lib
         self.dtype = dtype
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
@@ -475,8 +476,14 @@ def run_gpu_report(models, target: str, output: Path, dtype: str = "float16") ->
 
 
 def run_benchmark(models, target: str, batches: list[int], runs: int, output: Path, torch_compile: bool = True,
-                  peers: bool = True, bf16: bool | None = None):  # fmt: skip
-    """``mlc-vision bench``: ours (fp32, bf16) against torch, ONNX Runtime and OpenVINO on this CPU."""
+                  peers: bool = True, bf16: bool | None = None, native_sizes=None, tiles: int | None = None):  # fmt: skip
+    """``mlc-vision bench``: ours (fp32, bf16) against torch, ONNX Runtime and OpenVINO on this CPU.
+
+    Native-resolution presets get one row per image size (``native_sizes``,
+    ``(height, width)`` pairs; default NATIVE_IMAGE_SIZES) instead of batches.
+    With ``tiles``, presets with InternVL dynamic tiles get one row of one
+    image cut into that many tiles (plus the thumbnail) instead of batches.
+    """
     from .errors import MlcVisionError
 
     if target == "cuda":
@@ -504,21 +511,45 @@ def run_benchmark(models, target: str, batches: list[int], runs: int, output: Pa
         (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
         (output / "bench.md").write_text(markdown_table(rows, machine, runs))
 
-    native_rows: list[NativeRow] = []
-
-    def write_native(row: NativeRow) -> None:
-        native_rows.append(row)
-        report = {"machine": {"platform": platform.platform(), **machine}, "runs": runs, "rows": [asdict(r) for r in native_rows]}
-        (output / "bench-native.json").write_text(json.dumps(report, indent=2) + "\n")
-        (output / "bench-native.md").write_text(native_markdown(native_rows, machine, runs))
-
+    native = Report(output / "bench-native", machine, runs, native_markdown)
+    tiled = Report(output / "bench-tiles", machine, runs, tiles_markdown)
     for preset in models:
-        if load_preset(preset).native_resolution:  # image sizes, not batches
-            bench_native(preset, runs, output, on_row=write_native)
-            continue
-        bench_one(preset, batches, runs, output, torch_compile, machine["fp32_peak_gflops"], peers, bf16, on_row=write)
-    print(f"wrote {output / 'bench.json'} and {output / 'bench.md'}" + (" and bench-native.*" if native_rows else ""))
+        config = load_preset(preset)
+        if config.native_resolution:  # image sizes, not batches
+            bench_native(preset, runs, output, on_row=native.add, sizes=native_sizes)
+        elif tiles and config.tiling is not None and config.tiling.mode == "internvl":
+            bench_tiles(preset, tiles, runs, output, on_row=tiled.add)
+        else:
+            bench_one(preset, batches, runs, output, torch_compile, machine["fp32_peak_gflops"], peers, bf16, on_row=write)
+    extra = [f"{r.stem}.*" for r in (native, tiled) if r.rows]
+    print(f"wrote {output / 'bench.json'} and {output / 'bench.md'}" + "".join(f" and {e}" for e in extra))
     return rows
+
+
+class Report:
+    """``<stem>.json`` and ``<stem>.md`` (the machine header first), rewritten after every row:
+    a long run that is stopped keeps what it measured."""
+
+    def __init__(self, stem: Path, machine: dict, runs: int, markdown):
+        self.stem, self.machine, self.runs, self.markdown = Path(stem), machine, runs, markdown
+        self.rows: list = []
+
+    def add(self, row) -> None:
+        self.rows.append(row)
+        report = {"machine": {"platform": platform.platform(), **self.machine}, "runs": self.runs,
+                  "rows": [asdict(r) for r in self.rows]}  # fmt: skip
+        self.stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        self.stem.with_suffix(".md").write_text(self.markdown(self.rows, self.machine, self.runs))
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"1008x672"`` (height x width in pixels) -> ``(1008, 672)``; one-line error otherwise."""
+    from .errors import MlcVisionError
+
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise MlcVisionError(f"image size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 1008x672")
+    return int(parts[0]), int(parts[1])
 
 
 # ---- native resolution (Qwen2-VL / Qwen2.5-VL towers) ------------------------------------
@@ -553,7 +584,17 @@ def native_inputs(library: "OurLibrary", height: int, width: int) -> tuple[list[
     return [arrays[spec["name"]] for spec in native["inputs"]], grid
 
 
-def bench_native(preset: str, runs: int, workdir: Path, on_row=None) -> list[NativeRow]:
+def check_native_sizes(config: VisionConfig, sizes) -> None:
+    """Image sizes the runtime passes unresized: multiples of patch x merge on both sides (one line otherwise)."""
+    from .errors import MlcVisionError
+
+    factor = config.patch_size * config.spatial_merge_size
+    for height, width in sizes:
+        if height % factor or width % factor:
+            raise MlcVisionError(f"image size {height}x{width}: both sides must be multiples of {factor} for {config.preset}")
+
+
+def bench_native(preset: str, runs: int, workdir: Path, on_row=None, sizes=None) -> list[NativeRow]:
     """Our fp32 library against transformers' ``visual`` tower (same random weights), one image per call."""
     import torch
     import tvm
@@ -561,12 +602,14 @@ def bench_native(preset: str, runs: int, workdir: Path, on_row=None) -> list[Nat
     from .testing.references import torch_model
 
     config = load_preset(preset)
+    sizes = sizes or NATIVE_IMAGE_SIZES
+    check_native_sizes(config, sizes)
     ours = OurLibrary(config, workdir)
     torch.set_num_threads(os.cpu_count() or 1)
     model = torch_model(config).eval()
     load_library_params_into(model, ours)
     rows = []
-    for height, width in NATIVE_IMAGE_SIZES:
+    for height, width in sizes:
         inputs, grid = native_inputs(ours, height, width)
         args = [tvm.runtime.tensor(a, ours.device) for a in inputs]
         patches, grid_thw = torch.from_numpy(inputs[0]), torch.tensor([grid])
@@ -614,4 +657,98 @@ def native_markdown(rows: list[NativeRow], machine: dict, runs: int) -> str:
         lines.append(f"| {r.model} | {r.image} | {r.patches} | {r.tokens} | {r.tvm_ms:.1f} | {r.torch_eager_ms:.1f} "
                      f"| {r.ratio_eager:.2f} | {r.cosine_vs_torch:.6f} | {r.compile_s:.0f} |")  # fmt: skip
     lines += ["", f"Batch 1, median of {runs} runs after warm-up, in alternation; same random weights in both."]
+    return "\n".join(lines) + "\n"
+
+
+# ---- InternVL dynamic tiles -------------------------------------------------------------
+
+
+@dataclass
+class TiledRow:
+    model: str
+    image: str  # height x width in pixels of the image that is cut
+    grid: str  # rows x cols
+    tiles: int  # the tower's batch: the grid's tiles and the thumbnail
+    tokens: int
+    tvm_ms: float  # the whole VisionEncoder.encode_tiles: cut, resize, normalize, the tower on every tile
+    torch_eager_ms: float  # transformers' InternVLVisionModel on the same tiles (already cut and normalized)
+    ratio_eager: float
+    compile_s: float
+
+
+def tile_grid(count: int) -> tuple[int, int]:
+    """The squarest ``rows x cols`` grid of ``count`` tiles with rows <= cols: 6 -> (2, 3)."""
+    rows = max(r for r in range(1, int(count**0.5) + 1) if count % r == 0)
+    return rows, count // rows
+
+
+def write_random_params(library: OurLibrary, output: Path) -> Path:
+    """The library's random fp32 params as a params dir a :class:`VisionEncoder` loads."""
+    from .weights.params import write_params
+
+    names = [p["name"] for p in library.metadata["params"]]
+    meta = {"mlc_vision": {"family": library.metadata["family"], "config": library.metadata["config"]}}
+    return write_params(output, zip(names, library.fp32_params), meta)
+
+
+def bench_tiles(preset: str, count: int, runs: int, workdir: Path, on_row=None) -> TiledRow:
+    """One image cut into ``count`` tiles (+ thumbnail): our ``encode_tiles`` against transformers on those tiles.
+
+    Ours is timed end to end (the runtime's tiling and preprocessing included);
+    transformers gets the tiles already cut and normalized. Random weights on
+    each side (speed does not depend on them).
+    """
+    import torch
+
+    from .runtime.encoder import VisionEncoder
+    from .runtime.preprocess import normalize
+    from .runtime.tiling import Grid, internvl_tiles
+    from .testing.references import torch_model
+
+    config = load_preset(preset)
+    ours = OurLibrary(config, workdir)
+    encoder = VisionEncoder(ours.lib_path, write_random_params(ours, workdir / f"{preset}-params"))
+    rows, cols = tile_grid(count)
+    size = config.image_size
+    rgb = np.random.default_rng(0).integers(0, 256, (rows * size, cols * size, 3), dtype=np.uint8)
+    pre = config.preprocess
+    cut = internvl_tiles(rgb, size, pre, min_tiles=count, max_tiles=count, thumbnail=config.tiling.thumbnail,
+                         grid=Grid(rows, cols))  # fmt: skip
+    pixels = torch.from_numpy(np.stack([normalize(tile, pre, pre.backend) for tile in cut.tiles]))
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = torch_model(config).eval()
+
+    def reference():
+        with torch.inference_mode():
+            model(pixels)
+
+    contenders = {"tvm": lambda: encoder.encode_tiles(rgb, grid=(rows, cols)), "eager": reference}
+    features = contenders["tvm"]().features
+    assert features.shape[0] == len(cut.tiles), "encode_tiles and the bench cut different tiles"
+    ms = interleaved_medians_ms(contenders, runs)
+    row = TiledRow(
+        model=preset, image=f"{rgb.shape[0]}x{rgb.shape[1]}", grid=f"{rows}x{cols}", tiles=len(cut.tiles),
+        tokens=features.shape[0] * features.shape[1], tvm_ms=round(ms["tvm"], 2), torch_eager_ms=round(ms["eager"], 2),
+        ratio_eager=_ratio(ms["tvm"], ms["eager"]), compile_s=round(ours.compile_s, 1),
+    )  # fmt: skip
+    print(f"{preset:<28} {row.tiles} tiles ({row.grid} + thumbnail) ours encode_tiles {row.tvm_ms:9.1f} ms | "
+          f"eager {row.torch_eager_ms:9.1f} | ours/eager {row.ratio_eager:.2f}", flush=True)  # fmt: skip
+    if on_row is not None:
+        on_row(row)
+    return row
+
+
+def tiles_markdown(rows: list[TiledRow], machine: dict, runs: int) -> str:
+    lines = [
+        bench_peers.machine_header(machine),
+        "",
+        "| model | image | grid | tiles | tokens | ours encode_tiles ms | transformers eager ms | ours / eager | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.image} | {r.grid} | {r.tiles} | {r.tokens} | {r.tvm_ms:.1f} "
+                     f"| {r.torch_eager_ms:.1f} | {r.ratio_eager:.2f} | {r.compile_s:.0f} |")  # fmt: skip
+    lines += ["", f"One image, median of {runs} runs after warm-up, in alternation; random weights. Ours: the whole "
+              "`encode_tiles` (grid cut, resize, normalize, the tower on every tile in one call); transformers: "
+              "`InternVLVisionModel` on the same tiles, already cut and normalized."]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -207,7 +207,8 @@ def save_atomically(path: Path, array) -> None:
 @click.option("--min-tiles", type=int, default=None, help="InternVL tiles: fewest tiles per image (default: the library's).")
 @click.option("--thumbnail/--no-thumbnail", default=None,
               help="InternVL tiles: add the whole image as one more tile when the grid has several (default: the library's).")
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Features .npy to write.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="Features .npy to write (a library with more outputs writes each beside it: OUT.query_outputs.npy).")
 @click.option("--verify", is_flag=True, help="Check the params shards' checksums before running (sizes are always checked).")
 def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thumbnail, output, verify):
     """Turn images (or preprocessed pixels) into features.
@@ -238,11 +239,25 @@ def run_cmd(lib, params, images, pixel_values, device, max_tiles, min_tiles, thu
         features = np.concatenate([r.features if r.packed is None else r.packed for r in results], axis=0)
     else:
         features = encoder(load_pixel_values(pixel_values) if pixel_values else [str(p) for p in images])
+    outputs = features if isinstance(features, tuple) else (features,)
+    for name, array in zip(encoder.output_names, outputs):
+        save_output(output_path(output, name, first=name == encoder.output_names[0]), array)
+
+
+def output_path(output: Path, name: str, first: bool) -> Path:
+    """Where ``run`` writes one output: ``--output`` for the features, ``<stem>.<name>.npy`` beside it for others."""
+    if first:
+        return output
+    stem = output.name[: -len(".npy")] if output.name.endswith(".npy") else output.name
+    return output.with_name(f"{stem}.{name}.npy")
+
+
+def save_output(path: Path, array) -> None:
     note = ""
-    if features.dtype.name == "bfloat16":  # .npy has no bf16: numpy would read the file back as raw bytes
-        features, note = features.astype("float32"), " (bfloat16 library, widened exactly)"
-    save_atomically(output, features)
-    click.echo(f"wrote {output}: {features.dtype} {list(features.shape)}{note}")
+    if array.dtype.name == "bfloat16":  # .npy has no bf16: numpy would read the file back as raw bytes
+        array, note = array.astype("float32"), " (bfloat16 library, widened exactly)"
+    save_atomically(path, array)
+    click.echo(f"wrote {path}: {array.dtype} {list(array.shape)}{note}")
 
 
 def _run_native(encoder, images, pixel_values):
@@ -358,13 +373,20 @@ def targets_cmd():
 @click.option("--no-torch-compile", is_flag=True, help="Skip torch.compile.")
 @click.option("--no-peers", is_flag=True, help="Skip ONNX Runtime and OpenVINO (the bench extra).")
 @click.option("--bf16/--no-bf16", default=None, help="Time our bf16 library too (default: when this CPU has AVX512-BF16 or AMX).")
-def bench_cmd(models, target, batch, runs, output, no_torch_compile, no_peers, bf16):
+@click.option("--native-size", "native_sizes", multiple=True,
+              help="HEIGHTxWIDTH image for native-resolution presets (repeatable; default 448x448 and 1008x672).")
+@click.option("--tiles", type=click.IntRange(min=1), default=None,
+              help="Presets with InternVL tiles: time encode_tiles on one image cut into this many tiles "
+                   "(plus the thumbnail) instead of batches.")  # fmt: skip
+def bench_cmd(models, target, batch, runs, output, no_torch_compile, no_peers, bf16, native_sizes, tiles):
     """Time our library against the torch reference in the same process (random weights)."""
-    from .bench import run_benchmark
+    from .bench import parse_image_size, run_benchmark
 
     batches = [int(b) for b in batch.split(",") if b]
+    sizes = [parse_image_size(s) for s in native_sizes] or None
     run_benchmark(
-        list(models) or None, target, batches, runs, output, torch_compile=not no_torch_compile, peers=not no_peers, bf16=bf16
+        list(models) or None, target, batches, runs, output, torch_compile=not no_torch_compile, peers=not no_peers,
+        bf16=bf16, native_sizes=sizes, tiles=tiles,
     )
 
 

@@ -140,6 +140,58 @@ def check_tile_range(min_tiles: int, max_tiles: int) -> None:
 
 
 @dataclass(frozen=True)
+class QueryTransformer:
+    """InternVL-14B's QLLaMA: learned query tokens through LLaMA layers that cross-attend to the vision tokens.
+
+    ``num_query_tokens`` learned tokens go through ``num_hidden_layers`` LLaMA
+    decoder layers (RMSNorm, rotary positions ``0..num_query_tokens-1``,
+    SwiGLU MLP) whose self-attention is bidirectional; every
+    ``cross_attention_frequency``-th layer (0, f, 2f, ...) adds a
+    cross-attention over the tower's last hidden state (keys and values
+    projected from the tower's width). A final RMSNorm gives the query
+    outputs, ``[batch, num_query_tokens, hidden_size]``. ``vocab_size`` is
+    the text side's (the image side never reads the token embedding).
+
+    ``feature="pooled"`` is the contrastive image embedding, ``projection_dim``
+    (InternVL's ``clip_embed_dim``) wide, from attention-pooling heads of
+    ``attn_pool_num_heads`` heads: ``internvl_c`` pools the vision tokens
+    (``clip_projector``); ``internvl_g`` adds the pooled query outputs
+    (``clip_projector2``), each L2-normalized, as InternVL-G does.
+    """
+
+    num_query_tokens: int = 96
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    cross_attention_frequency: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    vocab_size: int = 49954
+    attn_pool_num_heads: int = 16
+    pooled_head: str = "internvl_g"  # internvl_c | internvl_g
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QueryTransformer":
+        reject_unknown_fields(cls, data, "qllama")
+        return cls(**data).validated()
+
+    def validated(self) -> "QueryTransformer":
+        from .validate import check_query_transformer  # types and ranges, without importing TVM
+
+        check_query_transformer(self)
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
+            raise MlcVisionError(
+                f"qllama hidden_size {self.hidden_size} must split into {self.num_attention_heads} heads of an even "
+                "width (rotary positions rotate pairs of channels)"
+            )
+        return self
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     """Architecture + preprocessing + feature selection of one vision encoder."""
 
@@ -185,6 +237,8 @@ class VisionConfig:
     fullatt_block_indexes: tuple[int, ...] = ()  # blocks that attend over the whole image despite windows
     merger_hidden_size: int | None = None  # the patch merger's output width (the LLM's)
     rope_theta: float = 10000.0  # base of the 2D rotary position
+    # InternVL-14B: QLLaMA's query tokens over the tower (a second output of encode); None for every other tower
+    qllama: QueryTransformer | None = None
 
     # ---- derived geometry -------------------------------------------------
     @property
@@ -225,6 +279,7 @@ class VisionConfig:
         data = dataclasses.asdict(self)
         data["preprocess"] = self.preprocess.to_dict()
         data["tiling"] = self.tiling.to_dict() if self.tiling is not None else None
+        data["qllama"] = self.qllama.to_dict() if self.qllama is not None else None
         return data
 
     @classmethod
@@ -235,6 +290,8 @@ class VisionConfig:
             data["preprocess"] = Preprocess.from_dict(data["preprocess"])
         if isinstance(data.get("tiling"), dict):
             data["tiling"] = Tiling.from_dict(data["tiling"])
+        if isinstance(data.get("qllama"), dict):
+            data["qllama"] = QueryTransformer.from_dict(data["qllama"])
         if "fullatt_block_indexes" in data:
             data["fullatt_block_indexes"] = tuple(int(i) for i in data["fullatt_block_indexes"])
         missing = [

@@ -188,3 +188,25 @@ def check_config_values(config) -> None:
     why = PositiveNumber().check(pre.rescale_factor)
     if why:
         raise _bad(where, "preprocess.rescale_factor", why)
+
+
+#: :class:`~mlc_vision.config.QueryTransformer` field -> rule.
+QUERY_TRANSFORMER_FIELDS = {
+    "num_query_tokens": IntRange(1, 4096),
+    "hidden_size": IntRange(1, MAX_WIDTH),
+    "intermediate_size": IntRange(1, 4 * MAX_WIDTH),
+    "num_hidden_layers": IntRange(1, 1024),
+    "num_attention_heads": IntRange(1, 1024),
+    "cross_attention_frequency": IntRange(1, 1024),
+    "rms_norm_eps": PositiveNumber(below=1.0),
+    "rope_theta": PositiveNumber(),
+    "vocab_size": IntRange(1, 1 << 24),
+    "attn_pool_num_heads": IntRange(1, 1024),
+    "pooled_head": OneOf(("internvl_c", "internvl_g")),
+}
+
+
+def check_query_transformer(qllama) -> None:
+    """Ranges of InternVL-14B's QLLaMA settings (a preset's ``qllama`` or a checkpoint's ``qllama_config``)."""
+    fields = {name: getattr(qllama, name) for name in QUERY_TRANSFORMER_FIELDS}
+    _check_fields(fields, QUERY_TRANSFORMER_FIELDS, "qllama config")

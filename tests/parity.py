@@ -59,7 +59,10 @@ class CompiledCPU:
         return tvm.runtime.tensor(np.ascontiguousarray(pixel_values.astype(self.dtype)), tvm.cpu())
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.vm["encode"](self._input(pixel_values), self.params).numpy().astype(np.float32)
+        """The features (a library with several outputs, InternVL-14B's, returns them first)."""
+        out = self.vm["encode"](self._input(pixel_values), self.params)
+        features = out if isinstance(out, tvm.runtime.Tensor) else out[0]
+        return features.numpy().astype(np.float32)
 
     def hidden_states(self, pixel_values: np.ndarray) -> list[np.ndarray]:
         out = self.vm["hidden_states"](self._input(pixel_values), self.params)

@@ -21,6 +21,7 @@ from mlc_vision.runtime.encoder import VisionEncoder
 from mlc_vision.runtime.tiling import anyres_tiles, internvl_tiles, pack_anyres
 from parity import assert_close, assert_fp32_close, randomize_all
 from test_anyres import anyres_library, onevision, reference_model  # noqa: F401  (fixtures of the tiled tests)
+from test_internvl14b import tiny, tiny_fp32  # noqa: F401  (InternVL-14B: a library with two outputs)
 from test_tiling import image, tiled_tower  # noqa: F401
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cpp"
@@ -75,6 +76,17 @@ def test_cpp_matches_python_runtime(cpp_encode, library, tmp_path):
     ours_py = VisionEncoder(lib, params)(pixels)
     assert ours_cpp.shape == (3, 16, 64)
     np.testing.assert_array_equal(ours_cpp, ours_py)
+
+
+def test_cpp_writes_both_outputs_of_internvl_14b(cpp_encode, tiny, tiny_fp32, tmp_path):
+    """encode returns a tuple: the features go to OUT.npy, the query outputs to OUT.query_outputs.npy."""
+    params = tiny[2]
+    pixels = np.random.default_rng(6).standard_normal((2, 3, 56, 56)).astype("float32")
+    np.save(tmp_path / "pixels.npy", pixels)
+    features = run_cpp(cpp_encode, tiny_fp32.path, params, tmp_path / "pixels.npy", tmp_path / "cpp.npy")
+    ours_py = VisionEncoder(tiny_fp32.path, params)(pixels)
+    np.testing.assert_array_equal(features, ours_py.features)
+    np.testing.assert_array_equal(np.load(tmp_path / "cpp.query_outputs.npy"), ours_py.query_outputs)
 
 
 def test_cpp_reads_raw_float32(cpp_encode, library, tmp_path):

@@ -206,15 +206,6 @@ def test_internvit_tower_config_beside_the_checkpoint(tmp_path):
     convert(ckpt, tmp_path / "params")
 
 
-def test_internvl_14b_tower_is_refused_in_one_line(tmp_path):
-    model = reference_model(INTERN_STYLES["6b"], INTERN_TINY, seed=10)
-    tensors = {f"vision_model.{k}": v for k, v in to_original(model.state_dict()).items()}
-    tensors |= {"query_tokens": torch.zeros(1, 4, 8), "qllama.model.norm.weight": torch.ones(8)}
-    _save_llava(tmp_path / "llava", tensors, "./pretrained/internvl_14b_224px", _projector(64, seed=1))
-    with pytest.raises(MlcVisionError, match="InternVL-14B"):
-        resolve_config(str(tmp_path / "llava"))
-
-
 def test_unknown_select_feature_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_llava_config("openai/clip-vit-large-patch14-336",
                                                                    mm_vision_select_feature="cls")))

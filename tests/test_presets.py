@@ -23,6 +23,7 @@ EXPECTED = {
     "internvit-6b-448px-v1-0": (-1, "patch", 1024, 3200),
     "internvit-6b-448px-v1-2": (-1, "patch", 1024, 3200),
     "internvit-6b-448px-v1-5": (-1, "patch", 1024, 3200),
+    "internvl-14b-224px": (-1, "patch", 256, 3200),  # and 96 query outputs, 4096 wide
     "qwen2-vl-2b-vision": (-1, "patch", None, 1536),  # native resolution: tokens depend on the image
     "qwen2.5-vl-7b-vision": (-1, "patch", None, 3584),
     "siglip-base-patch16-224": (-1, "patch", 196, 768),
@@ -41,6 +42,8 @@ def test_preset_builds_for_cpu(preset, tmp_path):
     assert (config.select_layer, config.feature) == (select_layer, feature)
     # Two layers are enough to build every kernel the full depth uses (layers share them).
     shallow = dataclasses.replace(config, num_hidden_layers=2, select_layer=-1)
+    if config.qllama is not None:  # InternVL-14B: two QLLaMA layers, one with cross-attention
+        shallow = dataclasses.replace(shallow, qllama=dataclasses.replace(config.qllama, num_hidden_layers=2))
     built = build_module(shallow, "float32", "cpu")
     assert (built.metadata["num_tokens"], built.metadata["output_width"]) == (tokens, width)
     lib = build_library(built.mod, "cpu", tmp_path / f"{preset}.so", metadata=built.metadata)

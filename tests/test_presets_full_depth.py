@@ -124,15 +124,46 @@ def _qwen2_vl(config: VisionConfig, path: Path):
     return run
 
 
+def _internvl_14b(config: VisionConfig, path: Path):
+    """InternViT-6B + QLLaMA in the hub layout; the tower's hidden states (the features; the query outputs are
+    compared at tiny and one-layer real width in test_internvl14b.py)."""
+    from test_internvl14b import hub_config, reference, reference_outputs, save_hub_checkpoint
+
+    q = config.qllama
+    arch = dict(
+        tower=dict(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                   num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+                   image_size=config.image_size, patch_size=config.patch_size, layer_norm_eps=config.layer_norm_eps),
+        qllama=dict(hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
+                    num_hidden_layers=q.num_hidden_layers, num_attention_heads=q.num_attention_heads,
+                    rms_norm_eps=q.rms_norm_eps, vocab_size=q.vocab_size),
+        num_queries=q.num_query_tokens, cross_every=q.cross_attention_frequency,
+    )  # fmt: skip
+    model = reference(seed=6, **arch)
+    save_hub_checkpoint(model, path, hub_config(**arch))
+    return lambda pixels: reference_outputs(model, pixels)[0]
+
+
 # family -> writes a random checkpoint of the preset's architecture, returns pixels -> hidden states
 CHECKPOINT_WRITERS = {"clip": _clip, "siglip": _siglip, "intern_vit": _intern_vit, "eva_clip": _eva_clip, "dinov2": _dinov2,
-                      "qwen2_vl": _qwen2_vl}
+                      "qwen2_vl": _qwen2_vl, "internvl_14b": _internvl_14b}
 
 
 def parameter_count(config: VisionConfig) -> int:
     """Weights of the full tower (the MLP and attention matrices dominate)."""
     d, m = config.hidden_size, config.intermediate_size
-    return config.num_hidden_layers * (4 * d * d + 2 * d * m) + config.num_positions * d
+    tower = config.num_hidden_layers * (4 * d * d + 2 * d * m) + config.num_positions * d
+    return tower + _qllama_parameter_count(config)
+
+
+def _qllama_parameter_count(config: VisionConfig) -> int:
+    """InternVL-14B's QLLaMA as its checkpoint holds it: layers, cross-attention layers, embedding and LM head."""
+    q = config.qllama
+    if q is None:
+        return 0
+    d, m, v = q.hidden_size, q.intermediate_size, config.hidden_size
+    cross = -(-q.num_hidden_layers // q.cross_attention_frequency)
+    return q.num_hidden_layers * (4 * d * d + 3 * d * m) + cross * (2 * d * d + 2 * v * d) + 2 * q.vocab_size * d
 
 
 def available_memory() -> int:

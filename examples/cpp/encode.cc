@@ -10,7 +10,8 @@
 // [batch, 3, H, W] normalized pixels for `encode`, uint8 [batch, H, W, 3] for
 // `encode_rgb8`) or a raw file of float32 values (batch inferred from its size).
 // Everything else (image size, parameter names, tokens per image, output width)
-// comes from the library's _metadata().
+// comes from the library's _metadata(). A library with several outputs (InternVL-14B: features,
+// then query_outputs) writes the features to OUTPUT.npy and each other output to OUTPUT.<name>.npy.
 //
 // --tiles follows the library's tiling contract (tiling.h, docs/tiling.md): IMAGE.npy is one
 // uint8 [H, W, 3] image of any size; it is cut into tiles (InternVL: the grid, then the
@@ -219,6 +220,24 @@ std::vector<char> Pack(const std::vector<char>& features, const std::vector<char
   return std::vector<char>(packed.begin(), packed.end());
 }
 
+// The names of what `encode` returns (metadata entries.encode.outputs; older libraries: the features only).
+std::vector<std::string> OutputNames(const ffi::json::Object& meta) {
+  ffi::json::Object encode = meta["entries"].cast<ffi::json::Object>()["encode"].cast<ffi::json::Object>();
+  if (encode.count("outputs") == 0) return {"features"};
+  std::vector<std::string> names;
+  for (const ffi::Any& o : encode["outputs"].cast<ffi::json::Array>()) {
+    names.push_back(std::string(o.cast<ffi::json::Object>()["name"].cast<ffi::String>()));
+  }
+  return names;
+}
+
+// Where an output after the features goes: OUT.npy -> OUT.<name>.npy (what `mlc-vision run` writes).
+std::string ExtraOutputPath(const std::string& output, const std::string& name) {
+  const std::string suffix = ".npy";
+  bool npy = output.size() >= suffix.size() && output.compare(output.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return (npy ? output.substr(0, output.size() - suffix.size()) : output) + "." + name + suffix;
+}
+
 struct TileOptions {
   std::optional<int> max_tiles, min_tiles;  // unset: the library's
   bool thumbnail = true;
@@ -373,17 +392,30 @@ int main(int argc, char** argv) {
     Global("runtime.TVMTensorCopyFromBytes")(pixels, static_cast<void*>(in_bytes.data()),
                                              static_cast<int64_t>(in_bytes.size()));
 
-    // 5. Run and copy the features back: [batch, tokens, width] in the library's dtype.
-    Tensor features = Get(vm, entry)(pixels, params).cast<Tensor>();
-    const DLTensor* result = features.GetDLTensorPtr();
-    std::vector<int64_t> out_shape(result->shape, result->shape + result->ndim);
-    size_t nbytes = 1;
-    for (int64_t d : out_shape) nbytes *= d;
-    nbytes *= (result->dtype.bits / 8);
-    std::vector<char> out(nbytes);
-    Global("runtime.TVMTensorCopyToBytes")(features, static_cast<void*>(out.data()), static_cast<int64_t>(nbytes));
+    // 5. Run and copy the outputs back: [batch, tokens, width] features in the library's dtype, then (InternVL-14B)
+    //    the other outputs the metadata lists in entries.encode.outputs; encode returns a tuple when there are several.
+    std::vector<std::string> output_names = OutputNames(meta);
+    ffi::Any result = Get(vm, entry)(pixels, params);
+    std::vector<Tensor> outputs;
+    if (output_names.size() == 1) {
+      outputs.push_back(result.cast<Tensor>());
+    } else {
+      for (const Tensor& t : result.cast<ffi::Array<Tensor>>()) outputs.push_back(t);
+      if (outputs.size() != output_names.size()) throw std::runtime_error("the library's outputs do not match its metadata");
+    }
     std::string descr = dtype == "float32" ? "<f4" : dtype == "float16" ? "<f2" : "<u2";  // bf16 as raw uint16
-    WriteNpy(output_path, out_shape, descr, out);
+    std::vector<int64_t> out_shape;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      std::vector<int64_t> shape;
+      std::vector<char> bytes = ToHost(outputs[i], &shape);
+      std::string path = i == 0 ? output_path : ExtraOutputPath(output_path, output_names[i]);
+      WriteNpy(path, shape, descr, bytes);
+      if (i == 0) {
+        out_shape = shape;
+      } else {
+        std::cout << output_names[i] << " [" << shape[0] << ", " << shape[1] << ", " << shape[2] << "] -> " << path << "\n";
+      }
+    }
     if (out_shape.size() != 3 || out_shape[1] != tokens || out_shape[2] != width) {
       throw std::runtime_error("the library's output does not match its metadata's token layout");
     }

@@ -31,13 +31,16 @@ class Composite:
     names outer fields that describe the tower and override the nested ones
     (CLIPModel's ``projection_dim`` sizes ``visual_projection``; the nested
     config carries a stale default); ``language`` lists the checkpoint keys of
-    the language model, never read.
+    the language model, never read. ``whole``: the encoder is the whole model
+    and its family reads the outer config (InternVL-14B: the nested
+    ``vision_config`` is only its InternViT-6B, QLLaMA's shape is outside it).
     """
 
     vision_model_type: str
     vision_key: str = "vision_config"
     inherit: tuple[str, ...] = ()
     language: tuple[str, ...] = ()
+    whole: bool = False
 
 
 LLM_KEYS = (
@@ -54,6 +57,7 @@ COMPOSITES = {
     "llava_next": Composite("clip_vision_model", language=LLM_KEYS),
     "llava_onevision": Composite("siglip_vision_model", language=LLM_KEYS),
     "internvl_chat": Composite("intern_vit_6b", language=LLM_KEYS),
+    "internvl": Composite("intern_vit_6b", language=(r"^qllama\.lm_head\.",), whole=True),  # InternVL-14B
     "qwen2_vl": Composite("qwen2_vl_vision", language=LLM_KEYS),
     "qwen2_5_vl": Composite("qwen2_5_vl_vision", language=LLM_KEYS),
 }
@@ -79,6 +83,9 @@ def load_hf_config(path: str | Path) -> tuple[dict | None, dict]:
         raise MlcVisionError(f"{path} is not a JSON object")
     composite = COMPOSITES.get(full.get("model_type"))
     nested = full.get(composite.vision_key if composite else "vision_config")
+    if composite and composite.whole and isinstance(nested, dict):
+        check_hf_vision_config(nested, path)
+        return dict(full), full
     if isinstance(nested, dict):
         vision = dict(nested)
         if composite:

@@ -17,10 +17,13 @@ substrings of that name; here the name is only a hint:
 3. else, when the checkpoint's keys are unknown (``.bin`` without torch), the
    preset whose ``hf_repo`` or name is the tower's name.
 
-What InternVL's LLaVA tower does with an InternViT is fixed in its code, not in
-the tower's files: a CLIP image processor at 336 px (resize the short side,
-center crop) with ImageNet mean/std, and the tower run at 336 px (its position
-embedding interpolated); :data:`LLAVA_TOWER_RUNS_AT` says so.
+What InternVL's LLaVA tower does with an InternViT (InternViT-6B alone, or
+inside InternVL-14B) is fixed in its code, not in the tower's files: a CLIP
+image processor at 336 px (resize the short side, center crop) with ImageNet
+mean/std, and the tower run at 336 px (its position embedding interpolated);
+:data:`LLAVA_TOWER_RUNS_AT` says so. InternVL-14B's tower keeps its whole
+``InternVLModel`` under the prefix (``vision_model.``, ``qllama.``,
+``query_tokens``) and returns features and query outputs (models/internvl14b.py).
 """
 
 from __future__ import annotations
@@ -41,27 +44,21 @@ TOWER_PREFIX = "model.vision_tower.vision_tower."
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# family -> (image size, preprocessing) that InternVL's LLaVA CLIPVisionTower hard-codes for it.
-LLAVA_TOWER_RUNS_AT = {
-    "intern_vit": (
-        336,
-        Preprocess(resize="shortest_edge", size=336, crop_size=336, resample="bicubic",
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    ),
-}
+# What InternVL's LLaVA CLIPVisionTower hard-codes for InternViT-6B and InternVL-14B: a CLIPImageProcessor
+# at 336 px (short side resized, center crop) with ImageNet mean/std; the tower interpolates its position
+# embedding to 336 at every forward (here: once, at convert).
+LLAVA_INTERN_336 = (
+    336,
+    Preprocess(resize="shortest_edge", size=336, crop_size=336, resample="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+)
+# family -> (image size, preprocessing) that InternVL's LLaVA CLIPVisionTower runs it at.
+LLAVA_TOWER_RUNS_AT = {"intern_vit": LLAVA_INTERN_336, "internvl_14b": LLAVA_INTERN_336}
 
-# Keys that only InternVL-14B (InternViT-6B + QLLaMA) holds: its tower is not compiled yet.
-INTERNVL_14B_KEYS = re.compile(r"^model\.vision_tower\.vision_tower\.(qllama\.|query_tokens$)")
 
 
 def named_tower(source_dir: Path, full: dict, shapes: dict | None, family: Family | None) -> tuple[Family, VisionConfig]:
     """The family and config of the tower a LLaVA ``config.json`` names in ``mm_vision_tower``."""
     name = str(full["mm_vision_tower"])
-    if shapes and any(INTERNVL_14B_KEYS.match(key) for key in shapes):
-        raise MlcVisionError(
-            f"vision tower {name!r} is InternVL-14B (InternViT-6B + QLLaMA query tokens), which mlc-vision "
-            "does not compile yet; its InternViT-6B alone is not what the LLaVA model was trained on"
-        )
     keys = list(shapes) if shapes else None
     tower_dir = find_tower_dir(name, source_dir)
     if tower_dir is not None:

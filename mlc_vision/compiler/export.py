@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import atomic
 from ..errors import MlcVisionError
 from . import targets as _targets
-from .kernels.cpu_bf16_gemm import compile_object
+from .kernels import cpu_bf16_gemm, cpu_segment_attention
 from .cuda_fatbin import nvcc_compile_callback, pack_imports_with_fatbin, walk_modules
 
 logger = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ def export_executable(executable, target_name: str, output: Path, *, arch=None, 
     json_tmp = atomic.temp_path(sidecar_path(output))
     try:
         with tempfile.TemporaryDirectory() as objects:
-            if needs_bf16_kernel(target_name, metadata):
-                kwargs["addons"] = [str(compile_object(Path(objects)))]
+            addons = [str(kernel.compile_object(Path(objects))) for kernel in c_kernels(target_name, metadata)]
+            if addons:
+                kwargs["addons"] = addons
             executable.export_library(str(lib_tmp), **kwargs)
         atomic.die_point("writing")
         json_tmp.write_text(json.dumps(metadata, indent=2) + "\n")
@@ -130,6 +131,17 @@ def _fsync(path: Path) -> None:
 def needs_bf16_kernel(target_name: str, metadata: dict) -> bool:
     """bf16 CPU libraries call the C GEMM of ``kernels/cpu_bf16_gemm.c``, linked into the library."""
     return target_name == "cpu" and metadata.get("dtype") == "bfloat16"
+
+
+def needs_segment_attention_kernel(target_name: str, metadata: dict) -> bool:
+    """Native-resolution CPU libraries call the C kernel of ``kernels/cpu_segment_attention.c``."""
+    return target_name == "cpu" and bool(metadata.get("native_resolution"))
+
+
+def c_kernels(target_name: str, metadata: dict) -> list:
+    """The C kernel modules (each with ``compile_object``) a library links in."""
+    needed = ((needs_bf16_kernel, cpu_bf16_gemm), (needs_segment_attention_kernel, cpu_segment_attention))
+    return [kernel for needs, kernel in needed if needs(target_name, metadata)]
 
 
 def build_library(mod, target_name: str, output: Path, *, arch=None, host=None, metadata: dict) -> Path:

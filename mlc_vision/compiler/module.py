@@ -87,9 +87,10 @@ class _Exported(nn.Module):
         self.preprocess = config.preprocess
         self.dtype = dtype
 
-    def encode(self, pixel_values: nn.Tensor) -> nn.Tensor:
-        features = self.model(pixel_values)
-        return self.projector(features) if self.projector is not None else features
+    def encode(self, pixel_values: nn.Tensor):
+        """The features (projected when a projector is compiled in), or the model's tuple of outputs."""
+        outputs = self.model(pixel_values)
+        return self.projector(outputs) if self.projector is not None else outputs
 
     def encode_rgb8(self, pixels: nn.Tensor) -> nn.Tensor:
         return self.encode(normalize_rgb8(pixels, self.preprocess, self.dtype))
@@ -236,24 +237,45 @@ def compute_dtype(target: str, dtype: str) -> str:
     return "float32" if target == "cpu" and dtype == "bfloat16" else dtype
 
 
+def encode_outputs(config: VisionConfig, dtype: str) -> list[dict]:
+    """What ``encode`` returns, in order: the features, then (InternVL-14B) QLLaMA's query outputs.
+
+    One output is returned as a tensor, several as a tuple in this order
+    (docs/internals.md, "Calling convention").
+    """
+    outputs = [{"name": "features", "shape": [BATCH, config.tokens.output, output_width(config)], "dtype": dtype}]
+    if config.qllama is not None and config.feature != "pooled":  # pooled: InternVL-C/G's one image embedding
+        q = config.qllama
+        outputs.append({"name": "query_outputs", "shape": [BATCH, q.num_query_tokens, q.hidden_size], "dtype": dtype})
+    return outputs
+
+
+def _entry(inputs: list[dict], outputs: list[dict]) -> dict:
+    """An entry's description: ``output`` is the first output (the features), ``outputs`` all of them, named."""
+    first = {key: value for key, value in outputs[0].items() if key != "name"}
+    return {"inputs": inputs, "output": first, "outputs": outputs}
+
+
+def hidden_states_description(config: VisionConfig) -> str:
+    if config.qllama is None:
+        return "tuple of [batch, tokens, hidden]"
+    return (
+        f"tuple of the tower's {config.num_hidden_states} [batch, tokens, hidden], then QLLaMA's "
+        f"{config.qllama.num_hidden_layers + 1} [batch, queries, qllama hidden] (each layer's input, then the final norm)"
+    )
+
+
 def make_metadata(config: VisionConfig, dtype: str, target: str, params: list[dict], hidden_states: bool) -> dict:
     """The JSON a chat runtime reads instead of hard-coding numbers."""
     tokens = config.tokens.output
-    output = {"shape": [BATCH, tokens, output_width(config)], "dtype": dtype}
-    entries = {
-        "encode": {
-            "inputs": [{"name": "pixel_values", "shape": [BATCH, config.num_channels, config.image_size, config.image_size],
-                        "dtype": dtype, "layout": "NCHW, normalized"}],
-            "output": output,
-        },
-        "encode_rgb8": {
-            "inputs": [{"name": "pixels", "shape": rgb8_shape(config), "dtype": "uint8",
-                        "layout": "NHWC, RGB 0..255, resized and cropped to image_size; the graph rescales and normalizes"}],
-            "output": output,
-        },
-    }
+    outputs = encode_outputs(config, dtype)
+    pixel_input = {"name": "pixel_values", "shape": [BATCH, config.num_channels, config.image_size, config.image_size],
+                   "dtype": dtype, "layout": "NCHW, normalized"}  # fmt: skip
+    rgb8_input = {"name": "pixels", "shape": rgb8_shape(config), "dtype": "uint8",
+                  "layout": "NHWC, RGB 0..255, resized and cropped to image_size; the graph rescales and normalizes"}  # fmt: skip
+    entries = {"encode": _entry([pixel_input], outputs), "encode_rgb8": _entry([rgb8_input], outputs)}
     if hidden_states:
-        entries["hidden_states"] = {"inputs": entries["encode"]["inputs"], "output": "tuple of [batch, tokens, hidden]"}
+        entries["hidden_states"] = {"inputs": [pixel_input], "output": hidden_states_description(config)}
     return {
         "mlc_vision_version": __version__,
         "family": config.family,

@@ -9,6 +9,9 @@ takes per-patch inputs in the processor's order (docs/native_resolution.md):
 - with window attention (Qwen2.5) also ``window_ids [num_patches]`` int32 (the window of the
   patch; windows never span two images) and ``window_index [num_tokens]`` int32
   (transformers' window order of the merge groups);
+- in the order the blocks see the patches (window order), the ids are
+  non-decreasing: every image and window is one run (the CPU's segmented
+  attention kernel refuses other orders);
 
 and returns ``[num_tokens, merger_hidden_size]`` with ``num_tokens = num_patches / merge**2``,
 in the processor's order. The runtime computes the inputs from each image's grid
@@ -33,11 +36,13 @@ def native_inputs(config: VisionConfig, dtype: str) -> list[dict]:
          "layout": "flattened patches [C, temporal, patch, patch] in the processor's order, normalized"},
         {"name": "position_ids", "shape": [PATCHES, 2], "dtype": "int32",
          "layout": "(row, col) of each patch in its image's patch grid"},
-        {"name": "image_ids", "shape": [PATCHES], "dtype": "int32", "layout": "image of each patch"},
+        {"name": "image_ids", "shape": [PATCHES], "dtype": "int32",
+         "layout": "image of each patch (0, 1, ... in call order: non-decreasing)"},
     ]  # fmt: skip
     if config.window_size:
         inputs += [
-            {"name": "window_ids", "shape": [PATCHES], "dtype": "int32", "layout": "attention window of each patch"},
+            {"name": "window_ids", "shape": [PATCHES], "dtype": "int32",
+             "layout": "attention window of each patch (non-decreasing in window order)"},
             {"name": "window_index", "shape": [TOKENS], "dtype": "int32",
              "layout": "merge groups in window order (transformers' window_index)"},
         ]  # fmt: skip

@@ -8,6 +8,9 @@ runs, for every target:
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
+   The segmented attention of native-resolution towers becomes the CPU's
+   segment kernel, or anywhere else a ``[n, n]`` mask lowering
+   (``passes/segment_attention.py``).
 2. ``legalize``: ``matmul(x, permute_dims(w))`` becomes one NT matmul (weights
    are read in their checkpoint ``[out, in]`` layout, no transpose kernel),
    then every op becomes a TIR PrimFunc (on the CPU with our vectorizable
@@ -48,6 +51,7 @@ from tvm import relax
 from .passes.bf16_cpu import bf16_linear_cpu
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
+from .passes.segment_attention import lower_segment_attention_cpu, lower_segment_attention_masked
 from .passes.split_attention import split_attention, split_attention_cuda
 
 
@@ -61,7 +65,7 @@ def cpu_phases(attention: str) -> list[tuple[str, list]]:
     fused = [fuse_attention_cpu] if attention == "fused" else []
     return [
         ("bf16_linear", [bf16_linear_cpu]),
-        ("lower_attention", fused + [split_attention]),
+        ("lower_attention", fused + [split_attention, lower_segment_attention_cpu, lower_segment_attention_masked]),
         (
             "legalize",
             [
@@ -112,7 +116,7 @@ def gpu_phases(target, attention: str, gemm: str = "dlight") -> list[tuple[str, 
         "flash": [fuse_attention_cuda_tc, split_attention_cuda],
     }[attention]
     return [
-        ("lower_attention", lower_attention),
+        ("lower_attention", lower_attention + [lower_segment_attention_masked]),
         ("library_dispatch", list(backend.library_dispatch_passes(target))),
         ("legalize", [t.FuseTransposeMatmul(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant()]),
         ("fuse", [t.FuseOps(), t.FuseTIR()]),

@@ -49,6 +49,11 @@ def check(config: VisionConfig) -> None:
         )
     if config.feature == "pooled":
         raise MlcVisionError("a projector maps token features; it cannot follow feature 'pooled'")
+    if config.qllama is not None:
+        raise MlcVisionError(
+            "InternVL-14B's encode has two outputs (features and query outputs); its LLaVA projector "
+            "(two_mlp, one MLP for each) is not built: compile without a projector"
+        )
     if config.projector == "mlp1":
         _check_shuffle(config)
 

@@ -26,14 +26,16 @@ Semantics follow transformers:
   ``Linear -> GELU -> Linear`` into the LLM width.
 
 Attention segments are per-patch ids from the runtime: two patches attend to
-each other when their ids are equal (``docs/native_resolution.md``). The graph
-builds a ``[n, n]`` additive mask from them and runs matmul -> softmax (float32)
--> matmul, which the CPU and GPU pipelines schedule like any other matmul.
+each other when their ids are equal (``docs/native_resolution.md``); in the
+order the blocks see the patches (window order) every image and every window
+is one contiguous run of ids. Attention is one segmented-attention call per
+block, which each pipeline lowers (compiler/passes/segment_attention.py): on
+the CPU a flash-style kernel per segment, elsewhere a ``[n, n]`` mask from
+the ids and matmul -> softmax (float32) -> matmul.
 """
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from tvm import relax
@@ -56,6 +58,8 @@ NORM_EPS = 1e-6  # every norm of both towers (the checkpoints' config has no fie
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 1280
 MASKED = -1.0e30  # additive score of a key outside the query's segment (float32 softmax)
+#: The call the model emits for attention within segments; every pipeline lowers it (see segmented_attention).
+SEGMENT_ATTENTION = "mlc_vision.segment_attention"
 # A nominal image size: the library takes any patch grid; this only satisfies VisionConfig's checks.
 NOMINAL_IMAGE_SIZE = 448
 
@@ -180,27 +184,16 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.astype(x.dtype) if x.dtype != "float32" else out
 
 
-def segment_mask(segments: Tensor) -> Tensor:
-    """``[n] int32 -> [1, n, n]`` float32: 0 where query and key share a segment, else MASKED."""
-    same = op.equal(op.unsqueeze(segments, 1), op.unsqueeze(segments, 0))
-    zeros = op.zeros((1,), "float32")
-    masked = nn.Tensor.from_const(np.full((1,), MASKED, dtype=np.float32))
-    return op.unsqueeze(op.where(same, zeros, masked), 0)
+def segmented_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor) -> Tensor:
+    """``[n, h, hd]`` each -> ``[n, h*hd]``: softmax(q k^T / sqrt(hd)) v over the keys of the query's segment.
 
-
-def segmented_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """``[n, h, hd]`` each -> ``[n, h*hd]``: softmax(q k^T / sqrt(hd) + mask) v, the softmax in float32."""
+    One call that the pipelines lower (compiler/passes/segment_attention.py):
+    the CPU's segmented kernel, or a ``[n, n]`` mask from the ids elsewhere.
+    """
     n, h, hd = q.shape
-    qh = op.permute_dims(q, [1, 0, 2])
-    kt = op.permute_dims(k, [1, 2, 0])
-    vh = op.permute_dims(v, [1, 0, 2])
-    scores = op.matmul(qh, kt)
-    scores = scores.astype("float32") if scores.dtype != "float32" else scores
-    probs = op.softmax(scores * (1.0 / math.sqrt(hd)) + mask, axis=-1)
-    if v.dtype != "float32":
-        probs = probs.astype(v.dtype)
-    out = op.matmul(probs, vh)  # [h, n, hd]
-    return op.reshape(op.permute_dims(out, [1, 0, 2]), (n, h * hd))
+    out_ty = relax.TensorType([n, h, hd], q.dtype)
+    call = relax.call_dps_packed(SEGMENT_ATTENTION, [q._expr, k._expr, v._expr, segments._expr], out_ty)
+    return op.reshape(op.wrap_nested(call, "segment_attention"), (n, h * hd))
 
 
 class PatchEmbed(nn.Module):
@@ -224,13 +217,13 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=True)
         self.proj = nn.Linear(d, d)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: Tensor) -> Tensor:
         n, d = x.shape
         h = self.num_heads
         q, k, v = op.split(op.reshape(self.qkv(x), (n, 3, h, d // h)), 3, axis=1)
         q, k, v = (op.squeeze(t, 1) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj(segmented_attention(q, k, v, mask))
+        return self.proj(segmented_attention(q, k, v, segments))
 
 
 class SwiGLUMlp(nn.Module):
@@ -253,8 +246,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = SwiGLUMlp(config) if config.hidden_act == SWIGLU else layers.Mlp(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -313,11 +306,9 @@ class VisionModel(nn.Module):
                 window_order(t, window_index, self.group) for t in (x, position_ids, image_ids, window_ids)
             )
         cos, sin = rotary_cos_sin(position_ids, self.config)
-        image_mask = segment_mask(image_ids)
-        window_mask = segment_mask(window_ids) if self.windows else image_mask
         states = [x]
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, image_mask if i in self.full_attention else window_mask)
+            x = block(x, cos, sin, image_ids if i in self.full_attention else window_ids)
             states.append(x)
         return states
 

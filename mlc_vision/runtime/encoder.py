@@ -13,6 +13,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tvm
@@ -167,6 +168,39 @@ def warn_if_not_finite(pixel_values: np.ndarray) -> None:
         warnings.warn(f"pixel values hold {bad} NaN or Inf value(s); the features will not be meaningful", stacklevel=3)
 
 
+class FeaturesAndQueries(NamedTuple):
+    """InternVL-14B's two outputs, in the order its LLaVA tower returns them (``[features, query_outputs]``).
+
+    ``features``: ``[batch, tokens, width]``, the tower's selected hidden state;
+    ``query_outputs``: ``[batch, num_query_tokens, qllama width]``, QLLaMA's
+    last hidden state. It unpacks and indexes like the tower's list.
+    """
+
+    features: np.ndarray
+    query_outputs: np.ndarray
+
+
+#: ``entries.encode.outputs`` names -> the Python type of a library's several outputs.
+OUTPUT_TUPLES = {("features", "query_outputs"): FeaturesAndQueries}
+
+
+def encode_output_names(metadata: dict) -> tuple[str, ...]:
+    """The names of what ``encode`` returns (libraries that predate ``outputs`` return the features only)."""
+    outputs = metadata.get("entries", {}).get("encode", {}).get("outputs")
+    return tuple(o["name"] for o in outputs) if outputs else ("features",)
+
+
+def _to_numpy(result, names: tuple[str, ...]):
+    """One tensor -> an array; a tuple -> the named tuple of its outputs (arrays in the metadata's order)."""
+    if isinstance(result, tvm.runtime.Tensor):
+        return result.numpy()
+    arrays = tuple(item.numpy() for item in result)
+    if len(arrays) != len(names):
+        raise MlcVisionError(f"the library returned {len(arrays)} outputs; its metadata lists {list(names)}")
+    kind = OUTPUT_TUPLES.get(names)
+    return kind(*arrays) if kind is not None else arrays
+
+
 @dataclass(frozen=True)
 class NativeFeatures:
     """The features of images encoded at their own resolution (Qwen2-VL / Qwen2.5-VL).
@@ -316,8 +350,15 @@ class VisionEncoder:
 
     @property
     def num_patches(self) -> int:
-        """Tokens per image in the output (576 for LLaVA-1.5's CLIP-L/336)."""
-        return self.tokens["output"]
+        """Tokens per image in the output (576 for LLaVA-1.5's CLIP-L/336).
+
+        With several outputs, their tokens together, as InternVL's LLaVA tower
+        counts InternVL-14B's (patches + 96 query tokens).
+        """
+        outputs = self.metadata["entries"]["encode"].get("outputs")
+        if not outputs:
+            return self.tokens["output"]
+        return sum(int(o["shape"][1]) for o in outputs)
 
     @property
     def dummy_feature(self) -> np.ndarray:
@@ -349,10 +390,16 @@ class VisionEncoder:
             )
         return self._call("encode_rgb8", np.ascontiguousarray(pixels))
 
-    def _call(self, function: str, *arrays: np.ndarray) -> np.ndarray:
+    def _call(self, function: str, *arrays: np.ndarray):
+        """The entry's result as numpy: one array, or (several outputs) their tuple, see :data:`OUTPUT_TUPLES`."""
         params = self._loaded_params()
         tensors = [tvm.runtime.tensor(array, self.tvm_device) for array in arrays]
-        return self._vms[function](*tensors, params).numpy()
+        return _to_numpy(self._vms[function](*tensors, params), self.output_names)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """What ``encode`` returns, in order: ``("features",)``, or InternVL-14B's ``("features", "query_outputs")``."""
+        return encode_output_names(self.metadata)
 
     # ---- native resolution (Qwen2-VL / Qwen2.5-VL) ----------------------------------
     @property
@@ -518,8 +565,14 @@ def _is_chw(x) -> bool:
     return isinstance(x, np.ndarray) and x.ndim == 3 and x.dtype.kind == "f"
 
 
-def _as_dtype(features: np.ndarray, input_dtype: np.dtype, match: bool) -> np.ndarray:
-    return features.astype(input_dtype, copy=False) if match else features
+def _as_dtype(features, input_dtype: np.dtype, match: bool):
+    """Cast the output (each of several outputs) back to the input's dtype when asked."""
+    if not match:
+        return features
+    if isinstance(features, tuple):
+        cast = [f.astype(input_dtype, copy=False) for f in features]
+        return type(features)._make(cast) if hasattr(features, "_make") else tuple(cast)
+    return features.astype(input_dtype, copy=False)
 
 
 def _numpy_dtype(dtype: str):

@@ -11,13 +11,10 @@ The C code picks AMX, AVX512-BF16 or plain C from the CPU it runs on.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
-from ...errors import MlcVisionError
+from .c_objects import c_compiler as _compiler  # noqa: F401 (the tests link the object with it)
+from .c_objects import compile_c
 
 SOURCE = Path(__file__).with_suffix(".c")
 #: C entry point by (bias, residual) (``cpu_bf16_gemm.c``); a residual comes with a bias
@@ -81,24 +78,6 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool =
     return func.with_attr("tir.is_scheduled", True)
 
 
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise MlcVisionError("bf16 CPU libraries need a C compiler (cc, gcc or clang; or set $CC) to build their GEMM kernel")
-    return cc
-
-
 def compile_object(workdir: Path) -> Path:
     """Compile ``cpu_bf16_gemm.c`` to a position-independent object in ``workdir`` (reused when unchanged)."""
-    cc = _compiler()
-    flags = ["-O3", "-fPIC", "-std=gnu11", "-c"]
-    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:12]
-    obj = Path(workdir) / f"cpu_bf16_gemm-{digest}.o"
-    if not obj.exists():
-        tmp = obj.with_name(obj.name + f".{os.getpid()}.tmp")
-        result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-        if result.returncode != 0:
-            first = (result.stderr.strip().splitlines() or ["no output"])[0]
-            raise MlcVisionError(f"compiling the bf16 CPU kernel with {cc} failed: {first}")
-        os.replace(tmp, obj)
-    return obj
+    return compile_c(SOURCE, workdir, "the bf16 CPU kernel")

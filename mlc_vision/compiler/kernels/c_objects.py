@@ -1,0 +1,45 @@
+"""C kernels of CPU libraries: compiled with the host C compiler when a library is exported.
+
+Each kernel is one C file beside its Python module (``cpu_bf16_gemm.c``,
+``cpu_segment_attention.c``); the object is linked into the exported library
+(``export_library(addons=[object])``), which then needs nothing besides TVM's
+runtime at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ...errors import MlcVisionError
+
+FLAGS = ("-O3", "-fPIC", "-std=gnu11", "-c")
+
+
+def c_compiler() -> str:
+    """``$CC``, else cc, gcc or clang from the PATH (one-line error when there is none)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise MlcVisionError(
+            "this CPU library links a C kernel (bf16 GEMM, segmented attention): it needs a C compiler "
+            "(cc, gcc or clang; or set $CC)"
+        )
+    return cc
+
+
+def compile_c(source: Path, workdir: Path, what: str) -> Path:
+    """Compile ``source`` to a position-independent object in ``workdir`` (reused while source and compiler are unchanged)."""
+    cc = c_compiler()
+    digest = hashlib.sha1(source.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:12]
+    obj = Path(workdir) / f"{source.stem}-{digest}.o"
+    if not obj.exists():
+        tmp = obj.with_name(obj.name + f".{os.getpid()}.tmp")
+        result = subprocess.run([cc, *FLAGS, str(source), "-o", str(tmp)], capture_output=True, text=True)
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ["no output"])[0]
+            raise MlcVisionError(f"compiling {what} with {cc} failed: {first}")
+        os.replace(tmp, obj)
+    return obj
