@@ -1,5 +1,6 @@
 /*
- * bf16 x bf16 -> fp32 linear layer for CPU libraries: y[M, N] = x[M, K] . w[N, K]^T (+ bias[N]).
+ * bf16 x bf16 -> fp32 linear layer for CPU libraries: y[M, N] = x[M, K] . w[N, K]^T (+ bias[N]),
+ * and attention on the same register tile.
  *
  * x and w are bf16 (their raw 16-bit words), y and bias fp32; products are
  * accumulated in fp32. The path is chosen at run time from the CPU's features:
@@ -24,6 +25,11 @@
  * are read from memory once per call either way). x needs no packing:
  * a pair of consecutive x values is one 32-bit broadcast (AVX512) or an A
  * tile row (AMX). K must be even (the compiler pass only offers even K).
+ *
+ * The store (the epilogue) adds a bias and a residual and can apply an
+ * activation (quick GELU, GELU with erf or tanh) and round the result to bf16,
+ * the next linear layer's input. The same register tile also runs bf16
+ * libraries' attention (the section at the end of the file).
  *
  * Compiled with the host C compiler at export (cpu_bf16_gemm.py) and
  * linked into the library; the instruction sets are enabled per function, so

@@ -1,4 +1,4 @@
-"""The bf16 linear layer of CPU libraries: a C kernel (``cpu_bf16_gemm.c``) called from TIR.
+"""The bf16 linear layer (and attention) of CPU libraries: a C kernel (``cpu_bf16_gemm.c``) called from TIR.
 
 TVM's LLVM codegen does not reach ``vdpbf16ps`` or the AMX tile instructions,
 so the bf16 x bf16 -> fp32 GEMM is a small C file with intrinsics. It is
