@@ -78,13 +78,13 @@ def test_kernel_matches_numpy(kernel, path, epilogue, shape):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
-#: The activations the kernel can apply before its bf16 store, as numpy functions of fp64 values.
 def _erf(z):
     import math
 
     return np.vectorize(math.erf)(z)
 
 
+#: The activations the kernel can apply before its bf16 store, as numpy functions of fp64 values.
 ACTIVATION_REFERENCES = {
     "quick_gelu": lambda v: v / (1 + np.exp(-1.702 * v)),
     "gelu": lambda v: 0.5 * v * (1 + _erf(v / np.sqrt(2))),
