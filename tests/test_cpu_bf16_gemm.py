@@ -36,6 +36,9 @@ def kernel(tmp_path_factory):
     subprocess.run([cpu_bf16_gemm._compiler(), "-shared", str(obj), "-o", str(so)], check=True)
     lib = ctypes.CDLL(str(so))
     lib.mlcv_bf16_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+    lib.mlcv_bf16_attention_path.argtypes = (
+        [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]
+    )
     lib.mlcv_bf16_linear_act_path.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
     )
@@ -75,13 +78,13 @@ def test_kernel_matches_numpy(kernel, path, epilogue, shape):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
-#: The activations the kernel can apply before its bf16 store, as numpy functions of fp64 values.
 def _erf(z):
     import math
 
     return np.vectorize(math.erf)(z)
 
 
+#: The activations the kernel can apply before its bf16 store, as numpy functions of fp64 values.
 ACTIVATION_REFERENCES = {
     "quick_gelu": lambda v: v / (1 + np.exp(-1.702 * v)),
     "gelu": lambda v: 0.5 * v * (1 + _erf(v / np.sqrt(2))),
@@ -122,6 +125,40 @@ def test_unknown_activation_is_refused(kernel):
     w = np.ones((3, 4), dtype=ml_dtypes.bfloat16)
     status = kernel.mlcv_bf16_linear_act_path(0, x.ctypes.data, w.ctypes.data, None, 99, y16.ctypes.data, 2, 3, 4)
     assert status != 0
+
+
+#: (batch, seq, heads, head_dim): a single key; odd key counts (a zero key pads the last pair);
+#: key panels with tails (70, 197); a head dim that is not a whole number of 16-lane vectors (72)
+#: and one of two value panels (80 -> 128 columns); more heads than queries.
+ATTENTION_SHAPES = [(1, 1, 1, 2), (2, 5, 3, 8), (1, 70, 2, 64), (1, 197, 1, 72), (2, 33, 4, 80)]
+
+
+def _attention_reference(q, k, v, scale):
+    qh, kh, vh = (np.transpose(t.astype(np.float64), (0, 2, 1, 3)) for t in (q, k, v))
+    s = qh @ np.swapaxes(kh, -1, -2) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.transpose((p / p.sum(-1, keepdims=True)) @ vh, (0, 2, 1, 3))
+
+
+@pytest.mark.parametrize("path", sorted(cpu_bf16_gemm.PATHS), ids=list(cpu_bf16_gemm.PATHS.values()))
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_matches_numpy(kernel, path, shape):
+    """softmax(scale q k^T) v over [batch, seq, heads, head_dim]: plain C in fp32 (fp32 summation order
+    only), the bf16 paths within what rounding q, k, v and the probabilities to bf16 allows."""
+    if not kernel.mlcv_bf16_path_supported(path):
+        pytest.skip(f"this CPU has no {cpu_bf16_gemm.PATHS[path]}")
+    b, s, h, d = shape
+    rng = np.random.default_rng(s * 10 + d)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    q *= 2  # peaked rows: some probabilities near 1, most near 0
+    out = np.full(shape, np.nan, dtype=np.float32)
+    scale = d**-0.5
+    status = kernel.mlcv_bf16_attention_path(
+        path, q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, b, s, h, d, scale
+    )
+    assert status == 0
+    tol = 1e-5 if cpu_bf16_gemm.PATHS[path] == "generic" else 2e-2
+    np.testing.assert_allclose(out, _attention_reference(q, k, v, scale), rtol=tol, atol=tol)
 
 
 def test_odd_k_is_refused(kernel):
@@ -168,7 +205,8 @@ def test_bf16_library_matches_fp32_library(clip_checkpoint, tmp_path):
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
 def test_bf16_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
     """Every linear layer of a bf16 CPU library becomes the C kernel; none stays an fp32 matmul; fc1
-    applies the MLP's activation in its epilogue (no activation kernel is left)."""
+    applies the MLP's activation in its epilogue (no activation kernel is left); attention is the
+    kernel's too."""
     import tvm
 
     from mlc_vision.bench import kernel_calls
@@ -190,3 +228,6 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
     epilogue = {"quick_gelu": "_quick_gelu", "gelu": "_gelu", "gelu_pytorch_tanh": "_gelu_tanh"}[hidden_act]
     assert len([c for c in linear if c.endswith(epilogue)]) == TINY["num_hidden_layers"]
     assert not [c for c in calls if "gelu" in c and not c.startswith("bf16_linear") or "sigmoid" in c]
+    # attention: the bf16 kernel's, not the fp32 fused one
+    assert len([c for c in calls if c.startswith("bf16_attention")]) == TINY["num_hidden_layers"]
+    assert not [c for c in calls if c.startswith("attention")]

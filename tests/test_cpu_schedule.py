@@ -16,7 +16,7 @@ from tvm.relax.frontend.nn import op
 
 from mlc_vision.compiler.kernels.fast_exp import exp_f32
 from mlc_vision.compiler.pipeline import relax_pipeline
-from mlc_vision.compiler.schedules.cpu import GEMM
+from mlc_vision.compiler.schedules.cpu import GEMM, RowReduction
 from parity import assert_all_close, assert_close, assert_fp32_close
 
 TARGET = tvm.target.Target.from_device("cpu")
@@ -184,6 +184,26 @@ def test_gemm_rule_ragged(m, n, k, batched):
         o = tvm.runtime.tensor(np.zeros((batch, m, n), "float32"), dev)
         lib(*[tvm.runtime.tensor(t, dev) for t in (an, wn, bn)], o)
         np.testing.assert_allclose(o.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("width,lanes", [(48, True), (40, False)])
+def test_row_reduction_sums_in_vector_lanes(width, lanes):
+    """RowReduction alone on an RMSNorm-shaped row: a width that is a multiple of 16 is summed as
+    16 partial sums (an ``_rf`` block), another width stays one scalar sum; both match numpy."""
+    bvar = tirx.Var("batch", "int64")
+    x = te.placeholder((bvar, tirx.const(5, "int64"), tirx.const(width, "int64")), name="x")
+    r = te.reduce_axis((0, width), "r")
+    sq = te.compute((bvar, 5), lambda b, i: te.sum(x[b, i, r] * x[b, i, r], axis=r), name="sq")
+    out = te.compute(x.shape, lambda b, i, j: x[b, i, j] * tirx.rsqrt(sq[b, i] / width + 1e-6), name="norm")
+    sch = RowReduction().apply(te.create_prim_func([x, out]), TARGET, False)
+    assert sch is not None
+    assert ('sblock("sq_rf' in sch.mod.script()) == lanes
+    lib = tvm.compile(sch.mod, TARGET)
+    xn = np.random.default_rng(5).standard_normal((3, 5, width)).astype("float32")
+    o = tvm.runtime.tensor(np.zeros_like(xn), tvm.cpu())
+    lib(tvm.runtime.tensor(xn, tvm.cpu()), o)
+    ref = xn / np.sqrt((xn.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(o.numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_exp_polynomial_accuracy():

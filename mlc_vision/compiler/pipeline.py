@@ -4,7 +4,8 @@
 runs, for every target:
 
 0. ``bf16_linear`` (CPU): linear layers whose weights are stored in bf16
-   become calls of the bf16 C kernel (``passes/bf16_cpu.py``).
+   become calls of the bf16 C kernel, and so does a bf16 library's attention
+   with ``--attention fused`` (``passes/bf16_cpu.py``).
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
@@ -49,7 +50,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .passes.bf16_cpu import bf16_linear_cpu
+from .passes.bf16_cpu import bf16_attention_cpu, bf16_linear_cpu
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.segment_attention import lower_segment_attention_cpu, lower_segment_attention_masked
@@ -65,8 +66,9 @@ def cpu_phases(attention: str) -> list[tuple[str, list]]:
 
     t = relax.transform
     fused = [fuse_attention_cpu] if attention == "fused" else []
+    bf16_fused = [bf16_attention_cpu] if attention == "fused" else []
     return [
-        ("bf16_linear", [bf16_linear_cpu]),
+        ("bf16_linear", [bf16_linear_cpu, *bf16_fused]),
         ("lower_attention", fused + [split_attention, lower_segment_attention_cpu, lower_segment_attention_masked]),
         (
             "legalize",

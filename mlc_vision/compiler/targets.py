@@ -45,7 +45,7 @@ WASM_TRIPLE = "wasm32-unknown-unknown-wasm"
 #: Every attention lowering a library can be built with (``--attention``).
 ATTENTION = ("split", "fused", "tensorcore", "flash")
 #: The lowerings each target builds, its default first (targets not listed: ``split`` only).
-#: ``fused`` is a kernel of ours (CPU: fp32 only); ``tensorcore`` is CUDA's split
+#: ``fused`` is a kernel of ours (CPU: fp32, or bf16 products in a bf16 library); ``tensorcore`` is CUDA's split
 #: with both attention matmuls on tensor cores; ``flash`` is our tensor-core
 #: flash-attention kernel (CUDA, fp16/bf16; see compiler/pipeline.py).
 ATTENTION_BY_TARGET = {
@@ -60,7 +60,7 @@ GEMM_BY_TARGET = {"cuda": GEMM}
 
 #: Lowerings that only exist for some dtypes: (target, lowering) -> the dtypes that have it.
 ATTENTION_DTYPES = {
-    ("cpu", "fused"): ("float32", "bfloat16"),  # bf16 CPU libraries compute attention in fp32
+    ("cpu", "fused"): ("float32", "bfloat16"),  # bf16 CPU libraries: bf16 products, fp32 softmax
     ("cuda", "flash"): ("float16", "bfloat16"),
 }
 

@@ -1,5 +1,6 @@
 /*
- * bf16 x bf16 -> fp32 linear layer for CPU libraries: y[M, N] = x[M, K] . w[N, K]^T (+ bias[N]).
+ * bf16 x bf16 -> fp32 linear layer for CPU libraries: y[M, N] = x[M, K] . w[N, K]^T (+ bias[N]),
+ * and attention on the same register tile.
  *
  * x and w are bf16 (their raw 16-bit words), y and bias fp32; products are
  * accumulated in fp32. The path is chosen at run time from the CPU's features:
@@ -24,6 +25,11 @@
  * are read from memory once per call either way). x needs no packing:
  * a pair of consecutive x values is one 32-bit broadcast (AVX512) or an A
  * tile row (AMX). K must be even (the compiler pass only offers even K).
+ *
+ * The store (the epilogue) adds a bias and a residual and can apply an
+ * activation (quick GELU, GELU with erf or tanh) and round the result to bf16,
+ * the next linear layer's input. The same register tile also runs bf16
+ * libraries' attention (the section at the end of the file).
  *
  * Compiled with the host C compiler at export (cpu_bf16_gemm.py) and
  * linked into the library; the instruction sets are enabled per function, so
@@ -615,4 +621,230 @@ int mlcv_bf16_linear_residual(const uint16_t* x, const uint16_t* w, const float*
 int mlcv_bf16_linear_act(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y16, int64_t M,
                          int64_t N, int64_t K, int32_t act) {
   return mlcv_bf16_linear_act_path(mlcv_bf16_best_path(), x, w, bias, act, y16, M, N, K);
+}
+
+/* ------------------------------------------------------------------ attention
+ *
+ * out = softmax(scale q . k^T) v per (image, head), q, k, v and out fp32 [B, S, H, D]
+ * (the layout of R.nn.attention). For the linear layers' inputs bf16 libraries already round
+ * activations to bf16; here q (scaled), k, the probabilities and v are rounded to bf16 too and
+ * both products run on the GEMM's register tile (vdpbf16ps, fp32 accumulation); max, exp and
+ * the row sums stay fp32. The AMX path uses the AVX512 one; plain C computes in fp32.
+ *
+ * A task is (image, head, chunk of queries). It converts the head's k to bf16 and packs it
+ * into key panels (64 keys x D / 2 pairs, the GEMM's B layout), packs v into panels of 64
+ * head-dim columns x key pairs (a pair of consecutive keys per 32-bit word), then per block
+ * of ATT_ROWS queries: scores = q . k^T (fp32), exp and sums, the probabilities in bf16, and
+ * (p . v) / sum. A head is split into chunks only when there are fewer heads than twice the
+ * threads (each chunk packs the head's k and v again).
+ */
+
+#define ATT_ROWS 48 /* queries per block: a multiple of MR */
+
+typedef struct {
+  const float *q, *k, *v;
+  float* out;
+  int64_t B, S, H, D;
+  float scale;
+  int64_t next_unit;
+} attention_job;
+
+static int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+/* Grow-only scratch of the calling thread for the attention tasks. */
+static __thread void* attention_scratch;
+static __thread size_t attention_scratch_bytes;
+
+static void* attention_buffer(size_t bytes) {
+  if (bytes > attention_scratch_bytes) {
+    free(attention_scratch);
+    attention_scratch = NULL;
+    attention_scratch_bytes = 0;
+    if (posix_memalign(&attention_scratch, 64, bytes) != 0) return NULL;
+    attention_scratch_bytes = bytes;
+  }
+  return attention_scratch;
+}
+
+/* Queries [q0, q1) of head (b, h) in plain fp32. */
+static int attention_generic(const attention_job* job, int64_t b, int64_t h, int64_t q0, int64_t q1) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  float* p = (float*)attention_buffer((size_t)S * sizeof(float));
+  if (p == NULL) return -1;
+  for (int64_t i = q0; i < q1; ++i) {
+    const float* qi = job->q + ((b * S + i) * H + h) * D;
+    float top = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* kj = job->k + ((b * S + j) * H + h) * D;
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
+      p[j] = s * job->scale;
+      top = p[j] > top ? p[j] : top;
+    }
+    for (int64_t j = 0; j < S; ++j) {
+      p[j] = expf(p[j] - top);
+      sum += p[j];
+    }
+    float* oi = job->out + ((b * S + i) * H + h) * D;
+    for (int64_t d = 0; d < D; ++d) oi[d] = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* vj = job->v + ((b * S + j) * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] += p[j] * vj[d];
+    }
+    for (int64_t d = 0; d < D; ++d) oi[d] /= sum;
+  }
+  return 0;
+}
+
+#if MLCV_X86
+/* ``count`` fp32 values (times ``scale``) -> bf16, 16 at a time. */
+AVX512_BF16_TARGET static void row_to_bf16(const float* src, float scale, uint16_t* dst, int64_t count) {
+  for (int64_t i = 0; i < count; i += 16) {
+    __mmask16 mask = count - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (count - i)) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src + i), _mm512_set1_ps(scale));
+    _mm256_mask_storeu_epi16(dst + i, mask, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+/* v rows of head (b, h) -> panels of 64 head-dim columns: panel[jp][c] = (v[2 jp][c], v[2 jp + 1][c])
+ * in bf16, a zero key past S; columns past D are zero. */
+AVX512_BF16_TARGET static void pack_values(const attention_job* job, int64_t b, int64_t h, int64_t key_pairs,
+                                           uint32_t* panels) {
+  const int64_t S = job->S, H = job->H, D = job->D, DP = round_up(D, NR);
+  /* word 2c of the result <- low half element c (key 2 jp), word 2c + 1 <- high half element c */
+  uint16_t order[32];
+  for (int c = 0; c < 16; ++c) {
+    order[2 * c] = (uint16_t)c;
+    order[2 * c + 1] = (uint16_t)(16 + c);
+  }
+  __m512i interleave = _mm512_loadu_si512(order);
+  for (int64_t jp = 0; jp < key_pairs; ++jp) {
+    const float* v0 = job->v + ((b * S + 2 * jp) * H + h) * D;
+    const float* v1 = 2 * jp + 1 < S ? job->v + ((b * S + 2 * jp + 1) * H + h) * D : NULL;
+    for (int64_t c = 0; c < DP; c += 16) {
+      __mmask16 mask = c >= D ? 0 : D - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - c)) - 1);
+      __m512 lo = _mm512_maskz_loadu_ps(mask, v0 + c);
+      __m512 hi = v1 ? _mm512_maskz_loadu_ps(mask, v1 + c) : _mm512_setzero_ps();
+      __m512i pair = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      _mm512_storeu_si512(panels + (c / NR) * key_pairs * NR + jp * NR + c % NR, pair);
+    }
+  }
+}
+
+/* Row ``r`` of the scores: exp(s - max) in bf16 into p (zero past S, up to ``keys_even``); returns the sum. */
+AVX512_BF16_TARGET static float softmax_row(const float* scores, int64_t S, int64_t keys_even, uint16_t* p) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < S; j += 16) {
+    __mmask16 mask = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
+    top = _mm512_mask_max_ps(top, mask, top, _mm512_maskz_loadu_ps(mask, scores + j));
+  }
+  __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < S; j += 16) {
+    __mmask16 mask = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
+    __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), row_max));
+    e = _mm512_maskz_mov_ps(mask, e);
+    sum = _mm512_add_ps(sum, e);
+    _mm256_mask_storeu_epi16(p + j, mask, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  if (keys_even > S) p[S] = 0;
+  return _mm512_reduce_add_ps(sum);
+}
+
+/* Queries [q0, q1) of head (b, h) on the bf16 register tile. */
+AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t b, int64_t h, int64_t q0,
+                                               int64_t q1) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  const int64_t SK = round_up(S, NR), SE = round_up(S, 2), DP = round_up(D, NR);
+  size_t kb_bytes = (size_t)round_up(S * D * 2, 64), kp_bytes = (size_t)SK * D * 2;
+  size_t vp_bytes = (size_t)SE / 2 * DP * 4, qb_bytes = (size_t)round_up(ATT_ROWS * D * 2, 64);
+  size_t sc_bytes = (size_t)ATT_ROWS * SK * 4, pb_bytes = (size_t)round_up(ATT_ROWS * SE * 2, 64);
+  size_t ob_bytes = (size_t)ATT_ROWS * DP * 4;
+  uint8_t* base = (uint8_t*)attention_buffer(kb_bytes + kp_bytes + vp_bytes + qb_bytes + sc_bytes + pb_bytes +
+                                             ob_bytes + ATT_ROWS * sizeof(float));
+  if (base == NULL) return -1;
+  uint16_t* kb = (uint16_t*)base;
+  uint32_t* kp = (uint32_t*)(base + kb_bytes);
+  uint32_t* vp = (uint32_t*)((uint8_t*)kp + kp_bytes);
+  uint16_t* qb = (uint16_t*)((uint8_t*)vp + vp_bytes);
+  float* scores = (float*)((uint8_t*)qb + qb_bytes);
+  uint16_t* pb = (uint16_t*)((uint8_t*)scores + sc_bytes);
+  float* ob = (float*)((uint8_t*)pb + pb_bytes);
+  float* sums = (float*)((uint8_t*)ob + ob_bytes);
+  const epilogue plain = {NULL, NULL, ACT_NONE, NULL};
+
+  for (int64_t j = 0; j < S; ++j) row_to_bf16(job->k + ((b * S + j) * H + h) * D, 1.0f, kb + j * D, D);
+  for (int64_t n0 = 0; n0 < SK; n0 += NR) pack_panel_avx512(kb, S, D, n0, kp + n0 * (D / 2));
+  pack_values(job, b, h, SE / 2, vp);
+  for (int64_t m0 = q0; m0 < q1; m0 += ATT_ROWS) {
+    int64_t rows = q1 - m0 < ATT_ROWS ? q1 - m0 : ATT_ROWS;
+    for (int64_t r = 0; r < rows; ++r) row_to_bf16(job->q + ((b * S + m0 + r) * H + h) * D, job->scale, qb + r * D, D);
+    for (int64_t n0 = 0; n0 < SK; n0 += NR) {
+      int ncols = S - n0 < NR ? (int)(S - n0) : NR;
+      rows_avx512(qb, kp + n0 * (D / 2), &plain, scores, 0, rows, n0, ncols, SK, D);
+    }
+    for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
+    for (int64_t c0 = 0; c0 < DP; c0 += NR) {
+      int ncols = D - c0 < NR ? (int)(D - c0) : NR;
+      rows_avx512(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = job->out + ((b * S + m0 + r) * H + h) * D;
+      __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
+      for (int64_t c = 0; c < D; c += 16) {
+        __mmask16 mask = D - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - c)) - 1);
+        _mm512_mask_storeu_ps(o + c, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, ob + r * DP + c), inv));
+      }
+    }
+  }
+  return 0;
+}
+#endif
+
+typedef int (*attention_fn)(const attention_job*, int64_t, int64_t, int64_t, int64_t);
+
+typedef struct {
+  attention_job* job;
+  attention_fn run;
+} attention_launch;
+
+static int attention_units(attention_launch* launch, int threads) {
+  attention_job* job = launch->job;
+  int64_t heads = job->B * job->H;
+  int64_t chunks = heads >= 2 * (int64_t)threads ? 1 : (2 * threads + heads - 1) / heads;
+  int64_t per_chunk = round_up((job->S + chunks - 1) / chunks, MR);
+  chunks = (job->S + per_chunk - 1) / per_chunk;
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
+    if (u >= heads * chunks) return 0;
+    int64_t bh = u / chunks, q0 = (u % chunks) * per_chunk;
+    int64_t q1 = q0 + per_chunk < job->S ? q0 + per_chunk : job->S;
+    if (launch->run(job, bh / job->H, bh % job->H, q0, q1) != 0) return -1;
+  }
+}
+
+static int attention_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
+  (void)task_id;
+  return attention_units((attention_launch*)cdata, penv->num_task);
+}
+
+/* out = softmax(scale q . k^T) v with an explicit path (tests run every supported one). Returns 0 on success. */
+int mlcv_bf16_attention_path(int path, const float* q, const float* k, const float* v, float* out, int64_t B,
+                             int64_t S, int64_t H, int64_t D, float scale) {
+  if (D % 2 != 0 || !mlcv_bf16_path_supported(path)) return -1;
+  if (B == 0 || S == 0 || H == 0 || D == 0) return 0;
+  attention_job job = {q, k, v, out, B, S, H, D, scale, 0};
+  attention_launch launch = {&job, attention_generic};
+#if MLCV_X86
+  if (path != PATH_GENERIC) launch.run = attention_avx512;
+#endif
+  parallel_launch_fn pool = thread_pool();
+  if (pool != NULL) return pool(attention_task, &launch, 0);
+  return attention_units(&launch, 1);
+}
+
+/* The entry point bf16 libraries call for R.nn.attention (compiler/passes/bf16_cpu.py). */
+int mlcv_bf16_attention(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t S, int64_t H,
+                        int64_t D, float scale) {
+  return mlcv_bf16_attention_path(mlcv_bf16_best_path(), q, k, v, out, B, S, H, D, scale);
 }

@@ -20,6 +20,10 @@ a GPU bf16 library. Inside, only the linear layers run in bf16:
    knows (``ACTIVATIONS``: CLIP's quick GELU, GELU with erf or tanh), e.g. the
    MLP's fc1, applies the activation and the bf16 cast in its own epilogue and
    writes bf16: no fp32 ``[tokens, intermediate]`` tensor, no GELU kernel.
+3. :func:`bf16_attention_cpu`: in a bf16 library, every plain ``R.nn.attention``
+   (fp32 q, k, v, even head_dim) becomes the C kernel's attention: q . k^T and
+   p . v on the same bf16 register tile as the linear layers, the softmax in
+   fp32. fp32 libraries keep the fp32 fused kernel (``kernels/cpu_attention.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..kernels.cpu_bf16_gemm import ACTIVATIONS, linear_primfunc
+from ..kernels.cpu_bf16_gemm import ACTIVATIONS, attention_primfunc, linear_primfunc
+from .fuse_attention import replace_attention
 from .relax_rewrite import rewrite_relax_functions, static_int
 
 BF16 = "bfloat16"
@@ -294,3 +299,29 @@ def bf16_linear_cpu(mod, _ctx):
     """Linear layers with bf16 weights -> the bf16 C kernel (fp32 models are left as they are)."""
     mod = rewrite_relax_functions(mod, _Bf16LinearRewriter(mod))
     return relax.transform.DeadCodeElimination()(mod)
+
+
+def _has_bf16_params(mod: tvm.IRModule) -> bool:
+    """Whether a Relax function of ``mod`` takes bf16 tensors: a bf16 library (``bf16_interface``)."""
+    return any(
+        _has_dtype(p.ty, BF16)
+        for _, f in mod.functions_items()
+        if isinstance(f, relax.Function)
+        for p in f.params
+    )
+
+
+def _bf16_attention_kernel(shape):
+    """The C kernel's attention for fp32 q, k, v with an even head_dim, else None (that one stays fp32)."""
+    seq, heads, head_dim, dtype, scale = shape
+    if dtype != F32 or head_dim % 2:
+        return None
+    return f"bf16_attention_s{seq}_h{heads}_d{head_dim}", lambda: attention_primfunc(seq, heads, head_dim, scale)
+
+
+@tvm.transform.module_pass(opt_level=0, name="Bf16AttentionCPU")
+def bf16_attention_cpu(mod, _ctx):
+    """In a bf16 library, plain attention -> the bf16 C kernel (fp32 libraries are left as they are)."""
+    if not _has_bf16_params(mod):
+        return mod
+    return replace_attention(mod, _bf16_attention_kernel)
