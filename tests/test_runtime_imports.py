@@ -28,7 +28,7 @@ RUNTIME_ONLY_FORBIDDEN = OURS_FORBIDDEN + ("tvm.relax",)
 # package root are left out: everything imports errors, the root imports nothing eagerly).
 DOCUMENTED = {
     "atomic": set(),
-    "bench": {"bench_peers", "compiler", "config", "runtime", "testing"},
+    "bench": {"bench_peers", "compiler", "config", "runtime", "testing", "weights.params"},
     "bench_peers": set(),
     "checkpoint": {"config", "models", "validate", "weights.reader"},
     "cli": {"atomic", "bench", "checkpoint", "compiler", "config", "runtime", "weights.convert"},
