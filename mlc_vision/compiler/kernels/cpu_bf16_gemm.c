@@ -152,6 +152,8 @@ int mlcv_bf16_best_path(void) {
 
 /* ------------------------------------------------------------------ helpers */
 
+static int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t bits = (uint32_t)h << 16;
   float f;
@@ -514,6 +516,242 @@ static uint32_t* panel_buffer(size_t words) {
   return thread_panel;
 }
 
+#if MLCV_X86
+/* ------------------------------------------------------------------ AMX linear layer
+ *
+ * y^T = w . x^T with the weights as the A operand: an A tile is 16 weight rows x 32 k read
+ * straight from w[N, K] (row stride K * 2 bytes), so the weights are never packed. x is packed
+ * once per call into the B layout, per block of 16 rows:
+ *
+ *   xpack[mb][kp][r] = (x[16 mb + r][2 kp], x[16 mb + r][2 kp + 1])   (zero past M and past K)
+ *
+ * A C tile is then 16 columns x 16 rows of y, transposed in registers (transpose16x16) before
+ * the epilogue. The register block is 2 x 2 tiles: 32 weight rows x 32 rows of x. A work unit
+ * is (chunk of x rows, 32 weight rows); a chunk's packed x is sized to stay in the L2 cache
+ * while a thread sweeps its weight rows over it, so at small batches the weights are read
+ * from memory once. A K tail (K not a multiple of 32) is read from a zero-padded copy of its
+ * columns; the last block of weight rows, when N is not a multiple of 32, from a zero-padded
+ * copy of those rows.
+ */
+
+#define AMX_WROWS 32 /* weight rows per unit: 2 A tiles */
+
+typedef struct {
+  const uint16_t* x;
+  const uint16_t* w;
+  epilogue ep;
+  float* y;
+  int64_t M, N, K;
+  int64_t kp_padded;    /* k pairs per packed block: round_up(K, AMX_K) / 2 */
+  uint32_t* xpack;      /* [m blocks][kp_padded][16] */
+  int64_t m_blocks;     /* ceil(M / 16) */
+  int64_t chunk_blocks; /* m blocks per chunk of x rows */
+  int64_t w_blocks;     /* ceil(N / AMX_WROWS) */
+  int64_t next_unit;
+} amx_linear_job;
+
+/* Packs rows [16 mb, 16 mb + 16) of x into xpack block mb (16 x 16 word transposes). */
+AMX_TARGET static void pack_x_block(const amx_linear_job* job, int64_t mb) {
+  const int64_t K = job->K, kpairs = K / 2;
+  uint32_t* dst = job->xpack + mb * job->kp_padded * 16;
+  for (int64_t kb = 0; kb < job->kp_padded; kb += 16) {
+    int left = kpairs - kb >= 16 ? 16 : kpairs - kb > 0 ? (int)(kpairs - kb) : 0;
+    __mmask16 mask = (__mmask16)((1u << left) - 1);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      int64_t m = mb * 16 + i;
+      r[i] = m < job->M ? _mm512_maskz_loadu_epi32(mask, (const uint32_t*)(job->x + m * K) + kb) : _mm512_setzero_si512();
+    }
+    transpose16x16(r);
+    for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + (kb + j) * 16, r[j]);
+  }
+}
+
+/* A C tile's 16 weight rows x 16 x rows (``out``, row-major fp32) to y rows [m0, m0 + 16) x
+ * columns [n0, n0 + 16), through the epilogue; rows past M and columns past N are skipped. */
+AMX_TARGET static void store_transposed(const amx_linear_job* job, const float* out, int64_t m0, int64_t n0) {
+  int64_t left = job->N - n0;
+  if (left <= 0) return;
+  __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(out + 16 * i);
+  transpose16x16(r);
+  __m512 bias = job->ep.bias ? _mm512_maskz_loadu_ps(mask, job->ep.bias + n0) : _mm512_setzero_ps();
+  int rows = job->M - m0 < 16 ? (int)(job->M - m0) : 16;
+  for (int j = 0; j < rows; ++j)
+    store_avx512(&job->ep, _mm512_add_ps(_mm512_castsi512_ps(r[j]), bias), mask, job->y, (m0 + j) * job->N + n0);
+}
+
+/* Where the A tiles of one unit's weight rows come from: ``base`` (row stride ``stride`` bf16)
+ * for the first ``full_steps`` k steps, ``tail`` (32 x 32, zero-padded) for the last one if any. */
+typedef struct {
+  const uint16_t* base;
+  int64_t stride;
+  int64_t full_steps, steps;
+  uint16_t tail[AMX_WROWS * AMX_K] __attribute__((aligned(64)));
+} weight_block;
+
+/* Sets ``wb`` up for weight rows [n0, n0 + 32); ``scratch`` (32 x kp_padded words) holds a
+ * zero-padded copy when the rows run past N. Returns 0, or -1 without scratch memory. */
+AMX_TARGET static int weight_block_at(const amx_linear_job* job, int64_t n0, weight_block* wb) {
+  const int64_t K = job->K, Kp = job->kp_padded * 2;
+  wb->steps = Kp / AMX_K;
+  if (n0 + AMX_WROWS > job->N) {
+    uint16_t* copy = (uint16_t*)panel_buffer((size_t)AMX_WROWS * job->kp_padded);
+    if (copy == NULL) return -1;
+    for (int64_t r = 0; r < AMX_WROWS; ++r) {
+      if (n0 + r < job->N) {
+        memcpy(copy + r * Kp, job->w + (n0 + r) * K, (size_t)K * 2);
+        memset(copy + r * Kp + K, 0, (size_t)(Kp - K) * 2);
+      } else {
+        memset(copy + r * Kp, 0, (size_t)Kp * 2);
+      }
+    }
+    wb->base = copy;
+    wb->stride = Kp;
+    wb->full_steps = wb->steps;
+    return 0;
+  }
+  wb->base = job->w + n0 * K;
+  wb->stride = K;
+  wb->full_steps = K / AMX_K;
+  if (wb->full_steps < wb->steps) {
+    int64_t k0 = wb->full_steps * AMX_K;
+    memset(wb->tail, 0, sizeof(wb->tail));
+    for (int r = 0; r < AMX_WROWS; ++r) memcpy(wb->tail + r * AMX_K, wb->base + r * K + k0, (size_t)(K - k0) * 2);
+  }
+  return 0;
+}
+
+/* C tiles 0-3 (0, 1: weight rows 0-15; 2, 3: rows 16-31; 0, 2: x block ``mb``; 1, 3: block mb + 1)
+ * over all k steps; with ``two`` false only x block mb (tiles 0 and 2). */
+AMX_TARGET static inline void amx_block(const amx_linear_job* job, const weight_block* wb, int64_t mb, int two) {
+  const uint32_t* b0 = job->xpack + mb * job->kp_padded * 16;
+  const uint32_t* b1 = b0 + job->kp_padded * 16;
+  const int64_t stride_bytes = wb->stride * 2;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < wb->steps; ++s) {
+    if (s < wb->full_steps) {
+      _tile_loadd(4, wb->base + s * AMX_K, stride_bytes);
+      _tile_loadd(5, wb->base + 16 * wb->stride + s * AMX_K, stride_bytes);
+    } else {
+      _tile_loadd(4, wb->tail, AMX_K * 2);
+      _tile_loadd(5, wb->tail + 16 * AMX_K, AMX_K * 2);
+    }
+    _tile_loadd(6, b0 + s * 256, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if (two) {
+      _tile_loadd(7, b1 + s * 256, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+/* Weight rows [n0, n0 + 32) x the x rows of blocks [mb0, mb1). */
+AMX_TARGET static int amx_unit(const amx_linear_job* job, int64_t n0, int64_t mb0, int64_t mb1, weight_block* wb) {
+  float out[16 * 16] __attribute__((aligned(64)));
+  if (weight_block_at(job, n0, wb) != 0) return -1;
+  for (int64_t mb = mb0; mb < mb1; mb += 2) {
+    int two = mb + 1 < mb1;
+    amx_block(job, wb, mb, two);
+    _tile_stored(0, out, 64);
+    store_transposed(job, out, mb * 16, n0);
+    _tile_stored(2, out, 64);
+    store_transposed(job, out, mb * 16, n0 + 16);
+    if (two) {
+      _tile_stored(1, out, 64);
+      store_transposed(job, out, (mb + 1) * 16, n0);
+      _tile_stored(3, out, 64);
+      store_transposed(job, out, (mb + 1) * 16, n0 + 16);
+    }
+  }
+  return 0;
+}
+
+static int amx_pack_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
+  amx_linear_job* job = (amx_linear_job*)cdata;
+  for (int64_t mb = task_id; mb < job->m_blocks; mb += penv->num_task) pack_x_block(job, mb);
+  return 0;
+}
+
+/* Units (chunk of x blocks, block of weight rows), chunk-major, taken one at a time. */
+AMX_TARGET static int amx_compute_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
+  (void)task_id;
+  (void)penv;
+  amx_linear_job* job = (amx_linear_job*)cdata;
+  weight_block wb;
+  int64_t chunks = (job->m_blocks + job->chunk_blocks - 1) / job->chunk_blocks;
+  int64_t units = chunks * job->w_blocks;
+  int status = 0;
+  amx_configure();
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
+    if (u >= units) break;
+    int64_t mb0 = (u / job->w_blocks) * job->chunk_blocks;
+    int64_t mb1 = mb0 + job->chunk_blocks < job->m_blocks ? mb0 + job->chunk_blocks : job->m_blocks;
+    if (amx_unit(job, (u % job->w_blocks) * AMX_WROWS, mb0, mb1, &wb) != 0) {
+      status = -1;
+      break;
+    }
+  }
+  _tile_release();
+  return status;
+}
+
+/* The L2 cache of one core in bytes (from the OS, which reads cpuid); 1 MiB when unknown. */
+static int64_t l2_cache_bytes(void) {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (bytes > 0) return bytes;
+#endif
+  return 1 << 20;
+}
+
+/* Caller-owned packed x (grow-only, kept for the next call). */
+static __thread uint32_t* xpack_scratch;
+static __thread size_t xpack_scratch_words;
+
+static uint32_t* xpack_buffer(size_t words) {
+  if (words > xpack_scratch_words) {
+    free(xpack_scratch);
+    xpack_scratch = NULL;
+    xpack_scratch_words = 0;
+    if (posix_memalign((void**)&xpack_scratch, 64, words * 4) != 0) return NULL;
+    xpack_scratch_words = words;
+  }
+  return xpack_scratch;
+}
+
+/* x . w^T finished by ``ep`` on AMX (M, N > 0, K even). Returns 0 on success. */
+static int run_linear_amx(const uint16_t* x, const uint16_t* w, epilogue ep, float* y, int64_t M, int64_t N,
+                          int64_t K) {
+  amx_linear_job job = {x, w, ep, y, M, N, K, round_up(K, AMX_K) / 2, NULL, (M + 15) / 16, 0,
+                        (N + AMX_WROWS - 1) / AMX_WROWS, 0};
+  int64_t block_bytes = job.kp_padded * 16 * 4;
+  /* Chunks of x that fill about three quarters of L2 (the rest: the weight rows streaming
+   * through), an even number of blocks, the same size as far as possible. */
+  int64_t fit = 3 * l2_cache_bytes() / 4 / block_bytes;
+  fit = fit < 2 ? 2 : fit & ~(int64_t)1;
+  int64_t chunks = (job.m_blocks + fit - 1) / fit;
+  job.chunk_blocks = round_up((job.m_blocks + chunks - 1) / chunks, 2);
+  job.xpack = xpack_buffer((size_t)job.m_blocks * job.kp_padded * 16);
+  if (job.xpack == NULL) return -1;
+  parallel_launch_fn launch = thread_pool();
+  if (launch == NULL) {
+    TVMParallelGroupEnv env = {NULL, 1};
+    amx_pack_task(0, &env, &job);
+    return amx_compute_task(0, &env, &job);
+  }
+  if (launch(amx_pack_task, &job, 0) != 0) return -1;
+  return launch(amx_compute_task, &job, 0);
+}
+#endif
+
 /* One of ``threads`` tasks: take (panel, row block) units, panel-major, until none are left.
  * With at least two panels per thread a task takes a whole panel (all its row
  * blocks) at a time, so every panel is packed once; with fewer, single units,
@@ -570,6 +808,9 @@ static int run_linear(int path, const uint16_t* x, const uint16_t* w, epilogue e
                       int64_t K) {
   if (K % 2 != 0 || !mlcv_bf16_path_supported(path) || ep.act < ACT_NONE || ep.act > ACT_GELU_TANH) return -1;
   if (M == 0 || N == 0) return 0;
+#if MLCV_X86
+  if (path == PATH_AMX) return run_linear_amx(x, w, ep, y, M, N, K);
+#endif
   linear_job job = {x, w, ep, y, M, N, K, 0, 0, (N + NR - 1) / NR, rows_for_path(path), pack_for_path(path), 0};
   /* Row blocks of a few hundred rows: enough units for every thread even when
    * N has few panels (768 columns = 12 panels), each unit still long. */
@@ -639,7 +880,8 @@ int mlcv_bf16_linear_act(const uint16_t* x, const uint16_t* w, const float* bias
  * threads (each chunk packs the head's k and v again).
  */
 
-#define ATT_ROWS 48 /* queries per block: a multiple of MR */
+#define ATT_ROWS_AVX512 48 /* queries per block: a multiple of MR */
+#define ATT_ROWS_AMX 64    /* a multiple of AMX_ROWS */
 
 typedef struct {
   const float *q, *k, *v;
@@ -648,8 +890,6 @@ typedef struct {
   float scale;
   int64_t next_unit;
 } attention_job;
-
-static int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 /* Grow-only scratch of the calling thread for the attention tasks. */
 static __thread void* attention_scratch;
@@ -707,7 +947,7 @@ AVX512_BF16_TARGET static void row_to_bf16(const float* src, float scale, uint16
 }
 
 /* v rows of head (b, h) -> panels of 64 head-dim columns: panel[jp][c] = (v[2 jp][c], v[2 jp + 1][c])
- * in bf16, a zero key past S; columns past D are zero. */
+ * in bf16, zero keys past S (up to 2 key_pairs); columns past D are zero. */
 AVX512_BF16_TARGET static void pack_values(const attention_job* job, int64_t b, int64_t h, int64_t key_pairs,
                                            uint32_t* panels) {
   const int64_t S = job->S, H = job->H, D = job->D, DP = round_up(D, NR);
@@ -719,11 +959,11 @@ AVX512_BF16_TARGET static void pack_values(const attention_job* job, int64_t b, 
   }
   __m512i interleave = _mm512_loadu_si512(order);
   for (int64_t jp = 0; jp < key_pairs; ++jp) {
-    const float* v0 = job->v + ((b * S + 2 * jp) * H + h) * D;
+    const float* v0 = 2 * jp < S ? job->v + ((b * S + 2 * jp) * H + h) * D : NULL;
     const float* v1 = 2 * jp + 1 < S ? job->v + ((b * S + 2 * jp + 1) * H + h) * D : NULL;
     for (int64_t c = 0; c < DP; c += 16) {
       __mmask16 mask = c >= D ? 0 : D - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - c)) - 1);
-      __m512 lo = _mm512_maskz_loadu_ps(mask, v0 + c);
+      __m512 lo = v0 ? _mm512_maskz_loadu_ps(mask, v0 + c) : _mm512_setzero_ps();
       __m512 hi = v1 ? _mm512_maskz_loadu_ps(mask, v1 + c) : _mm512_setzero_ps();
       __m512i pair = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       _mm512_storeu_si512(panels + (c / NR) * key_pairs * NR + jp * NR + c % NR, pair);
@@ -731,8 +971,8 @@ AVX512_BF16_TARGET static void pack_values(const attention_job* job, int64_t b, 
   }
 }
 
-/* Row ``r`` of the scores: exp(s - max) in bf16 into p (zero past S, up to ``keys_even``); returns the sum. */
-AVX512_BF16_TARGET static float softmax_row(const float* scores, int64_t S, int64_t keys_even, uint16_t* p) {
+/* Row ``r`` of the scores: exp(s - max) in bf16 into p (zero past S, up to ``keys_padded``); returns the sum. */
+AVX512_BF16_TARGET static float softmax_row(const float* scores, int64_t S, int64_t keys_padded, uint16_t* p) {
   __m512 top = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < S; j += 16) {
     __mmask16 mask = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
@@ -747,15 +987,17 @@ AVX512_BF16_TARGET static float softmax_row(const float* scores, int64_t S, int6
     sum = _mm512_add_ps(sum, e);
     _mm256_mask_storeu_epi16(p + j, mask, (__m256i)_mm512_cvtneps_pbh(e));
   }
-  if (keys_even > S) p[S] = 0;
+  for (int64_t j = S; j < keys_padded; ++j) p[j] = 0;
   return _mm512_reduce_add_ps(sum);
 }
 
-/* Queries [q0, q1) of head (b, h) on the bf16 register tile. */
-AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t b, int64_t h, int64_t q0,
-                                               int64_t q1) {
+/* Queries [q0, q1) of head (b, h), ATT_ROWS at a time, with ``rows_kernel``: rows_avx512, or
+ * rows_amx, which needs the keys of p . v padded to a multiple of ``key_align`` = AMX_K. */
+AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, int64_t b, int64_t h, int64_t q0,
+                                                     int64_t q1, rows_fn rows_kernel, int64_t key_align,
+                                                     const int64_t ATT_ROWS) {
   const int64_t S = job->S, H = job->H, D = job->D;
-  const int64_t SK = round_up(S, NR), SE = round_up(S, 2), DP = round_up(D, NR);
+  const int64_t SK = round_up(S, NR), SE = round_up(S, key_align), DP = round_up(D, NR);
   size_t kb_bytes = (size_t)round_up(S * D * 2, 64), kp_bytes = (size_t)SK * D * 2;
   size_t vp_bytes = (size_t)SE / 2 * DP * 4, qb_bytes = (size_t)round_up(ATT_ROWS * D * 2, 64);
   size_t sc_bytes = (size_t)ATT_ROWS * SK * 4, pb_bytes = (size_t)round_up(ATT_ROWS * SE * 2, 64);
@@ -781,12 +1023,12 @@ AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t
     for (int64_t r = 0; r < rows; ++r) row_to_bf16(job->q + ((b * S + m0 + r) * H + h) * D, job->scale, qb + r * D, D);
     for (int64_t n0 = 0; n0 < SK; n0 += NR) {
       int ncols = S - n0 < NR ? (int)(S - n0) : NR;
-      rows_avx512(qb, kp + n0 * (D / 2), &plain, scores, 0, rows, n0, ncols, SK, D);
+      rows_kernel(qb, kp + n0 * (D / 2), &plain, scores, 0, rows, n0, ncols, SK, D);
     }
     for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
     for (int64_t c0 = 0; c0 < DP; c0 += NR) {
       int ncols = D - c0 < NR ? (int)(D - c0) : NR;
-      rows_avx512(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
+      rows_kernel(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* o = job->out + ((b * S + m0 + r) * H + h) * D;
@@ -798,6 +1040,15 @@ AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t
     }
   }
   return 0;
+}
+
+AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t b, int64_t h, int64_t q0,
+                                               int64_t q1) {
+  return attention_tiles(job, b, h, q0, q1, rows_avx512, 2, ATT_ROWS_AVX512);
+}
+
+AMX_TARGET static int attention_amx(const attention_job* job, int64_t b, int64_t h, int64_t q0, int64_t q1) {
+  return attention_tiles(job, b, h, q0, q1, rows_amx, AMX_K, ATT_ROWS_AMX);
 }
 #endif
 
@@ -836,7 +1087,8 @@ int mlcv_bf16_attention_path(int path, const float* q, const float* k, const flo
   attention_job job = {q, k, v, out, B, S, H, D, scale, 0};
   attention_launch launch = {&job, attention_generic};
 #if MLCV_X86
-  if (path != PATH_GENERIC) launch.run = attention_avx512;
+  if (path == PATH_AVX512) launch.run = attention_avx512;
+  if (path == PATH_AMX) launch.run = attention_amx;
 #endif
   parallel_launch_fn pool = thread_pool();
   if (pool != NULL) return pool(attention_task, &launch, 0);
