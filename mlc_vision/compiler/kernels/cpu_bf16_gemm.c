@@ -547,6 +547,7 @@ typedef struct {
   int64_t m_blocks;     /* ceil(M / 16) */
   int64_t chunk_blocks; /* m blocks per chunk of x rows */
   int64_t w_blocks;     /* ceil(N / AMX_WROWS) */
+  int64_t chunk_steps;  /* k steps per chunk of K */
   int64_t next_unit;
 } amx_linear_job;
 
@@ -623,17 +624,41 @@ AMX_TARGET static int weight_block_at(const amx_linear_job* job, int64_t n0, wei
   return 0;
 }
 
+/* Finished C tiles waiting for the epilogue: it runs on the vector units while the tile unit
+ * computes the next block (a store right after the block would wait for its last products). */
+typedef struct {
+  float tiles[4][256] __attribute__((aligned(64)));
+  int64_t m0[4], n0[4];
+  int count, done;
+} pending_tiles;
+
+/* Runs the epilogue of the pending tiles up to the first ``upto``. */
+AMX_TARGET static inline void finish_pending(const amx_linear_job* job, pending_tiles* pending, int upto) {
+  for (; pending->done < upto; ++pending->done)
+    store_transposed(job, pending->tiles[pending->done], pending->m0[pending->done], pending->n0[pending->done]);
+}
+
 /* C tiles 0-3 (0, 1: weight rows 0-15; 2, 3: rows 16-31; 0, 2: x block ``mb``; 1, 3: block mb + 1)
- * over all k steps; with ``two`` false only x block mb (tiles 0 and 2). */
-AMX_TARGET static inline void amx_block(const amx_linear_job* job, const weight_block* wb, int64_t mb, int two) {
+ * += the k steps [s0, s1); with ``two`` false only x block mb (tiles 0 and 2). The tiles start
+ * from zero, or from ``partial`` (tiles 0-3 at 1024-byte steps) when it is set. The epilogue of
+ * the ``pending`` tiles is spread over the k steps. */
+AMX_TARGET static inline void amx_block(const amx_linear_job* job, const weight_block* wb, int64_t mb, int two,
+                                        int64_t s0, int64_t s1, const float* partial, pending_tiles* pending) {
   const uint32_t* b0 = job->xpack + mb * job->kp_padded * 16;
   const uint32_t* b1 = b0 + job->kp_padded * 16;
   const int64_t stride_bytes = wb->stride * 2;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t s = 0; s < wb->steps; ++s) {
+  if (partial) {
+    _tile_loadd(0, partial, 64);
+    _tile_loadd(1, partial + 256, 64);
+    _tile_loadd(2, partial + 512, 64);
+    _tile_loadd(3, partial + 768, 64);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = s0; s < s1; ++s) {
     if (s < wb->full_steps) {
       _tile_loadd(4, wb->base + s * AMX_K, stride_bytes);
       _tile_loadd(5, wb->base + 16 * wb->stride + s * AMX_K, stride_bytes);
@@ -649,25 +674,71 @@ AMX_TARGET static inline void amx_block(const amx_linear_job* job, const weight_
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(3, 5, 7);
     }
+    finish_pending(job, pending, (int)((s - s0 + 1) * pending->count / (s1 - s0)));
   }
 }
 
-/* Weight rows [n0, n0 + 32) x the x rows of blocks [mb0, mb1). */
-AMX_TARGET static int amx_unit(const amx_linear_job* job, int64_t n0, int64_t mb0, int64_t mb1, weight_block* wb) {
-  float out[16 * 16] __attribute__((aligned(64)));
+/* Moves C tiles 0-3 of x blocks (mb, mb + 1) x weight rows (n0, n0 + 16) into ``pending``
+ * (tiles 0 and 2 only without ``two``); the pending tiles before them must be finished. */
+AMX_TARGET static inline void hold_tiles(pending_tiles* pending, int64_t mb, int64_t n0, int two) {
+  _tile_stored(0, pending->tiles[0], 64);
+  _tile_stored(2, pending->tiles[1], 64);
+  pending->m0[0] = pending->m0[1] = mb * 16;
+  pending->n0[0] = n0;
+  pending->n0[1] = n0 + 16;
+  pending->count = 2;
+  if (two) {
+    _tile_stored(1, pending->tiles[2], 64);
+    _tile_stored(3, pending->tiles[3], 64);
+    pending->m0[2] = pending->m0[3] = (mb + 1) * 16;
+    pending->n0[2] = n0;
+    pending->n0[3] = n0 + 16;
+    pending->count = 4;
+  }
+  pending->done = 0;
+}
+
+/* Grow-only buffer of the calling thread for C tiles between k chunks. */
+static __thread float* partial_scratch;
+static __thread size_t partial_scratch_floats;
+
+static float* partial_buffer(size_t floats) {
+  if (floats > partial_scratch_floats) {
+    free(partial_scratch);
+    partial_scratch = NULL;
+    partial_scratch_floats = 0;
+    if (posix_memalign((void**)&partial_scratch, 64, floats * 4) != 0) return NULL;
+    partial_scratch_floats = floats;
+  }
+  return partial_scratch;
+}
+
+/* Weight rows [n0, n0 + 32) x the x rows of blocks [mb0, mb1), K in chunks of ``job->chunk_steps``
+ * k steps: a chunk of the 32 weight rows stays in L1 while every pair of x blocks passes it; the
+ * C tiles of each pair wait in a buffer between chunks. */
+AMX_TARGET static int amx_unit(const amx_linear_job* job, int64_t n0, int64_t mb0, int64_t mb1, weight_block* wb,
+                               pending_tiles* pending) {
   if (weight_block_at(job, n0, wb) != 0) return -1;
-  for (int64_t mb = mb0; mb < mb1; mb += 2) {
-    int two = mb + 1 < mb1;
-    amx_block(job, wb, mb, two);
-    _tile_stored(0, out, 64);
-    store_transposed(job, out, mb * 16, n0);
-    _tile_stored(2, out, 64);
-    store_transposed(job, out, mb * 16, n0 + 16);
-    if (two) {
-      _tile_stored(1, out, 64);
-      store_transposed(job, out, (mb + 1) * 16, n0);
-      _tile_stored(3, out, 64);
-      store_transposed(job, out, (mb + 1) * 16, n0 + 16);
+  float* partial = NULL;
+  if (wb->steps > job->chunk_steps) {
+    partial = partial_buffer((size_t)round_up(mb1 - mb0, 2) * 2 * 256);
+    if (partial == NULL) return -1;
+  }
+  for (int64_t s0 = 0; s0 < wb->steps; s0 += job->chunk_steps) {
+    int64_t s1 = s0 + job->chunk_steps < wb->steps ? s0 + job->chunk_steps : wb->steps;
+    int last = s1 == wb->steps;
+    for (int64_t mb = mb0; mb < mb1; mb += 2) {
+      int two = mb + 1 < mb1;
+      float* tiles = partial ? partial + (mb - mb0) * 2 * 256 : NULL;
+      amx_block(job, wb, mb, two, s0, s1, s0 > 0 ? tiles : NULL, pending);
+      if (last) {
+        hold_tiles(pending, mb, n0, two);
+      } else {
+        _tile_stored(0, tiles, 64);
+        _tile_stored(1, tiles + 256, 64);
+        _tile_stored(2, tiles + 512, 64);
+        _tile_stored(3, tiles + 768, 64);
+      }
     }
   }
   return 0;
@@ -685,6 +756,8 @@ AMX_TARGET static int amx_compute_task(int task_id, TVMParallelGroupEnv* penv, v
   (void)penv;
   amx_linear_job* job = (amx_linear_job*)cdata;
   weight_block wb;
+  pending_tiles pending;
+  pending.count = pending.done = 0;
   int64_t chunks = (job->m_blocks + job->chunk_blocks - 1) / job->chunk_blocks;
   int64_t units = chunks * job->w_blocks;
   int status = 0;
@@ -694,13 +767,21 @@ AMX_TARGET static int amx_compute_task(int task_id, TVMParallelGroupEnv* penv, v
     if (u >= units) break;
     int64_t mb0 = (u / job->w_blocks) * job->chunk_blocks;
     int64_t mb1 = mb0 + job->chunk_blocks < job->m_blocks ? mb0 + job->chunk_blocks : job->m_blocks;
-    if (amx_unit(job, (u % job->w_blocks) * AMX_WROWS, mb0, mb1, &wb) != 0) {
-      status = -1;
-      break;
-    }
+    status = amx_unit(job, (u % job->w_blocks) * AMX_WROWS, mb0, mb1, &wb, &pending);
+    if (status != 0) break;
   }
+  finish_pending(job, &pending, pending.count);
   _tile_release();
   return status;
+}
+
+/* The L1 data cache of one core in bytes (from the OS, which reads cpuid); 32 KiB when unknown. */
+static int64_t l1_cache_bytes(void) {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+  long bytes = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+  if (bytes > 0) return bytes;
+#endif
+  return 32 << 10;
 }
 
 /* The L2 cache of one core in bytes (from the OS, which reads cpuid); 1 MiB when unknown. */
@@ -731,7 +812,10 @@ static uint32_t* xpack_buffer(size_t words) {
 static int run_linear_amx(const uint16_t* x, const uint16_t* w, epilogue ep, float* y, int64_t M, int64_t N,
                           int64_t K) {
   amx_linear_job job = {x, w, ep, y, M, N, K, round_up(K, AMX_K) / 2, NULL, (M + 15) / 16, 0,
-                        (N + AMX_WROWS - 1) / AMX_WROWS, 0};
+                        (N + AMX_WROWS - 1) / AMX_WROWS, 0, 0};
+  /* k chunks whose 32 weight rows fill about half of L1 */
+  job.chunk_steps = l1_cache_bytes() / 2 / (AMX_WROWS * AMX_K * 2);
+  if (job.chunk_steps < 1) job.chunk_steps = 1;
   int64_t block_bytes = job.kp_padded * 16 * 4;
   /* Chunks of x that fill about three quarters of L2 (the rest: the weight rows streaming
    * through), an even number of blocks, the same size as far as possible. */
