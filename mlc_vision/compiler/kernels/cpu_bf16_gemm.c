@@ -720,22 +720,37 @@ static float* partial_buffer(size_t floats) {
   return partial_scratch;
 }
 
+/* Prefetches into L2 the share [part, part + 1) of ``parts`` of weight rows [n0, n0 + 32) (all in
+ * w): the next unit's weights arrive from memory while this unit computes. */
+AMX_TARGET static inline void prefetch_weight_rows(const amx_linear_job* job, int64_t n0, int64_t part,
+                                                   int64_t parts) {
+  const int64_t row_lines = job->K * 2 / 64, lines = AMX_WROWS * row_lines;
+  const char* rows = (const char*)(job->w + n0 * job->K);
+  for (int64_t i = part * lines / parts; i < (part + 1) * lines / parts; ++i)
+    _mm_prefetch(rows + (i % AMX_WROWS) * job->K * 2 + (i / AMX_WROWS) * 64, _MM_HINT_T1);
+}
+
 /* Weight rows [n0, n0 + 32) x the x rows of blocks [mb0, mb1), K in chunks of ``job->chunk_steps``
  * k steps: a chunk of the 32 weight rows stays in L1 while every pair of x blocks passes it; the
  * C tiles of each pair wait in a buffer between chunks. */
-AMX_TARGET static int amx_unit(const amx_linear_job* job, int64_t n0, int64_t mb0, int64_t mb1, weight_block* wb,
-                               pending_tiles* pending) {
+AMX_TARGET static int amx_unit(const amx_linear_job* job, int64_t n0, int64_t next_n0, int64_t mb0, int64_t mb1,
+                               weight_block* wb, pending_tiles* pending) {
   if (weight_block_at(job, n0, wb) != 0) return -1;
   float* partial = NULL;
   if (wb->steps > job->chunk_steps) {
     partial = partial_buffer((size_t)round_up(mb1 - mb0, 2) * 2 * 256);
     if (partial == NULL) return -1;
   }
+  /* the next weight rows (when whole) are prefetched a share per block of this unit */
+  int prefetch = next_n0 >= 0 && next_n0 + AMX_WROWS <= job->N;
+  int64_t pairs = (mb1 - mb0 + 1) / 2, parts = pairs * ((wb->steps + job->chunk_steps - 1) / job->chunk_steps);
+  int64_t part = 0;
   for (int64_t s0 = 0; s0 < wb->steps; s0 += job->chunk_steps) {
     int64_t s1 = s0 + job->chunk_steps < wb->steps ? s0 + job->chunk_steps : wb->steps;
     int last = s1 == wb->steps;
     for (int64_t mb = mb0; mb < mb1; mb += 2) {
       int two = mb + 1 < mb1;
+      if (prefetch) prefetch_weight_rows(job, next_n0, part++, parts);
       float* tiles = partial ? partial + (mb - mb0) * 2 * 256 : NULL;
       amx_block(job, wb, mb, two, s0, s1, s0 > 0 ? tiles : NULL, pending);
       if (last) {
@@ -760,21 +775,24 @@ static int amx_pack_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
 /* Units (chunk of x blocks, block of weight rows), chunk-major, taken one at a time. */
 AMX_TARGET static int amx_compute_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
   (void)task_id;
-  (void)penv;
   amx_linear_job* job = (amx_linear_job*)cdata;
   weight_block wb;
   pending_tiles pending;
   pending.count = pending.done = 0;
   int64_t chunks = (job->m_blocks + job->chunk_blocks - 1) / job->chunk_blocks;
-  int64_t units = chunks * job->w_blocks;
+  /* a unit: (chunk of x, a run of consecutive weight blocks), about two per thread per chunk */
+  int64_t run = (job->w_blocks + 2 * penv->num_task - 1) / (2 * penv->num_task);
+  int64_t runs = (job->w_blocks + run - 1) / run, units = chunks * runs;
   int status = 0;
   amx_configure();
   for (;;) {
     int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
     if (u >= units) break;
-    int64_t mb0 = (u / job->w_blocks) * job->chunk_blocks;
+    int64_t mb0 = (u / runs) * job->chunk_blocks;
     int64_t mb1 = mb0 + job->chunk_blocks < job->m_blocks ? mb0 + job->chunk_blocks : job->m_blocks;
-    status = amx_unit(job, (u % job->w_blocks) * AMX_WROWS, mb0, mb1, &wb, &pending);
+    int64_t first = (u % runs) * run, end = first + run < job->w_blocks ? first + run : job->w_blocks;
+    for (int64_t b = first; b < end && status == 0; ++b)
+      status = amx_unit(job, b * AMX_WROWS, b + 1 < end ? (b + 1) * AMX_WROWS : -1, mb0, mb1, &wb, &pending);
     if (status != 0) break;
   }
   finish_pending(job, &pending, pending.count);
