@@ -1100,11 +1100,42 @@ AVX512_BF16_TARGET static float softmax_row(const float* scores, int64_t S, int6
   return _mm512_reduce_add_ps(sum);
 }
 
+/* c[rows][NR] (row stride ldc floats) = a[rows][K] (row stride lda) . panel ([K / 2][NR] pairs) on
+ * AMX tiles stored as they are: rows a multiple of 32, K of AMX_K, tiles configured by the caller.
+ * Attention's buffers are padded to whole tiles, so no row or column needs a mask. */
+AMX_TARGET static void amx_panel_raw(const uint16_t* a, int64_t lda, const uint32_t* panel, float* c, int64_t ldc,
+                                     int64_t K, int64_t rows) {
+  for (int64_t m = 0; m < rows; m += AMX_ROWS) {
+    for (int cb = 0; cb < NR; cb += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < K; k += AMX_K) {
+        _tile_loadd(4, a + m * lda + k, lda * 2);
+        _tile_loadd(5, a + (m + 16) * lda + k, lda * 2);
+        _tile_loadd(6, panel + (k / 2) * NR + cb, NR * 4);
+        _tile_loadd(7, panel + (k / 2) * NR + cb + 16, NR * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c + m * ldc + cb, ldc * 4);
+      _tile_stored(1, c + m * ldc + cb + 16, ldc * 4);
+      _tile_stored(2, c + (m + 16) * ldc + cb, ldc * 4);
+      _tile_stored(3, c + (m + 16) * ldc + cb + 16, ldc * 4);
+    }
+  }
+}
+
 /* Queries [q0, q1) of head (b, h), ATT_ROWS at a time, with ``rows_kernel``: rows_avx512, or
- * rows_amx, which needs the keys of p . v padded to a multiple of ``key_align`` = AMX_K. */
+ * rows_amx, which needs the keys of p . v padded to a multiple of ``key_align`` = AMX_K. With
+ * ``raw_amx`` (AMX, head_dim a multiple of AMX_K) both products are amx_panel_raw instead, on
+ * query blocks zero-padded to whole tiles. */
 AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, int64_t b, int64_t h, int64_t q0,
                                                      int64_t q1, rows_fn rows_kernel, int64_t key_align,
-                                                     const int64_t ATT_ROWS) {
+                                                     const int64_t ATT_ROWS, int raw_amx) {
   const int64_t S = job->S, H = job->H, D = job->D;
   const int64_t SK = round_up(S, NR), SE = round_up(S, key_align), DP = round_up(D, NR);
   size_t kb_bytes = (size_t)round_up(S * D * 2, 64), kp_bytes = (size_t)SK * D * 2;
@@ -1130,12 +1161,21 @@ AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, i
   for (int64_t m0 = q0; m0 < q1; m0 += ATT_ROWS) {
     int64_t rows = q1 - m0 < ATT_ROWS ? q1 - m0 : ATT_ROWS;
     for (int64_t r = 0; r < rows; ++r) row_to_bf16(job->q + ((b * S + m0 + r) * H + h) * D, job->scale, qb + r * D, D);
-    for (int64_t n0 = 0; n0 < SK; n0 += NR) {
+    if (raw_amx) {
+      int64_t tile_rows = round_up(rows, AMX_ROWS);
+      memset(qb + rows * D, 0, (size_t)(tile_rows - rows) * D * 2);
+      memset(pb + rows * SE, 0, (size_t)(tile_rows - rows) * SE * 2);
+      for (int64_t n0 = 0; n0 < SK; n0 += NR) amx_panel_raw(qb, D, kp + n0 * (D / 2), scores + n0, SK, D, tile_rows);
+      for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
+      for (int64_t c0 = 0; c0 < DP; c0 += NR)
+        amx_panel_raw(pb, SE, vp + (c0 / NR) * (SE / 2) * NR, ob + c0, DP, SE, tile_rows);
+    }
+    for (int64_t n0 = 0; n0 < SK && !raw_amx; n0 += NR) {
       int ncols = S - n0 < NR ? (int)(S - n0) : NR;
       rows_kernel(qb, kp + n0 * (D / 2), &plain, scores, 0, rows, n0, ncols, SK, D);
     }
-    for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
-    for (int64_t c0 = 0; c0 < DP; c0 += NR) {
+    for (int64_t r = 0; r < rows && !raw_amx; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
+    for (int64_t c0 = 0; c0 < DP && !raw_amx; c0 += NR) {
       int ncols = D - c0 < NR ? (int)(D - c0) : NR;
       rows_kernel(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
     }
@@ -1153,11 +1193,15 @@ AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, i
 
 AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t b, int64_t h, int64_t q0,
                                                int64_t q1) {
-  return attention_tiles(job, b, h, q0, q1, rows_avx512, 2, ATT_ROWS_AVX512);
+  return attention_tiles(job, b, h, q0, q1, rows_avx512, 2, ATT_ROWS_AVX512, 0);
 }
 
 AMX_TARGET static int attention_amx(const attention_job* job, int64_t b, int64_t h, int64_t q0, int64_t q1) {
-  return attention_tiles(job, b, h, q0, q1, rows_amx, AMX_K, ATT_ROWS_AMX);
+  if (job->D % AMX_K != 0) return attention_tiles(job, b, h, q0, q1, rows_amx, AMX_K, ATT_ROWS_AMX, 0);
+  amx_configure();
+  int status = attention_tiles(job, b, h, q0, q1, rows_amx, AMX_K, ATT_ROWS_AMX, 1);
+  _tile_release();
+  return status;
 }
 #endif
 
