@@ -555,6 +555,8 @@ typedef struct {
   int64_t chunk_blocks; /* m blocks per chunk of x rows */
   int64_t w_blocks;     /* ceil(N / AMX_WROWS) */
   int64_t chunk_steps;  /* k steps per chunk of K */
+  uint8_t* packed;      /* [m blocks]: set once the block is in xpack */
+  int64_t next_pack;    /* x blocks are claimed for packing with an atomic add */
   int64_t next_unit;
 } amx_linear_job;
 
@@ -573,6 +575,21 @@ AMX_TARGET static void pack_x_block(const amx_linear_job* job, int64_t mb) {
     transpose16x16(r);
     for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + (kb + j) * 16, r[j]);
   }
+}
+
+/* Packs the x blocks this thread claims, then marks each one ready. */
+AMX_TARGET static void pack_claimed_blocks(amx_linear_job* job) {
+  for (;;) {
+    int64_t mb = __atomic_fetch_add(&job->next_pack, 1, __ATOMIC_RELAXED);
+    if (mb >= job->m_blocks) return;
+    pack_x_block(job, mb);
+    __atomic_store_n(&job->packed[mb], 1, __ATOMIC_RELEASE);
+  }
+}
+
+/* Waits until x block ``mb`` (another thread may still be packing it) is ready. */
+static inline void wait_packed(const amx_linear_job* job, int64_t mb) {
+  while (!__atomic_load_n(&job->packed[mb], __ATOMIC_ACQUIRE)) _mm_pause();
 }
 
 /* A C tile's 16 weight rows x 16 x rows (``out``, row-major fp32) to y rows [m0, m0 + 16) x
@@ -750,6 +767,10 @@ AMX_TARGET static int amx_unit(const amx_linear_job* job, int64_t n0, int64_t ne
     int last = s1 == wb->steps;
     for (int64_t mb = mb0; mb < mb1; mb += 2) {
       int two = mb + 1 < mb1;
+      if (s0 == 0) {
+        wait_packed(job, mb);
+        if (two) wait_packed(job, mb + 1);
+      }
       if (prefetch) prefetch_weight_rows(job, next_n0, part++, parts);
       float* tiles = partial ? partial + (mb - mb0) * 2 * 256 : NULL;
       amx_block(job, wb, mb, two, s0, s1, s0 > 0 ? tiles : NULL, pending);
@@ -766,11 +787,6 @@ AMX_TARGET static int amx_unit(const amx_linear_job* job, int64_t n0, int64_t ne
   return 0;
 }
 
-static int amx_pack_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
-  amx_linear_job* job = (amx_linear_job*)cdata;
-  for (int64_t mb = task_id; mb < job->m_blocks; mb += penv->num_task) pack_x_block(job, mb);
-  return 0;
-}
 
 /* Units (chunk of x blocks, block of weight rows), chunk-major, taken one at a time. */
 AMX_TARGET static int amx_compute_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
@@ -784,6 +800,7 @@ AMX_TARGET static int amx_compute_task(int task_id, TVMParallelGroupEnv* penv, v
   int64_t run = (job->w_blocks + 2 * penv->num_task - 1) / (2 * penv->num_task);
   int64_t runs = (job->w_blocks + run - 1) / run, units = chunks * runs;
   int status = 0;
+  pack_claimed_blocks(job);
   amx_configure();
   for (;;) {
     int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
@@ -837,7 +854,7 @@ static uint32_t* xpack_buffer(size_t words) {
 static int run_linear_amx(const uint16_t* x, const uint16_t* w, epilogue ep, float* y, int64_t M, int64_t N,
                           int64_t K) {
   amx_linear_job job = {x, w, ep, y, M, N, K, round_up(K, AMX_K) / 2, NULL, (M + 15) / 16, 0,
-                        (N + AMX_WROWS - 1) / AMX_WROWS, 0, 0};
+                        (N + AMX_WROWS - 1) / AMX_WROWS, 0, NULL, 0, 0};
   /* k chunks whose 32 weight rows fill about half of L1 */
   job.chunk_steps = l1_cache_bytes() / 2 / (AMX_WROWS * AMX_K * 2);
   if (job.chunk_steps < 1) job.chunk_steps = 1;
@@ -848,15 +865,18 @@ static int run_linear_amx(const uint16_t* x, const uint16_t* w, epilogue ep, flo
   fit = fit < 2 ? 2 : fit & ~(int64_t)1;
   int64_t chunks = (job.m_blocks + fit - 1) / fit;
   job.chunk_blocks = round_up((job.m_blocks + chunks - 1) / chunks, 2);
-  job.xpack = xpack_buffer((size_t)job.m_blocks * job.kp_padded * 16);
+  size_t xpack_words = (size_t)job.m_blocks * job.kp_padded * 16;
+  job.xpack = xpack_buffer(xpack_words + (size_t)(job.m_blocks + 3) / 4); /* then the ready flags */
   if (job.xpack == NULL) return -1;
+  job.packed = (uint8_t*)(job.xpack + xpack_words);
+  memset(job.packed, 0, (size_t)job.m_blocks);
+  /* One launch: every task packs the x blocks it claims, then computes (waiting, if it must,
+   * for a block another task is packing); a launch less per layer, a synchronization less. */
   parallel_launch_fn launch = thread_pool();
   if (launch == NULL) {
     TVMParallelGroupEnv env = {NULL, 1};
-    amx_pack_task(0, &env, &job);
     return amx_compute_task(0, &env, &job);
   }
-  if (launch(amx_pack_task, &job, 0) != 0) return -1;
   return launch(amx_compute_task, &job, 0);
 }
 #endif
