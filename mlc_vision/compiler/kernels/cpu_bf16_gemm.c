@@ -10,26 +10,31 @@
  *             Intel Cooper Lake and later);
  *   GENERIC   plain C (bf16 -> fp32, fp32 multiply-add): any x86-64 or other CPU.
  *
- * Work is split over TVM's thread pool (TVMBackendParallelLaunch) into
- * (panel of NR output columns) x (block of rows) units that the threads take
- * one at a time. A thread packs the bf16 weights of a panel once for the
- * units of that panel it takes in a row, pair-interleaved along k:
+ * Work is split over TVM's thread pool (TVMBackendParallelLaunch) into units
+ * that the threads take one at a time (an atomic counter: a thread the OS
+ * delays takes fewer).
+ *
+ * AVX512 and plain C: units are (panel of NR output columns) x (block of rows).
+ * A thread packs the bf16 weights of a panel once for the units of that panel
+ * it takes in a row, pair-interleaved along k:
  *
  *   panel[kp][c] = (w[n0 + c][2 kp], w[n0 + c][2 kp + 1])   (one 32-bit word)
  *
- * which is the operand layout of vdpbf16ps (16 columns x 2 k per zmm) and of
- * an AMX B tile (rows = k pairs, 16 columns of 4 bytes). On the AVX512 and AMX
- * paths the packing is a 16 x 16 transpose of 32-bit words in registers: 16
- * weight rows are read 64 bytes at a time (a word-at-a-time pack cost about a
- * sixth of the GEMM at 197 rows, the transpose about a twentieth; the weights
- * are read from memory once per call either way). x needs no packing:
- * a pair of consecutive x values is one 32-bit broadcast (AVX512) or an A
- * tile row (AMX). K must be even (the compiler pass only offers even K).
+ * which is the operand layout of vdpbf16ps (16 columns x 2 k per zmm); the
+ * packing is a 16 x 16 transpose of 32-bit words in registers (16 weight rows
+ * read 64 bytes at a time). x needs no packing: a pair of consecutive x values
+ * is one 32-bit broadcast. K must be even (the compiler pass only offers even K).
+ *
+ * AMX (the section "AMX linear layer"): y^T = w . x^T with the weights as the
+ * A operand, read in place from w[N, K] (no weight packing); x is packed once
+ * per call into the B layout, and each 16 x 16 fp32 result tile is transposed
+ * in registers before the epilogue. Blocking follows the L1 and L2 sizes the
+ * OS reports.
  *
  * The store (the epilogue) adds a bias and a residual and can apply an
  * activation (quick GELU, GELU with erf or tanh) and round the result to bf16,
- * the next linear layer's input. The same register tile also runs bf16
- * libraries' attention (the section at the end of the file).
+ * the next linear layer's input. The same tiles also run bf16 libraries'
+ * attention (the section at the end of the file).
  *
  * Compiled with the host C compiler at export (cpu_bf16_gemm.py) and
  * linked into the library; the instruction sets are enabled per function, so
@@ -533,12 +538,19 @@ static uint32_t* panel_buffer(size_t words) {
  *   xpack[mb][kp][r] = (x[16 mb + r][2 kp], x[16 mb + r][2 kp + 1])   (zero past M and past K)
  *
  * A C tile is then 16 columns x 16 rows of y, transposed in registers (transpose16x16) before
- * the epilogue. The register block is 2 x 2 tiles: 32 weight rows x 32 rows of x. A work unit
- * is (chunk of x rows, 32 weight rows); a chunk's packed x is sized to stay in the L2 cache
- * while a thread sweeps its weight rows over it, so at small batches the weights are read
- * from memory once. A K tail (K not a multiple of 32) is read from a zero-padded copy of its
- * columns; the last block of weight rows, when N is not a multiple of 32, from a zero-padded
- * copy of those rows.
+ * the epilogue. The register block is 2 x 2 tiles: 32 weight rows x 32 rows of x.
+ *
+ * Blocking: x is split into chunks whose packed blocks fill about 3/4 of L2, so at small
+ * batches every weight is read from memory once per call; K into chunks whose 32 weight rows
+ * fill half of L1, which every pair of x blocks of the chunk passes (the C tiles wait in a
+ * buffer between K chunks). A work unit is (chunk of x, a run of consecutive 32-row weight
+ * blocks); while one block computes, the next one's weights are prefetched into L2. The
+ * epilogue of a block's tiles runs on the vector units during the next block's tile products.
+ * One thread-pool launch per call: each task packs the x blocks it claims, then computes.
+ *
+ * Tails: a K tail (K not a multiple of 32) is read from a zero-padded copy of its columns; the
+ * last block of weight rows, when N is not a multiple of 32, from a zero-padded copy of those
+ * rows; x rows past M are zero in xpack and not stored.
  */
 
 #define AMX_WROWS 32 /* weight rows per unit: 2 A tiles */
@@ -998,15 +1010,17 @@ int mlcv_bf16_linear_act(const uint16_t* x, const uint16_t* w, const float* bias
  * out = softmax(scale q . k^T) v per (image, head), q, k, v and out fp32 [B, S, H, D]
  * (the layout of R.nn.attention). For the linear layers' inputs bf16 libraries already round
  * activations to bf16; here q (scaled), k, the probabilities and v are rounded to bf16 too and
- * both products run on the GEMM's register tile (vdpbf16ps, fp32 accumulation); max, exp and
- * the row sums stay fp32. The AMX path uses the AVX512 one; plain C computes in fp32.
+ * both products run on the GEMM's tiles (vdpbf16ps, or AMX tiles where the CPU has them; fp32
+ * accumulation); max, exp and the row sums stay fp32. Plain C computes in fp32.
  *
  * A task is (image, head, chunk of queries). It converts the head's k to bf16 and packs it
  * into key panels (64 keys x D / 2 pairs, the GEMM's B layout), packs v into panels of 64
  * head-dim columns x key pairs (a pair of consecutive keys per 32-bit word), then per block
  * of ATT_ROWS queries: scores = q . k^T (fp32), exp and sums, the probabilities in bf16, and
  * (p . v) / sum. A head is split into chunks only when there are fewer heads than twice the
- * threads (each chunk packs the head's k and v again).
+ * threads (each chunk packs the head's k and v again). On AMX the keys of p . v are padded to
+ * a multiple of 32 (zero probabilities, zero values) and, when D is a multiple of 32, both
+ * products store whole tiles into the padded buffers (amx_panel_raw).
  */
 
 #define ATT_ROWS_AVX512 48 /* queries per block: a multiple of MR */
