@@ -443,7 +443,9 @@ AMX_TARGET static void amx_configure(void) {
   _tile_loadconfig(&cfg);
 }
 
-/* Rows [m0, m1) with 32-row AMX blocks (K a multiple of 32), the rest with the AVX512 tile. */
+/* Rows [m0, m1) of x . panel with 32-row AMX blocks (K a multiple of 32), the rest with the
+ * AVX512 tile: attention's products when head_dim is not a multiple of 32 (the linear layers
+ * use run_linear_amx). */
 AMX_TARGET static void rows_amx(const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m0,
                                 int64_t m1, int64_t n0, int ncols, int64_t N, int64_t K) {
   if (K % AMX_K != 0) {
@@ -628,8 +630,8 @@ typedef struct {
   uint16_t tail[AMX_WROWS * AMX_K] __attribute__((aligned(64)));
 } weight_block;
 
-/* Sets ``wb`` up for weight rows [n0, n0 + 32); ``scratch`` (32 x kp_padded words) holds a
- * zero-padded copy when the rows run past N. Returns 0, or -1 without scratch memory. */
+/* Sets ``wb`` up for weight rows [n0, n0 + 32); when the rows run past N, the thread's panel
+ * buffer holds a zero-padded copy of them. Returns 0, or -1 without scratch memory. */
 AMX_TARGET static int weight_block_at(const amx_linear_job* job, int64_t n0, weight_block* wb) {
   const int64_t K = job->K, Kp = job->kp_padded * 2;
   wb->steps = Kp / AMX_K;
@@ -799,8 +801,9 @@ AMX_TARGET static int amx_unit(const amx_linear_job* job, int64_t n0, int64_t ne
   return 0;
 }
 
-
-/* Units (chunk of x blocks, block of weight rows), chunk-major, taken one at a time. */
+/* One task: packs the x blocks it claims, then takes units (chunk of x blocks, run of weight
+ * blocks), chunk-major, one at a time. Any order of the tasks works: a task packs every block
+ * it claims before it waits for one. */
 AMX_TARGET static int amx_compute_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
   (void)task_id;
   amx_linear_job* job = (amx_linear_job*)cdata;
@@ -927,9 +930,10 @@ static int parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
   return run_units((linear_job*)cdata, penv->num_task);
 }
 
+/* The panel packing and row kernels of the AVX512 and plain C paths (AMX: run_linear_amx). */
 static pack_fn pack_for_path(int path) {
 #if MLCV_X86
-  if (path == PATH_AMX || path == PATH_AVX512) return pack_panel_avx512;
+  if (path == PATH_AVX512) return pack_panel_avx512;
 #endif
   (void)path;
   return pack_panel;
@@ -937,7 +941,6 @@ static pack_fn pack_for_path(int path) {
 
 static rows_fn rows_for_path(int path) {
 #if MLCV_X86
-  if (path == PATH_AMX) return rows_amx;
   if (path == PATH_AVX512) return rows_avx512;
 #endif
   (void)path;
@@ -955,11 +958,10 @@ static int run_linear(int path, const uint16_t* x, const uint16_t* w, epilogue e
   linear_job job = {x, w, ep, y, M, N, K, 0, 0, (N + NR - 1) / NR, rows_for_path(path), pack_for_path(path), 0};
   /* Row blocks of a few hundred rows: enough units for every thread even when
    * N has few panels (768 columns = 12 panels), each unit still long. */
-  int64_t rows = path == PATH_AMX ? 8 * AMX_ROWS : 32 * MR;
+  int64_t rows = 32 * MR;
   job.row_blocks = (M + rows - 1) / rows;
   job.row_block = (M + job.row_blocks - 1) / job.row_blocks;
-  int64_t align = path == PATH_AMX ? AMX_ROWS : MR; /* whole tiles in every block but the last */
-  if (job.row_block % align) job.row_block += align - job.row_block % align;
+  if (job.row_block % MR) job.row_block += MR - job.row_block % MR; /* whole tiles in every block but the last */
   job.row_blocks = (M + job.row_block - 1) / job.row_block;
   parallel_launch_fn launch = thread_pool();
   if (launch != NULL) return launch(parallel_task, &job, 0);
