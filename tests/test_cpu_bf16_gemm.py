@@ -41,6 +41,9 @@ def kernel(tmp_path_factory):
     lib.mlcv_bf16_attention_path.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]
     )
+    lib.mlcv_bf16_attention_io_path.argtypes = (
+        [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int32, ctypes.c_int32]
+    )
     lib.mlcv_bf16_linear_act_path.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
     )
@@ -161,6 +164,34 @@ def test_attention_matches_numpy(kernel, path, shape):
     assert status == 0
     tol = 1e-5 if cpu_bf16_gemm.PATHS[path] == "generic" else 2e-2
     np.testing.assert_allclose(out, _attention_reference(q, k, v, scale), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", sorted(cpu_bf16_gemm.PATHS), ids=list(cpu_bf16_gemm.PATHS.values()))
+@pytest.mark.parametrize("io", ["bf16-in", "bf16-out", "bf16-in-out"])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_bf16_io_matches_numpy(kernel, path, io, shape):
+    """The attention with bf16 q, k, v and/or a bf16 output (the q, k, v projections of a bf16
+    library store bf16): the same result as numpy's attention of the same (bf16) inputs, the output
+    within one bf16 rounding more when it is bf16."""
+    if not kernel.mlcv_bf16_path_supported(path):
+        pytest.skip(f"this CPU has no {cpu_bf16_gemm.PATHS[path]}")
+    in16, out16 = io != "bf16-out", io != "bf16-in"
+    b, s, h, d = shape
+    rng = np.random.default_rng(s * 10 + d + 1)
+    q, k, v = (rng.standard_normal(shape).astype(ml_dtypes.bfloat16) for _ in range(3))
+    q = (q.astype(np.float32) * 2).astype(ml_dtypes.bfloat16)  # peaked rows, still exact in bf16
+    if not in16:
+        q, k, v = (t.astype(np.float32) for t in (q, k, v))
+    out = np.full(shape, np.nan, dtype=ml_dtypes.bfloat16 if out16 else np.float32)
+    scale = d**-0.5
+    status = kernel.mlcv_bf16_attention_io_path(
+        path, q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, b, s, h, d, scale, in16, out16
+    )
+    assert status == 0
+    tol = 1e-5 if cpu_bf16_gemm.PATHS[path] == "generic" else 2e-2
+    tol = max(tol, 2.0**-8) if out16 else tol
+    ref = _attention_reference(*(t.astype(np.float32) for t in (q, k, v)), scale)
+    np.testing.assert_allclose(out.astype(np.float32), ref, rtol=tol, atol=tol)
 
 
 def test_odd_k_is_refused(kernel):

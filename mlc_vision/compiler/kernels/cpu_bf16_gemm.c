@@ -1009,8 +1009,10 @@ int mlcv_bf16_linear_act(const uint16_t* x, const uint16_t* w, const float* bias
 
 /* ------------------------------------------------------------------ attention
  *
- * out = softmax(scale q . k^T) v per (image, head), q, k, v and out fp32 [B, S, H, D]
- * (the layout of R.nn.attention). For the linear layers' inputs bf16 libraries already round
+ * out = softmax(scale q . k^T) v per (image, head), q, k, v and out [B, S, H, D] (the layout of
+ * R.nn.attention), the inputs fp32 or bf16 (all three alike), out fp32 or bf16: a bf16 library's
+ * q, k and v projections can store bf16 (half the bytes, no conversion here) and out-projection
+ * takes bf16 anyway. For the linear layers' inputs bf16 libraries already round
  * activations to bf16; here q (scaled), k, the probabilities and v are rounded to bf16 too and
  * both products run on the GEMM's tiles (vdpbf16ps, or AMX tiles where the CPU has them; fp32
  * accumulation); max, exp and the row sums stay fp32. Plain C computes in fp32.
@@ -1029,12 +1031,18 @@ int mlcv_bf16_linear_act(const uint16_t* x, const uint16_t* w, const float* bias
 #define ATT_ROWS_AMX 64    /* a multiple of AMX_ROWS */
 
 typedef struct {
-  const float *q, *k, *v;
-  float* out;
+  const void *q, *k, *v; /* fp32, or bf16 with in16 */
+  void* out;             /* fp32, or bf16 with out16 */
   int64_t B, S, H, D;
   float scale;
+  int in16, out16;
   int64_t next_unit;
 } attention_job;
+
+/* Element ``at`` of the attention input ``t`` (fp32, or bf16 with ``in16``) as fp32. */
+static inline float attention_in(const attention_job* job, const void* t, int64_t at) {
+  return job->in16 ? bf16_to_f32(((const uint16_t*)t)[at]) : ((const float*)t)[at];
+}
 
 /* Grow-only scratch of the calling thread for the attention tasks. */
 static __thread void* attention_scratch;
@@ -1054,15 +1062,16 @@ static void* attention_buffer(size_t bytes) {
 /* Queries [q0, q1) of head (b, h) in plain fp32. */
 static int attention_generic(const attention_job* job, int64_t b, int64_t h, int64_t q0, int64_t q1) {
   const int64_t S = job->S, H = job->H, D = job->D;
-  float* p = (float*)attention_buffer((size_t)S * sizeof(float));
+  float* p = (float*)attention_buffer((size_t)(S + D) * sizeof(float));
   if (p == NULL) return -1;
+  float* oi = p + S;
   for (int64_t i = q0; i < q1; ++i) {
-    const float* qi = job->q + ((b * S + i) * H + h) * D;
+    const int64_t qi = ((b * S + i) * H + h) * D;
     float top = -INFINITY, sum = 0.0f;
     for (int64_t j = 0; j < S; ++j) {
-      const float* kj = job->k + ((b * S + j) * H + h) * D;
+      const int64_t kj = ((b * S + j) * H + h) * D;
       float s = 0.0f;
-      for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
+      for (int64_t d = 0; d < D; ++d) s += attention_in(job, job->q, qi + d) * attention_in(job, job->k, kj + d);
       p[j] = s * job->scale;
       top = p[j] > top ? p[j] : top;
     }
@@ -1070,23 +1079,35 @@ static int attention_generic(const attention_job* job, int64_t b, int64_t h, int
       p[j] = expf(p[j] - top);
       sum += p[j];
     }
-    float* oi = job->out + ((b * S + i) * H + h) * D;
     for (int64_t d = 0; d < D; ++d) oi[d] = 0.0f;
     for (int64_t j = 0; j < S; ++j) {
-      const float* vj = job->v + ((b * S + j) * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) oi[d] += p[j] * vj[d];
+      const int64_t vj = ((b * S + j) * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] += p[j] * attention_in(job, job->v, vj + d);
     }
-    for (int64_t d = 0; d < D; ++d) oi[d] /= sum;
+    for (int64_t d = 0; d < D; ++d) {
+      if (job->out16)
+        ((uint16_t*)job->out)[qi + d] = f32_to_bf16(oi[d] / sum);
+      else
+        ((float*)job->out)[qi + d] = oi[d] / sum;
+    }
   }
   return 0;
 }
 
 #if MLCV_X86
-/* ``count`` fp32 values (times ``scale``) -> bf16, 16 at a time. */
-AVX512_BF16_TARGET static void row_to_bf16(const float* src, float scale, uint16_t* dst, int64_t count) {
+/* Up to 16 elements (``mask``) of ``t`` (fp32, or bf16 with ``in16``) from ``at`` as fp32. */
+AVX512_BF16_TARGET static inline __m512 load_f32x16(int in16, const void* t, int64_t at, __mmask16 mask) {
+  if (!in16) return _mm512_maskz_loadu_ps(mask, (const float*)t + at);
+  __m512i words = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t*)t + at));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+}
+
+/* ``count`` values of ``src`` (fp32, or bf16 with ``in16``) from ``at``, times ``scale``, -> bf16. */
+AVX512_BF16_TARGET static void row_to_bf16(int in16, const void* src, int64_t at, float scale, uint16_t* dst,
+                                           int64_t count) {
   for (int64_t i = 0; i < count; i += 16) {
     __mmask16 mask = count - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (count - i)) - 1);
-    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src + i), _mm512_set1_ps(scale));
+    __m512 v = _mm512_mul_ps(load_f32x16(in16, src, at + i, mask), _mm512_set1_ps(scale));
     _mm256_mask_storeu_epi16(dst + i, mask, (__m256i)_mm512_cvtneps_pbh(v));
   }
 }
@@ -1104,12 +1125,12 @@ AVX512_BF16_TARGET static void pack_values(const attention_job* job, int64_t b, 
   }
   __m512i interleave = _mm512_loadu_si512(order);
   for (int64_t jp = 0; jp < key_pairs; ++jp) {
-    const float* v0 = 2 * jp < S ? job->v + ((b * S + 2 * jp) * H + h) * D : NULL;
-    const float* v1 = 2 * jp + 1 < S ? job->v + ((b * S + 2 * jp + 1) * H + h) * D : NULL;
+    const int64_t v0 = ((b * S + 2 * jp) * H + h) * D, v1 = v0 + H * D;
+    const int has0 = 2 * jp < S, has1 = 2 * jp + 1 < S;
     for (int64_t c = 0; c < DP; c += 16) {
       __mmask16 mask = c >= D ? 0 : D - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - c)) - 1);
-      __m512 lo = v0 ? _mm512_maskz_loadu_ps(mask, v0 + c) : _mm512_setzero_ps();
-      __m512 hi = v1 ? _mm512_maskz_loadu_ps(mask, v1 + c) : _mm512_setzero_ps();
+      __m512 lo = has0 ? load_f32x16(job->in16, job->v, v0 + c, mask) : _mm512_setzero_ps();
+      __m512 hi = has1 ? load_f32x16(job->in16, job->v, v1 + c, mask) : _mm512_setzero_ps();
       __m512i pair = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       _mm512_storeu_si512(panels + (c / NR) * key_pairs * NR + jp * NR + c % NR, pair);
     }
@@ -1210,13 +1231,14 @@ AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, i
   float* sums = (float*)((uint8_t*)ob + ob_bytes);
   const epilogue plain = {NULL, NULL, ACT_NONE, NULL};
 
-  for (int64_t j = 0; j < S; ++j) row_to_bf16(job->k + ((b * S + j) * H + h) * D, 1.0f, kb + j * D, D);
+  for (int64_t j = 0; j < S; ++j) row_to_bf16(job->in16, job->k, ((b * S + j) * H + h) * D, 1.0f, kb + j * D, D);
   for (int64_t n0 = 0; n0 < SK; n0 += NR) pack_panel_avx512(kb, S, D, n0, kp + n0 * (D / 2));
   pack_values(job, b, h, SE / 2, vp);
   for (int64_t m0 = q0; m0 < q1; m0 += ATT_ROWS) {
     int64_t rows = q1 - m0 < ATT_ROWS ? q1 - m0 : ATT_ROWS;
     const float scale_log2 = job->scale * 1.44269504f; /* scores in base-2 units for softmax_row */
-    for (int64_t r = 0; r < rows; ++r) row_to_bf16(job->q + ((b * S + m0 + r) * H + h) * D, scale_log2, qb + r * D, D);
+    for (int64_t r = 0; r < rows; ++r)
+      row_to_bf16(job->in16, job->q, ((b * S + m0 + r) * H + h) * D, scale_log2, qb + r * D, D);
     if (raw_amx) {
       int64_t tile_rows = round_up(rows, AMX_ROWS);
       memset(qb + rows * D, 0, (size_t)(tile_rows - rows) * D * 2);
@@ -1236,11 +1258,15 @@ AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, i
       rows_kernel(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      float* o = job->out + ((b * S + m0 + r) * H + h) * D;
+      const int64_t o = ((b * S + m0 + r) * H + h) * D;
       __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
       for (int64_t c = 0; c < D; c += 16) {
         __mmask16 mask = D - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - c)) - 1);
-        _mm512_mask_storeu_ps(o + c, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, ob + r * DP + c), inv));
+        __m512 value = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, ob + r * DP + c), inv);
+        if (job->out16)
+          _mm256_mask_storeu_epi16((uint16_t*)job->out + o + c, mask, (__m256i)_mm512_cvtneps_pbh(value));
+        else
+          _mm512_mask_storeu_ps((float*)job->out + o + c, mask, value);
       }
     }
   }
@@ -1288,12 +1314,13 @@ static int attention_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
   return attention_units((attention_launch*)cdata, penv->num_task);
 }
 
-/* out = softmax(scale q . k^T) v with an explicit path (tests run every supported one). Returns 0 on success. */
-int mlcv_bf16_attention_path(int path, const float* q, const float* k, const float* v, float* out, int64_t B,
-                             int64_t S, int64_t H, int64_t D, float scale) {
+/* out = softmax(scale q . k^T) v with an explicit path (tests run every supported one); q, k, v bf16
+ * when ``in16`` is set (else fp32), out bf16 when ``out16`` is set. Returns 0 on success. */
+int mlcv_bf16_attention_io_path(int path, const void* q, const void* k, const void* v, void* out, int64_t B,
+                                int64_t S, int64_t H, int64_t D, float scale, int32_t in16, int32_t out16) {
   if (D % 2 != 0 || !mlcv_bf16_path_supported(path)) return -1;
   if (B == 0 || S == 0 || H == 0 || D == 0) return 0;
-  attention_job job = {q, k, v, out, B, S, H, D, scale, 0};
+  attention_job job = {q, k, v, out, B, S, H, D, scale, in16 != 0, out16 != 0, 0};
   attention_launch launch = {&job, attention_generic};
 #if MLCV_X86
   if (path == PATH_AVX512) launch.run = attention_avx512;
@@ -1304,8 +1331,20 @@ int mlcv_bf16_attention_path(int path, const float* q, const float* k, const flo
   return attention_units(&launch, 1);
 }
 
-/* The entry point bf16 libraries call for R.nn.attention (compiler/passes/bf16_cpu.py). */
+/* fp32 q, k, v and out with an explicit path. */
+int mlcv_bf16_attention_path(int path, const float* q, const float* k, const float* v, float* out, int64_t B,
+                             int64_t S, int64_t H, int64_t D, float scale) {
+  return mlcv_bf16_attention_io_path(path, q, k, v, out, B, S, H, D, scale, 0, 0);
+}
+
+/* The entry points bf16 libraries call for R.nn.attention (compiler/passes/bf16_cpu.py): fp32 q, k,
+ * v and out; with ``io`` q, k, v bf16 when ``in16`` is set and out bf16 when ``out16`` is set. */
 int mlcv_bf16_attention(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t S, int64_t H,
                         int64_t D, float scale) {
-  return mlcv_bf16_attention_path(mlcv_bf16_best_path(), q, k, v, out, B, S, H, D, scale);
+  return mlcv_bf16_attention_io_path(mlcv_bf16_best_path(), q, k, v, out, B, S, H, D, scale, 0, 0);
+}
+
+int mlcv_bf16_attention_io(const void* q, const void* k, const void* v, void* out, int64_t B, int64_t S, int64_t H,
+                           int64_t D, float scale, int32_t in16, int32_t out16) {
+  return mlcv_bf16_attention_io_path(mlcv_bf16_best_path(), q, k, v, out, B, S, H, D, scale, in16, out16);
 }
