@@ -89,8 +89,10 @@ def _erf(z):
     return np.vectorize(math.erf)(z)
 
 
-#: The activations the kernel can apply before its bf16 store, as numpy functions of fp64 values.
+#: The activations the kernel can apply before its bf16 store, as numpy functions of fp64 values
+#: ("none": the bf16 store alone, ``ACT_NONE``).
 ACTIVATION_REFERENCES = {
+    "none": lambda v: v,
     "quick_gelu": lambda v: v / (1 + np.exp(-1.702 * v)),
     "gelu": lambda v: 0.5 * v * (1 + _erf(v / np.sqrt(2))),
     "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3))),
@@ -115,7 +117,7 @@ def test_activation_epilogue_matches_numpy(kernel, path, act, with_bias, shape):
     y16 = np.zeros((m, n), dtype=ml_dtypes.bfloat16)
     ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
     status = kernel.mlcv_bf16_linear_act_path(
-        path, ptr(x), ptr(w), ptr(bias), cpu_bf16_gemm.ACTIVATIONS[act], ptr(y16), m, n, k
+        path, ptr(x), ptr(w), ptr(bias), cpu_bf16_gemm.ACTIVATIONS.get(act, cpu_bf16_gemm.ACT_NONE), ptr(y16), m, n, k
     )
     assert status == 0
     pre = x.astype(np.float64) @ w.astype(np.float64).T + (bias if with_bias else 0)
@@ -261,6 +263,10 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
     epilogue = {"quick_gelu": "_quick_gelu", "gelu": "_gelu", "gelu_pytorch_tanh": "_gelu_tanh"}[hidden_act]
     assert len([c for c in linear if c.endswith(epilogue)]) == TINY["num_hidden_layers"]
     assert not [c for c in calls if "gelu" in c and not c.startswith("bf16_linear") or "sigmoid" in c]
-    # attention: the bf16 kernel's, not the fp32 fused one
-    assert len([c for c in calls if c.startswith("bf16_attention")]) == TINY["num_hidden_layers"]
+    # attention: the bf16 kernel's, not the fp32 fused one; q, k, v come in bf16 from their
+    # projections, the output goes in bf16 to out-projection (no cast kernel between them)
+    attention = [c for c in calls if c.startswith("bf16_attention")]
+    assert len(attention) == TINY["num_hidden_layers"]
+    assert all(c.endswith("_in16_out16") for c in attention)
+    assert len([c for c in linear if c.endswith("_bias_bf16")]) == 3 * TINY["num_hidden_layers"]
     assert not [c for c in calls if c.startswith("attention")]

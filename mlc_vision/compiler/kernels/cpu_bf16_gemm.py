@@ -28,16 +28,21 @@ ENTRIES = {
 #: Activations the kernel applies before a bf16 store (``mlcv_bf16_linear_act``), by the numbers of
 #: ``cpu_bf16_gemm.c``'s ``ACT_*``; the keys are the names bf16_cpu.py matches.
 ACTIVATIONS = {"quick_gelu": 1, "gelu": 2, "gelu_tanh": 3}
+#: ``cpu_bf16_gemm.c``'s ``ACT_NONE``: the bf16 store without an activation.
+ACT_NONE = 0
 #: What ``mlcv_bf16_best_path()`` returns, by number (``cpu_bf16_gemm.c``'s ``PATH_*``).
 PATHS = {0: "generic", 1: "avx512_bf16", 2: "amx_bf16"}
 
 
-def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False, act: str | None = None):
+def linear_primfunc(
+    lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False, act: str | None = None, bf16_out: bool = False
+):
     """PrimFunc ``(x bf16 [..., k], w bf16 [n, k], (bias f32 [n]), (residual f32 [..., n]), y f32 [..., n])``.
 
     It calls the C kernel: ``y = x . w^T (+ bias) (+ residual)``; with ``act``
     (a key of :data:`ACTIVATIONS`; no residual then) ``y = bf16(act(x . w^T (+ bias)))``,
-    in bf16. The ``lead_ndim`` leading axes of x (batch, tokens) are symbolic and flattened into M.
+    in bf16; with ``bf16_out`` (no residual) ``y = bf16(x . w^T (+ bias))``. The ``lead_ndim``
+    leading axes of x (batch, tokens) are symbolic and flattened into M.
     """
     import tvm
     from tvm import te, tirx
@@ -54,13 +59,15 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool =
 
     null = tirx.reinterpret("handle", tirx.const(0, "uint64"))
 
+    to_bf16 = act is not None or bf16_out
+
     def body(ins, outs):
         pointers = [b.data for b in ins]
-        if (residual or act) and not bias:
+        if (residual or to_bf16) and not bias:
             pointers.insert(2, null)  # NULL bias
         sizes = [rows, tirx.const(n, "int64"), tirx.const(k, "int64")]
-        if act is not None:
-            code = tirx.const(ACTIVATIONS[act], "int32")
+        if to_bf16:
+            code = tirx.const(ACTIVATIONS[act] if act is not None else ACT_NONE, "int32")
             status = tirx.call_extern("int32", "mlcv_bf16_linear_act", *pointers, outs[0].data, *sizes, code)
         else:
             status = tirx.call_extern("int32", ENTRIES[(bias, residual)], *pointers, outs[0].data, *sizes)
@@ -71,9 +78,9 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool =
             [tvm.ir.StringImm("bf16 linear: out of memory for its scratch buffers")], None,
         )  # fmt: skip
 
-    if act is not None and residual:
-        raise ValueError("the activation epilogue takes no residual")
-    y = te.extern([*lead, n], inputs, body, dtype="bfloat16" if act else "float32", name="bf16_linear")
+    if to_bf16 and residual:
+        raise ValueError("the bf16 store epilogue takes no residual")
+    y = te.extern([*lead, n], inputs, body, dtype="bfloat16" if to_bf16 else "float32", name="bf16_linear")
     func = te.create_prim_func([*inputs, y])
     return func.with_attr("tir.is_scheduled", True)
 
@@ -83,24 +90,28 @@ def compile_object(workdir: Path) -> Path:
     return compile_c(SOURCE, workdir, "the bf16 CPU kernel")
 
 
-def attention_primfunc(seq: int, heads: int, head_dim: int, scale: float):
-    """PrimFunc ``(q, k, v, out)``, all fp32 ``[batch, seq, heads, head_dim]`` (batch symbolic), calling
-    the C kernel's ``out = softmax(scale q . k^T) v`` (bf16 products, fp32 softmax; head_dim even)."""
+def attention_primfunc(seq: int, heads: int, head_dim: int, scale: float, bf16_in: bool = False, bf16_out: bool = False):
+    """PrimFunc ``(q, k, v, out)``, all ``[batch, seq, heads, head_dim]`` (batch symbolic), calling
+    the C kernel's ``out = softmax(scale q . k^T) v`` (bf16 products, fp32 softmax; head_dim even).
+    q, k, v are fp32, or bf16 with ``bf16_in``; out fp32, or bf16 with ``bf16_out``."""
     import tvm
     from tvm import te, tirx
 
     batch = tirx.Var("batch", "int64")
     shape = [batch, seq, heads, head_dim]
-    q, k, v = (te.placeholder(shape, "float32", name=n) for n in ("q", "k", "v"))
+    q, k, v = (te.placeholder(shape, "bfloat16" if bf16_in else "float32", name=n) for n in ("q", "k", "v"))
 
     def body(ins, outs):
         sizes = [batch, *(tirx.const(x, "int64") for x in (seq, heads, head_dim))]
         pointers = [b.data for b in ins] + [outs[0].data]
-        status = tirx.call_extern("int32", "mlcv_bf16_attention", *pointers, *sizes, tirx.const(scale, "float32"))
+        io = [tirx.const(int(flag), "int32") for flag in (bf16_in, bf16_out)]
+        status = tirx.call_extern(
+            "int32", "mlcv_bf16_attention_io", *pointers, *sizes, tirx.const(scale, "float32"), *io
+        )
         return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
             status == 0, tvm.ir.StringImm("RuntimeError"),
             [tvm.ir.StringImm("bf16 attention: out of memory for its scratch buffers")], None,
         )  # fmt: skip
 
-    out = te.extern(shape, [q, k, v], body, dtype="float32", name="bf16_attention")
+    out = te.extern(shape, [q, k, v], body, dtype="bfloat16" if bf16_out else "float32", name="bf16_attention")
     return te.create_prim_func([q, k, v, out]).with_attr("tir.is_scheduled", True)

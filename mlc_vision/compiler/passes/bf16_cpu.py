@@ -24,16 +24,22 @@ a GPU bf16 library. Inside, only the linear layers run in bf16:
    (fp32 q, k, v, even head_dim) becomes the C kernel's attention: q . k^T and
    p . v on the same bf16 register tile as the linear layers, the softmax in
    fp32. fp32 libraries keep the fp32 fused kernel (``kernels/cpu_attention.py``).
+   When q, k and v are each a reshape of one of our linear layers (used nowhere
+   else), those layers store bf16 and the kernel reads bf16: half the bytes
+   written and read, no conversion in the kernel. When the attention's output
+   is only reshaped and cast to bf16 (the out-projection's input), the kernel
+   writes bf16 and the cast disappears.
 """
 
 from __future__ import annotations
+
+import re
 
 import tvm
 from tvm import relax
 
 from ..kernels.cpu_bf16_gemm import ACTIVATIONS, attention_primfunc, linear_primfunc
-from .fuse_attention import replace_attention
-from .relax_rewrite import rewrite_relax_functions, static_int
+from .relax_rewrite import ATTENTION_OP, plain_attention_shape, rewrite_relax_functions, static_int
 
 BF16 = "bfloat16"
 F32 = "float32"
@@ -311,12 +317,122 @@ def _has_bf16_params(mod: tvm.IRModule) -> bool:
     )
 
 
-def _bf16_attention_kernel(shape):
-    """The C kernel's attention for fp32 q, k, v with an even head_dim, else None (that one stays fp32)."""
-    seq, heads, head_dim, dtype, scale = shape
-    if dtype != F32 or head_dim % 2:
+#: The name of one of our linear kernels with an fp32 output and neither residual nor activation.
+PLAIN_LINEAR_NAME = re.compile(r"bf16_linear_k(\d+)_n(\d+)(_bias)?")
+
+
+def _use_counts(mod: tvm.IRModule) -> dict:
+    """How often each Relax variable of ``mod`` is used (definitions not counted)."""
+    counts = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, count)
+    return counts
+
+
+@relax.expr_functor.mutator
+class _Bf16AttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+    """``R.nn.attention`` -> ``call_tir(bf16_attention, ...)`` with bf16 inputs and output where the
+    linear layers around it allow (see the module docstring)."""
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.uses = _use_counts(mod)
+        self.kernels = {}  # (seq, heads, head_dim, scale, bf16_in, bf16_out) -> GlobalVar
+        self.attention_of = {}  # GlobalVar -> its key in self.kernels
+        self.bf16_linears = {}
+
+    def _only_use(self, var) -> bool:
+        return isinstance(var, relax.Var) and self.uses.get(var, 0) == 1
+
+    def _bound(self, var, op: str):
+        """The call ``op(...)`` bound to ``var``, else None."""
+        value = self.lookup_binding(var) if isinstance(var, relax.Var) else None
+        if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)):
+            return value
         return None
-    return f"bf16_attention_s{seq}_h{heads}_d{head_dim}", lambda: attention_primfunc(seq, heads, head_dim, scale)
+
+    def _attention_kernel(self, key):
+        if key not in self.kernels:
+            seq, heads, head_dim, scale, bf16_in, bf16_out = key
+            name = f"bf16_attention_s{seq}_h{heads}_d{head_dim}" + ("_in16" if bf16_in else "")
+            name += "_out16" if bf16_out else ""
+            gv = self.builder_.add_func(attention_primfunc(*key), name)
+            self.kernels[key], self.attention_of[gv] = gv, key
+        return self.kernels[key]
+
+    def _bf16_linear_kernel(self, call):
+        """A bf16-output twin of the plain linear kernel ``call`` calls, else None."""
+        callee = call.args[0]
+        match = PLAIN_LINEAR_NAME.fullmatch(callee.name_hint) if isinstance(callee, tvm.ir.GlobalVar) else None
+        if match is None:
+            return None
+        k, n, bias = int(match[1]), int(match[2]), match[3] is not None
+        lead_ndim = call.args[1].fields[0].ty.ndim - 1
+        key = (lead_ndim, k, n, bias)
+        if key not in self.bf16_linears:
+            func = linear_primfunc(lead_ndim, k, n, bias, bf16_out=True)
+            self.bf16_linears[key] = self.builder_.add_func(func, callee.name_hint + "_bf16")
+        return self.bf16_linears[key]
+
+    def _bf16_inputs(self, args):
+        """q, k, v re-emitted from bf16-output linear layers, when each is ``reshape(linear)`` used
+        only there; else None."""
+        plans = []
+        for arg in args:
+            reshape = self._bound(arg, "relax.reshape")
+            source = reshape.args[0] if reshape is not None else None
+            linear = self._bound(source, "relax.call_tir") if self._only_use(arg) and self._only_use(source) else None
+            kernel = self._bf16_linear_kernel(linear) if linear is not None else None
+            if kernel is None:
+                return None
+            plans.append((reshape, linear, kernel))
+        out = []
+        for reshape, linear, kernel in plans:
+            y = linear.ty
+            y16 = self.builder_.emit(relax.call_tir(kernel, list(linear.args[1].fields), relax.TensorType(y.shape.values, BF16)))
+            out.append(self.builder_.emit(relax.op.reshape(y16, reshape.args[1])))
+        return out
+
+    def visit_call_(self, call):  # noqa: D102
+        call = super().visit_call_(call)
+        if not isinstance(call, relax.Call):
+            return call
+        if call.op.same_as(tvm.ir.Op.get(ATTENTION_OP)):
+            return self._attention(call)
+        if call.op.same_as(tvm.ir.Op.get("relax.astype")) and call.attrs.dtype == BF16:
+            return self._bf16_output(call)
+        return call
+
+    def _attention(self, call):
+        shape = plain_attention_shape(call)
+        if shape is None:
+            return call
+        seq, heads, head_dim, dtype, scale = shape
+        if dtype != F32 or head_dim % 2:
+            return call
+        inputs = self._bf16_inputs(call.args)
+        key = (seq, heads, head_dim, scale, inputs is not None, False)
+        return relax.call_tir(self._attention_kernel(key), inputs or list(call.args), call.args[0].ty)
+
+    def _bf16_output(self, call):
+        """``astype(reshape(attention), bf16)`` (each used only there) -> ``reshape(attention with a bf16
+        output)``; the fp32 attention is then dead."""
+        reshape = self._bound(call.args[0], "relax.reshape")
+        source = reshape.args[0] if reshape is not None else None
+        attention = self._bound(source, "relax.call_tir") if self._only_use(call.args[0]) and self._only_use(source) else None
+        key = self.attention_of.get(attention.args[0]) if attention is not None else None
+        if key is None or key[5]:
+            return call
+        kernel = self._attention_kernel((*key[:5], True))
+        out_ty = relax.TensorType(source.ty.shape.values, BF16)
+        out16 = self.builder_.emit(relax.call_tir(kernel, list(attention.args[1].fields), out_ty))
+        return relax.op.reshape(out16, reshape.args[1])
 
 
 @tvm.transform.module_pass(opt_level=0, name="Bf16AttentionCPU")
@@ -324,4 +440,5 @@ def bf16_attention_cpu(mod, _ctx):
     """In a bf16 library, plain attention -> the bf16 C kernel (fp32 libraries are left as they are)."""
     if not _has_bf16_params(mod):
         return mod
-    return replace_attention(mod, _bf16_attention_kernel)
+    mod = rewrite_relax_functions(mod, _Bf16AttentionRewriter(mod))
+    return relax.transform.DeadCodeElimination()(mod)
