@@ -270,3 +270,25 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
     assert all(c.endswith("_in16_out16") for c in attention)
     assert len([c for c in linear if c.endswith("_bias_bf16")]) == 3 * TINY["num_hidden_layers"]
     assert not [c for c in calls if c.startswith("attention")]
+
+
+def test_split_qkv_projection_feeds_attention_in_bf16():
+    """InternViT's one qkv linear layer, split into q, k and v: it stores bf16 and the attention reads
+    bf16 (the split runs on bf16)."""
+    import tvm
+
+    from mlc_vision.bench import kernel_calls
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.compiler.pipeline import relax_pipeline
+    from mlc_vision.config import load_preset
+
+    config = dataclasses.replace(
+        load_preset("internvit-300m-448px"), select_layer=-1, feature="cls_patch", num_hidden_layers=1
+    )
+    built = build_module(config, "bfloat16", "cpu")
+    target = tvm.target.Target.from_device("cpu")
+    calls = kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"])(built.mod))
+    attention = [c for c in calls if c.startswith("bf16_attention")]
+    assert len(attention) == 1 and attention[0].endswith("_in16_out16")
+    qkv = [c for c in calls if c.startswith("bf16_linear") and f"_n{3 * config.hidden_size}_" in c]
+    assert len(qkv) == 1 and qkv[0].endswith("_bf16")

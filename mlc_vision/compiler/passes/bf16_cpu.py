@@ -24,8 +24,8 @@ a GPU bf16 library. Inside, only the linear layers run in bf16:
    (fp32 q, k, v, even head_dim) becomes the C kernel's attention: q . k^T and
    p . v on the same bf16 register tile as the linear layers, the softmax in
    fp32. fp32 libraries keep the fp32 fused kernel (``kernels/cpu_attention.py``).
-   When q, k and v are each a reshape of one of our linear layers (used nowhere
-   else), those layers store bf16 and the kernel reads bf16: half the bytes
+   When q, k and v are each a reshape of one of our linear layers, or of a part
+   of one split into three (InternViT's qkv), used nowhere else, those layers store bf16 and the kernel reads bf16: half the bytes
    written and read, no conversion in the kernel. When the attention's output
    is only reshaped and cast to bf16 (the out-projection's input), the kernel
    writes bf16 and the cast disappears.
@@ -380,23 +380,54 @@ class _Bf16AttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
             self.bf16_linears[key] = self.builder_.add_func(func, callee.name_hint + "_bf16")
         return self.bf16_linears[key]
 
+    def _bf16_linear(self, var):
+        """``(call, kernel)``: the plain linear layer bound to ``var`` (used only once) and its
+        bf16-output twin, else None."""
+        linear = self._bound(var, "relax.call_tir") if self._only_use(var) else None
+        kernel = self._bf16_linear_kernel(linear) if linear is not None else None
+        return (linear, kernel) if kernel is not None else None
+
+    def _split_source(self, var):
+        """``(split call, index, split var)`` when ``var`` (used once) is ``split(y)[index]`` and the
+        split's outputs are used once each, else None."""
+        item = self.lookup_binding(var) if self._only_use(var) else None
+        if not isinstance(item, relax.TupleGetItem):
+            return None
+        split = self._bound(item.tuple_value, "relax.split")
+        if split is None or self.uses.get(item.tuple_value, 0) != len(split.ty.fields):
+            return None
+        return split, item.index, item.tuple_value
+
+    def _emit_bf16_linear(self, linear, kernel):
+        out_ty = relax.TensorType(linear.ty.shape.values, BF16)
+        return self.builder_.emit(relax.call_tir(kernel, list(linear.args[1].fields), out_ty))
+
     def _bf16_inputs(self, args):
-        """q, k, v re-emitted from bf16-output linear layers, when each is ``reshape(linear)`` used
-        only there; else None."""
+        """q, k, v re-emitted from bf16-output linear layers, when each is ``reshape(linear)`` or
+        ``reshape(split(linear)[i])``, every intermediate used only there; else None."""
         plans = []
         for arg in args:
-            reshape = self._bound(arg, "relax.reshape")
-            source = reshape.args[0] if reshape is not None else None
-            linear = self._bound(source, "relax.call_tir") if self._only_use(arg) and self._only_use(source) else None
-            kernel = self._bf16_linear_kernel(linear) if linear is not None else None
-            if kernel is None:
+            reshape = self._bound(arg, "relax.reshape") if self._only_use(arg) else None
+            if reshape is None:
                 return None
-            plans.append((reshape, linear, kernel))
-        out = []
-        for reshape, linear, kernel in plans:
-            y = linear.ty
-            y16 = self.builder_.emit(relax.call_tir(kernel, list(linear.args[1].fields), relax.TensorType(y.shape.values, BF16)))
-            out.append(self.builder_.emit(relax.op.reshape(y16, reshape.args[1])))
+            split = self._split_source(reshape.args[0])
+            linear = self._bf16_linear(split[0].args[0] if split is not None else reshape.args[0])
+            if linear is None:
+                return None
+            plans.append((reshape, split, linear))
+        out, splits = [], {}
+        for reshape, split, (linear, kernel) in plans:
+            if split is None:
+                source = self._emit_bf16_linear(linear, kernel)
+            else:
+                call, index, split_var = split
+                if split_var not in splits:
+                    sections = call.attrs.indices_or_sections
+                    sections = int(sections) if isinstance(sections, tvm.tirx.IntImm) else [int(i) for i in sections]
+                    y16 = self._emit_bf16_linear(linear, kernel)
+                    splits[split_var] = self.builder_.emit(relax.op.split(y16, sections, int(call.attrs.axis)))
+                source = self.builder_.emit(relax.TupleGetItem(splits[split_var], index))
+            out.append(self.builder_.emit(relax.op.reshape(source, reshape.args[1])))
         return out
 
     def visit_call_(self, call):  # noqa: D102
