@@ -117,7 +117,8 @@ def test_activation_epilogue_matches_numpy(kernel, path, act, with_bias, shape):
     y16 = np.zeros((m, n), dtype=ml_dtypes.bfloat16)
     ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
     status = kernel.mlcv_bf16_linear_act_path(
-        path, ptr(x), ptr(w), ptr(bias), cpu_bf16_gemm.ACTIVATIONS.get(act, cpu_bf16_gemm.ACT_NONE), ptr(y16), m, n, k
+        path, ptr(x), ptr(w), ptr(bias), cpu_bf16_gemm.ACTIVATIONS.get(act, cpu_bf16_gemm.ACT_NONE), ptr(y16),
+        m, n, k,
     )
     assert status == 0
     pre = x.astype(np.float64) @ w.astype(np.float64).T + (bias if with_bias else 0)

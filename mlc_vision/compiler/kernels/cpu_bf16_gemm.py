@@ -90,7 +90,9 @@ def compile_object(workdir: Path) -> Path:
     return compile_c(SOURCE, workdir, "the bf16 CPU kernel")
 
 
-def attention_primfunc(seq: int, heads: int, head_dim: int, scale: float, bf16_in: bool = False, bf16_out: bool = False):
+def attention_primfunc(
+    seq: int, heads: int, head_dim: int, scale: float, bf16_in: bool = False, bf16_out: bool = False
+):
     """PrimFunc ``(q, k, v, out)``, all ``[batch, seq, heads, head_dim]`` (batch symbolic), calling
     the C kernel's ``out = softmax(scale q . k^T) v`` (bf16 products, fp32 softmax; head_dim even).
     q, k, v are fp32, or bf16 with ``bf16_in``; out fp32, or bf16 with ``bf16_out``."""

@@ -25,10 +25,11 @@ a GPU bf16 library. Inside, only the linear layers run in bf16:
    p . v on the same bf16 register tile as the linear layers, the softmax in
    fp32. fp32 libraries keep the fp32 fused kernel (``kernels/cpu_attention.py``).
    When q, k and v are each a reshape of one of our linear layers, or of a part
-   of one split into three (InternViT's qkv), used nowhere else, those layers store bf16 and the kernel reads bf16: half the bytes
-   written and read, no conversion in the kernel. When the attention's output
-   is only reshaped and cast to bf16 (the out-projection's input), the kernel
-   writes bf16 and the cast disappears.
+   of one split into three (InternViT's qkv), used nowhere else, those layers
+   store bf16 and the kernel reads bf16: half the bytes written and read, no
+   conversion in the kernel. When the attention's output is only reshaped and
+   cast to bf16 (the out-projection's input), the kernel writes bf16 and the
+   cast disappears.
 """
 
 from __future__ import annotations
@@ -366,26 +367,26 @@ class _Bf16AttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
             self.kernels[key], self.attention_of[gv] = gv, key
         return self.kernels[key]
 
-    def _bf16_linear_kernel(self, call):
-        """A bf16-output twin of the plain linear kernel ``call`` calls, else None."""
-        callee = call.args[0]
-        match = PLAIN_LINEAR_NAME.fullmatch(callee.name_hint) if isinstance(callee, tvm.ir.GlobalVar) else None
-        if match is None:
-            return None
-        k, n, bias = int(match[1]), int(match[2]), match[3] is not None
-        lead_ndim = call.args[1].fields[0].ty.ndim - 1
-        key = (lead_ndim, k, n, bias)
-        if key not in self.bf16_linears:
-            func = linear_primfunc(lead_ndim, k, n, bias, bf16_out=True)
-            self.bf16_linears[key] = self.builder_.add_func(func, callee.name_hint + "_bf16")
-        return self.bf16_linears[key]
-
-    def _bf16_linear(self, var):
-        """``(call, kernel)``: the plain linear layer bound to ``var`` (used only once) and its
-        bf16-output twin, else None."""
+    def _plain_linear(self, var):
+        """The call of one of our plain linear kernels (``PLAIN_LINEAR_NAME``) bound to ``var``, used
+        only once, else None."""
         linear = self._bound(var, "relax.call_tir") if self._only_use(var) else None
-        kernel = self._bf16_linear_kernel(linear) if linear is not None else None
-        return (linear, kernel) if kernel is not None else None
+        callee = linear.args[0] if linear is not None else None
+        if not (isinstance(callee, tvm.ir.GlobalVar) and PLAIN_LINEAR_NAME.fullmatch(callee.name_hint)):
+            return None
+        return linear
+
+    def _emit_bf16_linear(self, linear):
+        """``linear`` (a plain linear kernel's call) again, by its twin that stores bf16."""
+        callee = linear.args[0]
+        match = PLAIN_LINEAR_NAME.fullmatch(callee.name_hint)
+        x16 = linear.args[1].fields[0]
+        key = (x16.ty.ndim - 1, int(match[1]), int(match[2]), match[3] is not None)
+        if key not in self.bf16_linears:
+            func = linear_primfunc(*key, bf16_out=True)
+            self.bf16_linears[key] = self.builder_.add_func(func, callee.name_hint + "_bf16")
+        out_ty = relax.TensorType(linear.ty.shape.values, BF16)
+        return self.builder_.emit(relax.call_tir(self.bf16_linears[key], list(linear.args[1].fields), out_ty))
 
     def _split_source(self, var):
         """``(split call, index, split var)`` when ``var`` (used once) is ``split(y)[index]`` and the
@@ -398,10 +399,6 @@ class _Bf16AttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
             return None
         return split, item.index, item.tuple_value
 
-    def _emit_bf16_linear(self, linear, kernel):
-        out_ty = relax.TensorType(linear.ty.shape.values, BF16)
-        return self.builder_.emit(relax.call_tir(kernel, list(linear.args[1].fields), out_ty))
-
     def _bf16_inputs(self, args):
         """q, k, v re-emitted from bf16-output linear layers, when each is ``reshape(linear)`` or
         ``reshape(split(linear)[i])``, every intermediate used only there; else None."""
@@ -411,20 +408,20 @@ class _Bf16AttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
             if reshape is None:
                 return None
             split = self._split_source(reshape.args[0])
-            linear = self._bf16_linear(split[0].args[0] if split is not None else reshape.args[0])
+            linear = self._plain_linear(split[0].args[0] if split is not None else reshape.args[0])
             if linear is None:
                 return None
             plans.append((reshape, split, linear))
         out, splits = [], {}
-        for reshape, split, (linear, kernel) in plans:
+        for reshape, split, linear in plans:
             if split is None:
-                source = self._emit_bf16_linear(linear, kernel)
+                source = self._emit_bf16_linear(linear)
             else:
                 call, index, split_var = split
                 if split_var not in splits:
                     sections = call.attrs.indices_or_sections
                     sections = int(sections) if isinstance(sections, tvm.tirx.IntImm) else [int(i) for i in sections]
-                    y16 = self._emit_bf16_linear(linear, kernel)
+                    y16 = self._emit_bf16_linear(linear)
                     splits[split_var] = self.builder_.emit(relax.op.split(y16, sections, int(call.attrs.axis)))
                 source = self.builder_.emit(relax.TupleGetItem(splits[split_var], index))
             out.append(self.builder_.emit(relax.op.reshape(source, reshape.args[1])))
@@ -454,9 +451,9 @@ class _Bf16AttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
     def _bf16_output(self, call):
         """``astype(reshape(attention), bf16)`` (each used only there) -> ``reshape(attention with a bf16
         output)``; the fp32 attention is then dead."""
-        reshape = self._bound(call.args[0], "relax.reshape")
+        reshape = self._bound(call.args[0], "relax.reshape") if self._only_use(call.args[0]) else None
         source = reshape.args[0] if reshape is not None else None
-        attention = self._bound(source, "relax.call_tir") if self._only_use(call.args[0]) and self._only_use(source) else None
+        attention = self._bound(source, "relax.call_tir") if self._only_use(source) else None
         key = self.attention_of.get(attention.args[0]) if attention is not None else None
         if key is None or key[5]:
             return call
