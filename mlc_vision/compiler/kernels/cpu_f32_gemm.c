@@ -1,0 +1,566 @@
+/*
+ * fp32 linear layer for CPU libraries: y[M, N] = epilogue(x[M, K] . w[N, K]^T).
+ *
+ * w is read in its checkpoint layout [out, in] (no weight transform at load).
+ * The path is chosen at run time from the CPU's features: AVX-512F (Intel
+ * Skylake-SP and later, AMD Zen 4/5) or plain C on anything else.
+ *
+ * AVX-512 path, the blocking of a GotoBLAS / brgemm style GEMM:
+ *
+ *   register tile  MR rows x NR columns (NR / 16 zmm per row) of fp32 accumulators; every k step
+ *                  loads NR / 16 vectors of the packed weights and broadcasts MR values of x
+ *                  (a memory operand of the FMA), MR * NR / 16 FMAs;
+ *   weight panel   NR output columns of w, transposed once per task into panel[k][NR] (16 x 16
+ *                  register transposes), kept in L2 for all the rows the task computes;
+ *   K block        the panel is walked KC rows of k at a time over every row tile of the task, so
+ *                  the KC x NR slice the FMAs read stays in L1 (KC from the detected L1 data cache
+ *                  size, cpuid leaf 4 / 0x8000001D); partial sums of y are kept in y between K blocks,
+ *                  the epilogue runs on the last one.
+ *
+ * x is not packed: the MR rows of a tile are read in k order, KC values each (a
+ * few hardware prefetch streams). Work is split over TVM's thread pool
+ * (TVMBackendParallelLaunch) into (panel, block of rows) units.
+ *
+ * The epilogue adds a bias [N], then a residual [M, N] or multiplies by a gate
+ * [M, N] (SwiGLU's up projection times silu(gate)), then applies an activation
+ * (quick GELU, GELU with erf or tanh, SiLU).
+ *
+ * Compiled with the host C compiler at export (cpu_f32_gemm.py) and linked into
+ * the library; AVX-512 is enabled per function, so the object runs on any
+ * x86-64 CPU and uses what it finds.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define MLCV_X86 1
+#else
+#define MLCV_X86 0
+#endif
+
+/* TVM's C backend API (tvm/runtime/c_backend_api.h), declared here so that the
+ * file compiles without TVM's headers; the thread pool is reached through the
+ * pointer TVM's runtime fills in when it loads the library. Weak: this object
+ * loaded alone (the ctypes test) runs its tasks serially. */
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+typedef int (*parallel_launch_fn)(FTVMParallelLambda flambda, void* cdata, int num_task);
+extern parallel_launch_fn __TVMBackendParallelLaunch __attribute__((weak));
+extern int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task) __attribute__((weak));
+
+static parallel_launch_fn f32_thread_pool(void) {
+  if (&__TVMBackendParallelLaunch != NULL && __TVMBackendParallelLaunch != NULL) return __TVMBackendParallelLaunch;
+  return TVMBackendParallelLaunch;
+}
+
+enum { F32_PATH_GENERIC = 0, F32_PATH_AVX512 = 1 };
+
+/* Activations of the epilogue (``ACTIVATIONS`` in cpu_f32_gemm.py has the same numbers). */
+enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_GELU_TANH = 3, F32_ACT_SILU = 4 };
+
+#ifndef F32_MR
+#define F32_MR 6 /* rows of the register tile */
+#endif
+#ifndef F32_NV
+#define F32_NV 4 /* zmm per row: NR = 16 NV columns */
+#endif
+#define F32_NR (16 * F32_NV)
+
+/* ------------------------------------------------------------------ features */
+
+#if MLCV_X86
+static uint64_t f32_xgetbv0(void) {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return ((uint64_t)edx << 32) | eax;
+}
+#endif
+
+static int f32_probe_avx512(void) {
+#if MLCV_X86
+  uint32_t a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
+  if ((f32_xgetbv0() & 0xe6) != 0xe6) return 0;                      /* ZMM state enabled by the OS */
+  __cpuid_count(7, 0, a, b, c, d);
+  return (b & (1u << 16)) != 0; /* AVX512F */
+#else
+  return 0;
+#endif
+}
+
+static int f32_avx512_known = -1;
+
+/* Whether ``path`` (0 generic, 1 AVX-512) can run here. */
+int mlcv_f32_path_supported(int path) {
+  if (path == F32_PATH_GENERIC) return 1;
+  if (path != F32_PATH_AVX512) return 0;
+  int known = __atomic_load_n(&f32_avx512_known, __ATOMIC_RELAXED);
+  if (known < 0) {
+    known = f32_probe_avx512();
+    __atomic_store_n(&f32_avx512_known, known, __ATOMIC_RELAXED);
+  }
+  return known;
+}
+
+/* The fastest path this CPU runs. */
+int mlcv_f32_best_path(void) { return mlcv_f32_path_supported(F32_PATH_AVX512) ? F32_PATH_AVX512 : F32_PATH_GENERIC; }
+
+/* Size in bytes of the data (or unified) cache of ``level``, from cpuid's deterministic cache
+ * parameters (leaf 4 on Intel, 0x8000001D on AMD), else sysconf, else ``fallback``. */
+static int64_t cache_bytes_detect(uint32_t level, int64_t fallback) {
+#if MLCV_X86
+  uint32_t a, b, c, d;
+  uint32_t leaves[2] = {4, 0x8000001D};
+  for (int l = 0; l < 2; ++l) {
+    uint32_t max_leaf = __get_cpuid_max(leaves[l] & 0x80000000u, NULL);
+    if (max_leaf < leaves[l]) continue;
+    for (uint32_t sub = 0; sub < 8; ++sub) {
+      __cpuid_count(leaves[l], sub, a, b, c, d);
+      uint32_t type = a & 0x1f;
+      if (type == 0) break;
+      if ((type == 1 || type == 3) && ((a >> 5) & 7) == level) { /* data or unified cache */
+        int64_t ways = ((b >> 22) & 0x3ff) + 1, parts = ((b >> 12) & 0x3ff) + 1, line = (b & 0xfff) + 1;
+        return ways * parts * line * ((int64_t)c + 1);
+      }
+    }
+  }
+#endif
+  long s = -1;
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+  s = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE : _SC_LEVEL2_CACHE_SIZE);
+#endif
+  return s > 0 ? s : fallback;
+}
+
+static int64_t cache_known[3];
+
+/* The size in bytes of the level-1 data and level-2 caches (detected once, kept within sane bounds). */
+static int64_t cache_bytes(uint32_t level) {
+  int64_t s = __atomic_load_n(&cache_known[level], __ATOMIC_RELAXED);
+  if (s <= 0) {
+    int64_t fallback = level == 1 ? 32 * 1024 : 1024 * 1024;
+    s = cache_bytes_detect(level, fallback);
+    if (s < fallback / 4 || s > fallback * 64) s = fallback;
+    __atomic_store_n(&cache_known[level], s, __ATOMIC_RELAXED);
+  }
+  return s;
+}
+
+int64_t mlcv_f32_l1d_bytes(void) { return cache_bytes(1); }
+int64_t mlcv_f32_l2_bytes(void) { return cache_bytes(2); }
+
+#ifndef F32_L1_SHARE
+#define F32_L1_SHARE 2 /* the weight slice takes 1 / F32_L1_SHARE of L1 */
+#endif
+static int64_t k_block(int64_t K) {
+  int64_t kc = mlcv_f32_l1d_bytes() / F32_L1_SHARE / (F32_NR * 4);
+  kc = kc / 8 * 8;
+  if (kc < 32) kc = 32;
+  if (K <= kc) return K;
+  int64_t blocks = (K + kc - 1) / kc; /* equal blocks: no short last block */
+  kc = (K + blocks - 1) / blocks;
+  return (kc + 7) / 8 * 8;
+}
+
+/* ------------------------------------------------------------------ epilogue */
+
+/* What happens to x . w^T before the store: + bias[N], then + residual[M, N] or * gate[M, N], then
+ * the activation ``act``. */
+typedef struct {
+  const float* bias;
+  const float* residual;
+  const float* gate;
+  int act;
+} f32_epilogue;
+
+static inline float f32_activation_scalar(int act, float v) {
+  switch (act) {
+    case F32_ACT_QUICK_GELU: return v / (1.0f + expf(-1.702f * v));
+    case F32_ACT_GELU_ERF: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case F32_ACT_GELU_TANH: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    case F32_ACT_SILU: return v / (1.0f + expf(-v));
+    default: return v;
+  }
+}
+
+static inline float f32_finish_scalar(const f32_epilogue* ep, float v, int64_t n, int64_t at) {
+  if (ep->bias) v += ep->bias[n];
+  if (ep->residual) v += ep->residual[at];
+  v = f32_activation_scalar(ep->act, v);
+  if (ep->gate) v *= ep->gate[at];
+  return v;
+}
+
+/* ------------------------------------------------------------------ generic */
+
+/* Rows [m0, m1) x columns [n0, n0 + ncols) in plain C (any CPU). */
+static void f32_rows_generic(const float* x, const float* w, const f32_epilogue* ep, float* y, int64_t m0,
+                             int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t K) {
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t n = n0; n < n0 + ncols; ++n) {
+      const float* a = x + m * K;
+      const float* b = w + n * K;
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += a[k] * b[k];
+      y[m * N + n] = f32_finish_scalar(ep, s, n, m * N + n);
+    }
+}
+
+/* ------------------------------------------------------------------ AVX-512 */
+
+#if MLCV_X86
+#define F32_AVX512 __attribute__((target("avx512f")))
+
+/* e^x for x in [-87, 88] (clamped outside): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-7
+ * Taylor polynomial (relative error about 2e-8 before rounding), times 2^n. */
+F32_AVX512 static inline __m512 f32_exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* v * sigmoid(s) = v / (1 + e^-s). */
+F32_AVX512 static inline __m512 f32_times_sigmoid(__m512 v, __m512 s) {
+  __m512 e = f32_exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), s));
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+/* erf(z) for fp32: |z| < 0.921875 by an odd polynomial in z (Taylor series to z^19, absolute error
+ * below 1e-8 there); above, 1 - erfc(|z|) with erfc(a) = e^(-a^2) t P(t), t = 1 / (1 + a / 2) (the
+ * Chebyshev fit of Numerical Recipes' erfcc, relative error below 1.2e-7), sign restored. */
+F32_AVX512 static inline __m512 f32_erf_avx512(__m512 z) {
+  __m512 a = _mm512_abs_ps(z);
+  /* small |z|: z (c0 + c1 z^2 + ... ), ci = 2 / sqrt(pi) (-1)^i / (i! (2i + 1)) */
+  __m512 z2 = _mm512_mul_ps(z, z);
+  static const float taylor[10] = {1.1283791671f, -0.3761263890f, 0.1128379167f, -0.0268661706f,
+                                   0.0052239776f, -0.0008548325f, 0.0001205529f, -0.0000149260f,
+                                   0.0000016466f, -0.0000001636f};
+  __m512 s = _mm512_set1_ps(taylor[9]);
+  for (int i = 8; i >= 0; --i) s = _mm512_fmadd_ps(s, z2, _mm512_set1_ps(taylor[i]));
+  __m512 small = _mm512_mul_ps(s, z);
+  /* large |z| */
+  __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f)));
+  static const float cheb[10] = {-1.26551223f, 1.00002368f, 0.37409196f,  0.09678418f, -0.18628806f,
+                                 0.27886807f,  -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
+  __m512 q = _mm512_set1_ps(cheb[9]);
+  for (int i = 8; i >= 0; --i) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(cheb[i]));
+  __m512 erfc = _mm512_mul_ps(t, f32_exp_avx512(_mm512_sub_ps(q, _mm512_mul_ps(a, a))));
+  __m512 large = _mm512_sub_ps(_mm512_set1_ps(1.0f), erfc);
+  __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+  large = _mm512_mask_sub_ps(large, negative, _mm512_setzero_ps(), large);
+  __mmask16 is_small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.921875f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(is_small, large, small);
+}
+
+F32_AVX512 static inline __m512 f32_activation_avx512(int act, __m512 v) {
+  switch (act) {
+    case F32_ACT_QUICK_GELU: return f32_times_sigmoid(v, _mm512_mul_ps(v, _mm512_set1_ps(1.702f)));
+    case F32_ACT_GELU_ERF: {
+      __m512 half = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
+      return _mm512_fmadd_ps(half, f32_erf_avx512(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f))), half);
+    }
+    case F32_ACT_GELU_TANH: { /* 0.5 v (1 + tanh(u)) = v sigmoid(2u), u = sqrt(2 / pi) (v + 0.044715 v^3) */
+      __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      __m512 u = _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v);
+      return f32_times_sigmoid(v, _mm512_mul_ps(u, _mm512_set1_ps(2.0f * 0.79788456080286536f)));
+    }
+    case F32_ACT_SILU: return f32_times_sigmoid(v, v);
+    default: return v;
+  }
+}
+
+/* 16 x 16 transpose of 32-bit words: r[i][j] -> r[j][i]. */
+F32_AVX512 static inline void f32_transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+/* Columns [n0, n0 + NR) x k in [k0, k1) of w[N, K] -> slice[k - k0][NR] (columns >= N are 0), by
+ * 16 x 16 register transposes. */
+F32_AVX512 static void f32_pack_b(const float* w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1,
+                                  float* slice) {
+  for (int cb = 0; cb < F32_NR; cb += 16) {
+    for (int64_t kb = k0; kb < k1; kb += 16) {
+      int left = k1 - kb < 16 ? (int)(k1 - kb) : 16;
+      __mmask16 mask = (__mmask16)((1u << left) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        int64_t n = n0 + cb + i;
+        r[i] = n < N ? _mm512_maskz_loadu_epi32(mask, (const int32_t*)(w + n * K + kb)) : _mm512_setzero_si512();
+      }
+      f32_transpose16x16(r);
+      for (int j = 0; j < left; ++j) _mm512_store_si512((__m512i*)(slice + (kb - k0 + j) * F32_NR + cb), r[j]);
+    }
+  }
+}
+
+/* Rows [m0, m1) x k in [k0, k1) of x[M, K] -> one contiguous block per register tile of MR rows,
+ * block[r][k - k0] (rows past m1 repeat row m1 - 1). The rows of a tile are then read from one
+ * short contiguous block instead of MR rows K floats apart (which share L1 sets when K * 4 is a
+ * multiple of 4 KiB). */
+F32_AVX512 static void f32_pack_a(const float* x, int64_t K, int64_t m0, int64_t m1, int64_t k0, int64_t k1,
+                                  float* apack) {
+  int64_t kc = k1 - k0;
+  for (int64_t m = m0; m < m1; m += F32_MR)
+    for (int r = 0; r < F32_MR; ++r) {
+      int64_t row = m + r < m1 ? m + r : m1 - 1;
+      memcpy(apack + ((m - m0) + r) * kc, x + row * K + k0, (size_t)kc * 4);
+    }
+}
+
+/* One register tile: ``mr`` rows x NR columns of y at (m, n0), over the kc k values of the packed
+ * tile ``a`` (MR rows of kc) and weight slice ``b`` (kc rows of NR). ``first``: start from 0, else
+ * from the partial sums in y; ``last``: finish with the epilogue. ``next``: the next tile's block,
+ * prefetched into L1 while this one runs. */
+F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, const float* a, const float* b,
+                                                                     const float* next, const f32_epilogue* ep,
+                                                                     float* y, int64_t m, int64_t n0,
+                                                                     const __mmask16* masks, int64_t N, int64_t kc,
+                                                                     int first, int last) {
+  __m512 acc[F32_MR][F32_NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < F32_MR; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < F32_NV; ++j)
+      acc[r][j] = (r < mr && !first) ? _mm512_maskz_loadu_ps(masks[j], y + (m + r) * N + n0 + 16 * j)
+                                     : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    if ((k & 3) == 0) _mm_prefetch((const char*)(next + 4 * k), _MM_HINT_T0); /* 16 floats per 4 k: MR <= 16 rows */
+    __m512 bv[F32_NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < F32_NV; ++j) bv[j] = _mm512_load_ps(b + k * F32_NR + 16 * j);
+#pragma GCC unroll 16
+    for (int r = 0; r < F32_MR; ++r) {
+      if (r < mr) {
+        __m512 av = _mm512_set1_ps(a[r * kc + k]);
+#pragma GCC unroll 8
+        for (int j = 0; j < F32_NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+      }
+    }
+  }
+  if (!last) {
+    for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < F32_NV; ++j) _mm512_mask_storeu_ps(y + (m + r) * N + n0 + 16 * j, masks[j], acc[r][j]);
+    return;
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < F32_NV; ++j) {
+    if (!masks[j]) break;
+    __m512 bias = ep->bias ? _mm512_maskz_loadu_ps(masks[j], ep->bias + n0 + 16 * j) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; ++r) {
+      int64_t at = (m + r) * N + n0 + 16 * j;
+      __m512 v = _mm512_add_ps(acc[r][j], bias);
+      if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[j], ep->residual + at));
+      if (ep->act != F32_ACT_NONE) v = f32_activation_avx512(ep->act, v);
+      if (ep->gate) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(masks[j], ep->gate + at));
+      _mm512_mask_storeu_ps(y + at, masks[j], v);
+    }
+  }
+}
+
+#define F32_TILE_CASE(R) \
+  case R: f32_tile(R, a, b, a, ep, y, m, n0, masks, N, kc, first, last); break;
+
+/* Rows [m0, m1) (packed in ``apack``) x columns [n0, n0 + ncols) (the slice ``b``), one K block. */
+F32_AVX512 static void f32_block_avx512(const float* apack, const float* b, const f32_epilogue* ep, float* y,
+                                        int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t kc,
+                                        int first, int last) {
+  __mmask16 masks[F32_NV];
+  for (int j = 0; j < F32_NV; ++j) {
+    int64_t left = ncols - 16 * j;
+    masks[j] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+  }
+  int64_t m = m0;
+  const float* a = apack;
+  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * kc)
+    f32_tile(F32_MR, a, b, a + F32_MR * kc, ep, y, m, n0, masks, N, kc, first, last);
+  switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
+#if F32_MR > 13
+    F32_TILE_CASE(13) F32_TILE_CASE(12) F32_TILE_CASE(11) F32_TILE_CASE(10) F32_TILE_CASE(9) F32_TILE_CASE(8)
+#endif
+#if F32_MR > 7
+    F32_TILE_CASE(7) F32_TILE_CASE(6)
+#endif
+    F32_TILE_CASE(5) F32_TILE_CASE(4) F32_TILE_CASE(3) F32_TILE_CASE(2) F32_TILE_CASE(1)
+    default: break;
+  }
+}
+#endif
+
+/* ------------------------------------------------------------------ driver */
+
+typedef struct {
+  int path;
+  const float* x;
+  const float* w;
+  f32_epilogue ep;
+  float* y;
+  int64_t M, N, K, kc;
+  int64_t row_block, row_blocks;     /* rows per work unit, and their number */
+  int64_t group_panels, groups;      /* NR-column panels per work unit, and their number */
+  int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
+} f32_job;
+
+/* Grow-only scratch of the calling thread (one per pool thread, kept for the next call). */
+static __thread float* f32_scratch;
+static __thread size_t f32_scratch_floats;
+
+static float* f32_scratch_buffer(size_t floats) {
+  if (floats > f32_scratch_floats) {
+    free(f32_scratch);
+    f32_scratch = NULL;
+    f32_scratch_floats = 0;
+    if (posix_memalign((void**)&f32_scratch, 64, floats * 4) != 0) return NULL;
+    f32_scratch_floats = floats;
+  }
+  return f32_scratch;
+}
+
+/* One work unit: rows [m0, m1) x panels [p0, p1). K blocks outermost: the unit's rows of one K
+ * block are packed once (L2) and used by every panel; each panel's K block of weights is packed
+ * once (L1) and used by every row tile. */
+static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+#if MLCV_X86
+  if (job->path == F32_PATH_AVX512) {
+    float* b = scratch;
+    float* apack = scratch + job->kc * F32_NR;
+    for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
+      int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
+      f32_pack_a(job->x, job->K, m0, m1, k0, k1, apack);
+      for (int64_t p = p0; p < p1; ++p) {
+        int64_t n0 = p * F32_NR;
+        int64_t ncols = job->N - n0 < F32_NR ? job->N - n0 : F32_NR;
+        f32_pack_b(job->w, job->N, job->K, n0, k0, k1, b);
+        f32_block_avx512(apack, b, &job->ep, job->y, m0, m1, n0, ncols, job->N, k1 - k0, k0 == 0, k1 == job->K);
+      }
+    }
+    return;
+  }
+#endif
+  (void)scratch;
+  int64_t n1 = p1 * F32_NR < job->N ? p1 * F32_NR : job->N;
+  f32_rows_generic(job->x, job->w, &job->ep, job->y, m0, m1, p0 * F32_NR, n1 - p0 * F32_NR, job->N, job->K);
+}
+
+/* One of the pool's tasks: take work units until none are left. */
+static int f32_run_units(f32_job* job) {
+  int64_t rows = (job->row_block + F32_MR - 1) / F32_MR * F32_MR;
+  float* scratch = f32_scratch_buffer((size_t)job->kc * (F32_NR + (size_t)rows));
+  if (scratch == NULL) return -1;
+  int64_t panels = (job->N + F32_NR - 1) / F32_NR;
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
+    if (u >= job->row_blocks * job->groups) break;
+    int64_t g = u / job->row_blocks, rb = u % job->row_blocks;
+    int64_t m0 = rb * job->row_block, m1 = m0 + job->row_block < job->M ? m0 + job->row_block : job->M;
+    int64_t p0 = g * job->group_panels, p1 = p0 + job->group_panels < panels ? p0 + job->group_panels : panels;
+    f32_run_unit(job, scratch, m0, m1, p0, p1);
+  }
+  return 0;
+}
+
+static int f32_parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
+  (void)task_id;
+  (void)penv;
+  return f32_run_units((f32_job*)cdata);
+}
+
+#ifndef F32_ROW_BLOCK
+#define F32_ROW_BLOCK 288 /* rows per work unit at most: their packed K block stays in L2 */
+#endif
+
+/* Splits the job into (row block, panel group) units: rows in blocks of at most F32_ROW_BLOCK, then
+ * the panels in as many groups as it takes for about two units per thread. */
+static void f32_split(f32_job* job, int threads) {
+  job->row_blocks = (job->M + F32_ROW_BLOCK - 1) / F32_ROW_BLOCK;
+  job->row_block = (job->M + job->row_blocks - 1) / job->row_blocks;
+  if (job->row_block % F32_MR) job->row_block += F32_MR - job->row_block % F32_MR;
+  job->row_blocks = (job->M + job->row_block - 1) / job->row_block;
+  int64_t panels = (job->N + F32_NR - 1) / F32_NR;
+  int64_t want = 2 * (int64_t)threads; /* units */
+  int64_t groups = (want + job->row_blocks - 1) / job->row_blocks;
+  if (groups > panels) groups = panels;
+  if (groups < 1) groups = 1;
+  job->group_panels = (panels + groups - 1) / groups;
+  /* The partial sums of a unit (row block x its panels) are read and written once per K block:
+   * they should stay in L2 (a quarter of it; the packed rows and the weights take some too). */
+  int64_t fit = mlcv_f32_l2_bytes() / 4 / (job->row_block * F32_NR * 4);
+  if (fit < 1) fit = 1;
+  if (job->group_panels > fit) job->group_panels = fit;
+  job->groups = (panels + job->group_panels - 1) / job->group_panels;
+}
+
+/* y = epilogue(x . w^T) on ``path`` (``mlcv_f32_linear``'s arguments). Returns 0 on success. */
+int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* bias, const float* residual,
+                         const float* gate, float* y, int64_t M, int64_t N, int64_t K, int32_t act) {
+  if (!mlcv_f32_path_supported(path) || act < F32_ACT_NONE || act > F32_ACT_SILU) return -1;
+  if (residual != NULL && gate != NULL) return -1;
+  if (M == 0 || N == 0) return 0;
+  f32_job job = {path, x, w, {bias, residual, gate, act}, y, M, N, K, k_block(K), 0, 0, 0, 0, 0};
+  parallel_launch_fn launch = f32_thread_pool();
+  int threads = 1;
+  if (launch != NULL) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    threads = cpus > 0 ? (int)cpus : 1;
+  }
+  f32_split(&job, threads);
+  if (launch != NULL) return launch(f32_parallel_task, &job, 0);
+  return f32_run_units(&job);
+}
+
+/* The entry point the library calls (compiler/passes/f32_cpu.py), on the fastest path here:
+ * y = act(x . w^T (+ bias) (+ residual)) (* gate); bias, residual and gate may be NULL (not both
+ * residual and gate); ``act``: the F32_ACT_* numbers. */
+int mlcv_f32_linear(const float* x, const float* w, const float* bias, const float* residual, const float* gate,
+                    float* y, int64_t M, int64_t N, int64_t K, int32_t act) {
+  return mlcv_f32_linear_path(mlcv_f32_best_path(), x, w, bias, residual, gate, y, M, N, K, act);
+}
+
+/* The register tile and K block this build uses (for tests and benchmarks): rows, columns, KC for K. */
+void mlcv_f32_tile_info(int64_t K, int64_t* out) {
+  out[0] = F32_MR;
+  out[1] = F32_NR;
+  out[2] = k_block(K);
+}

@@ -1,0 +1,139 @@
+"""fp32 CPU libraries on AVX-512: the C GEMM (kernels/cpu_f32_gemm.c) against numpy, and the pass
+that routes linear layers to it.
+
+The kernel is compiled alone and called through ctypes on every path this CPU
+runs (plain C always; AVX-512 where present), on small shapes with row tails
+(the register tile has 6 rows), column tails (64-column panels, 16-lane
+vectors), k not a multiple of the K block, several row blocks, and every
+epilogue. The reference is numpy in float64. No timing assertions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import subprocess
+
+import numpy as np
+import pytest
+
+from mlc_vision.compiler.kernels import cpu_f32_gemm
+from mlc_vision.compiler.kernels.c_objects import c_compiler
+from parity import assert_close
+
+#: (M, N, K): one row and one column; row and column tails; k shorter than a vector; k over several
+#: K blocks with a short last one (the block is about 96 on a 48 KiB L1, 64 on 32 KiB); more rows
+#: than one work unit takes (288) with a 16-lane tail in the last panel.
+SHAPES = [(1, 1, 1), (5, 70, 7), (13, 130, 96), (37, 64, 250), (300, 200, 530), (7, 17, 1000)]
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    obj = cpu_f32_gemm.compile_object(tmp_path_factory.mktemp("f32-obj"))
+    so = obj.with_suffix(".so")
+    subprocess.run([c_compiler(), "-shared", str(obj), "-o", str(so), "-lm"], check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.mlcv_f32_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
+    lib.mlcv_f32_linear_path.restype = ctypes.c_int
+    lib.mlcv_f32_best_path.restype = ctypes.c_int
+    lib.mlcv_f32_l1d_bytes.restype = ctypes.c_int64
+    lib.mlcv_f32_l2_bytes.restype = ctypes.c_int64
+    return lib
+
+
+def _paths(lib) -> list[int]:
+    return [p for p in cpu_f32_gemm.PATHS if lib.mlcv_f32_path_supported(p)]
+
+
+def _run(lib, path, x, w, bias=None, residual=None, gate=None, act=0):
+    y = np.full((x.shape[0], w.shape[0]), np.nan, dtype=np.float32)
+    ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    status = lib.mlcv_f32_linear_path(
+        path, ptr(x), ptr(w), ptr(bias), ptr(residual), ptr(gate), ptr(y), x.shape[0], w.shape[0], x.shape[1], act
+    )
+    return status, y
+
+
+_erf = np.vectorize(math.erf)
+
+#: float64 references of the kernel's activations.
+REFERENCE_ACTIVATIONS = {
+    "quick_gelu": lambda v: v / (1 + np.exp(-1.702 * v)),
+    "gelu": lambda v: 0.5 * v * (1 + _erf(v / math.sqrt(2))),
+    "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3))),
+    "silu": lambda v: v / (1 + np.exp(-v)),
+}
+
+
+def _inputs(shape, seed=0):
+    m, n, k = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+    return rng, x, w
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "bias-residual"])
+def test_kernel_matches_numpy(kernel, epilogue, shape):
+    rng, x, w = _inputs(shape)
+    m, n, _ = shape
+    bias = rng.standard_normal(n, dtype=np.float32) if "bias" in epilogue else None
+    residual = rng.standard_normal((m, n), dtype=np.float32) if "residual" in epilogue else None
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    ref = ref + (bias if bias is not None else 0) + (residual if residual is not None else 0)
+    for path in _paths(kernel):
+        status, y = _run(kernel, path, x, w, bias, residual)
+        assert status == 0
+        assert_close(y, ref.astype(np.float32), f"path {cpu_f32_gemm.PATHS[path]} {epilogue} {shape}")
+
+
+@pytest.mark.parametrize("shape", [(13, 130, 96), (37, 70, 250)])
+@pytest.mark.parametrize("act", list(cpu_f32_gemm.ACTIVATIONS))
+@pytest.mark.parametrize("gated", [False, True])
+def test_activation_and_gate_epilogues_match_numpy(kernel, act, gated, shape):
+    rng, x, w = _inputs(shape, seed=1)
+    m, n, _ = shape
+    bias = rng.standard_normal(n, dtype=np.float32)
+    gate = rng.standard_normal((m, n), dtype=np.float32) if gated else None
+    ref = REFERENCE_ACTIVATIONS[act](x.astype(np.float64) @ w.astype(np.float64).T + bias)
+    if gated:
+        ref = ref * gate
+    for path in _paths(kernel):
+        status, y = _run(kernel, path, x, w, bias, gate=gate, act=cpu_f32_gemm.ACTIVATIONS[act])
+        assert status == 0
+        assert_close(y, ref.astype(np.float32), f"path {cpu_f32_gemm.PATHS[path]} {act} gated={gated}")
+
+
+def test_activations_are_accurate_over_a_wide_range(kernel):
+    """Each activation on inputs from -12 to 12 (x = I, w = the values as a column): tails and the
+    erf polynomial's switch point included."""
+    v = np.concatenate([np.linspace(-12, 12, 4001), [-0.921875, 0.921875, 0.0]]).astype(np.float32)
+    x = np.ones((1, 1), np.float32)
+    w = v.reshape(-1, 1).copy()
+    for name, code in cpu_f32_gemm.ACTIVATIONS.items():
+        ref = REFERENCE_ACTIVATIONS[name](v.astype(np.float64))
+        for path in _paths(kernel):
+            status, y = _run(kernel, path, x, w, act=code)
+            assert status == 0
+            err = np.abs(y[0] - ref)
+            assert err.max() <= 2e-6 * max(1.0, np.abs(ref).max()), (name, path, float(err.max()), v[err.argmax()])
+
+
+def test_bad_arguments_are_refused(kernel):
+    _, x, w = _inputs((4, 8, 16))
+    r = np.zeros((4, 8), np.float32)
+    assert _run(kernel, 0, x, w, act=99)[0] != 0
+    assert _run(kernel, 0, x, w, residual=r, gate=r)[0] != 0
+    assert _run(kernel, 7, x, w)[0] != 0
+
+
+def test_best_path_and_cache_sizes(kernel):
+    assert kernel.mlcv_f32_path_supported(kernel.mlcv_f32_best_path())
+    assert 8 * 1024 <= kernel.mlcv_f32_l1d_bytes() <= 2 * 1024 * 1024
+    assert kernel.mlcv_f32_l2_bytes() >= kernel.mlcv_f32_l1d_bytes()
+
+
+def test_primfunc_rejects_residual_with_gate():
+    with pytest.raises(ValueError):
+        cpu_f32_gemm.linear_primfunc(1, 8, 8, bias=False, residual=True, gate=True)
