@@ -11,6 +11,7 @@ epilogue. The reference is numpy in float64. No timing assertions.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import subprocess
 
@@ -137,3 +138,97 @@ def test_best_path_and_cache_sizes(kernel):
 def test_primfunc_rejects_residual_with_gate():
     with pytest.raises(ValueError):
         cpu_f32_gemm.linear_primfunc(1, 8, 8, bias=False, residual=True, gate=True)
+
+
+# ---- the pass ---------------------------------------------------------------------------------
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+LAYERS = TINY["num_hidden_layers"]
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from parity import randomize_all
+
+    model = randomize_all(CLIPVisionModel(CLIPVisionConfig(**TINY)), seed=0)
+    ckpt = tmp_path_factory.mktemp("clip-f32-ckpt")
+    model.save_pretrained(ckpt)
+    return ckpt
+
+
+def _calls(config, cpu: str | None = None) -> list[str]:
+    """The kernels an fp32 CPU library of ``config`` launches (``cpu``: LLVM's CPU name, default this one)."""
+    from mlc_vision.bench import kernel_calls
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.compiler.pipeline import relax_pipeline
+    from mlc_vision.compiler.targets import cpu_target
+
+    built = build_module(config, "float32", "cpu", cpu=cpu)
+    target = cpu_target(built.metadata["cpu"])
+    return kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"])(built.mod))
+
+
+def _needs_avx512():
+    from mlc_vision.compiler.targets import cpu_spec
+
+    if "avx512f" not in cpu_spec()["features"]:
+        pytest.skip("this CPU has no AVX-512F: fp32 libraries keep the TIR GEMM")
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
+def test_fp32_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
+    """On an AVX-512 CPU every linear layer of an fp32 library is the C kernel; the residual adds
+    and the MLP's activation are its epilogues (no add or activation kernel left for them)."""
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    _needs_avx512()
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch", hidden_act=hidden_act)
+    calls = _calls(config)
+    linear = [c for c in calls if c.startswith("f32_linear")]
+    assert len(linear) == 1 + 6 * LAYERS  # patch embedding + q, k, v, out, fc1, fc2
+    assert len([c for c in linear if "_bias" in c]) == 6 * LAYERS  # the patch embedding has no bias
+    assert len([c for c in linear if c.endswith("_residual")]) == 2 * LAYERS
+    epilogue = {"quick_gelu": "_quick_gelu", "gelu": "_gelu", "gelu_pytorch_tanh": "_gelu_tanh"}[hidden_act]
+    assert len([c for c in linear if c.endswith(epilogue)]) == LAYERS
+    assert not [c for c in calls if ("gelu" in c or "sigmoid" in c) and not c.startswith("f32_linear")]
+    assert not [c for c in calls if "NT_matmul" in c]
+
+
+def test_cpu_without_avx512_keeps_the_tir_gemm(clip_checkpoint):
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    calls = _calls(config, cpu="haswell")
+    assert not [c for c in calls if c.startswith("f32_linear")]
+    assert [c for c in calls if "matmul" in c]
+
+
+def test_kernel_is_linked_exactly_for_avx512_cpu_libraries():
+    from mlc_vision.compiler.export import needs_f32_kernel
+
+    assert needs_f32_kernel("cpu", {"dtype": "float32", "cpu": {"features": ["avx2", "avx512f"]}})
+    assert not needs_f32_kernel("cpu", {"dtype": "float32", "cpu": {"features": ["avx2", "fma"]}})
+    assert not needs_f32_kernel("cuda", {"dtype": "float32"})
+
+
+def test_swiglu_with_symbolic_rows_is_one_gated_kernel(tmp_path):
+    """Qwen2.5's tower (symbolic patch count): gate and up projections with SiLU and the product in
+    the gate kernel's epilogue; down projection adds the residual."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    _needs_avx512()
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=32, vocab_size=64, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=24, fullatt_block_indexes=[1])  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path)
+    calls = _calls(resolve_config(str(tmp_path)))
+    gated = [c for c in calls if c.startswith("f32_linear") and c.endswith("_gated_silu")]
+    assert len(gated) == vision["depth"]
+    assert not [c for c in calls if "silu" in c and not c.startswith("f32_linear")]

@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import atomic
 from ..errors import MlcVisionError
 from . import targets as _targets
-from .kernels import cpu_bf16_gemm, cpu_segment_attention
+from .kernels import cpu_bf16_gemm, cpu_f32_gemm, cpu_segment_attention
 from .cuda_fatbin import nvcc_compile_callback, pack_imports_with_fatbin, walk_modules
 
 logger = logging.getLogger(__name__)
@@ -138,9 +138,18 @@ def needs_segment_attention_kernel(target_name: str, metadata: dict) -> bool:
     return target_name == "cpu" and bool(metadata.get("native_resolution"))
 
 
+def needs_f32_kernel(target_name: str, metadata: dict) -> bool:
+    """CPU libraries for a CPU with AVX-512F call the fp32 C GEMM of ``kernels/cpu_f32_gemm.c``."""
+    return cpu_f32_gemm.uses_f32_kernel(target_name, (metadata.get("cpu") or {}).get("features"))
+
+
 def c_kernels(target_name: str, metadata: dict) -> list:
     """The C kernel modules (each with ``compile_object``) a library links in."""
-    needed = ((needs_bf16_kernel, cpu_bf16_gemm), (needs_segment_attention_kernel, cpu_segment_attention))
+    needed = (
+        (needs_bf16_kernel, cpu_bf16_gemm),
+        (needs_f32_kernel, cpu_f32_gemm),
+        (needs_segment_attention_kernel, cpu_segment_attention),
+    )
     return [kernel for needs, kernel in needed if needs(target_name, metadata)]
 
 

@@ -3,9 +3,12 @@
 ``tvm.compile(mod, target, relax_pipeline=relax_pipeline(name, target, attention))``
 runs, for every target:
 
-0. ``bf16_linear`` (CPU): linear layers whose weights are stored in bf16
+0. ``linear`` (CPU): linear layers whose weights are stored in bf16
    become calls of the bf16 C kernel, and so does a bf16 library's attention
-   with ``--attention fused`` (``passes/bf16_cpu.py``).
+   with ``--attention fused`` (``passes/bf16_cpu.py``); on a CPU with
+   AVX-512F the fp32 linear layers, with their bias, residual, activation
+   and SwiGLU product, become calls of the fp32 C GEMM
+   (``passes/f32_cpu.py``, ``kernels/cpu_f32_gemm.c``).
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
@@ -51,6 +54,7 @@ import tvm
 from tvm import relax
 
 from .passes.bf16_cpu import bf16_attention_cpu, bf16_linear_cpu
+from .passes.f32_cpu import f32_linear_cpu
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.segment_attention import lower_segment_attention_cpu, lower_segment_attention_masked
@@ -68,7 +72,7 @@ def cpu_phases(attention: str) -> list[tuple[str, list]]:
     fused = [fuse_attention_cpu] if attention == "fused" else []
     bf16_fused = [bf16_attention_cpu] if attention == "fused" else []
     return [
-        ("bf16_linear", [bf16_linear_cpu, *bf16_fused]),
+        ("linear", [bf16_linear_cpu, *bf16_fused, f32_linear_cpu]),
         ("lower_attention", fused + [split_attention, lower_segment_attention_cpu, lower_segment_attention_masked]),
         (
             "legalize",

@@ -26,6 +26,13 @@ ACTIVATIONS = {"quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 PATHS = {0: "generic", 1: "avx512"}
 
 
+def uses_f32_kernel(target_name: str, cpu_features) -> bool:
+    """Whether a library may call the fp32 C GEMM (and links it): a CPU library for a CPU with
+    AVX-512F (``cpu_features``: ``metadata["cpu"]["features"]``, LLVM names; the pass decides from
+    the target made of the same spec)."""
+    return target_name == "cpu" and "avx512f" in set(cpu_features or ())
+
+
 def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False, gate: bool = False,
                     act: str | None = None):
     """PrimFunc ``(x [..., k], w [n, k], (bias [n]), (residual or gate [..., n]), y [..., n])``, all fp32.
