@@ -74,6 +74,12 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 #define F32_NV 4 /* zmm per row: NR = 16 NV columns */
 #endif
 #define F32_NR (16 * F32_NV)
+#ifndef F32_PREFETCH_B
+#define F32_PREFETCH_B 1
+#endif
+#ifndef F32_PACK_A
+#define F32_PACK_A 1
+#endif
 
 /* ------------------------------------------------------------------ features */
 
@@ -335,6 +341,18 @@ F32_AVX512 static void f32_pack_b(const float* w, int64_t N, int64_t K, int64_t 
   }
 }
 
+/* Part ``part`` of ``parts`` of the lines of w that f32_pack_b(n0, k0, k1) will read, prefetched
+ * into L2: the next weight slice arrives from memory while this one is used (its 64 rows are too
+ * short a stream each for the hardware prefetcher). */
+F32_AVX512 static inline void f32_prefetch_b(const float* w, int64_t N, int64_t K, int64_t n0, int64_t k0,
+                                             int64_t k1, int64_t part, int64_t parts) {
+  int64_t rows = N - n0 < F32_NR ? N - n0 : F32_NR;
+  int64_t per_row = (k1 - k0 + 15) / 16; /* 64-byte lines per row, at most */
+  int64_t lines = rows * per_row, from = lines * part / parts, to = lines * (part + 1) / parts;
+  for (int64_t i = from; i < to; ++i)
+    _mm_prefetch((const char*)(w + (n0 + i / per_row) * K + k0 + 16 * (i % per_row)), _MM_HINT_T1);
+}
+
 /* Rows [m0, m1) x k in [k0, k1) of x[M, K] -> one contiguous block per register tile of MR rows,
  * block[r][k - k0] (rows past m1 repeat row m1 - 1). The rows of a tile are then read from one
  * short contiguous block instead of MR rows K floats apart (which share L1 sets when K * 4 is a
@@ -356,8 +374,8 @@ F32_AVX512 static void f32_pack_a(const float* x, int64_t K, int64_t m0, int64_t
 F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, const float* a, const float* b,
                                                                      const float* next, const f32_epilogue* ep,
                                                                      float* y, int64_t m, int64_t n0,
-                                                                     const __mmask16* masks, int64_t N, int64_t kc,
-                                                                     int first, int last) {
+                                                                     const __mmask16* masks, int64_t N, int64_t lda,
+                                                                     int64_t kc, int first, int last) {
   __m512 acc[F32_MR][F32_NV];
 #pragma GCC unroll 16
   for (int r = 0; r < F32_MR; ++r)
@@ -366,14 +384,16 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
       acc[r][j] = (r < mr && !first) ? _mm512_maskz_loadu_ps(masks[j], y + (m + r) * N + n0 + 16 * j)
                                      : _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
-    if ((k & 3) == 0) _mm_prefetch((const char*)(next + 4 * k), _MM_HINT_T0); /* 16 floats per 4 k: MR <= 16 rows */
+    if ((k & 15) == 0)
+#pragma GCC unroll 16
+      for (int r = 0; r < F32_MR; ++r) _mm_prefetch((const char*)(next + r * lda + k), _MM_HINT_T0);
     __m512 bv[F32_NV];
 #pragma GCC unroll 8
     for (int j = 0; j < F32_NV; ++j) bv[j] = _mm512_load_ps(b + k * F32_NR + 16 * j);
 #pragma GCC unroll 16
     for (int r = 0; r < F32_MR; ++r) {
       if (r < mr) {
-        __m512 av = _mm512_set1_ps(a[r * kc + k]);
+        __m512 av = _mm512_set1_ps(a[r * lda + k]);
 #pragma GCC unroll 8
         for (int j = 0; j < F32_NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
       }
@@ -401,21 +421,32 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
 }
 
 #define F32_TILE_CASE(R) \
-  case R: f32_tile(R, a, b, a, ep, y, m, n0, masks, N, kc, first, last); break;
+  case R: f32_tile(R, a, b, a, ep, y, m, n0, masks, N, lda, kc, first, last); break;
 
-/* Rows [m0, m1) (packed in ``apack``) x columns [n0, n0 + ncols) (the slice ``b``), one K block. */
-F32_AVX512 static void f32_block_avx512(const float* apack, const float* b, const f32_epilogue* ep, float* y,
-                                        int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t kc,
-                                        int first, int last) {
+/* Rows [m0, m1) x columns [n0, n0 + ncols) (the slice ``b``), one K block of kc; row r of the
+ * block is at ``a0 + r * lda``. ``next``: where the next weight slice starts in w (prefetched over
+ * the tiles), or NULL. */
+typedef struct {
+  const float* w;
+  int64_t N, K, n0, k0, k1;
+} f32_next_slice;
+
+F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep,
+                                        float* y, int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N,
+                                        int64_t kc, int first, int last, const f32_next_slice* next) {
+  int64_t tiles = (m1 - m0 + F32_MR - 1) / F32_MR, tile = 0;
   __mmask16 masks[F32_NV];
   for (int j = 0; j < F32_NV; ++j) {
     int64_t left = ncols - 16 * j;
     masks[j] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
   }
   int64_t m = m0;
-  const float* a = apack;
-  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * kc)
-    f32_tile(F32_MR, a, b, a + F32_MR * kc, ep, y, m, n0, masks, N, kc, first, last);
+  const float* a = a0;
+  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda, ++tile) {
+    if (F32_PREFETCH_B && next) f32_prefetch_b(next->w, next->N, next->K, next->n0, next->k0, next->k1, tile, tiles);
+    f32_tile(F32_MR, a, b, a + F32_MR * lda, ep, y, m, n0, masks, N, lda, kc, first, last);
+  }
+  if (next && m < m1) f32_prefetch_b(next->w, next->N, next->K, next->n0, next->k0, next->k1, tile, tiles);
   switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
 #if F32_MR > 13
     F32_TILE_CASE(13) F32_TILE_CASE(12) F32_TILE_CASE(11) F32_TILE_CASE(10) F32_TILE_CASE(9) F32_TILE_CASE(8)
@@ -468,12 +499,29 @@ static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t
     float* apack = scratch + job->kc * F32_NR;
     for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
       int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
+#if F32_PACK_A
       f32_pack_a(job->x, job->K, m0, m1, k0, k1, apack);
+      const float* a0 = apack;
+      int64_t lda = k1 - k0;
+#else
+      const float* a0 = job->x + m0 * job->K + k0;
+      int64_t lda = job->K;
+      (void)apack;
+#endif
       for (int64_t p = p0; p < p1; ++p) {
         int64_t n0 = p * F32_NR;
         int64_t ncols = job->N - n0 < F32_NR ? job->N - n0 : F32_NR;
         f32_pack_b(job->w, job->N, job->K, n0, k0, k1, b);
-        f32_block_avx512(apack, b, &job->ep, job->y, m0, m1, n0, ncols, job->N, k1 - k0, k0 == 0, k1 == job->K);
+        /* the slice after this one: the next panel's, or the first panel's of the next K block */
+        f32_next_slice next = {job->w, job->N, job->K, n0 + F32_NR, k0, k1};
+        if (p + 1 == p1) {
+          next.n0 = p0 * F32_NR;
+          next.k0 = k1;
+          next.k1 = k1 + job->kc < job->K ? k1 + job->kc : job->K;
+        }
+        int more = p + 1 < p1 || k1 < job->K;
+        f32_block_avx512(a0, lda, b, &job->ep, job->y, m0, m1, n0, ncols, job->N, k1 - k0, k0 == 0, k1 == job->K,
+                         more ? &next : NULL);
       }
     }
     return;
