@@ -167,7 +167,7 @@ def _calls(config, cpu: str | None = None) -> list[str]:
 
     built = build_module(config, "float32", "cpu", cpu=cpu)
     target = cpu_target(built.metadata["cpu"])
-    return kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"])(built.mod))
+    return kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"], f32_gemm=True)(built.mod))
 
 
 def _needs_avx512():
@@ -203,6 +203,20 @@ def test_cpu_without_avx512_keeps_the_tir_gemm(clip_checkpoint):
     calls = _calls(config, cpu="haswell")
     assert not [c for c in calls if c.startswith("f32_linear")]
     assert [c for c in calls if "matmul" in c]
+
+
+def test_pipeline_calls_the_kernel_only_when_asked(clip_checkpoint):
+    """A plain ``tvm.compile`` with our pipeline links no C object: it keeps the TIR GEMM."""
+    from mlc_vision.bench import kernel_calls
+    from mlc_vision.checkpoint.resolve import resolve_config
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.compiler.pipeline import relax_pipeline
+    from mlc_vision.compiler.targets import cpu_target
+
+    _needs_avx512()
+    built = build_module(resolve_config(clip_checkpoint), "float32", "cpu")
+    calls = kernel_calls(relax_pipeline("cpu", cpu_target(built.metadata["cpu"]), "fused")(built.mod))
+    assert not [c for c in calls if c.startswith("f32_linear")]
 
 
 def test_kernel_is_linked_exactly_for_avx512_cpu_libraries():

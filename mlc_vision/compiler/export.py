@@ -34,7 +34,9 @@ DEVICE_MODULE_KINDS = ("cuda", "metal", "opencl", "webgpu", "vulkan")
 def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight", arch=None, host=None, cpu: dict | None = None):
     """Compile ``mod`` for ``target_name`` with the given attention lowering and matmul schedule; returns TVM's executable.
 
-    ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine).
+    ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine). With a ``cpu``
+    spec that has AVX-512F the fp32 linear layers call the C GEMM (``kernels/cpu_f32_gemm.c``):
+    the executable must then be exported with it linked in (:func:`export_executable` does).
     """
     import tvm
 
@@ -54,7 +56,9 @@ def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight
             current = tvm.transform.PassContext.current()
             config = {**{str(k): v for k, v in current.config.items()}, **mma_pass_config()}
             stack.enter_context(tvm.transform.PassContext(opt_level=current.opt_level, config=config))
-        executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention, gemm))
+        f32_gemm = cpu_f32_gemm.uses_f32_kernel(target_name, (cpu or {}).get("features"))
+        pipeline = relax_pipeline(target_name, target, attention, gemm, f32_gemm=f32_gemm)
+        executable = tvm.compile(mod, target, relax_pipeline=pipeline)
     logger.info("compiled for %s in %.1f s", target_name, time.perf_counter() - start)
     return executable
 

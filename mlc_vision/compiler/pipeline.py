@@ -8,7 +8,10 @@ runs, for every target:
    with ``--attention fused`` (``passes/bf16_cpu.py``); on a CPU with
    AVX-512F the fp32 linear layers, with their bias, residual, activation
    and SwiGLU product, become calls of the fp32 C GEMM
-   (``passes/f32_cpu.py``, ``kernels/cpu_f32_gemm.c``).
+   (``passes/f32_cpu.py``, ``kernels/cpu_f32_gemm.c``) when the caller asks
+   for it (``f32_gemm=True``: ``export.compile_module`` does for a CPU spec
+   with AVX-512F, and the export links the kernel in; an executable used
+   straight from ``tvm.compile`` has no C kernel to call).
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
@@ -62,8 +65,9 @@ from .passes.segment_attention_cuda import lower_segment_attention_cuda_flash
 from .passes.split_attention import split_attention, split_attention_cuda
 
 
-def cpu_phases(attention: str) -> list[tuple[str, list]]:
-    """The CPU pipeline's phases: ``[(name, [pass, ...]), ...]`` in order."""
+def cpu_phases(attention: str, f32_gemm: bool = False) -> list[tuple[str, list]]:
+    """The CPU pipeline's phases: ``[(name, [pass, ...]), ...]`` in order (``f32_gemm``: fp32
+    linear layers call the C GEMM, which the caller links in)."""
     from tvm.s_tir import dlight
 
     from .schedules.cpu import cpu_schedule_rules
@@ -72,7 +76,7 @@ def cpu_phases(attention: str) -> list[tuple[str, list]]:
     fused = [fuse_attention_cpu] if attention == "fused" else []
     bf16_fused = [bf16_attention_cpu] if attention == "fused" else []
     return [
-        ("linear", [bf16_linear_cpu, *bf16_fused, f32_linear_cpu]),
+        ("linear", [bf16_linear_cpu, *bf16_fused, *([f32_linear_cpu] if f32_gemm else [])]),
         ("lower_attention", fused + [split_attention, lower_segment_attention_cpu, lower_segment_attention_masked]),
         (
             "legalize",
@@ -133,18 +137,18 @@ def gpu_phases(target, attention: str, gemm: str = "dlight") -> list[tuple[str, 
     ]
 
 
-def phases(target_name: str, target, attention: str, gemm: str = "dlight") -> list[tuple[str, list]]:
+def phases(target_name: str, target, attention: str, gemm: str = "dlight", f32_gemm: bool = False) -> list[tuple[str, list]]:
     """The named phases for ``target_name`` (``cpu`` or a GPU target)."""
-    return cpu_phases(attention) if target_name == "cpu" else gpu_phases(target, attention, gemm)
+    return cpu_phases(attention, f32_gemm) if target_name == "cpu" else gpu_phases(target, attention, gemm)
 
 
-def relax_pipeline(target_name: str, target, attention: str, gemm: str = "dlight") -> tvm.transform.Pass:
-    """One pass running every phase of :func:`phases` under ``target``."""
+def relax_pipeline(target_name: str, target, attention: str, gemm: str = "dlight", f32_gemm: bool = False) -> tvm.transform.Pass:
+    """One pass running every phase of :func:`phases` under ``target`` (``f32_gemm``: see :func:`cpu_phases`)."""
 
     @tvm.transform.module_pass(opt_level=0, name=f"MlcVision_{target_name}")
     def _pipeline(mod, _ctx):
         with target:
-            for _name, passes in phases(target_name, target, attention, gemm):
+            for _name, passes in phases(target_name, target, attention, gemm, f32_gemm):
                 mod = tvm.transform.Sequential(passes)(mod)
         return mod
 

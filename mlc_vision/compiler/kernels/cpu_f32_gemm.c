@@ -77,6 +77,9 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 #ifndef F32_PREFETCH_B
 #define F32_PREFETCH_B 1
 #endif
+#ifndef F32_UNITS_PER_THREAD
+#define F32_UNITS_PER_THREAD 2
+#endif
 #ifndef F32_PACK_A
 #define F32_PACK_A 1
 #endif
@@ -567,7 +570,7 @@ static void f32_split(f32_job* job, int threads) {
   if (job->row_block % F32_MR) job->row_block += F32_MR - job->row_block % F32_MR;
   job->row_blocks = (job->M + job->row_block - 1) / job->row_block;
   int64_t panels = (job->N + F32_NR - 1) / F32_NR;
-  int64_t want = 2 * (int64_t)threads; /* units */
+  int64_t want = F32_UNITS_PER_THREAD * (int64_t)threads; /* units */
   int64_t groups = (want + job->row_blocks - 1) / job->row_blocks;
   if (groups > panels) groups = panels;
   if (groups < 1) groups = 1;
