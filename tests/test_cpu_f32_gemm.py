@@ -24,8 +24,9 @@ from parity import assert_close
 
 #: (M, N, K): one row and one column; row and column tails; k shorter than a vector; k over several
 #: K blocks with a short last one (the block is about 96 on a 48 KiB L1, 64 on 32 KiB); more rows
-#: than one work unit takes (288) with a 16-lane tail in the last panel.
-SHAPES = [(1, 1, 1), (5, 70, 7), (13, 130, 96), (37, 64, 250), (300, 200, 530), (7, 17, 1000)]
+#: than one work unit takes (288) with a 16-lane tail in the last panel; k = 1024, whose rows the
+#: kernel copies per K block (a row stride of a multiple of 2 KiB), the others it reads in place.
+SHAPES = [(1, 1, 1), (5, 70, 7), (13, 130, 96), (37, 64, 250), (300, 200, 530), (7, 17, 1000), (29, 90, 1024)]
 
 
 @pytest.fixture(scope="module")

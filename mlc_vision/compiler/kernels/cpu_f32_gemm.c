@@ -78,10 +78,7 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 #define F32_PREFETCH_B 1
 #endif
 #ifndef F32_UNITS_PER_THREAD
-#define F32_UNITS_PER_THREAD 2
-#endif
-#ifndef F32_PACK_A
-#define F32_PACK_A 1
+#define F32_UNITS_PER_THREAD 4 /* work units per thread: a thread the OS delays takes fewer */
 #endif
 
 /* ------------------------------------------------------------------ features */
@@ -358,8 +355,7 @@ F32_AVX512 static inline void f32_prefetch_b(const float* w, int64_t N, int64_t 
 
 /* Rows [m0, m1) x k in [k0, k1) of x[M, K] -> one contiguous block per register tile of MR rows,
  * block[r][k - k0] (rows past m1 repeat row m1 - 1). The rows of a tile are then read from one
- * short contiguous block instead of MR rows K floats apart (which share L1 sets when K * 4 is a
- * multiple of 4 KiB). */
+ * short contiguous block instead of MR rows K floats apart (rows_share_l1_sets). */
 F32_AVX512 static void f32_pack_a(const float* x, int64_t K, int64_t m0, int64_t m1, int64_t k0, int64_t k1,
                                   float* apack) {
   int64_t kc = k1 - k0;
@@ -472,6 +468,7 @@ typedef struct {
   f32_epilogue ep;
   float* y;
   int64_t M, N, K, kc;
+  int pack_a; /* copy the rows of x per K block (see f32_pack_a), else read them in place */
   int64_t row_block, row_blocks;     /* rows per work unit, and their number */
   int64_t group_panels, groups;      /* NR-column panels per work unit, and their number */
   int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
@@ -502,15 +499,13 @@ static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t
     float* apack = scratch + job->kc * F32_NR;
     for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
       int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
-#if F32_PACK_A
-      f32_pack_a(job->x, job->K, m0, m1, k0, k1, apack);
-      const float* a0 = apack;
-      int64_t lda = k1 - k0;
-#else
       const float* a0 = job->x + m0 * job->K + k0;
       int64_t lda = job->K;
-      (void)apack;
-#endif
+      if (job->pack_a) {
+        f32_pack_a(job->x, job->K, m0, m1, k0, k1, apack);
+        a0 = apack;
+        lda = k1 - k0;
+      }
       for (int64_t p = p0; p < p1; ++p) {
         int64_t n0 = p * F32_NR;
         int64_t ncols = job->N - n0 < F32_NR ? job->N - n0 : F32_NR;
@@ -562,6 +557,12 @@ static int f32_parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata
 #define F32_ROW_BLOCK 288 /* rows per work unit at most: their packed K block stays in L2 */
 #endif
 
+/* Whether the rows of x, K floats apart, fall on few L1 sets: a row stride that is a multiple of
+ * 2 KiB puts the MR rows of a tile on at most two set offsets of a 4 KiB-way L1 (with the weight
+ * slice beside them, more lines than ways). Those rows are copied per K block (f32_pack_a); other
+ * strides are read in place, which saves the copy. */
+static int rows_share_l1_sets(int64_t K) { return (K * 4) % 2048 == 0; }
+
 /* Splits the job into (row block, panel group) units: rows in blocks of at most F32_ROW_BLOCK, then
  * the panels in as many groups as it takes for about two units per thread. */
 static void f32_split(f32_job* job, int threads) {
@@ -589,7 +590,8 @@ int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* 
   if (!mlcv_f32_path_supported(path) || act < F32_ACT_NONE || act > F32_ACT_SILU) return -1;
   if (residual != NULL && gate != NULL) return -1;
   if (M == 0 || N == 0) return 0;
-  f32_job job = {path, x, w, {bias, residual, gate, act}, y, M, N, K, k_block(K), 0, 0, 0, 0, 0};
+  f32_job job = {path, x, w, {bias, residual, gate, act}, y, M, N, K, k_block(K), rows_share_l1_sets(K),
+                 0, 0, 0, 0, 0};
   parallel_launch_fn launch = f32_thread_pool();
   int threads = 1;
   if (launch != NULL) {
