@@ -38,6 +38,9 @@ def kernel(tmp_path_factory):
     lib.mlcv_f32_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
     lib.mlcv_f32_linear_path.restype = ctypes.c_int
     lib.mlcv_f32_best_path.restype = ctypes.c_int
+    lib.mlcv_f32_attention_path.argtypes = (
+        [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]
+    )
     lib.mlcv_f32_l1d_bytes.restype = ctypes.c_int64
     lib.mlcv_f32_l2_bytes.restype = ctypes.c_int64
     return lib
@@ -136,6 +139,36 @@ def test_best_path_and_cache_sizes(kernel):
     assert kernel.mlcv_f32_l2_bytes() >= kernel.mlcv_f32_l1d_bytes()
 
 
+def _attention_reference(q, k, v, scale):
+    q, k, v = (a.astype(np.float64).transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, S, D]
+    s = scale * q @ k.transpose(0, 1, 3, 2)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return ((p / p.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3)
+
+
+#: (batch, seq, heads, head_dim): one token; a seq that is neither a multiple of the 48-query block
+#: nor of the 64-key tile; head dims of every register tile (1, 2, 4, 5, 8 vectors) and with tails.
+ATTENTION_SHAPES = [(1, 1, 1, 8), (2, 50, 3, 16), (1, 197, 2, 64), (2, 61, 2, 72), (1, 100, 1, 128), (1, 7, 2, 20)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_attention_matches_numpy(kernel, shape):
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+    scale = 1.0 / math.sqrt(shape[3])
+    ref = _attention_reference(q, k, v, scale)
+    for path in _paths(kernel):
+        out = np.full(shape, np.nan, np.float32)
+        ptr = lambda a: a.ctypes.data  # noqa: E731
+        assert kernel.mlcv_f32_attention_path(path, ptr(q), ptr(k), ptr(v), ptr(out), *shape, scale) == 0
+        assert_close(out, ref.astype(np.float32), f"attention path {cpu_f32_gemm.PATHS[path]} {shape}")
+
+
+def test_attention_refuses_head_dims_over_128(kernel):
+    q = np.zeros((1, 2, 1, 136), np.float32)
+    assert kernel.mlcv_f32_attention_path(0, q.ctypes.data, q.ctypes.data, q.ctypes.data, q.ctypes.data, 1, 2, 1, 136, 1.0) != 0
+
+
 def test_primfunc_rejects_residual_with_gate():
     with pytest.raises(ValueError):
         cpu_f32_gemm.linear_primfunc(1, 8, 8, bias=False, residual=True, gate=True)
@@ -195,6 +228,9 @@ def test_fp32_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
     assert len([c for c in linear if c.endswith(epilogue)]) == LAYERS
     assert not [c for c in calls if ("gelu" in c or "sigmoid" in c) and not c.startswith("f32_linear")]
     assert not [c for c in calls if "NT_matmul" in c]
+    # attention: the C kernel's, not the TIR fused one
+    assert len([c for c in calls if c.startswith("f32_attention")]) == LAYERS
+    assert not [c for c in calls if c.startswith("attention")]
 
 
 def test_cpu_without_avx512_keeps_the_tir_gemm(clip_checkpoint):

@@ -11,7 +11,8 @@ runs, for every target:
    (``passes/f32_cpu.py``, ``kernels/cpu_f32_gemm.c``) when the caller asks
    for it (``f32_gemm=True``: ``export.compile_module`` does for a CPU spec
    with AVX-512F, and the export links the kernel in; an executable used
-   straight from ``tvm.compile`` has no C kernel to call).
+   straight from ``tvm.compile`` has no C kernel to call); with
+   ``--attention fused`` so does fp32 attention (the same C file's kernel).
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
@@ -33,8 +34,9 @@ runs, for every target:
 The attention lowering is an argument (``--attention``), checked against the
 target by ``targets.resolve_attention`` and recorded in the metadata:
 
-* CPU ``fused`` (default in fp32): ``kernels/cpu_attention.py``, the scores of
-  a tile of queries stay in cache; ``split`` otherwise.
+* CPU ``fused`` (default in fp32): the C kernel of ``kernels/cpu_f32_gemm.c``
+  on AVX-512 CPUs (exported libraries), else ``kernels/cpu_attention.py``;
+  either way the scores of a tile of queries stay in cache; ``split`` otherwise.
 * CUDA ``split`` (default): dlight schedules the matmuls and the softmax.
   ``fused``: ``kernels/cuda_flash_attention.py`` (CUDA cores; slower than
   split on an H100). ``tensorcore``: the split without permutes, both matmuls
@@ -57,7 +59,7 @@ import tvm
 from tvm import relax
 
 from .passes.bf16_cpu import bf16_attention_cpu, bf16_linear_cpu
-from .passes.f32_cpu import f32_linear_cpu
+from .passes.f32_cpu import f32_attention_cpu, f32_linear_cpu
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.segment_attention import lower_segment_attention_cpu, lower_segment_attention_masked
@@ -75,8 +77,9 @@ def cpu_phases(attention: str, f32_gemm: bool = False) -> list[tuple[str, list]]
     t = relax.transform
     fused = [fuse_attention_cpu] if attention == "fused" else []
     bf16_fused = [bf16_attention_cpu] if attention == "fused" else []
+    f32_c_kernels = ([f32_linear_cpu] + ([f32_attention_cpu] if attention == "fused" else [])) if f32_gemm else []
     return [
-        ("linear", [bf16_linear_cpu, *bf16_fused, *([f32_linear_cpu] if f32_gemm else [])]),
+        ("linear", [bf16_linear_cpu, *bf16_fused, *f32_c_kernels]),
         ("lower_attention", fused + [split_attention, lower_segment_attention_cpu, lower_segment_attention_masked]),
         (
             "legalize",

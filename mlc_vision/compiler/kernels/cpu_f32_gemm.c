@@ -624,3 +624,254 @@ void mlcv_f32_tile_info(int64_t K, int64_t* out) {
   out[1] = F32_NR;
   out[2] = k_block(K);
 }
+
+/* ------------------------------------------------------------------ attention
+ *
+ * out = softmax(scale q . k^T) v per (image, head) in fp32; q, k, v and out are [B, S, H, D] (the
+ * layout of R.nn.attention), D <= 128. One task per (image, head): k^T (scaled) and v are packed
+ * once into contiguous blocks, then ATT_TQ queries at a time:
+ *
+ *   scores[TQ, SP] = q . k^T   register tiles of 6 queries x 64 keys, k^T[D, 64] panels in L1;
+ *   softmax rows in place      max, exp, sum over the S real keys;
+ *   out[TQ, D] = p . v / sum   register tiles of R queries x D (R = 6, 4 or 3 by D).
+ *
+ * Packing v matters: its rows are H * D floats apart in memory, a multiple of 4 KiB for 16 heads
+ * of 64, which would put every row of a head on the same L1 sets.
+ */
+
+#define ATT_TQ 48   /* queries per block: a multiple of every tile's rows (6, 4, 3) */
+#define ATT_KEYS 64 /* keys per scores tile: 4 zmm */
+#define ATT_MAX_D 128
+
+typedef struct {
+  int path;
+  const float *q, *k, *v;
+  float* out;
+  int64_t B, S, H, D;
+  float scale;
+  int64_t next_task;
+} f32_attention_job;
+
+static int64_t att_round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+/* Head (b, h) in plain fp32 (any CPU). */
+static void f32_attention_generic(const f32_attention_job* job, int64_t b, int64_t h, float* p) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  for (int64_t i = 0; i < S; ++i) {
+    const float* qi = job->q + ((b * S + i) * H + h) * D;
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* kj = job->k + ((b * S + j) * H + h) * D;
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
+      p[j] = s * job->scale;
+      mx = p[j] > mx ? p[j] : mx;
+    }
+    for (int64_t j = 0; j < S; ++j) sum += (p[j] = expf(p[j] - mx));
+    float* o = job->out + ((b * S + i) * H + h) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* vj = job->v + ((b * S + j) * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += p[j] * vj[d];
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] /= sum;
+  }
+}
+
+#if MLCV_X86
+/* k of head (b, h) -> kt[D][SP], scaled (keys >= S are 0), by 16 x 16 transposes. */
+F32_AVX512 static void att_pack_kt(const f32_attention_job* job, int64_t b, int64_t h, int64_t SP, float* kt) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  __m512 scale = _mm512_set1_ps(job->scale);
+  for (int64_t s0 = 0; s0 < SP; s0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      int left = D - d0 < 16 ? (int)(D - d0) : 16;
+      __mmask16 mask = (__mmask16)((1u << left) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        int64_t s = s0 + i;
+        r[i] = s < S ? _mm512_castps_si512(_mm512_mul_ps(
+                           _mm512_maskz_loadu_ps(mask, job->k + ((b * S + s) * H + h) * D + d0), scale))
+                     : _mm512_setzero_si512();
+      }
+      f32_transpose16x16(r);
+      for (int j = 0; j < left; ++j) _mm512_store_si512((__m512i*)(kt + (d0 + j) * SP + s0), r[j]);
+    }
+}
+
+/* v of head (b, h) -> vp[S][DP], rows padded with zeros to DP floats. */
+F32_AVX512 static void att_pack_v(const f32_attention_job* job, int64_t b, int64_t h, int64_t DP, float* vp) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* src = job->v + ((b * S + s) * H + h) * D;
+    for (int64_t d0 = 0; d0 < DP; d0 += 16) {
+      int64_t left = D - d0;
+      __mmask16 mask = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+      _mm512_store_ps(vp + s * DP + d0, _mm512_maskz_loadu_ps(mask, src + d0));
+    }
+  }
+}
+
+/* scores[r][keys] for 6 query rows (row pointers ``qr``) x 64 keys of the kt panel ``kp``. */
+F32_AVX512 static inline void att_scores_tile(const float* const* qr, const float* kp, int64_t SP, int64_t D,
+                                              float* scores) {
+  __m512 acc[6][4];
+#pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 bv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) bv[j] = _mm512_load_ps(kp + d * SP + 16 * j);
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
+      __m512 a = _mm512_set1_ps(qr[r][d]);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(scores + r * SP + 16 * j, acc[r][j]);
+}
+
+/* Row ``row`` (SP floats) -> exp(row - max) over the S real keys, in place; returns the sum. */
+F32_AVX512 static float att_softmax_row(float* row, int64_t S) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t s = 0; s < S; s += 16) {
+    __mmask16 mask = S - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - s)) - 1);
+    mx = _mm512_mask_max_ps(mx, mask, mx, _mm512_loadu_ps(row + s));
+  }
+  __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; s += 16) {
+    __mmask16 mask = S - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - s)) - 1);
+    __m512 e = _mm512_maskz_mov_ps(mask, f32_exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(row + s), m)));
+    _mm512_mask_storeu_ps(row + s, mask, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+/* out rows = (p . v) / sum for R query rows (``pr``: their probability rows) x NV vectors of the
+ * head dim (the packed v, DP floats a row); rows >= ``valid`` are computed but not stored. */
+F32_AVX512 __attribute__((always_inline)) static inline void att_pv_tile(int R, int NV, const float* const* pr,
+                                                                         const float* vp, int64_t DP, int64_t S,
+                                                                         const float* inv_sum, float* const* out,
+                                                                         int64_t D, int valid) {
+  __m512 acc[6][8];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    __m512 bv[8];
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_load_ps(vp + s * DP + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      __m512 a = _mm512_set1_ps(pr[r][s]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R && r < valid; ++r) {
+    __m512 inv = _mm512_set1_ps(inv_sum[r]);
+    for (int j = 0; j < NV; ++j) {
+      int64_t left = D - 16 * j;
+      __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+      _mm512_mask_storeu_ps(out[r] + 16 * j, mask, _mm512_mul_ps(acc[r][j], inv));
+    }
+  }
+}
+
+#define ATT_PV_CASE(NV_, R_)                                                  \
+  case NV_:                                                                   \
+    for (int64_t r0 = 0; r0 < tq; r0 += R_) {                                 \
+      const float* pr[R_];                                                    \
+      float* outr[R_];                                                        \
+      for (int r = 0; r < R_; ++r) {                                          \
+        int64_t i = r0 + r < tq ? r0 + r : tq - 1;                            \
+        pr[r] = scores + i * SP;                                              \
+        outr[r] = job->out + ((b * S + q0 + i) * H + h) * D;                  \
+      }                                                                       \
+      att_pv_tile(R_, NV_, pr, vp, DP, S, inv_sum + r0, outr, D, (int)(tq - r0)); \
+    }                                                                         \
+    break;
+
+/* Head (b, h) on the AVX-512 register tiles; ``scratch``: kt, scores, vp, 1 / sums. */
+F32_AVX512 static void f32_attention_avx512(const f32_attention_job* job, int64_t b, int64_t h, float* scratch) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  const int64_t SP = att_round_up(S, ATT_KEYS), DP = att_round_up(D, 16);
+  float* kt = scratch;
+  float* scores = kt + D * SP;
+  float* vp = scores + ATT_TQ * SP;
+  float* inv_sum = vp + S * DP;
+  att_pack_kt(job, b, h, SP, kt);
+  att_pack_v(job, b, h, DP, vp);
+  for (int64_t q0 = 0; q0 < S; q0 += ATT_TQ) {
+    int64_t tq = S - q0 < ATT_TQ ? S - q0 : ATT_TQ;
+    for (int64_t kp = 0; kp < SP; kp += ATT_KEYS)
+      for (int64_t r0 = 0; r0 < tq; r0 += 6) {
+        const float* qr[6];
+        for (int r = 0; r < 6; ++r) {
+          int64_t i = q0 + (r0 + r < tq ? r0 + r : tq - 1);
+          qr[r] = job->q + ((b * S + i) * H + h) * D;
+        }
+        att_scores_tile(qr, kt + kp, SP, D, scores + r0 * SP + kp);
+      }
+    for (int64_t r = 0; r < tq; ++r) inv_sum[r] = 1.0f / att_softmax_row(scores + r * SP, S);
+    switch (DP / 16) {
+      ATT_PV_CASE(1, 6) ATT_PV_CASE(2, 6) ATT_PV_CASE(3, 6) ATT_PV_CASE(4, 6)
+      ATT_PV_CASE(5, 4) ATT_PV_CASE(6, 4) ATT_PV_CASE(7, 3) ATT_PV_CASE(8, 3)
+      default: break;
+    }
+  }
+}
+#endif
+
+/* Floats of one task's scratch. */
+static size_t att_scratch_floats(const f32_attention_job* job) {
+  int64_t SP = att_round_up(job->S, ATT_KEYS), DP = att_round_up(job->D, 16);
+  return (size_t)(job->D * SP + ATT_TQ * SP + job->S * DP + ATT_TQ + 16);
+}
+
+static int f32_attention_tasks(f32_attention_job* job) {
+  size_t floats = job->path == F32_PATH_AVX512 ? att_scratch_floats(job) : (size_t)job->S;
+  float* scratch = f32_scratch_buffer(floats);
+  if (scratch == NULL) return -1;
+  for (;;) {
+    int64_t t = __atomic_fetch_add(&job->next_task, 1, __ATOMIC_RELAXED);
+    if (t >= job->B * job->H) break;
+    int64_t b = t / job->H, h = t % job->H;
+#if MLCV_X86
+    if (job->path == F32_PATH_AVX512) {
+      f32_attention_avx512(job, b, h, scratch);
+      continue;
+    }
+#endif
+    f32_attention_generic(job, b, h, scratch);
+  }
+  return 0;
+}
+
+static int f32_attention_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
+  (void)task_id;
+  (void)penv;
+  return f32_attention_tasks((f32_attention_job*)cdata);
+}
+
+/* out = softmax(scale q . k^T) v with an explicit path (tests run every supported one); q, k, v,
+ * out fp32 [B, S, H, D], D <= 128. Returns 0 on success. */
+int mlcv_f32_attention_path(int path, const float* q, const float* k, const float* v, float* out, int64_t B,
+                            int64_t S, int64_t H, int64_t D, float scale) {
+  if (!mlcv_f32_path_supported(path) || D < 1 || D > ATT_MAX_D) return -1;
+  if (B == 0 || S == 0 || H == 0) return 0;
+  f32_attention_job job = {path, q, k, v, out, B, S, H, D, scale, 0};
+  parallel_launch_fn launch = f32_thread_pool();
+  if (launch != NULL) return launch(f32_attention_task, &job, 0);
+  return f32_attention_tasks(&job);
+}
+
+/* The entry point fp32 libraries call for R.nn.attention (compiler/passes/f32_cpu.py). */
+int mlcv_f32_attention(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t S, int64_t H,
+                       int64_t D, float scale) {
+  return mlcv_f32_attention_path(mlcv_f32_best_path(), q, k, v, out, B, S, H, D, scale);
+}

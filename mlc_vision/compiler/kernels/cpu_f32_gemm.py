@@ -79,3 +79,30 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool =
 def compile_object(workdir: Path) -> Path:
     """Compile ``cpu_f32_gemm.c`` to a position-independent object in ``workdir`` (reused when unchanged)."""
     return compile_c(SOURCE, workdir, "the fp32 CPU GEMM kernel")
+
+
+#: Largest head_dim the attention kernel takes (``ATT_MAX_D`` in the C file).
+ATTENTION_MAX_HEAD_DIM = 128
+
+
+def attention_primfunc(seq: int, heads: int, head_dim: int, scale: float):
+    """PrimFunc ``(q, k, v, out)``, all fp32 ``[batch, seq, heads, head_dim]`` (batch symbolic), calling
+    the C kernel's ``out = softmax(scale q . k^T) v`` (head_dim <= :data:`ATTENTION_MAX_HEAD_DIM`)."""
+    import tvm
+    from tvm import te, tirx
+
+    batch = tirx.Var("batch", "int64")
+    shape = [batch, seq, heads, head_dim]
+    q, k, v = (te.placeholder(shape, "float32", name=n) for n in ("q", "k", "v"))
+
+    def body(ins, outs):
+        sizes = [batch, *(tirx.const(x, "int64") for x in (seq, heads, head_dim))]
+        pointers = [b.data for b in ins] + [outs[0].data]
+        status = tirx.call_extern("int32", "mlcv_f32_attention", *pointers, *sizes, tirx.const(scale, "float32"))
+        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
+            status == 0, tvm.ir.StringImm("RuntimeError"),
+            [tvm.ir.StringImm("fp32 attention: out of memory for its scratch buffers")], None,
+        )  # fmt: skip
+
+    out = te.extern(shape, [q, k, v], body, dtype="float32", name="f32_attention")
+    return te.create_prim_func([q, k, v, out]).with_attr("tir.is_scheduled", True)

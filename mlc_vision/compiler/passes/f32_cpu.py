@@ -17,6 +17,12 @@ Then the kernel's epilogue absorbs what the TIR GEMM rule would have fused:
 The unfused calls are then dead and removed. Every other matmul (attention's
 batched products, fp16, bf16 libraries, CPUs without AVX-512) is left to the
 TIR schedule of ``schedules/cpu.py``.
+
+:func:`f32_attention_cpu` (with ``--attention fused``, the fp32 default):
+plain fp32 ``R.nn.attention`` with head_dim <= 128 becomes the same C file's
+attention (per image and head: k^T and v packed once, 48 queries at a time:
+scores on a 6 x 64 register tile, softmax in place, p . v on a tile as wide
+as the head) instead of the TIR fused kernel (``kernels/cpu_attention.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..kernels.cpu_f32_gemm import linear_primfunc
+from ..kernels.cpu_f32_gemm import ATTENTION_MAX_HEAD_DIM, attention_primfunc, linear_primfunc
+from .fuse_attention import replace_attention
 from .relax_rewrite import rewrite_relax_functions, static_int
 
 F32 = "float32"
@@ -228,3 +235,19 @@ def f32_linear_cpu(mod, _ctx):
         return mod
     mod = rewrite_relax_functions(mod, _F32LinearRewriter(mod))
     return relax.transform.DeadCodeElimination()(mod)
+
+
+def _attention_kernel(shape):
+    """The C kernel's attention for fp32 q, k, v with head_dim <= 128, else None."""
+    seq, heads, head_dim, dtype, scale = shape
+    if dtype != F32 or head_dim > ATTENTION_MAX_HEAD_DIM:
+        return None
+    return f"f32_attention_s{seq}_h{heads}_d{head_dim}", lambda: attention_primfunc(seq, heads, head_dim, scale)
+
+
+@tvm.transform.module_pass(opt_level=0, name="F32AttentionCPU")
+def f32_attention_cpu(mod, _ctx):
+    """Plain fp32 attention -> the C kernel's, when the current target has AVX-512F."""
+    if not target_has_avx512(tvm.target.Target.current(allow_none=True)):
+        return mod
+    return replace_attention(mod, _attention_kernel)
