@@ -679,7 +679,8 @@ static void f32_attention_generic(const f32_attention_job* job, int64_t b, int64
 }
 
 #if MLCV_X86
-/* k of head (b, h) -> kt[D][SP], scaled (keys >= S are 0), by 16 x 16 transposes. */
+/* k of head (b, h) -> kt[SP / 64][D][64]: panels of 64 keys, each a contiguous D x 64 block (rows
+ * SP floats apart would share L1 sets), scaled; keys >= S are 0. By 16 x 16 transposes. */
 F32_AVX512 static void att_pack_kt(const f32_attention_job* job, int64_t b, int64_t h, int64_t SP, float* kt) {
   const int64_t S = job->S, H = job->H, D = job->D;
   __m512 scale = _mm512_set1_ps(job->scale);
@@ -695,7 +696,8 @@ F32_AVX512 static void att_pack_kt(const f32_attention_job* job, int64_t b, int6
                      : _mm512_setzero_si512();
       }
       f32_transpose16x16(r);
-      for (int j = 0; j < left; ++j) _mm512_store_si512((__m512i*)(kt + (d0 + j) * SP + s0), r[j]);
+      float* panel = kt + (s0 / ATT_KEYS) * D * ATT_KEYS + s0 % ATT_KEYS;
+      for (int j = 0; j < left; ++j) _mm512_store_si512((__m512i*)(panel + (d0 + j) * ATT_KEYS), r[j]);
     }
 }
 
@@ -712,8 +714,8 @@ F32_AVX512 static void att_pack_v(const f32_attention_job* job, int64_t b, int64
   }
 }
 
-/* scores[r][keys] for 6 query rows (row pointers ``qr``) x 64 keys of the kt panel ``kp``. */
-F32_AVX512 static inline void att_scores_tile(const float* const* qr, const float* kp, int64_t SP, int64_t D,
+/* scores[r][keys] for 6 query rows (``qp``, D floats apart) x the 64 keys of the kt panel ``kp``. */
+F32_AVX512 static inline void att_scores_tile(const float* qp, const float* kp, int64_t SP, int64_t D,
                                               float* scores) {
   __m512 acc[6][4];
 #pragma GCC unroll 6
@@ -723,10 +725,10 @@ F32_AVX512 static inline void att_scores_tile(const float* const* qr, const floa
   for (int64_t d = 0; d < D; ++d) {
     __m512 bv[4];
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) bv[j] = _mm512_load_ps(kp + d * SP + 16 * j);
+    for (int j = 0; j < 4; ++j) bv[j] = _mm512_load_ps(kp + d * ATT_KEYS + 16 * j);
 #pragma GCC unroll 6
     for (int r = 0; r < 6; ++r) {
-      __m512 a = _mm512_set1_ps(qr[r][d]);
+      __m512 a = _mm512_set1_ps(qp[r * D + d]);
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
     }
@@ -755,11 +757,12 @@ F32_AVX512 static float att_softmax_row(float* row, int64_t S) {
   return _mm512_reduce_add_ps(sum);
 }
 
-/* out rows = (p . v) / sum for R query rows (``pr``: their probability rows) x NV vectors of the
- * head dim (the packed v, DP floats a row); rows >= ``valid`` are computed but not stored. */
-F32_AVX512 __attribute__((always_inline)) static inline void att_pv_tile(int R, int NV, const float* const* pr,
+/* out rows = (p . v) / sum for R query rows (probabilities ``p``, SP floats apart) x NV vectors of
+ * the head dim (the packed v, DP floats a row); output rows ``ld`` floats apart; rows >= ``valid``
+ * are computed but not stored. */
+F32_AVX512 __attribute__((always_inline)) static inline void att_pv_tile(int R, int NV, const float* p, int64_t SP,
                                                                          const float* vp, int64_t DP, int64_t S,
-                                                                         const float* inv_sum, float* const* out,
+                                                                         const float* inv_sum, float* out, int64_t ld,
                                                                          int64_t D, int valid) {
   __m512 acc[6][8];
   for (int r = 0; r < R; ++r)
@@ -768,7 +771,7 @@ F32_AVX512 __attribute__((always_inline)) static inline void att_pv_tile(int R, 
     __m512 bv[8];
     for (int j = 0; j < NV; ++j) bv[j] = _mm512_load_ps(vp + s * DP + 16 * j);
     for (int r = 0; r < R; ++r) {
-      __m512 a = _mm512_set1_ps(pr[r][s]);
+      __m512 a = _mm512_set1_ps(p[r * SP + s]);
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
     }
   }
@@ -777,46 +780,39 @@ F32_AVX512 __attribute__((always_inline)) static inline void att_pv_tile(int R, 
     for (int j = 0; j < NV; ++j) {
       int64_t left = D - 16 * j;
       __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-      _mm512_mask_storeu_ps(out[r] + 16 * j, mask, _mm512_mul_ps(acc[r][j], inv));
+      _mm512_mask_storeu_ps(out + r * ld + 16 * j, mask, _mm512_mul_ps(acc[r][j], inv));
     }
   }
 }
 
-#define ATT_PV_CASE(NV_, R_)                                                  \
-  case NV_:                                                                   \
-    for (int64_t r0 = 0; r0 < tq; r0 += R_) {                                 \
-      const float* pr[R_];                                                    \
-      float* outr[R_];                                                        \
-      for (int r = 0; r < R_; ++r) {                                          \
-        int64_t i = r0 + r < tq ? r0 + r : tq - 1;                            \
-        pr[r] = scores + i * SP;                                              \
-        outr[r] = job->out + ((b * S + q0 + i) * H + h) * D;                  \
-      }                                                                       \
-      att_pv_tile(R_, NV_, pr, vp, DP, S, inv_sum + r0, outr, D, (int)(tq - r0)); \
-    }                                                                         \
+#define ATT_PV_CASE(NV_, R_)                                                                          \
+  case NV_:                                                                                           \
+    for (int64_t r0 = 0; r0 < tq; r0 += R_)                                                           \
+      att_pv_tile(R_, NV_, scores + r0 * SP, SP, vp, DP, S, inv_sum + r0,                             \
+                  job->out + ((b * S + q0 + r0) * H + h) * D, H * D, D, (int)(tq - r0));               \
     break;
 
-/* Head (b, h) on the AVX-512 register tiles; ``scratch``: kt, scores, vp, 1 / sums. */
+/* Head (b, h) on the AVX-512 register tiles; ``scratch``: kt, scores, vp, the query block, 1 / sums.
+ * The scores block is zeroed first: the rows past the last query that a tile computes but does not
+ * store then hold finite values. */
 F32_AVX512 static void f32_attention_avx512(const f32_attention_job* job, int64_t b, int64_t h, float* scratch) {
   const int64_t S = job->S, H = job->H, D = job->D;
   const int64_t SP = att_round_up(S, ATT_KEYS), DP = att_round_up(D, 16);
   float* kt = scratch;
   float* scores = kt + D * SP;
   float* vp = scores + ATT_TQ * SP;
-  float* inv_sum = vp + S * DP;
+  float* qp = vp + S * DP;
+  float* inv_sum = qp + ATT_TQ * D;
   att_pack_kt(job, b, h, SP, kt);
   att_pack_v(job, b, h, DP, vp);
+  memset(scores, 0, sizeof(float) * ATT_TQ * SP);
+  memset(qp, 0, sizeof(float) * ATT_TQ * D);
   for (int64_t q0 = 0; q0 < S; q0 += ATT_TQ) {
     int64_t tq = S - q0 < ATT_TQ ? S - q0 : ATT_TQ;
+    for (int64_t r = 0; r < tq; ++r) memcpy(qp + r * D, job->q + ((b * S + q0 + r) * H + h) * D, sizeof(float) * D);
     for (int64_t kp = 0; kp < SP; kp += ATT_KEYS)
-      for (int64_t r0 = 0; r0 < tq; r0 += 6) {
-        const float* qr[6];
-        for (int r = 0; r < 6; ++r) {
-          int64_t i = q0 + (r0 + r < tq ? r0 + r : tq - 1);
-          qr[r] = job->q + ((b * S + i) * H + h) * D;
-        }
-        att_scores_tile(qr, kt + kp, SP, D, scores + r0 * SP + kp);
-      }
+      for (int64_t r0 = 0; r0 < tq; r0 += 6)
+        att_scores_tile(qp + r0 * D, kt + kp * D, SP, D, scores + r0 * SP + kp);
     for (int64_t r = 0; r < tq; ++r) inv_sum[r] = 1.0f / att_softmax_row(scores + r * SP, S);
     switch (DP / 16) {
       ATT_PV_CASE(1, 6) ATT_PV_CASE(2, 6) ATT_PV_CASE(3, 6) ATT_PV_CASE(4, 6)
@@ -830,7 +826,7 @@ F32_AVX512 static void f32_attention_avx512(const f32_attention_job* job, int64_
 /* Floats of one task's scratch. */
 static size_t att_scratch_floats(const f32_attention_job* job) {
   int64_t SP = att_round_up(job->S, ATT_KEYS), DP = att_round_up(job->D, 16);
-  return (size_t)(job->D * SP + ATT_TQ * SP + job->S * DP + ATT_TQ + 16);
+  return (size_t)(job->D * SP + ATT_TQ * SP + job->S * DP + ATT_TQ * job->D + ATT_TQ + 16);
 }
 
 static int f32_attention_tasks(f32_attention_job* job) {
