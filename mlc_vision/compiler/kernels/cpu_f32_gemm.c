@@ -10,16 +10,18 @@
  *   register tile  MR rows x NR columns (NR / 16 zmm per row) of fp32 accumulators; every k step
  *                  loads NR / 16 vectors of the packed weights and broadcasts MR values of x
  *                  (a memory operand of the FMA), MR * NR / 16 FMAs;
- *   weight panel   NR output columns of w, transposed once per task into panel[k][NR] (16 x 16
- *                  register transposes), kept in L2 for all the rows the task computes;
- *   K block        the panel is walked KC rows of k at a time over every row tile of the task, so
- *                  the KC x NR slice the FMAs read stays in L1 (KC from the detected L1 data cache
- *                  size, cpuid leaf 4 / 0x8000001D); partial sums of y are kept in y between K blocks,
- *                  the epilogue runs on the last one.
+ *   weight slice   NR output columns x KC values of k of w, transposed into slice[k][NR] (16 x 16
+ *                  register transposes) once per work unit and read by all its row tiles;
+ *   K block        KC from the detected L2 size (cpuid leaf 4 / 0x8000001D): the slice takes at
+ *                  most half of L2, so ViT layers (K <= 4096) have one block on a 2 MiB L2 and the
+ *                  accumulators stay in registers over the whole K; a longer K keeps partial sums
+ *                  in y between blocks, the epilogue runs on the last one (k_block has the
+ *                  measurement against L1-sized blocks).
  *
- * x is not packed: the MR rows of a tile are read in k order, KC values each (a
- * few hardware prefetch streams). Work is split over TVM's thread pool
- * (TVMBackendParallelLaunch) into (panel, block of rows) units.
+ * x is not packed: the MR rows of a tile are read in k order, and the next
+ * tile's rows are prefetched into L1 while a tile runs. Work is split over TVM's
+ * thread pool (TVMBackendParallelLaunch) into (block of rows, group of panels)
+ * units that the threads take one at a time.
  *
  * The epilogue adds a bias [N], then a residual [M, N] or multiplies by a gate
  * [M, N] (SwiGLU's up projection times silu(gate)), then applies an activation
@@ -74,9 +76,6 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 #define F32_NV 4 /* zmm per row: NR = 16 NV columns */
 #endif
 #define F32_NR (16 * F32_NV)
-#ifndef F32_PREFETCH_B
-#define F32_PREFETCH_B 1
-#endif
 #ifndef F32_UNITS_PER_THREAD
 #define F32_UNITS_PER_THREAD 4 /* work units per thread: a thread the OS delays takes fewer */
 #endif
@@ -120,9 +119,9 @@ int mlcv_f32_path_supported(int path) {
 /* The fastest path this CPU runs. */
 int mlcv_f32_best_path(void) { return mlcv_f32_path_supported(F32_PATH_AVX512) ? F32_PATH_AVX512 : F32_PATH_GENERIC; }
 
-/* Size in bytes of the data (or unified) cache of ``level``, from cpuid's deterministic cache
- * parameters (leaf 4 on Intel, 0x8000001D on AMD), else sysconf, else ``fallback``. */
-static int64_t cache_bytes_detect(uint32_t level, int64_t fallback) {
+/* Size in bytes of the level-2 cache, from cpuid's deterministic cache parameters (leaf 4 on
+ * Intel, 0x8000001D on AMD), else sysconf, else 1 MiB. */
+static int64_t l2_bytes_detect(void) {
 #if MLCV_X86
   uint32_t a, b, c, d;
   uint32_t leaves[2] = {4, 0x8000001D};
@@ -133,7 +132,7 @@ static int64_t cache_bytes_detect(uint32_t level, int64_t fallback) {
       __cpuid_count(leaves[l], sub, a, b, c, d);
       uint32_t type = a & 0x1f;
       if (type == 0) break;
-      if ((type == 1 || type == 3) && ((a >> 5) & 7) == level) { /* data or unified cache */
+      if ((type == 1 || type == 3) && ((a >> 5) & 7) == 2) { /* a data or unified cache of level 2 */
         int64_t ways = ((b >> 22) & 0x3ff) + 1, parts = ((b >> 12) & 0x3ff) + 1, line = (b & 0xfff) + 1;
         return ways * parts * line * ((int64_t)c + 1);
       }
@@ -141,40 +140,38 @@ static int64_t cache_bytes_detect(uint32_t level, int64_t fallback) {
   }
 #endif
   long s = -1;
-#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
-  s = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE : _SC_LEVEL2_CACHE_SIZE);
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  s = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
-  return s > 0 ? s : fallback;
+  return s > 0 ? s : 1024 * 1024;
 }
 
-static int64_t cache_known[3];
+static int64_t l2_known;
 
-/* The size in bytes of the level-1 data and level-2 caches (detected once, kept within sane bounds). */
-static int64_t cache_bytes(uint32_t level) {
-  int64_t s = __atomic_load_n(&cache_known[level], __ATOMIC_RELAXED);
+/* The level-2 cache size in bytes (detected once; outside 256 KiB .. 64 MiB taken as 1 MiB). */
+int64_t mlcv_f32_l2_bytes(void) {
+  int64_t s = __atomic_load_n(&l2_known, __ATOMIC_RELAXED);
   if (s <= 0) {
-    int64_t fallback = level == 1 ? 32 * 1024 : 1024 * 1024;
-    s = cache_bytes_detect(level, fallback);
-    if (s < fallback / 4 || s > fallback * 64) s = fallback;
-    __atomic_store_n(&cache_known[level], s, __ATOMIC_RELAXED);
+    s = l2_bytes_detect();
+    if (s < 256 * 1024 || s > 64 * 1024 * 1024) s = 1024 * 1024;
+    __atomic_store_n(&l2_known, s, __ATOMIC_RELAXED);
   }
   return s;
 }
 
-int64_t mlcv_f32_l1d_bytes(void) { return cache_bytes(1); }
-int64_t mlcv_f32_l2_bytes(void) { return cache_bytes(2); }
-
-#ifndef F32_L1_SHARE
-#define F32_L1_SHARE 2 /* the weight slice takes 1 / F32_L1_SHARE of L1 */
-#endif
+/* K block: the packed KC x NR weight slice takes at most half of L2 (the rest holds the rows of x
+ * being read and the output rows); a multiple of 16. With 2 MiB of L2 that is K up to 4096 in one
+ * block. The FMAs read the slice from L2 (NR / 16 vectors per k step, sequential, which the L2
+ * streamer prefetches) while the accumulators stay in registers over the whole block: against K
+ * blocks that keep the slice in L1 (partial sums through y every 96 k) this measured 5-20 % faster
+ * on the ViT shapes (one core, Intel). */
 static int64_t k_block(int64_t K) {
-  int64_t kc = mlcv_f32_l1d_bytes() / F32_L1_SHARE / (F32_NR * 4);
-  kc = kc / 8 * 8;
-  if (kc < 32) kc = 32;
+  int64_t kc = mlcv_f32_l2_bytes() / 2 / (F32_NR * 4) / 16 * 16;
+  if (kc < 256) kc = 256;
   if (K <= kc) return K;
   int64_t blocks = (K + kc - 1) / kc; /* equal blocks: no short last block */
   kc = (K + blocks - 1) / blocks;
-  return (kc + 7) / 8 * 8;
+  return (kc + 15) / 16 * 16;
 }
 
 /* ------------------------------------------------------------------ epilogue */
@@ -348,35 +345,10 @@ F32_AVX512 static void f32_pack_b(const float* w, int64_t N, int64_t K, int64_t 
   }
 }
 
-/* Part ``part`` of ``parts`` of the lines of w that f32_pack_b(n0, k0, k1) will read, prefetched
- * into L2: the next weight slice arrives from memory while this one is used (its 64 rows are too
- * short a stream each for the hardware prefetcher). */
-F32_AVX512 static inline void f32_prefetch_b(const float* w, int64_t N, int64_t K, int64_t n0, int64_t k0,
-                                             int64_t k1, int64_t part, int64_t parts) {
-  int64_t rows = N - n0 < F32_NR ? N - n0 : F32_NR;
-  int64_t per_row = (k1 - k0 + 15) / 16; /* 64-byte lines per row, at most */
-  int64_t lines = rows * per_row, from = lines * part / parts, to = lines * (part + 1) / parts;
-  for (int64_t i = from; i < to; ++i)
-    _mm_prefetch((const char*)(w + (n0 + i / per_row) * K + k0 + 16 * (i % per_row)), _MM_HINT_T1);
-}
-
-/* Rows [m0, m1) x k in [k0, k1) of x[M, K] -> one contiguous block per register tile of MR rows,
- * block[r][k - k0] (rows past m1 repeat row m1 - 1). The rows of a tile are then read from one
- * short contiguous block instead of MR rows K floats apart (rows_share_l1_sets). */
-F32_AVX512 static void f32_pack_a(const float* x, int64_t K, int64_t m0, int64_t m1, int64_t k0, int64_t k1,
-                                  float* apack) {
-  int64_t kc = k1 - k0;
-  for (int64_t m = m0; m < m1; m += F32_MR)
-    for (int r = 0; r < F32_MR; ++r) {
-      int64_t row = m + r < m1 ? m + r : m1 - 1;
-      memcpy(apack + ((m - m0) + r) * kc, x + row * K + k0, (size_t)kc * 4);
-    }
-}
-
-/* One register tile: ``mr`` rows x NR columns of y at (m, n0), over the kc k values of the packed
- * tile ``a`` (MR rows of kc) and weight slice ``b`` (kc rows of NR). ``first``: start from 0, else
- * from the partial sums in y; ``last``: finish with the epilogue. ``next``: the next tile's block,
- * prefetched into L1 while this one runs. */
+/* One register tile: ``mr`` rows x NR columns of y at (m, n0), over kc values of k: rows of x at
+ * ``a`` (``lda`` floats apart), the weight slice ``b`` (kc rows of NR). ``first``: start from 0,
+ * else from the partial sums in y; ``last``: finish with the epilogue. ``next``: the next tile's
+ * rows, prefetched into L1 while this one runs. */
 F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, const float* a, const float* b,
                                                                      const float* next, const f32_epilogue* ep,
                                                                      float* y, int64_t m, int64_t n0,
@@ -430,17 +402,10 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
   case R: f32_tile(R, a, b, a, ep, y, m, n0, masks, N, lda, kc, first, last); break;
 
 /* Rows [m0, m1) x columns [n0, n0 + ncols) (the slice ``b``), one K block of kc; row r of the
- * block is at ``a0 + r * lda``. ``next``: where the next weight slice starts in w (prefetched over
- * the tiles), or NULL. */
-typedef struct {
-  const float* w;
-  int64_t N, K, n0, k0, k1;
-} f32_next_slice;
-
+ * block is at ``a0 + r * lda``. */
 F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep,
                                         float* y, int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N,
-                                        int64_t kc, int first, int last, const f32_next_slice* next) {
-  int64_t tiles = (m1 - m0 + F32_MR - 1) / F32_MR, tile = 0;
+                                        int64_t kc, int first, int last) {
   __mmask16 masks[F32_NV];
   for (int j = 0; j < F32_NV; ++j) {
     int64_t left = ncols - 16 * j;
@@ -448,11 +413,8 @@ F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const floa
   }
   int64_t m = m0;
   const float* a = a0;
-  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda, ++tile) {
-    if (F32_PREFETCH_B && next) f32_prefetch_b(next->w, next->N, next->K, next->n0, next->k0, next->k1, tile, tiles);
+  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda)
     f32_tile(F32_MR, a, b, a + F32_MR * lda, ep, y, m, n0, masks, N, lda, kc, first, last);
-  }
-  if (next && m < m1) f32_prefetch_b(next->w, next->N, next->K, next->n0, next->k0, next->k1, tile, tiles);
   switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
 #if F32_MR > 13
     F32_TILE_CASE(13) F32_TILE_CASE(12) F32_TILE_CASE(11) F32_TILE_CASE(10) F32_TILE_CASE(9) F32_TILE_CASE(8)
@@ -475,7 +437,6 @@ typedef struct {
   f32_epilogue ep;
   float* y;
   int64_t M, N, K, kc;
-  int pack_a; /* copy the rows of x per K block (see f32_pack_a), else read them in place */
   int64_t row_block, row_blocks;     /* rows per work unit, and their number */
   int64_t group_panels, groups;      /* NR-column panels per work unit, and their number */
   int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
@@ -496,37 +457,20 @@ static float* f32_scratch_buffer(size_t floats) {
   return f32_scratch;
 }
 
-/* One work unit: rows [m0, m1) x panels [p0, p1). K blocks outermost: the unit's rows of one K
- * block are packed once (L2) and used by every panel; each panel's K block of weights is packed
- * once (L1) and used by every row tile. */
+/* One work unit: rows [m0, m1) x panels [p0, p1). Each panel's weights are packed one K block at
+ * a time (the whole K when it fits, see k_block) and used by every row tile of the unit, the
+ * accumulators staying in registers over the block. */
 static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
 #if MLCV_X86
   if (job->path == F32_PATH_AVX512) {
-    float* b = scratch;
-    float* apack = scratch + job->kc * F32_NR;
-    for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
-      int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
-      const float* a0 = job->x + m0 * job->K + k0;
-      int64_t lda = job->K;
-      if (job->pack_a) {
-        f32_pack_a(job->x, job->K, m0, m1, k0, k1, apack);
-        a0 = apack;
-        lda = k1 - k0;
-      }
-      for (int64_t p = p0; p < p1; ++p) {
-        int64_t n0 = p * F32_NR;
-        int64_t ncols = job->N - n0 < F32_NR ? job->N - n0 : F32_NR;
-        f32_pack_b(job->w, job->N, job->K, n0, k0, k1, b);
-        /* the slice after this one: the next panel's, or the first panel's of the next K block */
-        f32_next_slice next = {job->w, job->N, job->K, n0 + F32_NR, k0, k1};
-        if (p + 1 == p1) {
-          next.n0 = p0 * F32_NR;
-          next.k0 = k1;
-          next.k1 = k1 + job->kc < job->K ? k1 + job->kc : job->K;
-        }
-        int more = p + 1 < p1 || k1 < job->K;
-        f32_block_avx512(a0, lda, b, &job->ep, job->y, m0, m1, n0, ncols, job->N, k1 - k0, k0 == 0, k1 == job->K,
-                         more ? &next : NULL);
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t n0 = p * F32_NR;
+      int64_t ncols = job->N - n0 < F32_NR ? job->N - n0 : F32_NR;
+      for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
+        int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
+        f32_pack_b(job->w, job->N, job->K, n0, k0, k1, scratch);
+        f32_block_avx512(job->x + m0 * job->K + k0, job->K, scratch, &job->ep, job->y, m0, m1, n0, ncols, job->N,
+                         k1 - k0, k0 == 0, k1 == job->K);
       }
     }
     return;
@@ -539,8 +483,7 @@ static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t
 
 /* One of the pool's tasks: take work units until none are left. */
 static int f32_run_units(f32_job* job) {
-  int64_t rows = (job->row_block + F32_MR - 1) / F32_MR * F32_MR;
-  float* scratch = f32_scratch_buffer((size_t)job->kc * (F32_NR + (size_t)rows));
+  float* scratch = f32_scratch_buffer((size_t)job->kc * F32_NR);
   if (scratch == NULL) return -1;
   int64_t panels = (job->N + F32_NR - 1) / F32_NR;
   for (;;) {
@@ -561,17 +504,12 @@ static int f32_parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata
 }
 
 #ifndef F32_ROW_BLOCK
-#define F32_ROW_BLOCK 288 /* rows per work unit at most: their packed K block stays in L2 */
+#define F32_ROW_BLOCK 288 /* rows per work unit at most: their x rows stay in L2 across the unit's panels
+                            (for K up to about 900 on 2 MiB); the weights are packed once per row block */
 #endif
 
-/* Whether the rows of x, K floats apart, fall on few L1 sets: a row stride that is a multiple of
- * 2 KiB puts the MR rows of a tile on at most two set offsets of a 4 KiB-way L1 (with the weight
- * slice beside them, more lines than ways). Those rows are copied per K block (f32_pack_a); other
- * strides are read in place, which saves the copy. */
-static int rows_share_l1_sets(int64_t K) { return (K * 4) % 2048 == 0; }
-
 /* Splits the job into (row block, panel group) units: rows in blocks of at most F32_ROW_BLOCK, then
- * the panels in as many groups as it takes for about two units per thread. */
+ * the panels in as many groups as it takes for F32_UNITS_PER_THREAD units per thread. */
 static void f32_split(f32_job* job, int threads) {
   job->row_blocks = (job->M + F32_ROW_BLOCK - 1) / F32_ROW_BLOCK;
   job->row_block = (job->M + job->row_blocks - 1) / job->row_blocks;
@@ -583,11 +521,6 @@ static void f32_split(f32_job* job, int threads) {
   if (groups > panels) groups = panels;
   if (groups < 1) groups = 1;
   job->group_panels = (panels + groups - 1) / groups;
-  /* The partial sums of a unit (row block x its panels) are read and written once per K block:
-   * they should stay in L2 (a quarter of it; the packed rows and the weights take some too). */
-  int64_t fit = mlcv_f32_l2_bytes() / 4 / (job->row_block * F32_NR * 4);
-  if (fit < 1) fit = 1;
-  if (job->group_panels > fit) job->group_panels = fit;
   job->groups = (panels + job->group_panels - 1) / job->group_panels;
 }
 
@@ -597,8 +530,7 @@ int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* 
   if (!mlcv_f32_path_supported(path) || act < F32_ACT_NONE || act > F32_ACT_SILU) return -1;
   if (residual != NULL && gate != NULL) return -1;
   if (M == 0 || N == 0) return 0;
-  f32_job job = {path, x, w, {bias, residual, gate, act}, y, M, N, K, k_block(K), rows_share_l1_sets(K),
-                 0, 0, 0, 0, 0};
+  f32_job job = {path, x, w, {bias, residual, gate, act}, y, M, N, K, k_block(K), 0, 0, 0, 0, 0};
   parallel_launch_fn launch = f32_thread_pool();
   int threads = 1;
   if (launch != NULL) {
