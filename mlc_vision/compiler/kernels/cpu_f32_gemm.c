@@ -69,6 +69,12 @@ enum { F32_PATH_GENERIC = 0, F32_PATH_AVX512 = 1 };
 /* Activations of the epilogue (``ACTIVATIONS`` in cpu_f32_gemm.py has the same numbers). */
 enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_GELU_TANH = 3, F32_ACT_SILU = 4 };
 
+/* Register tile, every AVX-512 CPU: 6 x 64 = 24 zmm accumulators + 4 weight vectors + 1 broadcast;
+ * a k step is 4 loads + 6 broadcasts for 24 FMAs (12 cycles on Intel's two FMA ports, 24 on
+ * Zen 4's one 512-bit FMA per cycle): fewer loads than either core's two per cycle allow, and 24
+ * independent accumulators cover the FMA latency of both. On the ViT shapes 8 x 48, 12 x 32 and
+ * 14 x 32 measured the same as 6 x 64 on one Intel core (within the noise of a shared machine;
+ * scripts/dev/f32_gemm_bench.py --tile); the wider NR halves the weight packing per row. */
 #ifndef F32_MR
 #define F32_MR 6 /* rows of the register tile */
 #endif
