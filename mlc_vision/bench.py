@@ -521,8 +521,9 @@ def run_benchmark(models, target: str, batches: list[int], runs: int, output: Pa
             bench_tiles(preset, tiles, runs, output, on_row=tiled.add)
         else:
             bench_one(preset, batches, runs, output, torch_compile, machine["fp32_peak_gflops"], peers, bf16, on_row=write)
-    extra = [f"{r.stem}.*" for r in (native, tiled) if r.rows]
-    print(f"wrote {output / 'bench.json'} and {output / 'bench.md'}" + "".join(f" and {e}" for e in extra))
+    written = [str(output / "bench.{json,md}")] if rows else []
+    written += [f"{r.stem}.{{json,md}}" for r in (native, tiled) if r.rows]
+    print("wrote " + (" and ".join(written) if written else "nothing (no rows)"))
     return rows
 
 

@@ -23,8 +23,10 @@ from parity import CompiledCPU, assert_close, convert_checkpoint, randomize_all
 
 #: (M, N, K): one row, row tails of the 6-row tile, a 64-column panel tail,
 #: k not a multiple of the AMX step (34, 96), and a shape with whole AMX blocks
-#: plus tails (70 rows, 200 columns, k 128).
-SHAPES = [(1, 1, 2), (5, 70, 64), (13, 130, 96), (37, 64, 34), (70, 200, 128)]
+#: plus tails (70 rows, 200 columns, k 128). The last two reach the AMX linear layer's
+#: blocking: K in several L1-sized chunks with a k tail (1060), and x rows in several
+#: L2-sized chunks (2000 rows of k 1060 are more than an L2 cache of up to 5 MiB holds).
+SHAPES = [(1, 1, 2), (5, 70, 64), (13, 130, 96), (37, 64, 34), (70, 200, 128), (37, 70, 1060), (2000, 40, 1060)]
 
 
 @pytest.fixture(scope="module")

@@ -267,7 +267,9 @@ class PatchMerger(nn.Module):
 
 
 def take_rows(x: Tensor, index: Tensor, name: str) -> Tensor:
-    return op.wrap_nested(relax.op.take(x._expr, index._expr, axis=0), name)
+    """``x[index]`` along axis 0. ``index`` is an input of the library (``window_index``): an index out of
+    range is clamped (``mode="clip"``) instead of read out of bounds (TVM's default ``fast`` gather)."""
+    return op.wrap_nested(relax.op.take(x._expr, index._expr, axis=0, mode="clip"), name)
 
 
 def window_order(x: Tensor, window_index: Tensor, group: int) -> Tensor:

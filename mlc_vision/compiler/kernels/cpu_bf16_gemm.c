@@ -10,26 +10,31 @@
  *             Intel Cooper Lake and later);
  *   GENERIC   plain C (bf16 -> fp32, fp32 multiply-add): any x86-64 or other CPU.
  *
- * Work is split over TVM's thread pool (TVMBackendParallelLaunch) into
- * (panel of NR output columns) x (block of rows) units that the threads take
- * one at a time. A thread packs the bf16 weights of a panel once for the
- * units of that panel it takes in a row, pair-interleaved along k:
+ * Work is split over TVM's thread pool (TVMBackendParallelLaunch) into units
+ * that the threads take one at a time (an atomic counter: a thread the OS
+ * delays takes fewer).
+ *
+ * AVX512 and plain C: units are (panel of NR output columns) x (block of rows).
+ * A thread packs the bf16 weights of a panel once for the units of that panel
+ * it takes in a row, pair-interleaved along k:
  *
  *   panel[kp][c] = (w[n0 + c][2 kp], w[n0 + c][2 kp + 1])   (one 32-bit word)
  *
- * which is the operand layout of vdpbf16ps (16 columns x 2 k per zmm) and of
- * an AMX B tile (rows = k pairs, 16 columns of 4 bytes). On the AVX512 and AMX
- * paths the packing is a 16 x 16 transpose of 32-bit words in registers: 16
- * weight rows are read 64 bytes at a time (a word-at-a-time pack cost about a
- * sixth of the GEMM at 197 rows, the transpose about a twentieth; the weights
- * are read from memory once per call either way). x needs no packing:
- * a pair of consecutive x values is one 32-bit broadcast (AVX512) or an A
- * tile row (AMX). K must be even (the compiler pass only offers even K).
+ * which is the operand layout of vdpbf16ps (16 columns x 2 k per zmm); the
+ * packing is a 16 x 16 transpose of 32-bit words in registers (16 weight rows
+ * read 64 bytes at a time). x needs no packing: a pair of consecutive x values
+ * is one 32-bit broadcast. K must be even (the compiler pass only offers even K).
+ *
+ * AMX (the section "AMX linear layer"): y^T = w . x^T with the weights as the
+ * A operand, read in place from w[N, K] (no weight packing); x is packed once
+ * per call into the B layout, and each 16 x 16 fp32 result tile is transposed
+ * in registers before the epilogue. Blocking follows the L1 and L2 sizes the
+ * OS reports.
  *
  * The store (the epilogue) adds a bias and a residual and can apply an
  * activation (quick GELU, GELU with erf or tanh) and round the result to bf16,
- * the next linear layer's input. The same register tile also runs bf16
- * libraries' attention (the section at the end of the file).
+ * the next linear layer's input. The same tiles also run bf16 libraries'
+ * attention (the section at the end of the file).
  *
  * Compiled with the host C compiler at export (cpu_bf16_gemm.py) and
  * linked into the library; the instruction sets are enabled per function, so
@@ -152,6 +157,8 @@ int mlcv_bf16_best_path(void) {
 
 /* ------------------------------------------------------------------ helpers */
 
+static int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t bits = (uint32_t)h << 16;
   float f;
@@ -255,17 +262,24 @@ AVX512_BF16_TARGET static inline __m512 exp_avx512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+/* 1 / d: the 14-bit estimate and one Newton step (relative error about 1e-8), a few times the
+ * throughput of a division, which would dominate the activation epilogues. */
+AVX512_BF16_TARGET static inline __m512 reciprocal_avx512(__m512 d) {
+  __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0f)), r);
+}
+
 /* v * sigmoid(s v) = v / (1 + e^(-s v)). */
 AVX512_BF16_TARGET static inline __m512 times_sigmoid_avx512(__m512 v, __m512 sv) {
   __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), sv));
-  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  return _mm512_mul_ps(v, reciprocal_avx512(_mm512_add_ps(_mm512_set1_ps(1.0f), e)));
 }
 
 /* erf(z) = 1 - t (a1 + t (a2 + ... + t a5)) e^(-z^2), t = 1 / (1 + p |z|), odd in z: Abramowitz and
  * Stegun 7.1.26, absolute error below 1.5e-7 (invisible after the bf16 rounding that follows). */
 AVX512_BF16_TARGET static inline __m512 erf_avx512(__m512 z) {
   __m512 a = _mm512_abs_ps(z);
-  __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  __m512 t = reciprocal_avx512(_mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
   __m512 q = _mm512_set1_ps(1.061405429f);
   q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-1.453152027f));
   q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
@@ -429,7 +443,9 @@ AMX_TARGET static void amx_configure(void) {
   _tile_loadconfig(&cfg);
 }
 
-/* Rows [m0, m1) with 32-row AMX blocks (K a multiple of 32), the rest with the AVX512 tile. */
+/* Rows [m0, m1) of x . panel with 32-row AMX blocks (K a multiple of 32), the rest with the
+ * AVX512 tile: attention's products when head_dim is not a multiple of 32 (the linear layers
+ * use run_linear_amx). */
 AMX_TARGET static void rows_amx(const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m0,
                                 int64_t m1, int64_t n0, int ncols, int64_t N, int64_t K) {
   if (K % AMX_K != 0) {
@@ -514,6 +530,372 @@ static uint32_t* panel_buffer(size_t words) {
   return thread_panel;
 }
 
+#if MLCV_X86
+/* ------------------------------------------------------------------ AMX linear layer
+ *
+ * y^T = w . x^T with the weights as the A operand: an A tile is 16 weight rows x 32 k read
+ * straight from w[N, K] (row stride K * 2 bytes), so the weights are never packed. x is packed
+ * once per call into the B layout, per block of 16 rows:
+ *
+ *   xpack[mb][kp][r] = (x[16 mb + r][2 kp], x[16 mb + r][2 kp + 1])   (zero past M and past K)
+ *
+ * A C tile is then 16 columns x 16 rows of y, transposed in registers (transpose16x16) before
+ * the epilogue. The register block is 2 x 2 tiles: 32 weight rows x 32 rows of x.
+ *
+ * Blocking: x is split into chunks whose packed blocks fill about 3/4 of L2, so at small
+ * batches every weight is read from memory once per call; K into chunks whose 32 weight rows
+ * fill half of L1, which every pair of x blocks of the chunk passes (the C tiles wait in a
+ * buffer between K chunks). A work unit is (chunk of x, a run of consecutive 32-row weight
+ * blocks); while one block computes, the next one's weights are prefetched into L2. The
+ * epilogue of a block's tiles runs on the vector units during the next block's tile products.
+ * One thread-pool launch per call: each task packs the x blocks it claims, then computes.
+ *
+ * Tails: a K tail (K not a multiple of 32) is read from a zero-padded copy of its columns; the
+ * last block of weight rows, when N is not a multiple of 32, from a zero-padded copy of those
+ * rows; x rows past M are zero in xpack and not stored.
+ */
+
+#define AMX_WROWS 32 /* weight rows per unit: 2 A tiles */
+
+typedef struct {
+  const uint16_t* x;
+  const uint16_t* w;
+  epilogue ep;
+  float* y;
+  int64_t M, N, K;
+  int64_t kp_padded;    /* k pairs per packed block: round_up(K, AMX_K) / 2 */
+  uint32_t* xpack;      /* [m blocks][kp_padded][16] */
+  int64_t m_blocks;     /* ceil(M / 16) */
+  int64_t chunk_blocks; /* m blocks per chunk of x rows */
+  int64_t w_blocks;     /* ceil(N / AMX_WROWS) */
+  int64_t chunk_steps;  /* k steps per chunk of K */
+  uint8_t* packed;      /* [m blocks]: set once the block is in xpack */
+  int64_t next_pack;    /* x blocks are claimed for packing with an atomic add */
+  int64_t next_unit;
+} amx_linear_job;
+
+/* Packs rows [16 mb, 16 mb + 16) of x into xpack block mb (16 x 16 word transposes). */
+AMX_TARGET static void pack_x_block(const amx_linear_job* job, int64_t mb) {
+  const int64_t K = job->K, kpairs = K / 2;
+  uint32_t* dst = job->xpack + mb * job->kp_padded * 16;
+  for (int64_t kb = 0; kb < job->kp_padded; kb += 16) {
+    int left = kpairs - kb >= 16 ? 16 : kpairs - kb > 0 ? (int)(kpairs - kb) : 0;
+    __mmask16 mask = (__mmask16)((1u << left) - 1);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      int64_t m = mb * 16 + i;
+      r[i] = m < job->M ? _mm512_maskz_loadu_epi32(mask, (const uint32_t*)(job->x + m * K) + kb) : _mm512_setzero_si512();
+    }
+    transpose16x16(r);
+    for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + (kb + j) * 16, r[j]);
+  }
+}
+
+/* Packs the x blocks this thread claims, then marks each one ready. */
+AMX_TARGET static void pack_claimed_blocks(amx_linear_job* job) {
+  for (;;) {
+    int64_t mb = __atomic_fetch_add(&job->next_pack, 1, __ATOMIC_RELAXED);
+    if (mb >= job->m_blocks) return;
+    pack_x_block(job, mb);
+    __atomic_store_n(&job->packed[mb], 1, __ATOMIC_RELEASE);
+  }
+}
+
+/* Waits until x block ``mb`` (another thread may still be packing it) is ready. */
+static inline void wait_packed(const amx_linear_job* job, int64_t mb) {
+  while (!__atomic_load_n(&job->packed[mb], __ATOMIC_ACQUIRE)) _mm_pause();
+}
+
+/* A C tile's 16 weight rows x 16 x rows (``out``, row-major fp32) to y rows [m0, m0 + 16) x
+ * columns [n0, n0 + 16), through the epilogue; rows past M and columns past N are skipped. */
+AMX_TARGET static void store_transposed(const amx_linear_job* job, const float* out, int64_t m0, int64_t n0) {
+  int64_t left = job->N - n0;
+  if (left <= 0) return;
+  __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(out + 16 * i);
+  transpose16x16(r);
+  __m512 bias = job->ep.bias ? _mm512_maskz_loadu_ps(mask, job->ep.bias + n0) : _mm512_setzero_ps();
+  int rows = job->M - m0 < 16 ? (int)(job->M - m0) : 16;
+  for (int j = 0; j < rows; ++j)
+    store_avx512(&job->ep, _mm512_add_ps(_mm512_castsi512_ps(r[j]), bias), mask, job->y, (m0 + j) * job->N + n0);
+}
+
+/* Where the A tiles of one unit's weight rows come from: ``base`` (row stride ``stride`` bf16)
+ * for the first ``full_steps`` k steps, ``tail`` (32 x 32, zero-padded) for the last one if any. */
+typedef struct {
+  const uint16_t* base;
+  int64_t stride;
+  int64_t full_steps, steps;
+  uint16_t tail[AMX_WROWS * AMX_K] __attribute__((aligned(64)));
+} weight_block;
+
+/* Sets ``wb`` up for weight rows [n0, n0 + 32); when the rows run past N, the thread's panel
+ * buffer holds a zero-padded copy of them. Returns 0, or -1 without scratch memory. */
+AMX_TARGET static int weight_block_at(const amx_linear_job* job, int64_t n0, weight_block* wb) {
+  const int64_t K = job->K, Kp = job->kp_padded * 2;
+  wb->steps = Kp / AMX_K;
+  if (n0 + AMX_WROWS > job->N) {
+    uint16_t* copy = (uint16_t*)panel_buffer((size_t)AMX_WROWS * job->kp_padded);
+    if (copy == NULL) return -1;
+    for (int64_t r = 0; r < AMX_WROWS; ++r) {
+      if (n0 + r < job->N) {
+        memcpy(copy + r * Kp, job->w + (n0 + r) * K, (size_t)K * 2);
+        memset(copy + r * Kp + K, 0, (size_t)(Kp - K) * 2);
+      } else {
+        memset(copy + r * Kp, 0, (size_t)Kp * 2);
+      }
+    }
+    wb->base = copy;
+    wb->stride = Kp;
+    wb->full_steps = wb->steps;
+    return 0;
+  }
+  wb->base = job->w + n0 * K;
+  wb->stride = K;
+  wb->full_steps = K / AMX_K;
+  if (wb->full_steps < wb->steps) {
+    int64_t k0 = wb->full_steps * AMX_K;
+    memset(wb->tail, 0, sizeof(wb->tail));
+    for (int r = 0; r < AMX_WROWS; ++r) memcpy(wb->tail + r * AMX_K, wb->base + r * K + k0, (size_t)(K - k0) * 2);
+  }
+  return 0;
+}
+
+/* Finished C tiles waiting for the epilogue: it runs on the vector units while the tile unit
+ * computes the next block (a store right after the block would wait for its last products). */
+typedef struct {
+  float tiles[4][256] __attribute__((aligned(64)));
+  int64_t m0[4], n0[4];
+  int count, done;
+} pending_tiles;
+
+/* Runs the epilogue of the pending tiles up to the first ``upto``. */
+AMX_TARGET static inline void finish_pending(const amx_linear_job* job, pending_tiles* pending, int upto) {
+  for (; pending->done < upto; ++pending->done)
+    store_transposed(job, pending->tiles[pending->done], pending->m0[pending->done], pending->n0[pending->done]);
+}
+
+/* C tiles 0-3 (0, 1: weight rows 0-15; 2, 3: rows 16-31; 0, 2: x block ``mb``; 1, 3: block mb + 1)
+ * += the k steps [s0, s1); with ``two`` false only x block mb (tiles 0 and 2). The tiles start
+ * from zero, or from ``partial`` (tiles 0-3 at 1024-byte steps) when it is set. The epilogue of
+ * the ``pending`` tiles is spread over the k steps. */
+AMX_TARGET static inline void amx_block(const amx_linear_job* job, const weight_block* wb, int64_t mb, int two,
+                                        int64_t s0, int64_t s1, const float* partial, pending_tiles* pending) {
+  const uint32_t* b0 = job->xpack + mb * job->kp_padded * 16;
+  const uint32_t* b1 = b0 + job->kp_padded * 16;
+  const int64_t stride_bytes = wb->stride * 2;
+  if (partial) {
+    _tile_loadd(0, partial, 64);
+    _tile_loadd(1, partial + 256, 64);
+    _tile_loadd(2, partial + 512, 64);
+    _tile_loadd(3, partial + 768, 64);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = s0; s < s1; ++s) {
+    if (s < wb->full_steps) {
+      _tile_loadd(4, wb->base + s * AMX_K, stride_bytes);
+      _tile_loadd(5, wb->base + 16 * wb->stride + s * AMX_K, stride_bytes);
+    } else {
+      _tile_loadd(4, wb->tail, AMX_K * 2);
+      _tile_loadd(5, wb->tail + 16 * AMX_K, AMX_K * 2);
+    }
+    _tile_loadd(6, b0 + s * 256, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if (two) {
+      _tile_loadd(7, b1 + s * 256, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    finish_pending(job, pending, (int)((s - s0 + 1) * pending->count / (s1 - s0)));
+  }
+}
+
+/* Moves C tiles 0-3 of x blocks (mb, mb + 1) x weight rows (n0, n0 + 16) into ``pending``
+ * (tiles 0 and 2 only without ``two``); the pending tiles before them must be finished. */
+AMX_TARGET static inline void hold_tiles(pending_tiles* pending, int64_t mb, int64_t n0, int two) {
+  _tile_stored(0, pending->tiles[0], 64);
+  _tile_stored(2, pending->tiles[1], 64);
+  pending->m0[0] = pending->m0[1] = mb * 16;
+  pending->n0[0] = n0;
+  pending->n0[1] = n0 + 16;
+  pending->count = 2;
+  if (two) {
+    _tile_stored(1, pending->tiles[2], 64);
+    _tile_stored(3, pending->tiles[3], 64);
+    pending->m0[2] = pending->m0[3] = (mb + 1) * 16;
+    pending->n0[2] = n0;
+    pending->n0[3] = n0 + 16;
+    pending->count = 4;
+  }
+  pending->done = 0;
+}
+
+/* Grow-only buffer of the calling thread for C tiles between k chunks. */
+static __thread float* partial_scratch;
+static __thread size_t partial_scratch_floats;
+
+static float* partial_buffer(size_t floats) {
+  if (floats > partial_scratch_floats) {
+    free(partial_scratch);
+    partial_scratch = NULL;
+    partial_scratch_floats = 0;
+    if (posix_memalign((void**)&partial_scratch, 64, floats * 4) != 0) return NULL;
+    partial_scratch_floats = floats;
+  }
+  return partial_scratch;
+}
+
+/* Prefetches into L2 the share [part, part + 1) of ``parts`` of weight rows [n0, n0 + 32) (all in
+ * w): the next unit's weights arrive from memory while this unit computes. */
+AMX_TARGET static inline void prefetch_weight_rows(const amx_linear_job* job, int64_t n0, int64_t part,
+                                                   int64_t parts) {
+  const int64_t row_lines = job->K * 2 / 64, lines = AMX_WROWS * row_lines;
+  const char* rows = (const char*)(job->w + n0 * job->K);
+  for (int64_t i = part * lines / parts; i < (part + 1) * lines / parts; ++i)
+    _mm_prefetch(rows + (i % AMX_WROWS) * job->K * 2 + (i / AMX_WROWS) * 64, _MM_HINT_T1);
+}
+
+/* Weight rows [n0, n0 + 32) x the x rows of blocks [mb0, mb1), K in chunks of ``job->chunk_steps``
+ * k steps: a chunk of the 32 weight rows stays in L1 while every pair of x blocks passes it; the
+ * C tiles of each pair wait in a buffer between chunks. */
+AMX_TARGET static int amx_unit(const amx_linear_job* job, int64_t n0, int64_t next_n0, int64_t mb0, int64_t mb1,
+                               weight_block* wb, pending_tiles* pending) {
+  if (weight_block_at(job, n0, wb) != 0) return -1;
+  float* partial = NULL;
+  if (wb->steps > job->chunk_steps) {
+    partial = partial_buffer((size_t)round_up(mb1 - mb0, 2) * 2 * 256);
+    if (partial == NULL) return -1;
+  }
+  /* the next weight rows (when whole) are prefetched a share per block of this unit */
+  int prefetch = next_n0 >= 0 && next_n0 + AMX_WROWS <= job->N;
+  int64_t pairs = (mb1 - mb0 + 1) / 2, parts = pairs * ((wb->steps + job->chunk_steps - 1) / job->chunk_steps);
+  int64_t part = 0;
+  for (int64_t s0 = 0; s0 < wb->steps; s0 += job->chunk_steps) {
+    int64_t s1 = s0 + job->chunk_steps < wb->steps ? s0 + job->chunk_steps : wb->steps;
+    int last = s1 == wb->steps;
+    for (int64_t mb = mb0; mb < mb1; mb += 2) {
+      int two = mb + 1 < mb1;
+      if (s0 == 0) {
+        wait_packed(job, mb);
+        if (two) wait_packed(job, mb + 1);
+      }
+      if (prefetch) prefetch_weight_rows(job, next_n0, part++, parts);
+      float* tiles = partial ? partial + (mb - mb0) * 2 * 256 : NULL;
+      amx_block(job, wb, mb, two, s0, s1, s0 > 0 ? tiles : NULL, pending);
+      if (last) {
+        hold_tiles(pending, mb, n0, two);
+      } else {
+        _tile_stored(0, tiles, 64);
+        _tile_stored(1, tiles + 256, 64);
+        _tile_stored(2, tiles + 512, 64);
+        _tile_stored(3, tiles + 768, 64);
+      }
+    }
+  }
+  return 0;
+}
+
+/* One task: packs the x blocks it claims, then takes units (chunk of x blocks, run of weight
+ * blocks), chunk-major, one at a time. Any order of the tasks works: a task packs every block
+ * it claims before it waits for one. */
+AMX_TARGET static int amx_compute_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
+  (void)task_id;
+  amx_linear_job* job = (amx_linear_job*)cdata;
+  weight_block wb;
+  pending_tiles pending;
+  pending.count = pending.done = 0;
+  int64_t chunks = (job->m_blocks + job->chunk_blocks - 1) / job->chunk_blocks;
+  /* a unit: (chunk of x, a run of consecutive weight blocks), about two per thread per chunk */
+  int64_t run = (job->w_blocks + 2 * penv->num_task - 1) / (2 * penv->num_task);
+  int64_t runs = (job->w_blocks + run - 1) / run, units = chunks * runs;
+  int status = 0;
+  pack_claimed_blocks(job);
+  amx_configure();
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
+    if (u >= units) break;
+    int64_t mb0 = (u / runs) * job->chunk_blocks;
+    int64_t mb1 = mb0 + job->chunk_blocks < job->m_blocks ? mb0 + job->chunk_blocks : job->m_blocks;
+    int64_t first = (u % runs) * run, end = first + run < job->w_blocks ? first + run : job->w_blocks;
+    for (int64_t b = first; b < end && status == 0; ++b)
+      status = amx_unit(job, b * AMX_WROWS, b + 1 < end ? (b + 1) * AMX_WROWS : -1, mb0, mb1, &wb, &pending);
+    if (status != 0) break;
+  }
+  finish_pending(job, &pending, pending.count);
+  _tile_release();
+  return status;
+}
+
+/* The L1 data cache of one core in bytes (from the OS, which reads cpuid); 32 KiB when unknown. */
+static int64_t l1_cache_bytes(void) {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+  long bytes = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+  if (bytes > 0) return bytes;
+#endif
+  return 32 << 10;
+}
+
+/* The L2 cache of one core in bytes (from the OS, which reads cpuid); 1 MiB when unknown. */
+static int64_t l2_cache_bytes(void) {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (bytes > 0) return bytes;
+#endif
+  return 1 << 20;
+}
+
+/* Caller-owned packed x (grow-only, kept for the next call). */
+static __thread uint32_t* xpack_scratch;
+static __thread size_t xpack_scratch_words;
+
+static uint32_t* xpack_buffer(size_t words) {
+  if (words > xpack_scratch_words) {
+    free(xpack_scratch);
+    xpack_scratch = NULL;
+    xpack_scratch_words = 0;
+    if (posix_memalign((void**)&xpack_scratch, 64, words * 4) != 0) return NULL;
+    xpack_scratch_words = words;
+  }
+  return xpack_scratch;
+}
+
+/* x . w^T finished by ``ep`` on AMX (M, N > 0, K even). Returns 0 on success. */
+static int run_linear_amx(const uint16_t* x, const uint16_t* w, epilogue ep, float* y, int64_t M, int64_t N,
+                          int64_t K) {
+  amx_linear_job job = {x, w, ep, y, M, N, K, round_up(K, AMX_K) / 2, NULL, (M + 15) / 16, 0,
+                        (N + AMX_WROWS - 1) / AMX_WROWS, 0, NULL, 0, 0};
+  /* k chunks whose 32 weight rows fill about half of L1 */
+  job.chunk_steps = l1_cache_bytes() / 2 / (AMX_WROWS * AMX_K * 2);
+  if (job.chunk_steps < 1) job.chunk_steps = 1;
+  int64_t block_bytes = job.kp_padded * 16 * 4;
+  /* Chunks of x that fill about three quarters of L2 (the rest: the weight rows streaming
+   * through), an even number of blocks, the same size as far as possible. */
+  int64_t fit = 3 * l2_cache_bytes() / 4 / block_bytes;
+  fit = fit < 2 ? 2 : fit & ~(int64_t)1;
+  int64_t chunks = (job.m_blocks + fit - 1) / fit;
+  job.chunk_blocks = round_up((job.m_blocks + chunks - 1) / chunks, 2);
+  size_t xpack_words = (size_t)job.m_blocks * job.kp_padded * 16;
+  job.xpack = xpack_buffer(xpack_words + (size_t)(job.m_blocks + 3) / 4); /* then the ready flags */
+  if (job.xpack == NULL) return -1;
+  job.packed = (uint8_t*)(job.xpack + xpack_words);
+  memset(job.packed, 0, (size_t)job.m_blocks);
+  /* One launch: every task packs the x blocks it claims, then computes (waiting, if it must,
+   * for a block another task is packing); a launch less per layer, a synchronization less. */
+  parallel_launch_fn launch = thread_pool();
+  if (launch == NULL) {
+    TVMParallelGroupEnv env = {NULL, 1};
+    return amx_compute_task(0, &env, &job);
+  }
+  return launch(amx_compute_task, &job, 0);
+}
+#endif
+
 /* One of ``threads`` tasks: take (panel, row block) units, panel-major, until none are left.
  * With at least two panels per thread a task takes a whole panel (all its row
  * blocks) at a time, so every panel is packed once; with fewer, single units,
@@ -548,9 +930,10 @@ static int parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
   return run_units((linear_job*)cdata, penv->num_task);
 }
 
+/* The panel packing and row kernels of the AVX512 and plain C paths (AMX: run_linear_amx). */
 static pack_fn pack_for_path(int path) {
 #if MLCV_X86
-  if (path == PATH_AMX || path == PATH_AVX512) return pack_panel_avx512;
+  if (path == PATH_AVX512) return pack_panel_avx512;
 #endif
   (void)path;
   return pack_panel;
@@ -558,7 +941,6 @@ static pack_fn pack_for_path(int path) {
 
 static rows_fn rows_for_path(int path) {
 #if MLCV_X86
-  if (path == PATH_AMX) return rows_amx;
   if (path == PATH_AVX512) return rows_avx512;
 #endif
   (void)path;
@@ -570,14 +952,16 @@ static int run_linear(int path, const uint16_t* x, const uint16_t* w, epilogue e
                       int64_t K) {
   if (K % 2 != 0 || !mlcv_bf16_path_supported(path) || ep.act < ACT_NONE || ep.act > ACT_GELU_TANH) return -1;
   if (M == 0 || N == 0) return 0;
+#if MLCV_X86
+  if (path == PATH_AMX) return run_linear_amx(x, w, ep, y, M, N, K);
+#endif
   linear_job job = {x, w, ep, y, M, N, K, 0, 0, (N + NR - 1) / NR, rows_for_path(path), pack_for_path(path), 0};
   /* Row blocks of a few hundred rows: enough units for every thread even when
    * N has few panels (768 columns = 12 panels), each unit still long. */
-  int64_t rows = path == PATH_AMX ? 8 * AMX_ROWS : 32 * MR;
+  int64_t rows = 32 * MR;
   job.row_blocks = (M + rows - 1) / rows;
   job.row_block = (M + job.row_blocks - 1) / job.row_blocks;
-  int64_t align = path == PATH_AMX ? AMX_ROWS : MR; /* whole tiles in every block but the last */
-  if (job.row_block % align) job.row_block += align - job.row_block % align;
+  if (job.row_block % MR) job.row_block += MR - job.row_block % MR; /* whole tiles in every block but the last */
   job.row_blocks = (M + job.row_block - 1) / job.row_block;
   parallel_launch_fn launch = thread_pool();
   if (launch != NULL) return launch(parallel_task, &job, 0);
@@ -628,18 +1012,21 @@ int mlcv_bf16_linear_act(const uint16_t* x, const uint16_t* w, const float* bias
  * out = softmax(scale q . k^T) v per (image, head), q, k, v and out fp32 [B, S, H, D]
  * (the layout of R.nn.attention). For the linear layers' inputs bf16 libraries already round
  * activations to bf16; here q (scaled), k, the probabilities and v are rounded to bf16 too and
- * both products run on the GEMM's register tile (vdpbf16ps, fp32 accumulation); max, exp and
- * the row sums stay fp32. The AMX path uses the AVX512 one; plain C computes in fp32.
+ * both products run on the GEMM's tiles (vdpbf16ps, or AMX tiles where the CPU has them; fp32
+ * accumulation); max, exp and the row sums stay fp32. Plain C computes in fp32.
  *
  * A task is (image, head, chunk of queries). It converts the head's k to bf16 and packs it
  * into key panels (64 keys x D / 2 pairs, the GEMM's B layout), packs v into panels of 64
  * head-dim columns x key pairs (a pair of consecutive keys per 32-bit word), then per block
  * of ATT_ROWS queries: scores = q . k^T (fp32), exp and sums, the probabilities in bf16, and
  * (p . v) / sum. A head is split into chunks only when there are fewer heads than twice the
- * threads (each chunk packs the head's k and v again).
+ * threads (each chunk packs the head's k and v again). On AMX the keys of p . v are padded to
+ * a multiple of 32 (zero probabilities, zero values) and, when D is a multiple of 32, both
+ * products store whole tiles into the padded buffers (amx_panel_raw).
  */
 
-#define ATT_ROWS 48 /* queries per block: a multiple of MR */
+#define ATT_ROWS_AVX512 48 /* queries per block: a multiple of MR */
+#define ATT_ROWS_AMX 64    /* a multiple of AMX_ROWS */
 
 typedef struct {
   const float *q, *k, *v;
@@ -648,8 +1035,6 @@ typedef struct {
   float scale;
   int64_t next_unit;
 } attention_job;
-
-static int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 /* Grow-only scratch of the calling thread for the attention tasks. */
 static __thread void* attention_scratch;
@@ -707,7 +1092,7 @@ AVX512_BF16_TARGET static void row_to_bf16(const float* src, float scale, uint16
 }
 
 /* v rows of head (b, h) -> panels of 64 head-dim columns: panel[jp][c] = (v[2 jp][c], v[2 jp + 1][c])
- * in bf16, a zero key past S; columns past D are zero. */
+ * in bf16, zero keys past S (up to 2 key_pairs); columns past D are zero. */
 AVX512_BF16_TARGET static void pack_values(const attention_job* job, int64_t b, int64_t h, int64_t key_pairs,
                                            uint32_t* panels) {
   const int64_t S = job->S, H = job->H, D = job->D, DP = round_up(D, NR);
@@ -719,11 +1104,11 @@ AVX512_BF16_TARGET static void pack_values(const attention_job* job, int64_t b, 
   }
   __m512i interleave = _mm512_loadu_si512(order);
   for (int64_t jp = 0; jp < key_pairs; ++jp) {
-    const float* v0 = job->v + ((b * S + 2 * jp) * H + h) * D;
+    const float* v0 = 2 * jp < S ? job->v + ((b * S + 2 * jp) * H + h) * D : NULL;
     const float* v1 = 2 * jp + 1 < S ? job->v + ((b * S + 2 * jp + 1) * H + h) * D : NULL;
     for (int64_t c = 0; c < DP; c += 16) {
       __mmask16 mask = c >= D ? 0 : D - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - c)) - 1);
-      __m512 lo = _mm512_maskz_loadu_ps(mask, v0 + c);
+      __m512 lo = v0 ? _mm512_maskz_loadu_ps(mask, v0 + c) : _mm512_setzero_ps();
       __m512 hi = v1 ? _mm512_maskz_loadu_ps(mask, v1 + c) : _mm512_setzero_ps();
       __m512i pair = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       _mm512_storeu_si512(panels + (c / NR) * key_pairs * NR + jp * NR + c % NR, pair);
@@ -731,8 +1116,27 @@ AVX512_BF16_TARGET static void pack_values(const attention_job* job, int64_t b, 
   }
 }
 
-/* Row ``r`` of the scores: exp(s - max) in bf16 into p (zero past S, up to ``keys_even``); returns the sum. */
-AVX512_BF16_TARGET static float softmax_row(const float* scores, int64_t S, int64_t keys_even, uint16_t* p) {
+/* 2^x for x <= 0 (0 below -126): 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by its degree-5
+ * Taylor polynomial in f ln 2 (relative error below 3e-6, far under the bf16 rounding of the
+ * probabilities). Fewer operations than exp_avx512: the softmax's exponentials are most of the
+ * attention's vector work. */
+AVX512_BF16_TARGET static inline __m512 exp2_nonpositive_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.3333558e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022651f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* A row of scores in base-2 units (q was scaled by log2 e): 2^(s - max) in bf16 into p (zero
+ * past S, up to ``keys_padded``), which is exp of the natural-unit scores minus their max; returns
+ * the sum. */
+AVX512_BF16_TARGET static float softmax_row(const float* scores, int64_t S, int64_t keys_padded, uint16_t* p) {
   __m512 top = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < S; j += 16) {
     __mmask16 mask = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
@@ -742,20 +1146,53 @@ AVX512_BF16_TARGET static float softmax_row(const float* scores, int64_t S, int6
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < S; j += 16) {
     __mmask16 mask = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
-    __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), row_max));
+    __m512 e = exp2_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), row_max));
     e = _mm512_maskz_mov_ps(mask, e);
     sum = _mm512_add_ps(sum, e);
     _mm256_mask_storeu_epi16(p + j, mask, (__m256i)_mm512_cvtneps_pbh(e));
   }
-  if (keys_even > S) p[S] = 0;
+  for (int64_t j = S; j < keys_padded; ++j) p[j] = 0;
   return _mm512_reduce_add_ps(sum);
 }
 
-/* Queries [q0, q1) of head (b, h) on the bf16 register tile. */
-AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t b, int64_t h, int64_t q0,
-                                               int64_t q1) {
+/* c[rows][NR] (row stride ldc floats) = a[rows][K] (row stride lda) . panel ([K / 2][NR] pairs) on
+ * AMX tiles stored as they are: rows a multiple of 32, K of AMX_K, tiles configured by the caller.
+ * Attention's buffers are padded to whole tiles, so no row or column needs a mask. */
+AMX_TARGET static void amx_panel_raw(const uint16_t* a, int64_t lda, const uint32_t* panel, float* c, int64_t ldc,
+                                     int64_t K, int64_t rows) {
+  for (int64_t m = 0; m < rows; m += AMX_ROWS) {
+    for (int cb = 0; cb < NR; cb += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < K; k += AMX_K) {
+        _tile_loadd(4, a + m * lda + k, lda * 2);
+        _tile_loadd(5, a + (m + 16) * lda + k, lda * 2);
+        _tile_loadd(6, panel + (k / 2) * NR + cb, NR * 4);
+        _tile_loadd(7, panel + (k / 2) * NR + cb + 16, NR * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c + m * ldc + cb, ldc * 4);
+      _tile_stored(1, c + m * ldc + cb + 16, ldc * 4);
+      _tile_stored(2, c + (m + 16) * ldc + cb, ldc * 4);
+      _tile_stored(3, c + (m + 16) * ldc + cb + 16, ldc * 4);
+    }
+  }
+}
+
+/* Queries [q0, q1) of head (b, h), ATT_ROWS at a time, with ``rows_kernel``: rows_avx512, or
+ * rows_amx, which needs the keys of p . v padded to a multiple of ``key_align`` = AMX_K. With
+ * ``raw_amx`` (AMX, head_dim a multiple of AMX_K) both products are amx_panel_raw instead, on
+ * query blocks zero-padded to whole tiles. */
+AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, int64_t b, int64_t h, int64_t q0,
+                                                     int64_t q1, rows_fn rows_kernel, int64_t key_align,
+                                                     const int64_t ATT_ROWS, int raw_amx) {
   const int64_t S = job->S, H = job->H, D = job->D;
-  const int64_t SK = round_up(S, NR), SE = round_up(S, 2), DP = round_up(D, NR);
+  const int64_t SK = round_up(S, NR), SE = round_up(S, key_align), DP = round_up(D, NR);
   size_t kb_bytes = (size_t)round_up(S * D * 2, 64), kp_bytes = (size_t)SK * D * 2;
   size_t vp_bytes = (size_t)SE / 2 * DP * 4, qb_bytes = (size_t)round_up(ATT_ROWS * D * 2, 64);
   size_t sc_bytes = (size_t)ATT_ROWS * SK * 4, pb_bytes = (size_t)round_up(ATT_ROWS * SE * 2, 64);
@@ -778,15 +1215,25 @@ AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t
   pack_values(job, b, h, SE / 2, vp);
   for (int64_t m0 = q0; m0 < q1; m0 += ATT_ROWS) {
     int64_t rows = q1 - m0 < ATT_ROWS ? q1 - m0 : ATT_ROWS;
-    for (int64_t r = 0; r < rows; ++r) row_to_bf16(job->q + ((b * S + m0 + r) * H + h) * D, job->scale, qb + r * D, D);
-    for (int64_t n0 = 0; n0 < SK; n0 += NR) {
-      int ncols = S - n0 < NR ? (int)(S - n0) : NR;
-      rows_avx512(qb, kp + n0 * (D / 2), &plain, scores, 0, rows, n0, ncols, SK, D);
+    const float scale_log2 = job->scale * 1.44269504f; /* scores in base-2 units for softmax_row */
+    for (int64_t r = 0; r < rows; ++r) row_to_bf16(job->q + ((b * S + m0 + r) * H + h) * D, scale_log2, qb + r * D, D);
+    if (raw_amx) {
+      int64_t tile_rows = round_up(rows, AMX_ROWS);
+      memset(qb + rows * D, 0, (size_t)(tile_rows - rows) * D * 2);
+      memset(pb + rows * SE, 0, (size_t)(tile_rows - rows) * SE * 2);
+      for (int64_t n0 = 0; n0 < SK; n0 += NR) amx_panel_raw(qb, D, kp + n0 * (D / 2), scores + n0, SK, D, tile_rows);
+      for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
+      for (int64_t c0 = 0; c0 < DP; c0 += NR)
+        amx_panel_raw(pb, SE, vp + (c0 / NR) * (SE / 2) * NR, ob + c0, DP, SE, tile_rows);
     }
-    for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
-    for (int64_t c0 = 0; c0 < DP; c0 += NR) {
+    for (int64_t n0 = 0; n0 < SK && !raw_amx; n0 += NR) {
+      int ncols = S - n0 < NR ? (int)(S - n0) : NR;
+      rows_kernel(qb, kp + n0 * (D / 2), &plain, scores, 0, rows, n0, ncols, SK, D);
+    }
+    for (int64_t r = 0; r < rows && !raw_amx; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
+    for (int64_t c0 = 0; c0 < DP && !raw_amx; c0 += NR) {
       int ncols = D - c0 < NR ? (int)(D - c0) : NR;
-      rows_avx512(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
+      rows_kernel(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* o = job->out + ((b * S + m0 + r) * H + h) * D;
@@ -798,6 +1245,19 @@ AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t
     }
   }
   return 0;
+}
+
+AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t b, int64_t h, int64_t q0,
+                                               int64_t q1) {
+  return attention_tiles(job, b, h, q0, q1, rows_avx512, 2, ATT_ROWS_AVX512, 0);
+}
+
+AMX_TARGET static int attention_amx(const attention_job* job, int64_t b, int64_t h, int64_t q0, int64_t q1) {
+  if (job->D % AMX_K != 0) return attention_tiles(job, b, h, q0, q1, rows_amx, AMX_K, ATT_ROWS_AMX, 0);
+  amx_configure();
+  int status = attention_tiles(job, b, h, q0, q1, rows_amx, AMX_K, ATT_ROWS_AMX, 1);
+  _tile_release();
+  return status;
 }
 #endif
 
@@ -836,7 +1296,8 @@ int mlcv_bf16_attention_path(int path, const float* q, const float* k, const flo
   attention_job job = {q, k, v, out, B, S, H, D, scale, 0};
   attention_launch launch = {&job, attention_generic};
 #if MLCV_X86
-  if (path != PATH_GENERIC) launch.run = attention_avx512;
+  if (path == PATH_AVX512) launch.run = attention_avx512;
+  if (path == PATH_AMX) launch.run = attention_amx;
 #endif
   parallel_launch_fn pool = thread_pool();
   if (pool != NULL) return pool(attention_task, &launch, 0);

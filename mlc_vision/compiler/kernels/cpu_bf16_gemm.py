@@ -68,7 +68,7 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool =
         # (kind, condition) where the constructor takes (condition, kind).
         return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
             status == 0, tvm.ir.StringImm("RuntimeError"),
-            [tvm.ir.StringImm("bf16 linear: out of memory for the packed weight panel")], None,
+            [tvm.ir.StringImm("bf16 linear: out of memory for its scratch buffers")], None,
         )  # fmt: skip
 
     if act is not None and residual:
