@@ -36,7 +36,7 @@ def kernel(tmp_path_factory):
     so = obj.with_suffix(".so")
     subprocess.run([c_compiler(), "-shared", str(obj), "-o", str(so), "-lm"], check=True)
     lib = ctypes.CDLL(str(so))
-    lib.mlcv_f32_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
+    lib.mlcv_f32_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
     lib.mlcv_f32_linear_path.restype = ctypes.c_int
     lib.mlcv_f32_best_path.restype = ctypes.c_int
     lib.mlcv_f32_attention_path.argtypes = (
@@ -50,11 +50,12 @@ def _paths(lib) -> list[int]:
     return [p for p in cpu_f32_gemm.PATHS if lib.mlcv_f32_path_supported(p)]
 
 
-def _run(lib, path, x, w, bias=None, residual=None, gate=None, act=0):
+def _run(lib, path, x, w, bias=None, residual=None, gate=None, act=0, scale=None):
     y = np.full((x.shape[0], w.shape[0]), np.nan, dtype=np.float32)
     ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
     status = lib.mlcv_f32_linear_path(
-        path, ptr(x), ptr(w), ptr(bias), ptr(residual), ptr(gate), ptr(y), x.shape[0], w.shape[0], x.shape[1], act
+        path, ptr(x), ptr(w), ptr(bias), ptr(scale), ptr(residual), ptr(gate), ptr(y), x.shape[0], w.shape[0], x.shape[1],
+        act,
     )
     return status, y
 
@@ -79,16 +80,17 @@ def _inputs(shape, seed=0):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "bias-residual"])
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "bias-residual", "scale-residual", "bias-scale-residual"])
 def test_kernel_matches_numpy(kernel, epilogue, shape):
     rng, x, w = _inputs(shape)
     m, n, _ = shape
     bias = rng.standard_normal(n, dtype=np.float32) if "bias" in epilogue else None
+    scale = rng.standard_normal(n, dtype=np.float32) if "scale" in epilogue else None
     residual = rng.standard_normal((m, n), dtype=np.float32) if "residual" in epilogue else None
-    ref = x.astype(np.float64) @ w.astype(np.float64).T
-    ref = ref + (bias if bias is not None else 0) + (residual if residual is not None else 0)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T + (bias if bias is not None else 0)
+    ref = ref * (scale if scale is not None else 1) + (residual if residual is not None else 0)
     for path in _paths(kernel):
-        status, y = _run(kernel, path, x, w, bias, residual)
+        status, y = _run(kernel, path, x, w, bias, residual, scale=scale)
         assert status == 0
         assert_close(y, ref.astype(np.float32), f"path {cpu_f32_gemm.PATHS[path]} {epilogue} {shape}")
 
@@ -282,3 +284,23 @@ def test_swiglu_with_symbolic_rows_is_one_gated_kernel(tmp_path):
     gated = [c for c in calls if c.startswith("f32_linear") and c.endswith("_gated_silu")]
     assert len(gated) == vision["depth"]
     assert not [c for c in calls if "silu" in c and not c.startswith("f32_linear")]
+
+
+def test_layer_scale_and_residual_are_one_kernel(tmp_path):
+    """DINOv2's ``x + ls * f(x)``: the attention output projection and fc2 scale their columns and
+    add the residual in the epilogue (no multiply or add kernel left for them)."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    _needs_avx512()
+    torch.manual_seed(0)
+    layers = 2
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, image_size=56, patch_size=14,
+                          mlp_ratio=2)  # fmt: skip
+    Dinov2Model(config).save_pretrained(tmp_path)
+    calls = _calls(dataclasses.replace(resolve_config(str(tmp_path)), select_layer=-1))
+    scaled = [c for c in calls if c.startswith("f32_linear") and c.endswith("_bias_scale_residual")]
+    assert len(scaled) == 2 * layers
+    assert not [c for c in calls if "multiply" in c]

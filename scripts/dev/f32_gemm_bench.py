@@ -66,7 +66,7 @@ def build(tile: str | None, workdir: str, cflags: list[str]) -> ctypes.CDLL:
     subprocess.run(["cc", "-O3", "-fPIC", "-shared", "-std=gnu11", *flags, *cflags, str(SOURCE), "-o", out], check=True)
     lib = ctypes.CDLL(out)
     lib.mlcv_f32_linear.restype = ctypes.c_int
-    lib.mlcv_f32_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
+    lib.mlcv_f32_linear.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
     return lib
 
 
@@ -79,7 +79,7 @@ def time_one(lib, m: int, k: int, n: int, runs: int) -> tuple[float, float]:
     ptr = lambda a: a.ctypes.data  # noqa: E731
 
     def call():
-        assert lib.mlcv_f32_linear(ptr(x), ptr(w), ptr(b), None, None, ptr(y), m, n, k, 0) == 0
+        assert lib.mlcv_f32_linear(ptr(x), ptr(w), ptr(b), None, None, None, ptr(y), m, n, k, 0) == 0
 
     call()
     walls, cpus = [], []

@@ -23,9 +23,10 @@
  * thread pool (TVMBackendParallelLaunch) into (block of rows, group of panels)
  * units that the threads take one at a time.
  *
- * The epilogue adds a bias [N], then a residual [M, N] or multiplies by a gate
- * [M, N] (SwiGLU's up projection times silu(gate)), then applies an activation
- * (quick GELU, GELU with erf or tanh, SiLU).
+ * The epilogue adds a bias [N], multiplies by a layer scale [N], adds a
+ * residual [M, N], applies an activation (quick GELU, GELU with erf or tanh,
+ * SiLU) or multiplies by a gate [M, N] (SwiGLU's up projection times
+ * silu(gate)).
  *
  * Compiled with the host C compiler at export (cpu_f32_gemm.py) and linked into
  * the library; AVX-512 is enabled per function, so the object runs on any
@@ -182,10 +183,11 @@ static int64_t k_block(int64_t K) {
 
 /* ------------------------------------------------------------------ epilogue */
 
-/* What happens to x . w^T before the store: + bias[N], then + residual[M, N] or * gate[M, N], then
- * the activation ``act``. */
+/* What happens to v = x . w^T before the store: v + bias[N], times scale[N] (a layer scale), plus
+ * residual[M, N], the activation ``act``, times gate[M, N]; each optional. */
 typedef struct {
   const float* bias;
+  const float* scale;
   const float* residual;
   const float* gate;
   int act;
@@ -203,6 +205,7 @@ static inline float f32_activation_scalar(int act, float v) {
 
 static inline float f32_finish_scalar(const f32_epilogue* ep, float v, int64_t n, int64_t at) {
   if (ep->bias) v += ep->bias[n];
+  if (ep->scale) v *= ep->scale[n];
   if (ep->residual) v += ep->residual[at];
   v = f32_activation_scalar(ep->act, v);
   if (ep->gate) v *= ep->gate[at];
@@ -393,9 +396,11 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
   for (int j = 0; j < F32_NV; ++j) {
     if (!masks[j]) break;
     __m512 bias = ep->bias ? _mm512_maskz_loadu_ps(masks[j], ep->bias + n0 + 16 * j) : _mm512_setzero_ps();
+    __m512 scale = ep->scale ? _mm512_maskz_loadu_ps(masks[j], ep->scale + n0 + 16 * j) : _mm512_setzero_ps();
     for (int r = 0; r < mr; ++r) {
       int64_t at = (m + r) * N + n0 + 16 * j;
       __m512 v = _mm512_add_ps(acc[r][j], bias);
+      if (ep->scale) v = _mm512_mul_ps(v, scale);
       if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[j], ep->residual + at));
       if (ep->act != F32_ACT_NONE) v = f32_activation_avx512(ep->act, v);
       if (ep->gate) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(masks[j], ep->gate + at));
@@ -531,12 +536,13 @@ static void f32_split(f32_job* job, int threads) {
 }
 
 /* y = epilogue(x . w^T) on ``path`` (``mlcv_f32_linear``'s arguments). Returns 0 on success. */
-int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* bias, const float* residual,
-                         const float* gate, float* y, int64_t M, int64_t N, int64_t K, int32_t act) {
+int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* bias, const float* scale,
+                         const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
+                         int32_t act) {
   if (!mlcv_f32_path_supported(path) || act < F32_ACT_NONE || act > F32_ACT_SILU) return -1;
   if (residual != NULL && gate != NULL) return -1;
   if (M == 0 || N == 0) return 0;
-  f32_job job = {path, x, w, {bias, residual, gate, act}, y, M, N, K, k_block(K), 0, 0, 0, 0, 0};
+  f32_job job = {path, x, w, {bias, scale, residual, gate, act}, y, M, N, K, k_block(K), 0, 0, 0, 0, 0};
   parallel_launch_fn launch = f32_thread_pool();
   int threads = 1;
   if (launch != NULL) {
@@ -549,11 +555,11 @@ int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* 
 }
 
 /* The entry point the library calls (compiler/passes/f32_cpu.py), on the fastest path here:
- * y = act(x . w^T (+ bias) (+ residual)) (* gate); bias, residual and gate may be NULL (not both
- * residual and gate); ``act``: the F32_ACT_* numbers. */
-int mlcv_f32_linear(const float* x, const float* w, const float* bias, const float* residual, const float* gate,
-                    float* y, int64_t M, int64_t N, int64_t K, int32_t act) {
-  return mlcv_f32_linear_path(mlcv_f32_best_path(), x, w, bias, residual, gate, y, M, N, K, act);
+ * y = act((x . w^T (+ bias)) (* scale) (+ residual)) (* gate); bias, scale, residual and gate may
+ * be NULL (not both residual and gate); ``act``: the F32_ACT_* numbers. */
+int mlcv_f32_linear(const float* x, const float* w, const float* bias, const float* scale, const float* residual,
+                    const float* gate, float* y, int64_t M, int64_t N, int64_t K, int32_t act) {
+  return mlcv_f32_linear_path(mlcv_f32_best_path(), x, w, bias, scale, residual, gate, y, M, N, K, act);
 }
 
 /* The register tile and K block this build uses (for tests and benchmarks): rows, columns, KC for K. */

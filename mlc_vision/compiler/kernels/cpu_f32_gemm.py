@@ -2,8 +2,8 @@
 
 A GotoBLAS-style GEMM (packed weight slices that stay in L1, packed rows of x
 in L2, K blocks sized from the detected L1 size, a register tile of fp32 FMAs)
-with the linear layer's epilogue: bias, residual, an activation (quick GELU,
-GELU erf / tanh, SiLU) and SwiGLU's product with the up projection. Compiled
+with the linear layer's epilogue: bias, layer scale, residual, an activation
+(quick GELU, GELU erf / tanh, SiLU) and SwiGLU's product with the up projection. Compiled
 with the host C compiler at export and linked into the library
 (``export_library(addons=[object])``); the PrimFunc here calls it with
 ``call_extern``. ``passes/f32_cpu.py`` routes fp32 linear layers to it where
@@ -33,11 +33,11 @@ def uses_f32_kernel(target_name: str, cpu_features) -> bool:
     return target_name == "cpu" and "avx512f" in set(cpu_features or ())
 
 
-def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False, gate: bool = False,
-                    act: str | None = None):
-    """PrimFunc ``(x [..., k], w [n, k], (bias [n]), (residual or gate [..., n]), y [..., n])``, all fp32.
+def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = False, residual: bool = False,
+                    gate: bool = False, act: str | None = None):
+    """PrimFunc ``(x [..., k], w [n, k], (bias [n]), (scale [n]), (residual or gate [..., n]), y [..., n])``, fp32.
 
-    It calls the C kernel: ``y = act(x . w^T (+ bias) (+ residual)) (* gate)``;
+    It calls the C kernel: ``y = act((x . w^T (+ bias)) (* scale) (+ residual)) (* gate)``;
     ``act`` is a key of :data:`ACTIVATIONS` or None. The ``lead_ndim`` leading
     axes of x (batch, tokens) may be symbolic and are flattened into the rows.
     """
@@ -50,6 +50,7 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool =
     x = te.placeholder([*lead, k], "float32", name="x")
     w = te.placeholder([n, k], "float32", name="w")
     inputs = [x, w] + ([te.placeholder([n], "float32", name="bias")] if bias else [])
+    inputs += [te.placeholder([n], "float32", name="scale")] if scale else []
     if residual or gate:
         inputs.append(te.placeholder([*lead, n], "float32", name="residual" if residual else "gate"))
     rows = tirx.const(1, "int64")
@@ -59,7 +60,7 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, residual: bool =
 
     def body(ins, outs):
         data = [b.data for b in ins]
-        pointers = [data[0], data[1], data[2] if bias else null]
+        pointers = [data[0], data[1], data[2] if bias else null, data[2 + bias] if scale else null]
         extra = data[-1] if (residual or gate) else null
         pointers += [extra, null] if residual else [null, extra]
         sizes = [rows, tirx.const(n, "int64"), tirx.const(k, "int64")]

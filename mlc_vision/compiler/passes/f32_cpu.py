@@ -8,6 +8,7 @@ kernel. The rows (batch x tokens) may be symbolic (native-resolution towers).
 Then the kernel's epilogue absorbs what the TIR GEMM rule would have fused:
 
 * ``+ bias[n]``;
+* ``* scale[n]``: a layer scale (DINOv2, InternViT ``x + ls * f(x)``);
 * ``+ residual`` of the output's shape (attention out-projection, fc2);
 * an activation of the output: GELU (erf or tanh), CLIP's quick GELU
   ``y * sigmoid(1.702 y)``, SiLU;
@@ -26,6 +27,8 @@ as the head) instead of the TIR fused kernel (``kernels/cpu_attention.py``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import tvm
 from tvm import relax
@@ -62,12 +65,33 @@ def _same_shape(a, b) -> bool:
     return ok and a.ndim == b.ndim and all(_same_dim(x, y) for x, y in zip(a.shape.values, b.shape.values))
 
 
+class _Key(NamedTuple):
+    """What one of our kernels computes; its ``call_tir`` arguments are
+    ``[x, w, (bias), (scale), (residual or gate)]``."""
+
+    lead_ndim: int
+    k: int
+    n: int
+    bias: bool = False
+    scale: bool = False
+    residual: bool = False
+    gate: bool = False
+    act: str | None = None
+
+    def name(self) -> str:
+        flags = [f for f in ("bias", "scale", "residual") if getattr(self, f)] + (["gated"] if self.gate else [])
+        return "_".join([f"f32_linear_k{self.k}_n{self.n}", *flags] + ([self.act] if self.act else []))
+
+    def bare(self) -> bool:
+        """Nothing after the bias yet: a scale, residual, activation or gate can still be folded in."""
+        return not (self.scale or self.residual or self.gate or self.act)
+
+
 @relax.expr_functor.mutator
 class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
     """``matmul(x, permute_dims(w))`` and its epilogue -> ``call_tir(f32_linear, ...)``.
 
-    A kernel's key is ``(lead_ndim, k, n, bias, residual, gate, act)``; its
-    ``call_tir`` arguments are ``[x, w, (bias), (residual or gate)]``.
+    Each kernel is named by its :class:`_Key`.
     """
 
     def __init__(self, mod):
@@ -107,13 +131,10 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
             return None
         return w
 
-    def _kernel(self, key):
+    def _kernel(self, key: _Key):
         if key not in self.kernels:
-            lead_ndim, k, n, bias, residual, gate, act = key
-            name = f"f32_linear_k{k}_n{n}" + ("_bias" if bias else "") + ("_residual" if residual else "")
-            name += ("_gated" if gate else "") + (f"_{act}" if act else "")
-            func = linear_primfunc(lead_ndim, k, n, bias, residual=residual, gate=gate, act=act)
-            self.kernels[key] = self.builder_.add_func(func, name)
+            func = linear_primfunc(key.lead_ndim, key.k, key.n, key.bias, key.scale, key.residual, key.gate, key.act)
+            self.kernels[key] = self.builder_.add_func(func, key.name())
         return self.kernels[key]
 
     def _call(self, key, args, ty):
@@ -130,11 +151,16 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         return (key, list(call.args[1].fields)) if key is not None else None
 
     def _bare(self, expr):
-        """Like :meth:`_linear`, for a kernel with no residual, gate or activation yet."""
+        """Like :meth:`_linear`, for a kernel with nothing after its bias yet (:meth:`_Key.bare`)."""
         found = self._linear(expr)
-        if found is None or any(found[0][4:6]) or found[0][6] is not None:
-            return None
-        return found
+        return found if found is not None and found[0].bare() else None
+
+    @staticmethod
+    def _column_vector(expr, n) -> bool:
+        """Whether ``expr`` is an fp32 ``[n]`` tensor."""
+        t = expr.ty
+        ok = isinstance(t, relax.TensorType) and t.dtype == F32 and t.ndim == 1 and t.shape is not None
+        return ok and static_int(t.shape.values[0]) == n
 
     # -- rewrites
     def visit_call_(self, call):  # noqa: D102
@@ -147,8 +173,11 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
             folded = self._fold_bias(call)
             return folded if folded is not call else self._fold_residual(call)
         if call.op.same_as(self.ops["multiply"]):
-            folded = self._fold_quick_gelu(call)
-            return folded if folded is not call else self._fold_gate(call)
+            for fold in (self._fold_quick_gelu, self._fold_scale, self._fold_gate):
+                folded = fold(call)
+                if folded is not call:
+                    return folded
+            return call
         for op, act in ACTIVATION_OPS.items():
             if call.op.same_as(tvm.ir.Op.get(op)):
                 return self._fold_activation(call, call.args[0], act)
@@ -164,30 +193,34 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         if w is None or k is None or static_int(w.ty.shape.values[1]) != k:
             return call
         n = static_int(w.ty.shape.values[0])
-        return self._call((xt.ndim - 1, k, n, False, False, False, None), [x, w], call.ty)
+        return self._call(_Key(xt.ndim - 1, k, n), [x, w], call.ty)
 
     def _fold_bias(self, call):
         """``add(linear(x, w), bias[n])`` -> the kernel adding the bias."""
         y, bias = call.args
         found = self._bare(y)
-        if found is None or found[0][3]:
+        if found is None or found[0].bias or not self._column_vector(bias, found[0].n):
             return call
-        (lead_ndim, k, n, _, _, _, _), args = found
-        bt = bias.ty
-        if not isinstance(bt, relax.TensorType) or bt.dtype != F32 or bt.ndim != 1 or bt.shape is None:
-            return call
-        if static_int(bt.shape.values[0]) != n:
-            return call
-        return self._call((lead_ndim, k, n, True, False, False, None), args + [bias], y.ty)
+        key, args = found
+        return self._call(key._replace(bias=True), args + [bias], y.ty)
+
+    def _fold_scale(self, call):
+        """``linear(...) * s[n]`` (either order; a layer scale) -> the kernel scaling its columns."""
+        for y, scale in (call.args, call.args[::-1]):
+            found = self._bare(y)
+            if found is not None and self._column_vector(scale, found[0].n):
+                key, args = found
+                return self._call(key._replace(scale=True), args + [scale], y.ty)
+        return call
 
     def _fold_residual(self, call):
         """``add(r, linear(...))`` (either order) -> the kernel adding ``r`` in its epilogue."""
         for y, residual in (call.args, call.args[::-1]):
-            found = self._bare(y)
-            if found is None or not _same_shape(residual.ty, y.ty):
+            found = self._linear(y)
+            if found is None or not found[0]._replace(scale=False).bare() or not _same_shape(residual.ty, y.ty):
                 continue
-            (lead_ndim, k, n, bias, _, _, _), args = found
-            return self._call((lead_ndim, k, n, bias, True, False, None), args + [residual], y.ty)
+            key, args = found
+            return self._call(key._replace(residual=True), args + [residual], y.ty)
         return call
 
     def _fold_activation(self, call, y, act):
@@ -195,8 +228,8 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         found = self._bare(y)
         if found is None:
             return call
-        (lead_ndim, k, n, bias, _, _, _), args = found
-        return self._call((lead_ndim, k, n, bias, False, False, act), args, y.ty)
+        key, args = found
+        return self._call(key._replace(act=act), args, y.ty)
 
     def _fold_quick_gelu(self, call):
         """``y * sigmoid(y * 1.702)`` (any operand order) of a linear layer's output -> quick GELU epilogue."""
@@ -220,10 +253,12 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         """``act(linear_g(x)) * u`` (either order; SwiGLU) -> the gate kernel multiplying by ``u``."""
         for y, u in (call.args, call.args[::-1]):
             found = self._linear(y)
-            if found is None or found[0][6] is None or any(found[0][4:6]) or not _same_shape(u.ty, y.ty):
+            if found is None or found[0].act is None or found[0].residual or found[0].gate:
                 continue
-            (lead_ndim, k, n, bias, _, _, act), args = found
-            return self._call((lead_ndim, k, n, bias, False, True, act), args + [u], y.ty)
+            if not _same_shape(u.ty, y.ty):
+                continue
+            key, args = found
+            return self._call(key._replace(gate=True), args + [u], y.ty)
         return call
 
 
