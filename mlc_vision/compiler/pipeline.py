@@ -6,7 +6,7 @@ runs, for every target:
 0. ``linear`` (CPU): linear layers whose weights are stored in bf16
    become calls of the bf16 C kernel, and so does a bf16 library's attention
    with ``--attention fused`` (``passes/bf16_cpu.py``); on a CPU with
-   AVX-512F the fp32 linear layers, with their bias, residual, activation
+   AVX-512F the fp32 linear layers, with their bias, layer scale, residual, activation
    and SwiGLU product, become calls of the fp32 C GEMM
    (``passes/f32_cpu.py``, ``kernels/cpu_f32_gemm.c``) when the caller asks
    for it (``f32_gemm=True``: ``export.compile_module`` does for a CPU spec
