@@ -1,7 +1,7 @@
 """The fp32 linear layer of CPU libraries on AVX-512 CPUs: a C kernel (``cpu_f32_gemm.c``) called from TIR.
 
-A GotoBLAS-style GEMM (packed weight slices that stay in L1, packed rows of x
-in L2, K blocks sized from the detected L1 size, a register tile of fp32 FMAs)
+A GEMM of packed weight slices (K blocks sized from the detected L2, the
+accumulators of a 6 x 64 register tile of fp32 FMAs kept over the whole block),
 with the linear layer's epilogue: bias, layer scale, residual, an activation
 (quick GELU, GELU erf / tanh, SiLU) and SwiGLU's product with the up projection. Compiled
 with the host C compiler at export and linked into the library

@@ -7,9 +7,10 @@ after fusion, first match wins:
 * ``GEMM``: dense and batched matmuls with their fused epilogue (bias,
   quick-GELU, residual, scale) in register tiles, B packed per panel;
   on CPUs with AVX-512F an exported library's fp32 linear layers do not get
-  here: they call the C GEMM ``kernels/cpu_f32_gemm.c`` (K blocks sized from
-  the detected L1, weight slices packed into L1, epilogues in the kernel;
-  ``passes/f32_cpu.py``), so this rule schedules the linear layers of CPUs
+  here: they call the C GEMM ``kernels/cpu_f32_gemm.c`` (weight slices packed
+  per K block sized from the detected L2, accumulators in registers over the
+  block, epilogues in the kernel; ``passes/f32_cpu.py``), and so does fp32
+  attention (same file), so this rule schedules the linear layers of CPUs
   without AVX-512 (and of a plain ``tvm.compile``), fp32 attention's split
   matmuls and the other batched matmuls;
 * ``RowReduction``: LayerNorm, RMSNorm, softmax: one parallel loop over rows,
