@@ -8,7 +8,8 @@ with the host C compiler at export and linked into the library
 (``export_library(addons=[object])``); the PrimFunc here calls it with
 ``call_extern``. ``passes/f32_cpu.py`` routes fp32 linear layers to it where
 the library's CPU has AVX-512F; elsewhere the TIR schedule
-(``schedules/cpu.py``) keeps them.
+(``schedules/cpu.py``) keeps them. The same file holds the fp32 attention of
+those libraries (:func:`attention_primfunc`).
 """
 
 from __future__ import annotations
