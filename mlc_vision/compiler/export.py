@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import atomic
 from ..errors import MlcVisionError
 from . import targets as _targets
-from .kernels import cpu_bf16_gemm, cpu_segment_attention
+from .kernels import cpu_bf16_gemm, cpu_f32_gemm, cpu_segment_attention
 from .cuda_fatbin import nvcc_compile_callback, pack_imports_with_fatbin, walk_modules
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ DEVICE_MODULE_KINDS = ("cuda", "metal", "opencl", "webgpu", "vulkan")
 def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight", arch=None, host=None, cpu: dict | None = None):
     """Compile ``mod`` for ``target_name`` with the given attention lowering and matmul schedule; returns TVM's executable.
 
-    ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine).
+    ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine). With a ``cpu``
+    spec that has AVX-512F the fp32 linear layers call the C GEMM (``kernels/cpu_f32_gemm.c``):
+    the executable must then be exported with it linked in (:func:`export_executable` does).
     """
     import tvm
 
@@ -54,7 +56,9 @@ def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight
             current = tvm.transform.PassContext.current()
             config = {**{str(k): v for k, v in current.config.items()}, **mma_pass_config()}
             stack.enter_context(tvm.transform.PassContext(opt_level=current.opt_level, config=config))
-        executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target_name, target, attention, gemm))
+        f32_gemm = cpu_f32_gemm.uses_f32_kernel(target_name, (cpu or {}).get("features"))
+        pipeline = relax_pipeline(target_name, target, attention, gemm, f32_gemm=f32_gemm)
+        executable = tvm.compile(mod, target, relax_pipeline=pipeline)
     logger.info("compiled for %s in %.1f s", target_name, time.perf_counter() - start)
     return executable
 
@@ -138,9 +142,18 @@ def needs_segment_attention_kernel(target_name: str, metadata: dict) -> bool:
     return target_name == "cpu" and bool(metadata.get("native_resolution"))
 
 
+def needs_f32_kernel(target_name: str, metadata: dict) -> bool:
+    """CPU libraries for a CPU with AVX-512F call the fp32 C GEMM of ``kernels/cpu_f32_gemm.c``."""
+    return cpu_f32_gemm.uses_f32_kernel(target_name, (metadata.get("cpu") or {}).get("features"))
+
+
 def c_kernels(target_name: str, metadata: dict) -> list:
     """The C kernel modules (each with ``compile_object``) a library links in."""
-    needed = ((needs_bf16_kernel, cpu_bf16_gemm), (needs_segment_attention_kernel, cpu_segment_attention))
+    needed = (
+        (needs_bf16_kernel, cpu_bf16_gemm),
+        (needs_f32_kernel, cpu_f32_gemm),
+        (needs_segment_attention_kernel, cpu_segment_attention),
+    )
     return [kernel for needs, kernel in needed if needs(target_name, metadata)]
 
 

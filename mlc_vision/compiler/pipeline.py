@@ -3,9 +3,16 @@
 ``tvm.compile(mod, target, relax_pipeline=relax_pipeline(name, target, attention))``
 runs, for every target:
 
-0. ``bf16_linear`` (CPU): linear layers whose weights are stored in bf16
+0. ``linear`` (CPU): linear layers whose weights are stored in bf16
    become calls of the bf16 C kernel, and so does a bf16 library's attention
-   with ``--attention fused`` (``passes/bf16_cpu.py``).
+   with ``--attention fused`` (``passes/bf16_cpu.py``); on a CPU with
+   AVX-512F the fp32 linear layers, with their bias, layer scale, residual, activation
+   and SwiGLU product, become calls of the fp32 C GEMM
+   (``passes/f32_cpu.py``, ``kernels/cpu_f32_gemm.c``) when the caller asks
+   for it (``f32_gemm=True``: ``export.compile_module`` does for a CPU spec
+   with AVX-512F, and the export links the kernel in; an executable used
+   straight from ``tvm.compile`` has no C kernel to call); with
+   ``--attention fused`` so does fp32 attention (the same C file's kernel).
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
@@ -27,8 +34,9 @@ runs, for every target:
 The attention lowering is an argument (``--attention``), checked against the
 target by ``targets.resolve_attention`` and recorded in the metadata:
 
-* CPU ``fused`` (default in fp32): ``kernels/cpu_attention.py``, the scores of
-  a tile of queries stay in cache; ``split`` otherwise.
+* CPU ``fused`` (default in fp32): the C kernel of ``kernels/cpu_f32_gemm.c``
+  on AVX-512 CPUs (exported libraries), else ``kernels/cpu_attention.py``;
+  either way the scores of a tile of queries stay in cache; ``split`` otherwise.
 * CUDA ``split`` (default): dlight schedules the matmuls and the softmax.
   ``fused``: ``kernels/cuda_flash_attention.py`` (CUDA cores; slower than
   split on an H100). ``tensorcore``: the split without permutes, both matmuls
@@ -51,6 +59,7 @@ import tvm
 from tvm import relax
 
 from .passes.bf16_cpu import bf16_attention_cpu, bf16_linear_cpu
+from .passes.f32_cpu import f32_attention_cpu, f32_linear_cpu
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.segment_attention import lower_segment_attention_cpu, lower_segment_attention_masked
@@ -58,8 +67,9 @@ from .passes.segment_attention_cuda import lower_segment_attention_cuda_flash
 from .passes.split_attention import split_attention, split_attention_cuda
 
 
-def cpu_phases(attention: str) -> list[tuple[str, list]]:
-    """The CPU pipeline's phases: ``[(name, [pass, ...]), ...]`` in order."""
+def cpu_phases(attention: str, f32_gemm: bool = False) -> list[tuple[str, list]]:
+    """The CPU pipeline's phases: ``[(name, [pass, ...]), ...]`` in order (``f32_gemm``: fp32
+    linear layers call the C GEMM, which the caller links in)."""
     from tvm.s_tir import dlight
 
     from .schedules.cpu import cpu_schedule_rules
@@ -67,8 +77,9 @@ def cpu_phases(attention: str) -> list[tuple[str, list]]:
     t = relax.transform
     fused = [fuse_attention_cpu] if attention == "fused" else []
     bf16_fused = [bf16_attention_cpu] if attention == "fused" else []
+    f32_c_kernels = ([f32_linear_cpu] + ([f32_attention_cpu] if attention == "fused" else [])) if f32_gemm else []
     return [
-        ("bf16_linear", [bf16_linear_cpu, *bf16_fused]),
+        ("linear", [bf16_linear_cpu, *bf16_fused, *f32_c_kernels]),
         ("lower_attention", fused + [split_attention, lower_segment_attention_cpu, lower_segment_attention_masked]),
         (
             "legalize",
@@ -129,18 +140,18 @@ def gpu_phases(target, attention: str, gemm: str = "dlight") -> list[tuple[str, 
     ]
 
 
-def phases(target_name: str, target, attention: str, gemm: str = "dlight") -> list[tuple[str, list]]:
+def phases(target_name: str, target, attention: str, gemm: str = "dlight", f32_gemm: bool = False) -> list[tuple[str, list]]:
     """The named phases for ``target_name`` (``cpu`` or a GPU target)."""
-    return cpu_phases(attention) if target_name == "cpu" else gpu_phases(target, attention, gemm)
+    return cpu_phases(attention, f32_gemm) if target_name == "cpu" else gpu_phases(target, attention, gemm)
 
 
-def relax_pipeline(target_name: str, target, attention: str, gemm: str = "dlight") -> tvm.transform.Pass:
-    """One pass running every phase of :func:`phases` under ``target``."""
+def relax_pipeline(target_name: str, target, attention: str, gemm: str = "dlight", f32_gemm: bool = False) -> tvm.transform.Pass:
+    """One pass running every phase of :func:`phases` under ``target`` (``f32_gemm``: see :func:`cpu_phases`)."""
 
     @tvm.transform.module_pass(opt_level=0, name=f"MlcVision_{target_name}")
     def _pipeline(mod, _ctx):
         with target:
-            for _name, passes in phases(target_name, target, attention, gemm):
+            for _name, passes in phases(target_name, target, attention, gemm, f32_gemm):
                 mod = tvm.transform.Sequential(passes)(mod)
         return mod
 

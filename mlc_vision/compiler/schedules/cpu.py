@@ -6,6 +6,13 @@ after fusion, first match wins:
 
 * ``GEMM``: dense and batched matmuls with their fused epilogue (bias,
   quick-GELU, residual, scale) in register tiles, B packed per panel;
+  on CPUs with AVX-512F an exported library's fp32 linear layers do not get
+  here: they call the C GEMM ``kernels/cpu_f32_gemm.c`` (weight slices packed
+  per K block sized from the detected L2, accumulators in registers over the
+  block, epilogues in the kernel; ``passes/f32_cpu.py``), and so does fp32
+  attention (same file), so this rule schedules the linear layers of CPUs
+  without AVX-512 (and of a plain ``tvm.compile``), fp32 attention's split
+  matmuls and the other batched matmuls;
 * ``RowReduction``: LayerNorm, RMSNorm, softmax: one parallel loop over rows,
   each row reduced and normalized while it is in L1;
 * ``Fallback``: everything else (reshapes, transposes, adds; fp16/bf16

@@ -1,0 +1,817 @@
+/*
+ * fp32 linear layer for CPU libraries: y[M, N] = epilogue(x[M, K] . w[N, K]^T).
+ *
+ * w is read in its checkpoint layout [out, in] (no weight transform at load).
+ * The path is chosen at run time from the CPU's features: AVX-512F (Intel
+ * Skylake-SP and later, AMD Zen 4/5) or plain C on anything else.
+ *
+ * AVX-512 path, the blocking of a GotoBLAS / brgemm style GEMM:
+ *
+ *   register tile  MR rows x NR columns (NR / 16 zmm per row) of fp32 accumulators; every k step
+ *                  loads NR / 16 vectors of the packed weights and broadcasts MR values of x
+ *                  (a memory operand of the FMA), MR * NR / 16 FMAs;
+ *   weight slice   NR output columns x KC values of k of w, transposed into slice[k][NR] (16 x 16
+ *                  register transposes) once per work unit and read by all its row tiles;
+ *   K block        KC from the detected L2 size (cpuid leaf 4 / 0x8000001D): the slice takes at
+ *                  most half of L2, so ViT layers (K <= 4096) have one block on a 2 MiB L2 and the
+ *                  accumulators stay in registers over the whole K; a longer K keeps partial sums
+ *                  in y between blocks, the epilogue runs on the last one (k_block has the
+ *                  measurement against L1-sized blocks).
+ *
+ * x is not packed: the MR rows of a tile are read in k order, and the next
+ * tile's rows are prefetched into L1 while a tile runs. Work is split over TVM's
+ * thread pool (TVMBackendParallelLaunch) into (block of rows, group of panels)
+ * units that the threads take one at a time.
+ *
+ * The epilogue adds a bias [N], multiplies by a layer scale [N], adds a
+ * residual [M, N], applies an activation (quick GELU, GELU with erf or tanh,
+ * SiLU) or multiplies by a gate [M, N] (SwiGLU's up projection times
+ * silu(gate)).
+ *
+ * Compiled with the host C compiler at export (cpu_f32_gemm.py) and linked into
+ * the library; AVX-512 is enabled per function, so the object runs on any
+ * x86-64 CPU and uses what it finds.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define MLCV_X86 1
+#else
+#define MLCV_X86 0
+#endif
+
+/* TVM's C backend API (tvm/runtime/c_backend_api.h), declared here so that the
+ * file compiles without TVM's headers; the thread pool is reached through the
+ * pointer TVM's runtime fills in when it loads the library. Weak: this object
+ * loaded alone (the ctypes test) runs its tasks serially. */
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+typedef int (*parallel_launch_fn)(FTVMParallelLambda flambda, void* cdata, int num_task);
+extern parallel_launch_fn __TVMBackendParallelLaunch __attribute__((weak));
+extern int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task) __attribute__((weak));
+
+static parallel_launch_fn f32_thread_pool(void) {
+  if (&__TVMBackendParallelLaunch != NULL && __TVMBackendParallelLaunch != NULL) return __TVMBackendParallelLaunch;
+  return TVMBackendParallelLaunch;
+}
+
+enum { F32_PATH_GENERIC = 0, F32_PATH_AVX512 = 1 };
+
+/* Activations of the epilogue (``ACTIVATIONS`` in cpu_f32_gemm.py has the same numbers). */
+enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_GELU_TANH = 3, F32_ACT_SILU = 4 };
+
+/* Register tile, every AVX-512 CPU: 6 x 64 = 24 zmm accumulators + 4 weight vectors + 1 broadcast;
+ * a k step is 4 loads + 6 broadcasts for 24 FMAs (12 cycles on Intel's two FMA ports, 24 on
+ * Zen 4's one 512-bit FMA per cycle): fewer loads than either core's two per cycle allow, and 24
+ * independent accumulators cover the FMA latency of both. On the ViT shapes 8 x 48, 12 x 32 and
+ * 14 x 32 measured the same as 6 x 64 on one Intel core (within the noise of a shared machine;
+ * scripts/dev/f32_gemm_bench.py --tile); the wider NR halves the weight packing per row. */
+#ifndef F32_MR
+#define F32_MR 6 /* rows of the register tile */
+#endif
+#ifndef F32_NV
+#define F32_NV 4 /* zmm per row: NR = 16 NV columns */
+#endif
+#define F32_NR (16 * F32_NV)
+#ifndef F32_UNITS_PER_THREAD
+#define F32_UNITS_PER_THREAD 4 /* work units per thread: a thread the OS delays takes fewer */
+#endif
+
+/* ------------------------------------------------------------------ features */
+
+#if MLCV_X86
+static uint64_t f32_xgetbv0(void) {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return ((uint64_t)edx << 32) | eax;
+}
+#endif
+
+static int f32_probe_avx512(void) {
+#if MLCV_X86
+  uint32_t a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
+  if ((f32_xgetbv0() & 0xe6) != 0xe6) return 0;                      /* ZMM state enabled by the OS */
+  __cpuid_count(7, 0, a, b, c, d);
+  return (b & (1u << 16)) != 0; /* AVX512F */
+#else
+  return 0;
+#endif
+}
+
+static int f32_avx512_known = -1;
+
+/* Whether ``path`` (0 generic, 1 AVX-512) can run here. */
+int mlcv_f32_path_supported(int path) {
+  if (path == F32_PATH_GENERIC) return 1;
+  if (path != F32_PATH_AVX512) return 0;
+  int known = __atomic_load_n(&f32_avx512_known, __ATOMIC_RELAXED);
+  if (known < 0) {
+    known = f32_probe_avx512();
+    __atomic_store_n(&f32_avx512_known, known, __ATOMIC_RELAXED);
+  }
+  return known;
+}
+
+/* The fastest path this CPU runs. */
+int mlcv_f32_best_path(void) { return mlcv_f32_path_supported(F32_PATH_AVX512) ? F32_PATH_AVX512 : F32_PATH_GENERIC; }
+
+/* Size in bytes of the level-2 cache, from cpuid's deterministic cache parameters (leaf 4 on
+ * Intel, 0x8000001D on AMD), else sysconf, else 1 MiB. */
+static int64_t l2_bytes_detect(void) {
+#if MLCV_X86
+  uint32_t a, b, c, d;
+  uint32_t leaves[2] = {4, 0x8000001D};
+  for (int l = 0; l < 2; ++l) {
+    uint32_t max_leaf = __get_cpuid_max(leaves[l] & 0x80000000u, NULL);
+    if (max_leaf < leaves[l]) continue;
+    for (uint32_t sub = 0; sub < 8; ++sub) {
+      __cpuid_count(leaves[l], sub, a, b, c, d);
+      uint32_t type = a & 0x1f;
+      if (type == 0) break;
+      if ((type == 1 || type == 3) && ((a >> 5) & 7) == 2) { /* a data or unified cache of level 2 */
+        int64_t ways = ((b >> 22) & 0x3ff) + 1, parts = ((b >> 12) & 0x3ff) + 1, line = (b & 0xfff) + 1;
+        return ways * parts * line * ((int64_t)c + 1);
+      }
+    }
+  }
+#endif
+  long s = -1;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  s = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  return s > 0 ? s : 1024 * 1024;
+}
+
+static int64_t l2_known;
+
+/* The level-2 cache size in bytes (detected once; outside 256 KiB .. 64 MiB taken as 1 MiB). */
+int64_t mlcv_f32_l2_bytes(void) {
+  int64_t s = __atomic_load_n(&l2_known, __ATOMIC_RELAXED);
+  if (s <= 0) {
+    s = l2_bytes_detect();
+    if (s < 256 * 1024 || s > 64 * 1024 * 1024) s = 1024 * 1024;
+    __atomic_store_n(&l2_known, s, __ATOMIC_RELAXED);
+  }
+  return s;
+}
+
+/* K block: the packed KC x NR weight slice takes at most half of L2 (the rest holds the rows of x
+ * being read and the output rows); a multiple of 16. With 2 MiB of L2 that is K up to 4096 in one
+ * block. The FMAs read the slice from L2 (NR / 16 vectors per k step, sequential, which the L2
+ * streamer prefetches) while the accumulators stay in registers over the whole block: against K
+ * blocks that keep the slice in L1 (partial sums through y every 96 k) this measured 5-20 % faster
+ * on the ViT shapes (one core, Intel). */
+static int64_t k_block(int64_t K) {
+  int64_t kc = mlcv_f32_l2_bytes() / 2 / (F32_NR * 4) / 16 * 16;
+  if (kc < 256) kc = 256;
+  if (K <= kc) return K;
+  int64_t blocks = (K + kc - 1) / kc; /* equal blocks: no short last block */
+  kc = (K + blocks - 1) / blocks;
+  return (kc + 15) / 16 * 16;
+}
+
+/* ------------------------------------------------------------------ epilogue */
+
+/* What happens to v = x . w^T before the store: v + bias[N], times scale[N] (a layer scale), plus
+ * residual[M, N], the activation ``act``, times gate[M, N]; each optional. */
+typedef struct {
+  const float* bias;
+  const float* scale;
+  const float* residual;
+  const float* gate;
+  int act;
+} f32_epilogue;
+
+static inline float f32_activation_scalar(int act, float v) {
+  switch (act) {
+    case F32_ACT_QUICK_GELU: return v / (1.0f + expf(-1.702f * v));
+    case F32_ACT_GELU_ERF: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case F32_ACT_GELU_TANH: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    case F32_ACT_SILU: return v / (1.0f + expf(-v));
+    default: return v;
+  }
+}
+
+static inline float f32_finish_scalar(const f32_epilogue* ep, float v, int64_t n, int64_t at) {
+  if (ep->bias) v += ep->bias[n];
+  if (ep->scale) v *= ep->scale[n];
+  if (ep->residual) v += ep->residual[at];
+  v = f32_activation_scalar(ep->act, v);
+  if (ep->gate) v *= ep->gate[at];
+  return v;
+}
+
+/* ------------------------------------------------------------------ generic */
+
+/* Rows [m0, m1) x columns [n0, n0 + ncols) in plain C (any CPU). */
+static void f32_rows_generic(const float* x, const float* w, const f32_epilogue* ep, float* y, int64_t m0,
+                             int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t K) {
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t n = n0; n < n0 + ncols; ++n) {
+      const float* a = x + m * K;
+      const float* b = w + n * K;
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += a[k] * b[k];
+      y[m * N + n] = f32_finish_scalar(ep, s, n, m * N + n);
+    }
+}
+
+/* ------------------------------------------------------------------ AVX-512 */
+
+#if MLCV_X86
+#define F32_AVX512 __attribute__((target("avx512f")))
+
+/* e^x for x in [-87, 88] (clamped outside): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-7
+ * Taylor polynomial (relative error about 2e-8 before rounding), times 2^n. */
+F32_AVX512 static inline __m512 f32_exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* 1 / d for d >= 1: the 14-bit estimate and one Newton step (relative error about 1e-8), a
+ * fraction of the cost of a vector division. */
+F32_AVX512 static inline __m512 f32_reciprocal(__m512 d) {
+  __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+/* v * sigmoid(s) = v / (1 + e^-s). */
+F32_AVX512 static inline __m512 f32_times_sigmoid(__m512 v, __m512 s) {
+  __m512 e = f32_exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), s));
+  return _mm512_mul_ps(v, f32_reciprocal(_mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+}
+
+/* erf(z) for fp32: |z| < 0.921875 by an odd polynomial in z (Taylor series to z^19, absolute error
+ * below 1e-8 there); above, 1 - erfc(|z|) with erfc(a) = e^(-a^2) t P(t), t = 1 / (1 + a / 2) (the
+ * Chebyshev fit of Numerical Recipes' erfcc, relative error below 1.2e-7), sign restored. */
+F32_AVX512 static inline __m512 f32_erf_avx512(__m512 z) {
+  __m512 a = _mm512_abs_ps(z);
+  /* small |z|: z (c0 + c1 z^2 + ... ), ci = 2 / sqrt(pi) (-1)^i / (i! (2i + 1)) */
+  __m512 z2 = _mm512_mul_ps(z, z);
+  static const float taylor[10] = {1.1283791671f, -0.3761263890f, 0.1128379167f, -0.0268661706f,
+                                   0.0052239776f, -0.0008548325f, 0.0001205529f, -0.0000149260f,
+                                   0.0000016466f, -0.0000001636f};
+  __m512 s = _mm512_set1_ps(taylor[9]);
+  for (int i = 8; i >= 0; --i) s = _mm512_fmadd_ps(s, z2, _mm512_set1_ps(taylor[i]));
+  __m512 small = _mm512_mul_ps(s, z);
+  /* large |z| */
+  __m512 t = f32_reciprocal(_mm512_fmadd_ps(a, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f)));
+  static const float cheb[10] = {-1.26551223f, 1.00002368f, 0.37409196f,  0.09678418f, -0.18628806f,
+                                 0.27886807f,  -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
+  __m512 q = _mm512_set1_ps(cheb[9]);
+  for (int i = 8; i >= 0; --i) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(cheb[i]));
+  __m512 erfc = _mm512_mul_ps(t, f32_exp_avx512(_mm512_sub_ps(q, _mm512_mul_ps(a, a))));
+  __m512 large = _mm512_sub_ps(_mm512_set1_ps(1.0f), erfc);
+  __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+  large = _mm512_mask_sub_ps(large, negative, _mm512_setzero_ps(), large);
+  __mmask16 is_small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.921875f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(is_small, large, small);
+}
+
+F32_AVX512 static inline __m512 f32_activation_avx512(int act, __m512 v) {
+  switch (act) {
+    case F32_ACT_QUICK_GELU: return f32_times_sigmoid(v, _mm512_mul_ps(v, _mm512_set1_ps(1.702f)));
+    case F32_ACT_GELU_ERF: {
+      __m512 half = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
+      return _mm512_fmadd_ps(half, f32_erf_avx512(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f))), half);
+    }
+    case F32_ACT_GELU_TANH: { /* 0.5 v (1 + tanh(u)) = v sigmoid(2u), u = sqrt(2 / pi) (v + 0.044715 v^3) */
+      __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      __m512 u = _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v);
+      return f32_times_sigmoid(v, _mm512_mul_ps(u, _mm512_set1_ps(2.0f * 0.79788456080286536f)));
+    }
+    case F32_ACT_SILU: return f32_times_sigmoid(v, v);
+    default: return v;
+  }
+}
+
+/* 16 x 16 transpose of 32-bit words: r[i][j] -> r[j][i]. */
+F32_AVX512 static inline void f32_transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+/* Columns [n0, n0 + NR) x k in [k0, k1) of w[N, K] -> slice[k - k0][NR] (columns >= N are 0), by
+ * 16 x 16 register transposes. */
+F32_AVX512 static void f32_pack_b(const float* w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1,
+                                  float* slice) {
+  for (int cb = 0; cb < F32_NR; cb += 16) {
+    for (int64_t kb = k0; kb < k1; kb += 16) {
+      int left = k1 - kb < 16 ? (int)(k1 - kb) : 16;
+      __mmask16 mask = (__mmask16)((1u << left) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        int64_t n = n0 + cb + i;
+        r[i] = n < N ? _mm512_maskz_loadu_epi32(mask, (const int32_t*)(w + n * K + kb)) : _mm512_setzero_si512();
+      }
+      f32_transpose16x16(r);
+      for (int j = 0; j < left; ++j) _mm512_store_si512((__m512i*)(slice + (kb - k0 + j) * F32_NR + cb), r[j]);
+    }
+  }
+}
+
+/* One register tile: ``mr`` rows x NR columns of y at (m, n0), over kc values of k: rows of x at
+ * ``a`` (``lda`` floats apart), the weight slice ``b`` (kc rows of NR). ``first``: start from 0,
+ * else from the partial sums in y; ``last``: finish with the epilogue. ``next``: the next tile's
+ * rows, prefetched into L1 while this one runs. */
+F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, const float* a, const float* b,
+                                                                     const float* next, const f32_epilogue* ep,
+                                                                     float* y, int64_t m, int64_t n0,
+                                                                     const __mmask16* masks, int64_t N, int64_t lda,
+                                                                     int64_t kc, int first, int last) {
+  __m512 acc[F32_MR][F32_NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < F32_MR; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < F32_NV; ++j)
+      acc[r][j] = (r < mr && !first) ? _mm512_maskz_loadu_ps(masks[j], y + (m + r) * N + n0 + 16 * j)
+                                     : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    if ((k & 15) == 0)
+#pragma GCC unroll 16
+      for (int r = 0; r < F32_MR; ++r) _mm_prefetch((const char*)(next + r * lda + k), _MM_HINT_T0);
+    __m512 bv[F32_NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < F32_NV; ++j) bv[j] = _mm512_load_ps(b + k * F32_NR + 16 * j);
+#pragma GCC unroll 16
+    for (int r = 0; r < F32_MR; ++r) {
+      if (r < mr) {
+        __m512 av = _mm512_set1_ps(a[r * lda + k]);
+#pragma GCC unroll 8
+        for (int j = 0; j < F32_NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+      }
+    }
+  }
+  if (!last) {
+    for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < F32_NV; ++j) _mm512_mask_storeu_ps(y + (m + r) * N + n0 + 16 * j, masks[j], acc[r][j]);
+    return;
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < F32_NV; ++j) {
+    if (!masks[j]) break;
+    __m512 bias = ep->bias ? _mm512_maskz_loadu_ps(masks[j], ep->bias + n0 + 16 * j) : _mm512_setzero_ps();
+    __m512 scale = ep->scale ? _mm512_maskz_loadu_ps(masks[j], ep->scale + n0 + 16 * j) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; ++r) {
+      int64_t at = (m + r) * N + n0 + 16 * j;
+      __m512 v = _mm512_add_ps(acc[r][j], bias);
+      if (ep->scale) v = _mm512_mul_ps(v, scale);
+      if (ep->residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[j], ep->residual + at));
+      if (ep->act != F32_ACT_NONE) v = f32_activation_avx512(ep->act, v);
+      if (ep->gate) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(masks[j], ep->gate + at));
+      _mm512_mask_storeu_ps(y + at, masks[j], v);
+    }
+  }
+}
+
+#define F32_TILE_CASE(R) \
+  case R: f32_tile(R, a, b, a, ep, y, m, n0, masks, N, lda, kc, first, last); break;
+
+/* Rows [m0, m1) x columns [n0, n0 + ncols) (the slice ``b``), one K block of kc; row r of the
+ * block is at ``a0 + r * lda``. */
+F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep,
+                                        float* y, int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N,
+                                        int64_t kc, int first, int last) {
+  __mmask16 masks[F32_NV];
+  for (int j = 0; j < F32_NV; ++j) {
+    int64_t left = ncols - 16 * j;
+    masks[j] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+  }
+  int64_t m = m0;
+  const float* a = a0;
+  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda)
+    f32_tile(F32_MR, a, b, a + F32_MR * lda, ep, y, m, n0, masks, N, lda, kc, first, last);
+  switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
+#if F32_MR > 13
+    F32_TILE_CASE(13) F32_TILE_CASE(12) F32_TILE_CASE(11) F32_TILE_CASE(10) F32_TILE_CASE(9) F32_TILE_CASE(8)
+#endif
+#if F32_MR > 7
+    F32_TILE_CASE(7) F32_TILE_CASE(6)
+#endif
+    F32_TILE_CASE(5) F32_TILE_CASE(4) F32_TILE_CASE(3) F32_TILE_CASE(2) F32_TILE_CASE(1)
+    default: break;
+  }
+}
+#endif
+
+/* ------------------------------------------------------------------ driver */
+
+typedef struct {
+  int path;
+  const float* x;
+  const float* w;
+  f32_epilogue ep;
+  float* y;
+  int64_t M, N, K, kc;
+  int64_t row_block, row_blocks;     /* rows per work unit, and their number */
+  int64_t group_panels, groups;      /* NR-column panels per work unit, and their number */
+  int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
+} f32_job;
+
+/* Grow-only scratch of the calling thread (one per pool thread, kept for the next call). */
+static __thread float* f32_scratch;
+static __thread size_t f32_scratch_floats;
+
+static float* f32_scratch_buffer(size_t floats) {
+  if (floats > f32_scratch_floats) {
+    free(f32_scratch);
+    f32_scratch = NULL;
+    f32_scratch_floats = 0;
+    if (posix_memalign((void**)&f32_scratch, 64, floats * 4) != 0) return NULL;
+    f32_scratch_floats = floats;
+  }
+  return f32_scratch;
+}
+
+/* One work unit: rows [m0, m1) x panels [p0, p1). Each panel's weights are packed one K block at
+ * a time (the whole K when it fits, see k_block) and used by every row tile of the unit, the
+ * accumulators staying in registers over the block. */
+static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+#if MLCV_X86
+  if (job->path == F32_PATH_AVX512) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t n0 = p * F32_NR;
+      int64_t ncols = job->N - n0 < F32_NR ? job->N - n0 : F32_NR;
+      for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
+        int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
+        f32_pack_b(job->w, job->N, job->K, n0, k0, k1, scratch);
+        f32_block_avx512(job->x + m0 * job->K + k0, job->K, scratch, &job->ep, job->y, m0, m1, n0, ncols, job->N,
+                         k1 - k0, k0 == 0, k1 == job->K);
+      }
+    }
+    return;
+  }
+#endif
+  (void)scratch;
+  int64_t n1 = p1 * F32_NR < job->N ? p1 * F32_NR : job->N;
+  f32_rows_generic(job->x, job->w, &job->ep, job->y, m0, m1, p0 * F32_NR, n1 - p0 * F32_NR, job->N, job->K);
+}
+
+/* One of the pool's tasks: take work units until none are left. */
+static int f32_run_units(f32_job* job) {
+  float* scratch = f32_scratch_buffer((size_t)job->kc * F32_NR);
+  if (scratch == NULL) return -1;
+  int64_t panels = (job->N + F32_NR - 1) / F32_NR;
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
+    if (u >= job->row_blocks * job->groups) break;
+    int64_t g = u / job->row_blocks, rb = u % job->row_blocks;
+    int64_t m0 = rb * job->row_block, m1 = m0 + job->row_block < job->M ? m0 + job->row_block : job->M;
+    int64_t p0 = g * job->group_panels, p1 = p0 + job->group_panels < panels ? p0 + job->group_panels : panels;
+    f32_run_unit(job, scratch, m0, m1, p0, p1);
+  }
+  return 0;
+}
+
+static int f32_parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
+  (void)task_id;
+  (void)penv;
+  return f32_run_units((f32_job*)cdata);
+}
+
+#ifndef F32_ROW_BLOCK
+#define F32_ROW_BLOCK 288 /* rows per work unit at most: their x rows stay in L2 across the unit's panels
+                            (for K up to about 900 on 2 MiB); the weights are packed once per row block */
+#endif
+
+/* Splits the job into (row block, panel group) units: rows in blocks of at most F32_ROW_BLOCK, then
+ * the panels in as many groups as it takes for F32_UNITS_PER_THREAD units per thread. */
+static void f32_split(f32_job* job, int threads) {
+  job->row_blocks = (job->M + F32_ROW_BLOCK - 1) / F32_ROW_BLOCK;
+  job->row_block = (job->M + job->row_blocks - 1) / job->row_blocks;
+  if (job->row_block % F32_MR) job->row_block += F32_MR - job->row_block % F32_MR;
+  job->row_blocks = (job->M + job->row_block - 1) / job->row_block;
+  int64_t panels = (job->N + F32_NR - 1) / F32_NR;
+  int64_t want = F32_UNITS_PER_THREAD * (int64_t)threads; /* units */
+  int64_t groups = (want + job->row_blocks - 1) / job->row_blocks;
+  if (groups > panels) groups = panels;
+  if (groups < 1) groups = 1;
+  job->group_panels = (panels + groups - 1) / groups;
+  job->groups = (panels + job->group_panels - 1) / job->group_panels;
+}
+
+/* y = epilogue(x . w^T) on ``path`` (``mlcv_f32_linear``'s arguments). Returns 0 on success. */
+int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* bias, const float* scale,
+                         const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
+                         int32_t act) {
+  if (!mlcv_f32_path_supported(path) || act < F32_ACT_NONE || act > F32_ACT_SILU) return -1;
+  if (residual != NULL && gate != NULL) return -1;
+  if (M == 0 || N == 0) return 0;
+  f32_job job = {path, x, w, {bias, scale, residual, gate, act}, y, M, N, K, k_block(K), 0, 0, 0, 0, 0};
+  parallel_launch_fn launch = f32_thread_pool();
+  int threads = 1;
+  if (launch != NULL) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    threads = cpus > 0 ? (int)cpus : 1;
+  }
+  f32_split(&job, threads);
+  if (launch != NULL) return launch(f32_parallel_task, &job, 0);
+  return f32_run_units(&job);
+}
+
+/* The entry point the library calls (compiler/passes/f32_cpu.py), on the fastest path here:
+ * y = act((x . w^T (+ bias)) (* scale) (+ residual)) (* gate); bias, scale, residual and gate may
+ * be NULL (not both residual and gate); ``act``: the F32_ACT_* numbers. */
+int mlcv_f32_linear(const float* x, const float* w, const float* bias, const float* scale, const float* residual,
+                    const float* gate, float* y, int64_t M, int64_t N, int64_t K, int32_t act) {
+  return mlcv_f32_linear_path(mlcv_f32_best_path(), x, w, bias, scale, residual, gate, y, M, N, K, act);
+}
+
+/* The register tile and K block this build uses (for tests and benchmarks): rows, columns, KC for K. */
+void mlcv_f32_tile_info(int64_t K, int64_t* out) {
+  out[0] = F32_MR;
+  out[1] = F32_NR;
+  out[2] = k_block(K);
+}
+
+/* ------------------------------------------------------------------ attention
+ *
+ * out = softmax(scale q . k^T) v per (image, head) in fp32; q, k, v and out are [B, S, H, D] (the
+ * layout of R.nn.attention), D <= 128. One task per (image, head): k^T (scaled) and v are packed
+ * once into contiguous blocks, then ATT_TQ queries at a time:
+ *
+ *   scores[TQ, SP] = q . k^T   register tiles of 6 queries x 64 keys, k^T[D, 64] panels in L1;
+ *   softmax rows in place      max, exp, sum over the S real keys;
+ *   out[TQ, D] = p . v / sum   register tiles of R queries x D (R = 6, 4 or 3 by D).
+ *
+ * Packing v matters: its rows are H * D floats apart in memory, a multiple of 4 KiB for 16 heads
+ * of 64, which would put every row of a head on the same L1 sets.
+ */
+
+#define ATT_TQ 48   /* queries per block: a multiple of every tile's rows (6, 4, 3) */
+#define ATT_KEYS 64 /* keys per scores tile: 4 zmm */
+#define ATT_MAX_D 128
+
+typedef struct {
+  int path;
+  const float *q, *k, *v;
+  float* out;
+  int64_t B, S, H, D;
+  float scale;
+  int64_t next_task;
+} f32_attention_job;
+
+static int64_t att_round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+/* Head (b, h) in plain fp32 (any CPU). */
+static void f32_attention_generic(const f32_attention_job* job, int64_t b, int64_t h, float* p) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  for (int64_t i = 0; i < S; ++i) {
+    const float* qi = job->q + ((b * S + i) * H + h) * D;
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* kj = job->k + ((b * S + j) * H + h) * D;
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
+      p[j] = s * job->scale;
+      mx = p[j] > mx ? p[j] : mx;
+    }
+    for (int64_t j = 0; j < S; ++j) sum += (p[j] = expf(p[j] - mx));
+    float* o = job->out + ((b * S + i) * H + h) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* vj = job->v + ((b * S + j) * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += p[j] * vj[d];
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] /= sum;
+  }
+}
+
+#if MLCV_X86
+/* k of head (b, h) -> kt[SP / 64][D][64]: panels of 64 keys, each a contiguous D x 64 block (rows
+ * SP floats apart would share L1 sets), scaled; keys >= S are 0. By 16 x 16 transposes. */
+F32_AVX512 static void att_pack_kt(const f32_attention_job* job, int64_t b, int64_t h, int64_t SP, float* kt) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  __m512 scale = _mm512_set1_ps(job->scale);
+  for (int64_t s0 = 0; s0 < SP; s0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      int left = D - d0 < 16 ? (int)(D - d0) : 16;
+      __mmask16 mask = (__mmask16)((1u << left) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        int64_t s = s0 + i;
+        r[i] = s < S ? _mm512_castps_si512(_mm512_mul_ps(
+                           _mm512_maskz_loadu_ps(mask, job->k + ((b * S + s) * H + h) * D + d0), scale))
+                     : _mm512_setzero_si512();
+      }
+      f32_transpose16x16(r);
+      float* panel = kt + (s0 / ATT_KEYS) * D * ATT_KEYS + s0 % ATT_KEYS;
+      for (int j = 0; j < left; ++j) _mm512_store_si512((__m512i*)(panel + (d0 + j) * ATT_KEYS), r[j]);
+    }
+}
+
+/* v of head (b, h) -> vp[S][DP], rows padded with zeros to DP floats. */
+F32_AVX512 static void att_pack_v(const f32_attention_job* job, int64_t b, int64_t h, int64_t DP, float* vp) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* src = job->v + ((b * S + s) * H + h) * D;
+    for (int64_t d0 = 0; d0 < DP; d0 += 16) {
+      int64_t left = D - d0;
+      __mmask16 mask = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+      _mm512_store_ps(vp + s * DP + d0, _mm512_maskz_loadu_ps(mask, src + d0));
+    }
+  }
+}
+
+/* scores[r][keys] for 6 query rows (``qp``, D floats apart) x the 64 keys of the kt panel ``kp``. */
+F32_AVX512 static inline void att_scores_tile(const float* qp, const float* kp, int64_t SP, int64_t D,
+                                              float* scores) {
+  __m512 acc[6][4];
+#pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 bv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) bv[j] = _mm512_load_ps(kp + d * ATT_KEYS + 16 * j);
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
+      __m512 a = _mm512_set1_ps(qp[r * D + d]);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(scores + r * SP + 16 * j, acc[r][j]);
+}
+
+/* Row ``row`` (SP floats) -> exp(row - max) over the S real keys, in place; returns the sum. */
+F32_AVX512 static float att_softmax_row(float* row, int64_t S) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t s = 0; s < S; s += 16) {
+    __mmask16 mask = S - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - s)) - 1);
+    mx = _mm512_mask_max_ps(mx, mask, mx, _mm512_loadu_ps(row + s));
+  }
+  __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; s += 16) {
+    __mmask16 mask = S - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - s)) - 1);
+    __m512 e = _mm512_maskz_mov_ps(mask, f32_exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(row + s), m)));
+    _mm512_mask_storeu_ps(row + s, mask, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+/* out rows = (p . v) / sum for R query rows (probabilities ``p``, SP floats apart) x NV vectors of
+ * the head dim (the packed v, DP floats a row); output rows ``ld`` floats apart; rows >= ``valid``
+ * are computed but not stored. */
+F32_AVX512 __attribute__((always_inline)) static inline void att_pv_tile(int R, int NV, const float* p, int64_t SP,
+                                                                         const float* vp, int64_t DP, int64_t S,
+                                                                         const float* inv_sum, float* out, int64_t ld,
+                                                                         int64_t D, int valid) {
+  __m512 acc[6][8];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    __m512 bv[8];
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_load_ps(vp + s * DP + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      __m512 a = _mm512_set1_ps(p[r * SP + s]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R && r < valid; ++r) {
+    __m512 inv = _mm512_set1_ps(inv_sum[r]);
+    for (int j = 0; j < NV; ++j) {
+      int64_t left = D - 16 * j;
+      __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+      _mm512_mask_storeu_ps(out + r * ld + 16 * j, mask, _mm512_mul_ps(acc[r][j], inv));
+    }
+  }
+}
+
+#define ATT_PV_CASE(NV_, R_)                                                                          \
+  case NV_:                                                                                           \
+    for (int64_t r0 = 0; r0 < tq; r0 += R_)                                                           \
+      att_pv_tile(R_, NV_, scores + r0 * SP, SP, vp, DP, S, inv_sum + r0,                             \
+                  job->out + ((b * S + q0 + r0) * H + h) * D, H * D, D, (int)(tq - r0));               \
+    break;
+
+/* Head (b, h) on the AVX-512 register tiles; ``scratch``: kt, scores, vp, the query block, 1 / sums.
+ * The scores block is zeroed first: the rows past the last query that a tile computes but does not
+ * store then hold finite values. */
+F32_AVX512 static void f32_attention_avx512(const f32_attention_job* job, int64_t b, int64_t h, float* scratch) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  const int64_t SP = att_round_up(S, ATT_KEYS), DP = att_round_up(D, 16);
+  float* kt = scratch;
+  float* scores = kt + D * SP;
+  float* vp = scores + ATT_TQ * SP;
+  float* qp = vp + S * DP;
+  float* inv_sum = qp + ATT_TQ * D;
+  att_pack_kt(job, b, h, SP, kt);
+  att_pack_v(job, b, h, DP, vp);
+  memset(scores, 0, sizeof(float) * ATT_TQ * SP);
+  memset(qp, 0, sizeof(float) * ATT_TQ * D);
+  for (int64_t q0 = 0; q0 < S; q0 += ATT_TQ) {
+    int64_t tq = S - q0 < ATT_TQ ? S - q0 : ATT_TQ;
+    for (int64_t r = 0; r < tq; ++r) memcpy(qp + r * D, job->q + ((b * S + q0 + r) * H + h) * D, sizeof(float) * D);
+    for (int64_t kp = 0; kp < SP; kp += ATT_KEYS)
+      for (int64_t r0 = 0; r0 < tq; r0 += 6)
+        att_scores_tile(qp + r0 * D, kt + kp * D, SP, D, scores + r0 * SP + kp);
+    for (int64_t r = 0; r < tq; ++r) inv_sum[r] = 1.0f / att_softmax_row(scores + r * SP, S);
+    switch (DP / 16) {
+      ATT_PV_CASE(1, 6) ATT_PV_CASE(2, 6) ATT_PV_CASE(3, 6) ATT_PV_CASE(4, 6)
+      ATT_PV_CASE(5, 4) ATT_PV_CASE(6, 4) ATT_PV_CASE(7, 3) ATT_PV_CASE(8, 3)
+      default: break;
+    }
+  }
+}
+#endif
+
+/* Floats of one task's scratch. */
+static size_t att_scratch_floats(const f32_attention_job* job) {
+  int64_t SP = att_round_up(job->S, ATT_KEYS), DP = att_round_up(job->D, 16);
+  return (size_t)(job->D * SP + ATT_TQ * SP + job->S * DP + ATT_TQ * job->D + ATT_TQ + 16);
+}
+
+static int f32_attention_tasks(f32_attention_job* job) {
+  size_t floats = job->path == F32_PATH_AVX512 ? att_scratch_floats(job) : (size_t)job->S;
+  float* scratch = f32_scratch_buffer(floats);
+  if (scratch == NULL) return -1;
+  for (;;) {
+    int64_t t = __atomic_fetch_add(&job->next_task, 1, __ATOMIC_RELAXED);
+    if (t >= job->B * job->H) break;
+    int64_t b = t / job->H, h = t % job->H;
+#if MLCV_X86
+    if (job->path == F32_PATH_AVX512) {
+      f32_attention_avx512(job, b, h, scratch);
+      continue;
+    }
+#endif
+    f32_attention_generic(job, b, h, scratch);
+  }
+  return 0;
+}
+
+static int f32_attention_task(int task_id, TVMParallelGroupEnv* penv, void* cdata) {
+  (void)task_id;
+  (void)penv;
+  return f32_attention_tasks((f32_attention_job*)cdata);
+}
+
+/* out = softmax(scale q . k^T) v with an explicit path (tests run every supported one); q, k, v,
+ * out fp32 [B, S, H, D], D <= 128. Returns 0 on success. */
+int mlcv_f32_attention_path(int path, const float* q, const float* k, const float* v, float* out, int64_t B,
+                            int64_t S, int64_t H, int64_t D, float scale) {
+  if (!mlcv_f32_path_supported(path) || D < 1 || D > ATT_MAX_D) return -1;
+  if (B == 0 || S == 0 || H == 0) return 0;
+  f32_attention_job job = {path, q, k, v, out, B, S, H, D, scale, 0};
+  parallel_launch_fn launch = f32_thread_pool();
+  if (launch != NULL) return launch(f32_attention_task, &job, 0);
+  return f32_attention_tasks(&job);
+}
+
+/* The entry point fp32 libraries call for R.nn.attention (compiler/passes/f32_cpu.py). */
+int mlcv_f32_attention(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t S, int64_t H,
+                       int64_t D, float scale) {
+  return mlcv_f32_attention_path(mlcv_f32_best_path(), q, k, v, out, B, S, H, D, scale);
+}

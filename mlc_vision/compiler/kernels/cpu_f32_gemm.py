@@ -1,0 +1,110 @@
+"""The fp32 linear layer of CPU libraries on AVX-512 CPUs: a C kernel (``cpu_f32_gemm.c``) called from TIR.
+
+A GEMM of packed weight slices (K blocks sized from the detected L2, the
+accumulators of a 6 x 64 register tile of fp32 FMAs kept over the whole block),
+with the linear layer's epilogue: bias, layer scale, residual, an activation
+(quick GELU, GELU erf / tanh, SiLU) and SwiGLU's product with the up projection. Compiled
+with the host C compiler at export and linked into the library
+(``export_library(addons=[object])``); the PrimFunc here calls it with
+``call_extern``. ``passes/f32_cpu.py`` routes fp32 linear layers to it where
+the library's CPU has AVX-512F; elsewhere the TIR schedule
+(``schedules/cpu.py``) keeps them. The same file holds the fp32 attention of
+those libraries (:func:`attention_primfunc`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .c_objects import compile_c
+
+SOURCE = Path(__file__).with_suffix(".c")
+ENTRY = "mlcv_f32_linear"
+#: Activations of the epilogue by the numbers of ``cpu_f32_gemm.c``'s ``F32_ACT_*``; the keys are
+#: the names ``passes/f32_cpu.py`` matches.
+ACTIVATIONS = {"quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+#: What ``mlcv_f32_best_path()`` returns, by number.
+PATHS = {0: "generic", 1: "avx512"}
+
+
+def uses_f32_kernel(target_name: str, cpu_features) -> bool:
+    """Whether a library may call the fp32 C GEMM (and links it): a CPU library for a CPU with
+    AVX-512F (``cpu_features``: ``metadata["cpu"]["features"]``, LLVM names; the pass decides from
+    the target made of the same spec)."""
+    return target_name == "cpu" and "avx512f" in set(cpu_features or ())
+
+
+def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = False, residual: bool = False,
+                    gate: bool = False, act: str | None = None):
+    """PrimFunc ``(x [..., k], w [n, k], (bias [n]), (scale [n]), (residual or gate [..., n]), y [..., n])``, fp32.
+
+    It calls the C kernel: ``y = act((x . w^T (+ bias)) (* scale) (+ residual)) (* gate)``;
+    ``act`` is a key of :data:`ACTIVATIONS` or None. The ``lead_ndim`` leading
+    axes of x (batch, tokens) may be symbolic and are flattened into the rows.
+    """
+    import tvm
+    from tvm import te, tirx
+
+    if residual and gate:
+        raise ValueError("the epilogue takes a residual or a gate, not both")
+    lead = [tirx.Var(f"d{i}", "int64") for i in range(lead_ndim)]
+    x = te.placeholder([*lead, k], "float32", name="x")
+    w = te.placeholder([n, k], "float32", name="w")
+    inputs = [x, w] + ([te.placeholder([n], "float32", name="bias")] if bias else [])
+    inputs += [te.placeholder([n], "float32", name="scale")] if scale else []
+    if residual or gate:
+        inputs.append(te.placeholder([*lead, n], "float32", name="residual" if residual else "gate"))
+    rows = tirx.const(1, "int64")
+    for d in lead:
+        rows = rows * d
+    null = tirx.reinterpret("handle", tirx.const(0, "uint64"))
+
+    def body(ins, outs):
+        data = [b.data for b in ins]
+        pointers = [data[0], data[1], data[2] if bias else null, data[2 + bias] if scale else null]
+        extra = data[-1] if (residual or gate) else null
+        pointers += [extra, null] if residual else [null, extra]
+        sizes = [rows, tirx.const(n, "int64"), tirx.const(k, "int64")]
+        code = tirx.const(ACTIVATIONS[act] if act else 0, "int32")
+        status = tirx.call_extern("int32", ENTRY, *pointers, outs[0].data, *sizes, code)
+        # The FFI constructor directly: in TVM 0.27 the Python wrapper passes
+        # (kind, condition) where the constructor takes (condition, kind).
+        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
+            status == 0, tvm.ir.StringImm("RuntimeError"),
+            [tvm.ir.StringImm("fp32 linear: out of memory for the packing buffers")], None,
+        )  # fmt: skip
+
+    y = te.extern([*lead, n], inputs, body, dtype="float32", name="f32_linear")
+    return te.create_prim_func([*inputs, y]).with_attr("tir.is_scheduled", True)
+
+
+def compile_object(workdir: Path) -> Path:
+    """Compile ``cpu_f32_gemm.c`` to a position-independent object in ``workdir`` (reused when unchanged)."""
+    return compile_c(SOURCE, workdir, "the fp32 CPU GEMM kernel")
+
+
+#: Largest head_dim the attention kernel takes (``ATT_MAX_D`` in the C file).
+ATTENTION_MAX_HEAD_DIM = 128
+
+
+def attention_primfunc(seq: int, heads: int, head_dim: int, scale: float):
+    """PrimFunc ``(q, k, v, out)``, all fp32 ``[batch, seq, heads, head_dim]`` (batch symbolic), calling
+    the C kernel's ``out = softmax(scale q . k^T) v`` (head_dim <= :data:`ATTENTION_MAX_HEAD_DIM`)."""
+    import tvm
+    from tvm import te, tirx
+
+    batch = tirx.Var("batch", "int64")
+    shape = [batch, seq, heads, head_dim]
+    q, k, v = (te.placeholder(shape, "float32", name=n) for n in ("q", "k", "v"))
+
+    def body(ins, outs):
+        sizes = [batch, *(tirx.const(x, "int64") for x in (seq, heads, head_dim))]
+        pointers = [b.data for b in ins] + [outs[0].data]
+        status = tirx.call_extern("int32", "mlcv_f32_attention", *pointers, *sizes, tirx.const(scale, "float32"))
+        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
+            status == 0, tvm.ir.StringImm("RuntimeError"),
+            [tvm.ir.StringImm("fp32 attention: out of memory for its scratch buffers")], None,
+        )  # fmt: skip
+
+    out = te.extern(shape, [q, k, v], body, dtype="float32", name="f32_attention")
+    return te.create_prim_func([q, k, v, out]).with_attr("tir.is_scheduled", True)

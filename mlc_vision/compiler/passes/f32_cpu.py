@@ -1,0 +1,288 @@
+"""fp32 CPU libraries on AVX-512 CPUs: linear layers -> the C GEMM (``kernels/cpu_f32_gemm.c``).
+
+:func:`f32_linear_cpu` (the CPU pipeline's first phase, only when the
+library's CPU has AVX-512F; ``kernels/cpu_f32_gemm.uses_f32_kernel``) rewrites every fp32
+``matmul(x, permute_dims(w))`` with a static 2-D weight ``w [n, k]`` (the
+checkpoint's ``[out, in]`` layout, read as stored) into a call of the C
+kernel. The rows (batch x tokens) may be symbolic (native-resolution towers).
+Then the kernel's epilogue absorbs what the TIR GEMM rule would have fused:
+
+* ``+ bias[n]``;
+* ``* scale[n]``: a layer scale (DINOv2, InternViT ``x + ls * f(x)``);
+* ``+ residual`` of the output's shape (attention out-projection, fc2);
+* an activation of the output: GELU (erf or tanh), CLIP's quick GELU
+  ``y * sigmoid(1.702 y)``, SiLU;
+* SwiGLU's ``silu(gate(x)) * up(x)``: the gate projection's kernel multiplies
+  by the up projection's output.
+
+The unfused calls are then dead and removed. Every other matmul (attention's
+batched products, fp16, bf16 libraries, CPUs without AVX-512) is left to the
+TIR schedule of ``schedules/cpu.py``.
+
+:func:`f32_attention_cpu` (with ``--attention fused``, the fp32 default):
+plain fp32 ``R.nn.attention`` with head_dim <= 128 becomes the same C file's
+attention (per image and head: k^T and v packed once, 48 queries at a time:
+scores on a 6 x 64 register tile, softmax in place, p . v on a tile as wide
+as the head) instead of the TIR fused kernel (``kernels/cpu_attention.py``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tvm
+from tvm import relax
+
+from ..kernels.cpu_f32_gemm import ATTENTION_MAX_HEAD_DIM, attention_primfunc, linear_primfunc
+from .fuse_attention import replace_attention
+from .relax_rewrite import rewrite_relax_functions, static_int
+
+F32 = "float32"
+#: Relax ops that are one of the kernel's activations of their argument.
+ACTIVATION_OPS = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.silu": "silu"}
+#: quick GELU is ``y * sigmoid(QUICK_GELU_SCALE * y)`` (layers.quick_gelu).
+QUICK_GELU_SCALE = 1.702
+
+
+def target_has_avx512(target) -> bool:
+    """Whether the LLVM CPU target ``target`` (mcpu and mattr) has AVX-512F."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    features = tvm.get_global_func("target.llvm_get_cpu_features")(target)
+    return "avx512f" in features
+
+
+def _same_dim(a, b) -> bool:
+    """Two shape dims are the same: equal constants, or one symbolic variable."""
+    if static_int(a) is not None or static_int(b) is not None:
+        return static_int(a) == static_int(b)
+    return a.same_as(b)
+
+
+def _same_shape(a, b) -> bool:
+    """``a`` and ``b`` are fp32 tensors of one shape (symbolic dims compared by variable)."""
+    ok = all(isinstance(t, relax.TensorType) and t.dtype == F32 and t.shape is not None for t in (a, b))
+    return ok and a.ndim == b.ndim and all(_same_dim(x, y) for x, y in zip(a.shape.values, b.shape.values))
+
+
+class _Key(NamedTuple):
+    """What one of our kernels computes; its ``call_tir`` arguments are
+    ``[x, w, (bias), (scale), (residual or gate)]``."""
+
+    lead_ndim: int
+    k: int
+    n: int
+    bias: bool = False
+    scale: bool = False
+    residual: bool = False
+    gate: bool = False
+    act: str | None = None
+
+    def name(self) -> str:
+        flags = [f for f in ("bias", "scale", "residual") if getattr(self, f)] + (["gated"] if self.gate else [])
+        return "_".join([f"f32_linear_k{self.k}_n{self.n}", *flags] + ([self.act] if self.act else []))
+
+    def bare(self) -> bool:
+        """Nothing after the bias yet: a scale, residual, activation or gate can still be folded in."""
+        return not (self.scale or self.residual or self.gate or self.act)
+
+
+@relax.expr_functor.mutator
+class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+    """``matmul(x, permute_dims(w))`` and its epilogue -> ``call_tir(f32_linear, ...)``.
+
+    Each kernel is named by its :class:`_Key`.
+    """
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.ops = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "add", "multiply")}
+        self.kernels = {}
+
+    # -- matching helpers
+    def _value(self, expr):
+        """What ``expr`` stands for: bindings and aliases followed."""
+        for _ in range(16):
+            if isinstance(expr, relax.Var) and self.lookup_binding(expr) is not None:
+                expr = self.lookup_binding(expr)
+            else:
+                return expr
+        return expr
+
+    def _bound(self, expr, op):
+        """The call ``op(...)`` that ``expr`` stands for, else None."""
+        value = self._value(expr)
+        if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)):
+            return value
+        return None
+
+    def _weight(self, b):
+        """The fp32 ``[n, k]`` weight (static n and k) behind a matmul's right operand ``permute_dims(w)``, else None."""
+        transpose = self._bound(b, "relax.permute_dims")
+        if transpose is None:
+            return None
+        w = transpose.args[0]
+        wt = w.ty
+        if not isinstance(wt, relax.TensorType) or wt.ndim != 2 or wt.dtype != F32 or wt.shape is None:
+            return None
+        if transpose.attrs.axes is not None and [int(a) for a in transpose.attrs.axes] != [1, 0]:
+            return None
+        if None in [static_int(d) for d in wt.shape.values]:
+            return None
+        return w
+
+    def _kernel(self, key: _Key):
+        if key not in self.kernels:
+            func = linear_primfunc(key.lead_ndim, key.k, key.n, key.bias, key.scale, key.residual, key.gate, key.act)
+            self.kernels[key] = self.builder_.add_func(func, key.name())
+        return self.kernels[key]
+
+    def _call(self, key, args, ty):
+        return relax.call_tir(self._kernel(key), args, relax.TensorType(ty.shape.values, F32))
+
+    def _linear(self, expr):
+        """``(key, args)`` when ``expr`` is a var bound to one of our kernels' ``call_tir``, else None."""
+        if not isinstance(expr, relax.Var):
+            return None
+        call = self.lookup_binding(expr)
+        if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+            return None
+        key = next((key for key, gv in self.kernels.items() if gv.same_as(call.args[0])), None)
+        return (key, list(call.args[1].fields)) if key is not None else None
+
+    def _bare(self, expr):
+        """Like :meth:`_linear`, for a kernel with nothing after its bias yet (:meth:`_Key.bare`)."""
+        found = self._linear(expr)
+        return found if found is not None and found[0].bare() else None
+
+    @staticmethod
+    def _column_vector(expr, n) -> bool:
+        """Whether ``expr`` is an fp32 ``[n]`` tensor."""
+        t = expr.ty
+        ok = isinstance(t, relax.TensorType) and t.dtype == F32 and t.ndim == 1 and t.shape is not None
+        return ok and static_int(t.shape.values[0]) == n
+
+    # -- rewrites
+    def visit_call_(self, call):  # noqa: D102
+        call = super().visit_call_(call)
+        if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+            return call
+        if call.op.same_as(self.ops["matmul"]):
+            return self._rewrite_matmul(call)
+        if call.op.same_as(self.ops["add"]):
+            folded = self._fold_bias(call)
+            return folded if folded is not call else self._fold_residual(call)
+        if call.op.same_as(self.ops["multiply"]):
+            for fold in (self._fold_quick_gelu, self._fold_scale, self._fold_gate):
+                folded = fold(call)
+                if folded is not call:
+                    return folded
+            return call
+        for op, act in ACTIVATION_OPS.items():
+            if call.op.same_as(tvm.ir.Op.get(op)):
+                return self._fold_activation(call, call.args[0], act)
+        return call
+
+    def _rewrite_matmul(self, call):
+        x, b = call.args
+        xt = x.ty
+        if not isinstance(xt, relax.TensorType) or xt.dtype != F32 or xt.ndim < 2 or xt.shape is None:
+            return call
+        w = self._weight(b)
+        k = static_int(xt.shape.values[-1])
+        if w is None or k is None or static_int(w.ty.shape.values[1]) != k:
+            return call
+        n = static_int(w.ty.shape.values[0])
+        return self._call(_Key(xt.ndim - 1, k, n), [x, w], call.ty)
+
+    def _fold_bias(self, call):
+        """``add(linear(x, w), bias[n])`` -> the kernel adding the bias."""
+        y, bias = call.args
+        found = self._bare(y)
+        if found is None or found[0].bias or not self._column_vector(bias, found[0].n):
+            return call
+        key, args = found
+        return self._call(key._replace(bias=True), args + [bias], y.ty)
+
+    def _fold_scale(self, call):
+        """``linear(...) * s[n]`` (either order; a layer scale) -> the kernel scaling its columns."""
+        for y, scale in (call.args, call.args[::-1]):
+            found = self._bare(y)
+            if found is not None and self._column_vector(scale, found[0].n):
+                key, args = found
+                return self._call(key._replace(scale=True), args + [scale], y.ty)
+        return call
+
+    def _fold_residual(self, call):
+        """``add(r, linear(...))`` (either order) -> the kernel adding ``r`` in its epilogue."""
+        for y, residual in (call.args, call.args[::-1]):
+            found = self._linear(y)
+            if found is None or not found[0]._replace(scale=False).bare() or not _same_shape(residual.ty, y.ty):
+                continue
+            key, args = found
+            return self._call(key._replace(residual=True), args + [residual], y.ty)
+        return call
+
+    def _fold_activation(self, call, y, act):
+        """``act(linear(...))`` -> the kernel applying ``act``."""
+        found = self._bare(y)
+        if found is None:
+            return call
+        key, args = found
+        return self._call(key._replace(act=act), args, y.ty)
+
+    def _fold_quick_gelu(self, call):
+        """``y * sigmoid(y * 1.702)`` (any operand order) of a linear layer's output -> quick GELU epilogue."""
+        for y, s in (call.args, call.args[::-1]):
+            sigmoid = self._bound(s, "relax.sigmoid")
+            if sigmoid is not None and self._scaled(sigmoid.args[0], y, QUICK_GELU_SCALE):
+                return self._fold_activation(call, y, "quick_gelu")
+        return call
+
+    def _scaled(self, expr, y, scale: float) -> bool:
+        """Whether ``expr`` stands for ``y * scale`` (a scalar constant, either order)."""
+        mul = self._bound(expr, "relax.multiply")
+        if mul is None:
+            return False
+        for a, c in (mul.args, mul.args[::-1]):
+            if a.same_as(y) and isinstance(c, tvm.ir.Constant) and c.value.numpy().size == 1:
+                return abs(float(c.value.numpy().reshape(())) - scale) < 1e-6
+        return False
+
+    def _fold_gate(self, call):
+        """``act(linear_g(x)) * u`` (either order; SwiGLU) -> the gate kernel multiplying by ``u``."""
+        for y, u in (call.args, call.args[::-1]):
+            found = self._linear(y)
+            if found is None or found[0].act is None or found[0].residual or found[0].gate:
+                continue
+            if not _same_shape(u.ty, y.ty):
+                continue
+            key, args = found
+            return self._call(key._replace(gate=True), args + [u], y.ty)
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="F32LinearCPU")
+def f32_linear_cpu(mod, _ctx):
+    """fp32 linear layers (and their epilogues) -> the fp32 C kernel, when the current target has
+    AVX-512F; unchanged otherwise."""
+    if not target_has_avx512(tvm.target.Target.current(allow_none=True)):
+        return mod
+    mod = rewrite_relax_functions(mod, _F32LinearRewriter(mod))
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _attention_kernel(shape):
+    """The C kernel's attention for fp32 q, k, v with head_dim <= 128, else None."""
+    seq, heads, head_dim, dtype, scale = shape
+    if dtype != F32 or head_dim > ATTENTION_MAX_HEAD_DIM:
+        return None
+    return f"f32_attention_s{seq}_h{heads}_d{head_dim}", lambda: attention_primfunc(seq, heads, head_dim, scale)
+
+
+@tvm.transform.module_pass(opt_level=0, name="F32AttentionCPU")
+def f32_attention_cpu(mod, _ctx):
+    """Plain fp32 attention -> the C kernel's, when the current target has AVX-512F."""
+    if not target_has_avx512(tvm.target.Target.current(allow_none=True)):
+        return mod
+    return replace_attention(mod, _attention_kernel)

@@ -1,0 +1,125 @@
+"""Dev benchmark: the fp32 C GEMM (``kernels/cpu_f32_gemm.c``) on the ViT linear-layer shapes, by ctypes.
+
+Compiles the C file (optionally with another register tile, ``-DF32_MR=.. -DF32_NV=..``), loads
+TVM's runtime first so that the kernel runs on TVM's thread pool, and prints GFLOP/s and the
+fraction of the fp32 peak (cores x GHz x FMA ports x 32 FLOP per 512-bit FMA):
+
+    python scripts/dev/f32_gemm_bench.py --threads 2 --ghz 2.1 --fma-ports 2
+    python scripts/dev/f32_gemm_bench.py --tile 14x32 --threads 1
+
+The clock and FMA ports are arguments (the CPU does not tell them reliably). Process CPU time is
+printed beside the wall time: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).resolve().parents[2] / "mlc_vision" / "compiler" / "kernels" / "cpu_f32_gemm.c"
+SHAPES = [(m, k, n) for m in (197, 577, 1576) for k, n in ((768, 2304), (768, 768), (768, 3072), (3072, 768),
+                                                           (1024, 4096), (4096, 1024))]
+
+
+PEAK_SOURCE = r"""
+#include <stdint.h>
+/* 16 independent 512-bit FMA chains: the core's fp32 FMA throughput. */
+void fma_peak(int64_t iters) {
+  __asm__ volatile("vxorps %%zmm0, %%zmm0, %%zmm0\n1:\n"
+""" + "".join(f'"vfmadd231ps %%zmm30, %%zmm31, %%zmm{i}\\n"\n' for i in range(16)) + r"""
+                   "dec %0\n jnz 1b\n" : "+r"(iters) :: "memory");
+}
+"""
+
+
+def measured_peak(workdir: str) -> float:
+    """GFLOP per CPU-second of one core running only FMAs (the real clock, turbo included)."""
+    src, out = os.path.join(workdir, "peak.c"), os.path.join(workdir, "peak.so")
+    Path(src).write_text(PEAK_SOURCE)
+    subprocess.run(["cc", "-O2", "-fPIC", "-shared", src, "-o", out], check=True)
+    lib = ctypes.CDLL(out)
+    iters = 50_000_000
+    best = 0.0
+    for _ in range(3):
+        c = time.process_time()
+        lib.fma_peak(ctypes.c_int64(iters))
+        best = max(best, iters * 16 * 32 / (time.process_time() - c) / 1e9)
+    return best
+
+
+def build(tile: str | None, workdir: str, cflags: list[str]) -> ctypes.CDLL:
+    import tvm
+
+    ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
+    flags = []
+    if tile:
+        mr, nr = (int(v) for v in tile.split("x"))
+        flags = [f"-DF32_MR={mr}", f"-DF32_NV={nr // 16}"]
+    out = os.path.join(workdir, f"f32gemm_{tile or 'default'}.so")
+    subprocess.run(["cc", "-O3", "-fPIC", "-shared", "-std=gnu11", *flags, *cflags, str(SOURCE), "-o", out], check=True)
+    lib = ctypes.CDLL(out)
+    lib.mlcv_f32_linear.restype = ctypes.c_int
+    lib.mlcv_f32_linear.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
+    return lib
+
+
+def time_one(lib, m: int, k: int, n: int, runs: int) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    y = np.empty((m, n), np.float32)
+    ptr = lambda a: a.ctypes.data  # noqa: E731
+
+    def call():
+        assert lib.mlcv_f32_linear(ptr(x), ptr(w), ptr(b), None, None, None, ptr(y), m, n, k, 0) == 0
+
+    call()
+    walls, cpus = [], []
+    for _ in range(runs):
+        t, c = time.perf_counter(), time.process_time()
+        call()
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return min(walls), min(cpus)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tile", default=None, help="MRxNR, e.g. 6x64, 14x32, 8x48 (default: the file's)")
+    ap.add_argument("--cflags", nargs="*", default=[], help="e.g. -DF32_L1_SHARE=4 (write as --cflags=-D...)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--ghz", type=float, default=2.1)
+    ap.add_argument("--fma-ports", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--m", type=int, nargs="*", default=None)
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    peak = args.threads * args.ghz * args.fma_ports * 32
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = build(args.tile, tmp, args.cflags)
+        info = (ctypes.c_int64 * 3)()
+        core = measured_peak(tmp)
+        print(f"tile {args.tile or 'default'}, {args.threads} thread(s), nominal peak {peak:.0f} GFLOP/s, "
+              f"measured FMA peak {core:.0f} GFLOP per CPU-second per core")
+        for m, k, n in SHAPES:
+            if args.m and m not in args.m:
+                continue
+            lib.mlcv_f32_tile_info(ctypes.c_int64(k), info)
+            wall, cpu = time_one(lib, m, k, n, args.runs)
+            gf = 2 * m * k * n / wall / 1e9
+            per_cpu = 2 * m * k * n / cpu / 1e9
+            print(f"M={m:5d} K={k:5d} N={n:5d} KC={info[2]:4d}  {wall * 1e3:7.2f} ms {gf:6.1f} GFLOP/s "
+                  f"{100 * gf / peak:5.1f} % of nominal | cpu {cpu * 1e3:7.2f} ms {per_cpu:6.1f} GFLOP/cpu-s "
+                  f"{100 * per_cpu / core:5.1f} % of measured")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""fp32 CPU libraries on AVX-512: the C GEMM (kernels/cpu_f32_gemm.c) against numpy, and the pass
+that routes linear layers to it.
+
+The kernel is compiled alone and called through ctypes on every path this CPU
+runs (plain C always; AVX-512 where present), on small shapes with row tails
+(the register tile has 6 rows), column tails (64-column panels, 16-lane
+vectors), k not a multiple of the K block, several row blocks, and every
+epilogue. The reference is numpy in float64. No timing assertions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import subprocess
+
+import numpy as np
+import pytest
+
+from mlc_vision.compiler.kernels import cpu_f32_gemm
+from mlc_vision.compiler.kernels.c_objects import c_compiler
+from parity import assert_close
+
+#: (M, N, K): one row and one column; row and column tails; k shorter than a vector; more rows than
+#: one work unit takes (288) with a 16-lane tail in the last panel; k over several K blocks with
+#: uneven blocks (the block is at least 256 and about 4096 on a 2 MiB L2: k = 9000 has 3 on such a
+#: CPU, more on smaller L2).
+SHAPES = [(1, 1, 1), (5, 70, 7), (13, 130, 96), (37, 64, 250), (300, 200, 530), (7, 17, 1000), (29, 90, 1024),
+          (9, 40, 9000)]
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    obj = cpu_f32_gemm.compile_object(tmp_path_factory.mktemp("f32-obj"))
+    so = obj.with_suffix(".so")
+    subprocess.run([c_compiler(), "-shared", str(obj), "-o", str(so), "-lm"], check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.mlcv_f32_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
+    lib.mlcv_f32_linear_path.restype = ctypes.c_int
+    lib.mlcv_f32_best_path.restype = ctypes.c_int
+    lib.mlcv_f32_attention_path.argtypes = (
+        [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]
+    )
+    lib.mlcv_f32_l2_bytes.restype = ctypes.c_int64
+    return lib
+
+
+def _paths(lib) -> list[int]:
+    return [p for p in cpu_f32_gemm.PATHS if lib.mlcv_f32_path_supported(p)]
+
+
+def _run(lib, path, x, w, bias=None, residual=None, gate=None, act=0, scale=None):
+    y = np.full((x.shape[0], w.shape[0]), np.nan, dtype=np.float32)
+    ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    status = lib.mlcv_f32_linear_path(
+        path, ptr(x), ptr(w), ptr(bias), ptr(scale), ptr(residual), ptr(gate), ptr(y), x.shape[0], w.shape[0], x.shape[1],
+        act,
+    )
+    return status, y
+
+
+_erf = np.vectorize(math.erf)
+
+#: float64 references of the kernel's activations.
+REFERENCE_ACTIVATIONS = {
+    "quick_gelu": lambda v: v / (1 + np.exp(-1.702 * v)),
+    "gelu": lambda v: 0.5 * v * (1 + _erf(v / math.sqrt(2))),
+    "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3))),
+    "silu": lambda v: v / (1 + np.exp(-v)),
+}
+
+
+def _inputs(shape, seed=0):
+    m, n, k = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+    return rng, x, w
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "bias-residual", "scale-residual", "bias-scale-residual"])
+def test_kernel_matches_numpy(kernel, epilogue, shape):
+    rng, x, w = _inputs(shape)
+    m, n, _ = shape
+    bias = rng.standard_normal(n, dtype=np.float32) if "bias" in epilogue else None
+    scale = rng.standard_normal(n, dtype=np.float32) if "scale" in epilogue else None
+    residual = rng.standard_normal((m, n), dtype=np.float32) if "residual" in epilogue else None
+    ref = x.astype(np.float64) @ w.astype(np.float64).T + (bias if bias is not None else 0)
+    ref = ref * (scale if scale is not None else 1) + (residual if residual is not None else 0)
+    for path in _paths(kernel):
+        status, y = _run(kernel, path, x, w, bias, residual, scale=scale)
+        assert status == 0
+        assert_close(y, ref.astype(np.float32), f"path {cpu_f32_gemm.PATHS[path]} {epilogue} {shape}")
+
+
+@pytest.mark.parametrize("shape", [(13, 130, 96), (37, 70, 250)])
+@pytest.mark.parametrize("act", list(cpu_f32_gemm.ACTIVATIONS))
+@pytest.mark.parametrize("gated", [False, True])
+def test_activation_and_gate_epilogues_match_numpy(kernel, act, gated, shape):
+    rng, x, w = _inputs(shape, seed=1)
+    m, n, _ = shape
+    bias = rng.standard_normal(n, dtype=np.float32)
+    gate = rng.standard_normal((m, n), dtype=np.float32) if gated else None
+    ref = REFERENCE_ACTIVATIONS[act](x.astype(np.float64) @ w.astype(np.float64).T + bias)
+    if gated:
+        ref = ref * gate
+    for path in _paths(kernel):
+        status, y = _run(kernel, path, x, w, bias, gate=gate, act=cpu_f32_gemm.ACTIVATIONS[act])
+        assert status == 0
+        assert_close(y, ref.astype(np.float32), f"path {cpu_f32_gemm.PATHS[path]} {act} gated={gated}")
+
+
+def test_activations_are_accurate_over_a_wide_range(kernel):
+    """Each activation on inputs from -12 to 12 (x = I, w = the values as a column): tails and the
+    erf polynomial's switch point included."""
+    v = np.concatenate([np.linspace(-12, 12, 4001), [-0.921875, 0.921875, 0.0]]).astype(np.float32)
+    x = np.ones((1, 1), np.float32)
+    w = v.reshape(-1, 1).copy()
+    for name, code in cpu_f32_gemm.ACTIVATIONS.items():
+        ref = REFERENCE_ACTIVATIONS[name](v.astype(np.float64))
+        for path in _paths(kernel):
+            status, y = _run(kernel, path, x, w, act=code)
+            assert status == 0
+            err = np.abs(y[0] - ref)
+            assert err.max() <= 2e-6 * max(1.0, np.abs(ref).max()), (name, path, float(err.max()), v[err.argmax()])
+
+
+def test_bad_arguments_are_refused(kernel):
+    _, x, w = _inputs((4, 8, 16))
+    r = np.zeros((4, 8), np.float32)
+    assert _run(kernel, 0, x, w, act=99)[0] != 0
+    assert _run(kernel, 0, x, w, residual=r, gate=r)[0] != 0
+    assert _run(kernel, 7, x, w)[0] != 0
+
+
+def test_best_path_and_cache_sizes(kernel):
+    assert kernel.mlcv_f32_path_supported(kernel.mlcv_f32_best_path())
+    assert 256 * 1024 <= kernel.mlcv_f32_l2_bytes() <= 64 * 1024 * 1024
+
+
+def _attention_reference(q, k, v, scale):
+    q, k, v = (a.astype(np.float64).transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, S, D]
+    s = scale * q @ k.transpose(0, 1, 3, 2)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return ((p / p.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3)
+
+
+#: (batch, seq, heads, head_dim): one token; a seq that is neither a multiple of the 48-query block
+#: nor of the 64-key tile; head dims of every register tile (1, 2, 4, 5, 8 vectors) and with tails.
+ATTENTION_SHAPES = [(1, 1, 1, 8), (2, 50, 3, 16), (1, 197, 2, 64), (2, 61, 2, 72), (1, 100, 1, 128), (1, 7, 2, 20)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_attention_matches_numpy(kernel, shape):
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+    scale = 1.0 / math.sqrt(shape[3])
+    ref = _attention_reference(q, k, v, scale)
+    for path in _paths(kernel):
+        out = np.full(shape, np.nan, np.float32)
+        ptr = lambda a: a.ctypes.data  # noqa: E731
+        assert kernel.mlcv_f32_attention_path(path, ptr(q), ptr(k), ptr(v), ptr(out), *shape, scale) == 0
+        assert_close(out, ref.astype(np.float32), f"attention path {cpu_f32_gemm.PATHS[path]} {shape}")
+
+
+def test_attention_refuses_head_dims_over_128(kernel):
+    q = np.zeros((1, 2, 1, 136), np.float32)
+    assert kernel.mlcv_f32_attention_path(0, q.ctypes.data, q.ctypes.data, q.ctypes.data, q.ctypes.data, 1, 2, 1, 136, 1.0) != 0
+
+
+def test_primfunc_rejects_residual_with_gate():
+    with pytest.raises(ValueError):
+        cpu_f32_gemm.linear_primfunc(1, 8, 8, bias=False, residual=True, gate=True)
+
+
+# ---- the pass ---------------------------------------------------------------------------------
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+LAYERS = TINY["num_hidden_layers"]
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from parity import randomize_all
+
+    model = randomize_all(CLIPVisionModel(CLIPVisionConfig(**TINY)), seed=0)
+    ckpt = tmp_path_factory.mktemp("clip-f32-ckpt")
+    model.save_pretrained(ckpt)
+    return ckpt
+
+
+def _calls(config, cpu: str | None = None) -> list[str]:
+    """The kernels an fp32 CPU library of ``config`` launches (``cpu``: LLVM's CPU name, default this one)."""
+    from mlc_vision.bench import kernel_calls
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.compiler.pipeline import relax_pipeline
+    from mlc_vision.compiler.targets import cpu_target
+
+    built = build_module(config, "float32", "cpu", cpu=cpu)
+    target = cpu_target(built.metadata["cpu"])
+    return kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"], f32_gemm=True)(built.mod))
+
+
+def _needs_avx512():
+    from mlc_vision.compiler.targets import cpu_spec
+
+    if "avx512f" not in cpu_spec()["features"]:
+        pytest.skip("this CPU has no AVX-512F: fp32 libraries keep the TIR GEMM")
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
+def test_fp32_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
+    """On an AVX-512 CPU every linear layer of an fp32 library is the C kernel; the residual adds
+    and the MLP's activation are its epilogues (no add or activation kernel left for them)."""
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    _needs_avx512()
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch", hidden_act=hidden_act)
+    calls = _calls(config)
+    linear = [c for c in calls if c.startswith("f32_linear")]
+    assert len(linear) == 1 + 6 * LAYERS  # patch embedding + q, k, v, out, fc1, fc2
+    assert len([c for c in linear if "_bias" in c]) == 6 * LAYERS  # the patch embedding has no bias
+    assert len([c for c in linear if c.endswith("_residual")]) == 2 * LAYERS
+    epilogue = {"quick_gelu": "_quick_gelu", "gelu": "_gelu", "gelu_pytorch_tanh": "_gelu_tanh"}[hidden_act]
+    assert len([c for c in linear if c.endswith(epilogue)]) == LAYERS
+    assert not [c for c in calls if ("gelu" in c or "sigmoid" in c) and not c.startswith("f32_linear")]
+    assert not [c for c in calls if "NT_matmul" in c]
+    # attention: the C kernel's, not the TIR fused one
+    assert len([c for c in calls if c.startswith("f32_attention")]) == LAYERS
+    assert not [c for c in calls if c.startswith("attention")]
+
+
+def test_cpu_without_avx512_keeps_the_tir_gemm(clip_checkpoint):
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    calls = _calls(config, cpu="haswell")
+    assert not [c for c in calls if c.startswith("f32_linear")]
+    assert [c for c in calls if "matmul" in c]
+
+
+def test_pipeline_calls_the_kernel_only_when_asked(clip_checkpoint):
+    """A plain ``tvm.compile`` with our pipeline links no C object: it keeps the TIR GEMM."""
+    from mlc_vision.bench import kernel_calls
+    from mlc_vision.checkpoint.resolve import resolve_config
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.compiler.pipeline import relax_pipeline
+    from mlc_vision.compiler.targets import cpu_target
+
+    _needs_avx512()
+    built = build_module(resolve_config(clip_checkpoint), "float32", "cpu")
+    calls = kernel_calls(relax_pipeline("cpu", cpu_target(built.metadata["cpu"]), "fused")(built.mod))
+    assert not [c for c in calls if c.startswith("f32_linear")]
+
+
+def test_kernel_is_linked_exactly_for_avx512_cpu_libraries():
+    from mlc_vision.compiler.export import needs_f32_kernel
+
+    assert needs_f32_kernel("cpu", {"dtype": "float32", "cpu": {"features": ["avx2", "avx512f"]}})
+    assert not needs_f32_kernel("cpu", {"dtype": "float32", "cpu": {"features": ["avx2", "fma"]}})
+    assert not needs_f32_kernel("cuda", {"dtype": "float32"})
+
+
+def test_swiglu_with_symbolic_rows_is_one_gated_kernel(tmp_path):
+    """Qwen2.5's tower (symbolic patch count): gate and up projections with SiLU and the product in
+    the gate kernel's epilogue; down projection adds the residual."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    _needs_avx512()
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=32, vocab_size=64, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=24, fullatt_block_indexes=[1])  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path)
+    calls = _calls(resolve_config(str(tmp_path)))
+    gated = [c for c in calls if c.startswith("f32_linear") and c.endswith("_gated_silu")]
+    assert len(gated) == vision["depth"]
+    assert not [c for c in calls if "silu" in c and not c.startswith("f32_linear")]
+
+
+def test_layer_scale_and_residual_are_one_kernel(tmp_path):
+    """DINOv2's ``x + ls * f(x)``: the attention output projection and fc2 scale their columns and
+    add the residual in the epilogue (no multiply or add kernel left for them)."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    _needs_avx512()
+    torch.manual_seed(0)
+    layers = 2
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, image_size=56, patch_size=14,
+                          mlp_ratio=2)  # fmt: skip
+    Dinov2Model(config).save_pretrained(tmp_path)
+    calls = _calls(dataclasses.replace(resolve_config(str(tmp_path)), select_layer=-1))
+    scaled = [c for c in calls if c.startswith("f32_linear") and c.endswith("_bias_scale_residual")]
+    assert len(scaled) == 2 * layers
+    assert not [c for c in calls if "multiply" in c]
