@@ -1,9 +1,10 @@
 """C kernels of CPU libraries: compiled with the host C compiler when a library is exported.
 
 Each kernel is one C file beside its Python module (``cpu_bf16_gemm.c``,
-``cpu_segment_attention.c``); the object is linked into the exported library
-(``export_library(addons=[object])``), which then needs nothing besides TVM's
-runtime at load time.
+``cpu_f32_gemm.c``, ``cpu_segment_attention.c``); what they share, the
+declarations of TVM's thread pool, is ``tvm_thread_pool.h`` beside them. The
+object is linked into the exported library (``export_library(addons=[object])``),
+which then needs nothing besides TVM's runtime at load time.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def c_compiler() -> str:
 def compile_c(source: Path, workdir: Path, what: str) -> Path:
     """Compile ``source`` to a position-independent object in ``workdir`` (reused while source and compiler are unchanged)."""
     cc = c_compiler()
-    digest = hashlib.sha1(source.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:12]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # included beside the source
+    digest = hashlib.sha1(source.read_bytes() + headers + " ".join([cc, *FLAGS]).encode()).hexdigest()[:12]
     obj = Path(workdir) / f"{source.stem}-{digest}.o"
     if not obj.exists():
         tmp = obj.with_name(obj.name + f".{os.getpid()}.tmp")

@@ -56,25 +56,7 @@
 #define MLCV_X86 0
 #endif
 
-/* TVM's C backend API (tvm/runtime/c_backend_api.h), declared here so that the
- * file compiles without TVM's headers. A library TVM exports reaches the
- * runtime through function pointers that the runtime fills in when it loads
- * the library (``__TVMBackendParallelLaunch``, defined by TVM's generated code
- * in the same library); we call the thread pool through the same pointer. Both
- * are weak: this object loaded alone (the ctypes test) runs its tasks serially. */
-typedef struct {
-  void* sync_handle;
-  int32_t num_task;
-} TVMParallelGroupEnv;
-typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
-typedef int (*parallel_launch_fn)(FTVMParallelLambda flambda, void* cdata, int num_task);
-extern parallel_launch_fn __TVMBackendParallelLaunch __attribute__((weak));
-extern int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task) __attribute__((weak));
-
-static parallel_launch_fn thread_pool(void) {
-  if (&__TVMBackendParallelLaunch != NULL && __TVMBackendParallelLaunch != NULL) return __TVMBackendParallelLaunch;
-  return TVMBackendParallelLaunch; /* NULL when TVM's runtime is not linked in */
-}
+#include "tvm_thread_pool.h" /* found beside this file */
 
 enum { PATH_GENERIC = 0, PATH_AVX512 = 1, PATH_AMX = 2 };
 
@@ -887,7 +869,7 @@ static int run_linear_amx(const uint16_t* x, const uint16_t* w, epilogue ep, flo
   memset(job.packed, 0, (size_t)job.m_blocks);
   /* One launch: every task packs the x blocks it claims, then computes (waiting, if it must,
    * for a block another task is packing); a launch less per layer, a synchronization less. */
-  parallel_launch_fn launch = thread_pool();
+  parallel_launch_fn launch = mlcv_thread_pool();
   if (launch == NULL) {
     TVMParallelGroupEnv env = {NULL, 1};
     return amx_compute_task(0, &env, &job);
@@ -963,7 +945,7 @@ static int run_linear(int path, const uint16_t* x, const uint16_t* w, epilogue e
   job.row_block = (M + job.row_blocks - 1) / job.row_blocks;
   if (job.row_block % MR) job.row_block += MR - job.row_block % MR; /* whole tiles in every block but the last */
   job.row_blocks = (M + job.row_block - 1) / job.row_block;
-  parallel_launch_fn launch = thread_pool();
+  parallel_launch_fn launch = mlcv_thread_pool();
   if (launch != NULL) return launch(parallel_task, &job, 0);
   return run_units(&job, 1);
 }
@@ -1326,7 +1308,7 @@ int mlcv_bf16_attention_io_path(int path, const void* q, const void* k, const vo
   if (path == PATH_AVX512) launch.run = attention_avx512;
   if (path == PATH_AMX) launch.run = attention_amx;
 #endif
-  parallel_launch_fn pool = thread_pool();
+  parallel_launch_fn pool = mlcv_thread_pool();
   if (pool != NULL) return pool(attention_task, &launch, 0);
   return attention_units(&launch, 1);
 }

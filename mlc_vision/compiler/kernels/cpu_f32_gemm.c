@@ -47,23 +47,7 @@
 #define MLCV_X86 0
 #endif
 
-/* TVM's C backend API (tvm/runtime/c_backend_api.h), declared here so that the
- * file compiles without TVM's headers; the thread pool is reached through the
- * pointer TVM's runtime fills in when it loads the library. Weak: this object
- * loaded alone (the ctypes test) runs its tasks serially. */
-typedef struct {
-  void* sync_handle;
-  int32_t num_task;
-} TVMParallelGroupEnv;
-typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
-typedef int (*parallel_launch_fn)(FTVMParallelLambda flambda, void* cdata, int num_task);
-extern parallel_launch_fn __TVMBackendParallelLaunch __attribute__((weak));
-extern int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task) __attribute__((weak));
-
-static parallel_launch_fn f32_thread_pool(void) {
-  if (&__TVMBackendParallelLaunch != NULL && __TVMBackendParallelLaunch != NULL) return __TVMBackendParallelLaunch;
-  return TVMBackendParallelLaunch;
-}
+#include "tvm_thread_pool.h" /* found beside this file */
 
 enum { F32_PATH_GENERIC = 0, F32_PATH_AVX512 = 1 };
 
@@ -543,7 +527,7 @@ int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* 
   if (residual != NULL && gate != NULL) return -1;
   if (M == 0 || N == 0) return 0;
   f32_job job = {path, x, w, {bias, scale, residual, gate, act}, y, M, N, K, k_block(K), 0, 0, 0, 0, 0};
-  parallel_launch_fn launch = f32_thread_pool();
+  parallel_launch_fn launch = mlcv_thread_pool();
   int threads = 1;
   if (launch != NULL) {
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -805,7 +789,7 @@ int mlcv_f32_attention_path(int path, const float* q, const float* k, const floa
   if (!mlcv_f32_path_supported(path) || D < 1 || D > ATT_MAX_D) return -1;
   if (B == 0 || S == 0 || H == 0) return 0;
   f32_attention_job job = {path, q, k, v, out, B, S, H, D, scale, 0};
-  parallel_launch_fn launch = f32_thread_pool();
+  parallel_launch_fn launch = mlcv_thread_pool();
   if (launch != NULL) return launch(f32_attention_task, &job, 0);
   return f32_attention_tasks(&job);
 }

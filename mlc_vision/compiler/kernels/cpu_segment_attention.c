@@ -43,21 +43,7 @@
 #define MLCV_X86 0
 #endif
 
-/* TVM's C backend API (see cpu_bf16_gemm.c): the library's pointer to the thread pool, weak so that the
- * object loaded alone (the ctypes test) runs serially. */
-typedef struct {
-  void* sync_handle;
-  int32_t num_task;
-} TVMParallelGroupEnv;
-typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
-typedef int (*parallel_launch_fn)(FTVMParallelLambda flambda, void* cdata, int num_task);
-extern parallel_launch_fn __TVMBackendParallelLaunch __attribute__((weak));
-extern int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task) __attribute__((weak));
-
-static parallel_launch_fn thread_pool(void) {
-  if (&__TVMBackendParallelLaunch != NULL && __TVMBackendParallelLaunch != NULL) return __TVMBackendParallelLaunch;
-  return TVMBackendParallelLaunch;
-}
+#include "tvm_thread_pool.h" /* found beside this file */
 
 enum { PATH_GENERIC = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
 enum { OK = 0, OUT_OF_MEMORY = -1, SEGMENTS_NOT_SORTED = -2, BAD_HEAD_DIM = -3 };
@@ -217,7 +203,7 @@ int mlcv_segment_attention_path(int path, const float* q, const float* k, const 
   int64_t* blocks = query_blocks(seg, n, &job.num_blocks);
   if (blocks == NULL) return OUT_OF_MEMORY;
   job.blocks = blocks;
-  parallel_launch_fn launch = thread_pool();
+  parallel_launch_fn launch = mlcv_thread_pool();
   int status = launch != NULL ? launch(parallel_task, &job, 0) : run_worker(&job);
   free(blocks);
   return status == 0 ? OK : OUT_OF_MEMORY;
