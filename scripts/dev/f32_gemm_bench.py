@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import os
 import subprocess
 import tempfile
@@ -24,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = Path(__file__).resolve().parents[2] / "mlc_vision" / "compiler" / "kernels" / "cpu_f32_gemm.c"
-SHAPES = [(m, k, n) for m in (197, 577, 1576) for k, n in ((768, 2304), (768, 768), (768, 3072), (3072, 768),
-                                                           (1024, 4096), (4096, 1024))]
+ROWS = (197, 577, 1576)
+KN = ((768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (1152, 4304), (4304, 1152))
 
 
 PEAK_SOURCE = r"""
@@ -70,15 +71,20 @@ def build(tile: str | None, workdir: str, cflags: list[str]) -> ctypes.CDLL:
     return lib
 
 
-def time_one(lib, m: int, k: int, n: int, runs: int) -> tuple[float, float]:
+def time_one(lib, m: int, k: int, n: int, runs: int, cold: bool = False) -> tuple[float, float]:
+    """Best wall and CPU seconds of ``runs`` calls. ``cold``: every call reads another weight matrix
+    (512 MiB of them in turn), so the weights come from memory as in a model, not from the L3 cache."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((m, k), dtype=np.float32)
-    w = rng.standard_normal((n, k), dtype=np.float32)
+    copies = max(1, (512 << 20) // (4 * n * k)) if cold else 1
+    ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(copies)]
     b = rng.standard_normal(n, dtype=np.float32)
     y = np.empty((m, n), np.float32)
     ptr = lambda a: a.ctypes.data  # noqa: E731
+    calls = itertools.count()
 
     def call():
+        w = ws[next(calls) % copies]
         assert lib.mlcv_f32_linear(ptr(x), ptr(w), ptr(b), None, None, None, ptr(y), m, n, k, 0) == 0
 
     call()
@@ -99,7 +105,8 @@ def main() -> None:
     ap.add_argument("--ghz", type=float, default=2.1)
     ap.add_argument("--fma-ports", type=int, default=2)
     ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--m", type=int, nargs="*", default=None)
+    ap.add_argument("--cold", action="store_true", help="weights from memory, not cache (as in a model)")
+    ap.add_argument("--m", type=int, nargs="*", default=None, help=f"rows (default {ROWS})")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     peak = args.threads * args.ghz * args.fma_ports * 32
@@ -109,11 +116,9 @@ def main() -> None:
         core = measured_peak(tmp)
         print(f"tile {args.tile or 'default'}, {args.threads} thread(s), nominal peak {peak:.0f} GFLOP/s, "
               f"measured FMA peak {core:.0f} GFLOP per CPU-second per core")
-        for m, k, n in SHAPES:
-            if args.m and m not in args.m:
-                continue
+        for m, (k, n) in itertools.product(args.m or ROWS, KN):
             lib.mlcv_f32_tile_info(ctypes.c_int64(k), info)
-            wall, cpu = time_one(lib, m, k, n, args.runs)
+            wall, cpu = time_one(lib, m, k, n, args.runs, args.cold)
             gf = 2 * m * k * n / wall / 1e9
             per_cpu = 2 * m * k * n / cpu / 1e9
             print(f"M={m:5d} K={k:5d} N={n:5d} KC={info[2]:4d}  {wall * 1e3:7.2f} ms {gf:6.1f} GFLOP/s "
