@@ -425,57 +425,6 @@ AMX_TARGET static void amx_configure(void) {
   _tile_loadconfig(&cfg);
 }
 
-/* Rows [m0, m1) of x . panel with 32-row AMX blocks (K a multiple of 32), the rest with the
- * AVX512 tile: attention's products when head_dim is not a multiple of 32 (the linear layers
- * use run_linear_amx). */
-AMX_TARGET static void rows_amx(const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m0,
-                                int64_t m1, int64_t n0, int ncols, int64_t N, int64_t K) {
-  if (K % AMX_K != 0) {
-    rows_avx512(x, panel, ep, y, m0, m1, n0, ncols, N, K);
-    return;
-  }
-  float out[16 * 16] __attribute__((aligned(64)));
-  int64_t m = m0;
-  amx_configure();
-  for (; m + AMX_ROWS <= m1; m += AMX_ROWS) {
-    for (int cb = 0; cb < NR && cb < ncols; cb += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t k = 0; k < K; k += AMX_K) {
-        _tile_loadd(4, x + m * K + k, K * 2);
-        _tile_loadd(5, x + (m + 16) * K + k, K * 2);
-        _tile_loadd(6, panel + (k / 2) * NR + cb, NR * 4);
-        _tile_loadd(7, panel + (k / 2) * NR + cb + 16, NR * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      for (int t = 0; t < 4; ++t) {
-        int64_t row = m + (t >> 1) * 16;
-        int col = cb + (t & 1) * 16;
-        int left = ncols - col;
-        if (left <= 0) continue;
-        switch (t) { /* tile numbers must be constants */
-          case 0: _tile_stored(0, out, 64); break;
-          case 1: _tile_stored(1, out, 64); break;
-          case 2: _tile_stored(2, out, 64); break;
-          default: _tile_stored(3, out, 64); break;
-        }
-        __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        __m512 bj = ep->bias ? _mm512_maskz_loadu_ps(mask, ep->bias + n0 + col) : _mm512_setzero_ps();
-        for (int r = 0; r < 16; ++r) {
-          int64_t at = (row + r) * N + n0 + col;
-          store_avx512(ep, _mm512_add_ps(_mm512_load_ps(out + 16 * r), bj), mask, y, at);
-        }
-      }
-    }
-  }
-  _tile_release();
-  if (m < m1) rows_avx512(x, panel, ep, y, m, m1, n0, ncols, N, K);
-}
 #endif
 
 /* ------------------------------------------------------------------ driver */
@@ -1004,9 +953,9 @@ int mlcv_bf16_linear_act(const uint16_t* x, const uint16_t* w, const float* bias
  * head-dim columns x key pairs (a pair of consecutive keys per 32-bit word), then per block
  * of ATT_ROWS queries: scores = q . k^T (fp32), exp and sums, the probabilities in bf16, and
  * (p . v) / sum. A head is split into chunks only when there are fewer heads than twice the
- * threads (each chunk packs the head's k and v again). On AMX the keys of p . v are padded to
- * a multiple of 32 (zero probabilities, zero values) and, when D is a multiple of 32, both
- * products store whole tiles into the padded buffers (amx_panel_raw).
+ * threads (each chunk packs the head's k and v again). On AMX both products store whole tiles
+ * into buffers padded to them (amx_panel_raw): head_dim to a multiple of 32 for q . k^T (SigLIP's
+ * 72 runs as 96), the keys of p . v to a multiple of 32.
  */
 
 #define ATT_ROWS_AVX512 48 /* queries per block: a multiple of MR */
@@ -1158,13 +1107,14 @@ AVX512_BF16_TARGET static float softmax_row(const float* scores, int64_t S, int6
   return _mm512_reduce_add_ps(sum);
 }
 
-/* c[rows][NR] (row stride ldc floats) = a[rows][K] (row stride lda) . panel ([K / 2][NR] pairs) on
- * AMX tiles stored as they are: rows a multiple of 32, K of AMX_K, tiles configured by the caller.
- * Attention's buffers are padded to whole tiles, so no row or column needs a mask. */
+/* c[rows][cols] (row stride ldc floats) = a[rows][K] (row stride lda) . the first ``cols`` columns of
+ * panel ([K / 2][NR] pairs) on AMX tiles stored as they are: rows and cols multiples of 32 (cols at
+ * most NR), K of AMX_K, tiles configured by the caller. Attention's buffers are padded to whole
+ * tiles, so no row or column needs a mask. */
 AMX_TARGET static void amx_panel_raw(const uint16_t* a, int64_t lda, const uint32_t* panel, float* c, int64_t ldc,
-                                     int64_t K, int64_t rows) {
+                                     int64_t K, int64_t rows, int cols) {
   for (int64_t m = 0; m < rows; m += AMX_ROWS) {
-    for (int cb = 0; cb < NR; cb += 32) {
+    for (int cb = 0; cb < cols; cb += 32) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
@@ -1187,17 +1137,25 @@ AMX_TARGET static void amx_panel_raw(const uint16_t* a, int64_t lda, const uint3
   }
 }
 
-/* Queries [q0, q1) of head (b, h), ATT_ROWS at a time, with ``rows_kernel``: rows_avx512, or
- * rows_amx, which needs the keys of p . v padded to a multiple of ``key_align`` = AMX_K. With
- * ``raw_amx`` (AMX, head_dim a multiple of AMX_K) both products are amx_panel_raw instead, on
- * query blocks zero-padded to whole tiles. */
+/* ``count`` values of ``src`` (as row_to_bf16) into a row of ``width`` >= count bf16, zero past count. */
+AVX512_BF16_TARGET static void row_to_bf16_padded(int in16, const void* src, int64_t at, float scale, uint16_t* dst,
+                                                  int64_t count, int64_t width) {
+  row_to_bf16(in16, src, at, scale, dst, count);
+  for (int64_t i = count; i < width; ++i) dst[i] = 0;
+}
+
+/* Queries [q0, q1) of head (b, h), ATT_ROWS at a time. With ``raw_amx`` (AMX) both products are
+ * amx_panel_raw on buffers padded to whole tiles: query blocks to 32 rows, head_dim to DK, a
+ * multiple of AMX_K (zero columns of q and k add nothing to q . k^T), the keys of p . v to a
+ * multiple of AMX_K (zero probabilities, zero values). Else rows_avx512 on the unpadded head_dim
+ * and key pairs. */
 AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, int64_t b, int64_t h, int64_t q0,
-                                                     int64_t q1, rows_fn rows_kernel, int64_t key_align,
-                                                     const int64_t ATT_ROWS, int raw_amx) {
+                                                     int64_t q1, const int64_t ATT_ROWS, int raw_amx) {
   const int64_t S = job->S, H = job->H, D = job->D;
+  const int64_t key_align = raw_amx ? AMX_K : 2, DK = raw_amx ? round_up(D, AMX_K) : D;
   const int64_t SK = round_up(S, NR), SE = round_up(S, key_align), DP = round_up(D, NR);
-  size_t kb_bytes = (size_t)round_up(S * D * 2, 64), kp_bytes = (size_t)SK * D * 2;
-  size_t vp_bytes = (size_t)SE / 2 * DP * 4, qb_bytes = (size_t)round_up(ATT_ROWS * D * 2, 64);
+  size_t kb_bytes = (size_t)round_up(S * DK * 2, 64), kp_bytes = (size_t)SK * DK * 2;
+  size_t vp_bytes = (size_t)SE / 2 * DP * 4, qb_bytes = (size_t)round_up(ATT_ROWS * DK * 2, 64);
   size_t sc_bytes = (size_t)ATT_ROWS * SK * 4, pb_bytes = (size_t)round_up(ATT_ROWS * SE * 2, 64);
   size_t ob_bytes = (size_t)ATT_ROWS * DP * 4;
   uint8_t* base = (uint8_t*)attention_buffer(kb_bytes + kp_bytes + vp_bytes + qb_bytes + sc_bytes + pb_bytes +
@@ -1213,31 +1171,36 @@ AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, i
   float* sums = (float*)((uint8_t*)ob + ob_bytes);
   const epilogue plain = {NULL, NULL, ACT_NONE, NULL};
 
-  for (int64_t j = 0; j < S; ++j) row_to_bf16(job->in16, job->k, ((b * S + j) * H + h) * D, 1.0f, kb + j * D, D);
-  for (int64_t n0 = 0; n0 < SK; n0 += NR) pack_panel_avx512(kb, S, D, n0, kp + n0 * (D / 2));
+  for (int64_t j = 0; j < S; ++j)
+    row_to_bf16_padded(job->in16, job->k, ((b * S + j) * H + h) * D, 1.0f, kb + j * DK, D, DK);
+  for (int64_t n0 = 0; n0 < SK; n0 += NR) pack_panel_avx512(kb, S, DK, n0, kp + n0 * (DK / 2));
   pack_values(job, b, h, SE / 2, vp);
   for (int64_t m0 = q0; m0 < q1; m0 += ATT_ROWS) {
     int64_t rows = q1 - m0 < ATT_ROWS ? q1 - m0 : ATT_ROWS;
     const float scale_log2 = job->scale * 1.44269504f; /* scores in base-2 units for softmax_row */
     for (int64_t r = 0; r < rows; ++r)
-      row_to_bf16(job->in16, job->q, ((b * S + m0 + r) * H + h) * D, scale_log2, qb + r * D, D);
+      row_to_bf16_padded(job->in16, job->q, ((b * S + m0 + r) * H + h) * D, scale_log2, qb + r * DK, D, DK);
     if (raw_amx) {
       int64_t tile_rows = round_up(rows, AMX_ROWS);
-      memset(qb + rows * D, 0, (size_t)(tile_rows - rows) * D * 2);
+      memset(qb + rows * DK, 0, (size_t)(tile_rows - rows) * DK * 2);
       memset(pb + rows * SE, 0, (size_t)(tile_rows - rows) * SE * 2);
-      for (int64_t n0 = 0; n0 < SK; n0 += NR) amx_panel_raw(qb, D, kp + n0 * (D / 2), scores + n0, SK, D, tile_rows);
+      for (int64_t n0 = 0; n0 < SK; n0 += NR)
+        amx_panel_raw(qb, DK, kp + n0 * (DK / 2), scores + n0, SK, DK, tile_rows, NR);
       for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
-      for (int64_t c0 = 0; c0 < DP; c0 += NR)
-        amx_panel_raw(pb, SE, vp + (c0 / NR) * (SE / 2) * NR, ob + c0, DP, SE, tile_rows);
-    }
-    for (int64_t n0 = 0; n0 < SK && !raw_amx; n0 += NR) {
-      int ncols = S - n0 < NR ? (int)(S - n0) : NR;
-      rows_kernel(qb, kp + n0 * (D / 2), &plain, scores, 0, rows, n0, ncols, SK, D);
-    }
-    for (int64_t r = 0; r < rows && !raw_amx; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
-    for (int64_t c0 = 0; c0 < DP && !raw_amx; c0 += NR) {
-      int ncols = D - c0 < NR ? (int)(D - c0) : NR;
-      rows_kernel(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
+      for (int64_t c0 = 0; c0 < DP; c0 += NR) {
+        int cols = D - c0 < NR ? (int)round_up(D - c0, 32) : NR;
+        amx_panel_raw(pb, SE, vp + (c0 / NR) * (SE / 2) * NR, ob + c0, DP, SE, tile_rows, cols);
+      }
+    } else {
+      for (int64_t n0 = 0; n0 < SK; n0 += NR) {
+        int ncols = S - n0 < NR ? (int)(S - n0) : NR;
+        rows_avx512(qb, kp + n0 * (D / 2), &plain, scores, 0, rows, n0, ncols, SK, D);
+      }
+      for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
+      for (int64_t c0 = 0; c0 < DP; c0 += NR) {
+        int ncols = D - c0 < NR ? (int)(D - c0) : NR;
+        rows_avx512(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t o = ((b * S + m0 + r) * H + h) * D;
@@ -1257,13 +1220,12 @@ AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, i
 
 AVX512_BF16_TARGET static int attention_avx512(const attention_job* job, int64_t b, int64_t h, int64_t q0,
                                                int64_t q1) {
-  return attention_tiles(job, b, h, q0, q1, rows_avx512, 2, ATT_ROWS_AVX512, 0);
+  return attention_tiles(job, b, h, q0, q1, ATT_ROWS_AVX512, 0);
 }
 
 AMX_TARGET static int attention_amx(const attention_job* job, int64_t b, int64_t h, int64_t q0, int64_t q1) {
-  if (job->D % AMX_K != 0) return attention_tiles(job, b, h, q0, q1, rows_amx, AMX_K, ATT_ROWS_AMX, 0);
   amx_configure();
-  int status = attention_tiles(job, b, h, q0, q1, rows_amx, AMX_K, ATT_ROWS_AMX, 1);
+  int status = attention_tiles(job, b, h, q0, q1, ATT_ROWS_AMX, 1);
   _tile_release();
   return status;
 }

@@ -498,9 +498,12 @@ static int f32_parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata
   return f32_run_units((f32_job*)cdata);
 }
 
+/* Rows per work unit at most. The weights are packed (read from memory: a model's weights are not
+ * in any cache) once per row block, the unit's x rows are read from L2 or L3 once per panel. Against
+ * 288-row blocks (x in L2) this measured 3-12 % faster on the ViT shapes with M of 577-1025 and the
+ * same at M = 8200 (scripts/dev/f32_gemm_bench.py --cold): the weight traffic is what costs. */
 #ifndef F32_ROW_BLOCK
-#define F32_ROW_BLOCK 288 /* rows per work unit at most: their x rows stay in L2 across the unit's panels
-                            (for K up to about 900 on 2 MiB); the weights are packed once per row block */
+#define F32_ROW_BLOCK 1032
 #endif
 
 /* Splits the job into (row block, panel group) units: rows in blocks of at most F32_ROW_BLOCK, then
