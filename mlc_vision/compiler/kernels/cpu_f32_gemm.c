@@ -71,6 +71,10 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 #define F32_UNITS_PER_THREAD 4 /* work units per thread: a thread the OS delays takes fewer */
 #endif
 
+#ifndef F32_PREFETCH_ROWS
+#define F32_PREFETCH_ROWS 300 /* row blocks up to this size prefetch the next panel's weights */
+#endif
+
 /* ------------------------------------------------------------------ features */
 
 #if MLCV_X86
@@ -341,12 +345,15 @@ F32_AVX512 static void f32_pack_b(const float* w, int64_t N, int64_t K, int64_t 
 /* One register tile: ``mr`` rows x NR columns of y at (m, n0), over kc values of k: rows of x at
  * ``a`` (``lda`` floats apart), the weight slice ``b`` (kc rows of NR). ``first``: start from 0,
  * else from the partial sums in y; ``last``: finish with the epilogue. ``next``: the next tile's
- * rows, prefetched into L1 while this one runs. */
+ * rows, prefetched into L1 while this one runs. ``pf``: ``pf_rows`` rows of the weights (``lda``
+ * floats apart, kc values each) that the next panel packs, prefetched into L2 one cache line per
+ * row every 16 k, so that reading them from memory overlaps this panel's FMAs. */
 F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, const float* a, const float* b,
                                                                      const float* next, const f32_epilogue* ep,
                                                                      float* y, int64_t m, int64_t n0,
                                                                      const __mmask16* masks, int64_t N, int64_t lda,
-                                                                     int64_t kc, int first, int last) {
+                                                                     int64_t kc, int first, int last, const float* pf,
+                                                                     int pf_rows) {
   __m512 acc[F32_MR][F32_NV];
 #pragma GCC unroll 16
   for (int r = 0; r < F32_MR; ++r)
@@ -356,8 +363,11 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
                                      : _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     if ((k & 15) == 0)
+    {
 #pragma GCC unroll 16
       for (int r = 0; r < F32_MR; ++r) _mm_prefetch((const char*)(next + r * lda + k), _MM_HINT_T0);
+      for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * lda + k), _MM_HINT_T1);
+    }
     __m512 bv[F32_NV];
 #pragma GCC unroll 8
     for (int j = 0; j < F32_NV; ++j) bv[j] = _mm512_load_ps(b + k * F32_NR + 16 * j);
@@ -394,22 +404,34 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
 }
 
 #define F32_TILE_CASE(R) \
-  case R: f32_tile(R, a, b, a, ep, y, m, n0, masks, N, lda, kc, first, last); break;
+  case R: f32_tile(R, a, b, a, ep, y, m, n0, masks, N, lda, kc, first, last, pf, pf_rows); break;
 
 /* Rows [m0, m1) x columns [n0, n0 + ncols) (the slice ``b``), one K block of kc; row r of the
- * block is at ``a0 + r * lda``. */
+ * block is at ``a0 + r * lda``. ``w_next``: the first of the ``next_rows`` weight rows (same k range)
+ * the next panel packs, or NULL; the row tiles share their prefetching (f32_tile). */
 F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep,
                                         float* y, int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N,
-                                        int64_t kc, int first, int last) {
+                                        int64_t kc, int first, int last, const float* w_next, int64_t next_rows) {
   __mmask16 masks[F32_NV];
   for (int j = 0; j < F32_NV; ++j) {
     int64_t left = ncols - 16 * j;
     masks[j] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
   }
+  int64_t tiles = (m1 - m0 + F32_MR - 1) / F32_MR;
+  int64_t pf_per_tile = w_next ? (next_rows + tiles - 1) / tiles : 0;
+  int64_t pf_done = 0; /* next-panel rows handed to earlier tiles */
+  const float* pf = w_next;
+  int pf_rows = 0;
   int64_t m = m0;
   const float* a = a0;
-  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda)
-    f32_tile(F32_MR, a, b, a + F32_MR * lda, ep, y, m, n0, masks, N, lda, kc, first, last);
+  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda) {
+    pf = w_next + pf_done * lda;
+    pf_rows = (int)(next_rows - pf_done < pf_per_tile ? next_rows - pf_done : pf_per_tile);
+    pf_done += pf_rows;
+    f32_tile(F32_MR, a, b, a + F32_MR * lda, ep, y, m, n0, masks, N, lda, kc, first, last, pf, pf_rows);
+  }
+  pf = w_next + pf_done * lda;
+  pf_rows = (int)(next_rows - pf_done < pf_per_tile ? next_rows - pf_done : pf_per_tile);
   switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
 #if F32_MR > 13
     F32_TILE_CASE(13) F32_TILE_CASE(12) F32_TILE_CASE(11) F32_TILE_CASE(10) F32_TILE_CASE(9) F32_TILE_CASE(8)
@@ -463,9 +485,14 @@ static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t
       int64_t ncols = job->N - n0 < F32_NR ? job->N - n0 : F32_NR;
       for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
         int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
+        /* The next panel's weights, prefetched while this one runs when the whole K is one block and
+         * the unit has few rows: then reading them from memory is a large part of a panel's time
+         * (with more rows it is small, and the prefetched lines compete with x for L2). */
+        int64_t next_n0 = n0 + F32_NR, prefetch = job->kc >= job->K && m1 - m0 <= F32_PREFETCH_ROWS;
+        int64_t next_rows = prefetch && next_n0 < job->N ? (job->N - next_n0 < F32_NR ? job->N - next_n0 : F32_NR) : 0;
         f32_pack_b(job->w, job->N, job->K, n0, k0, k1, scratch);
         f32_block_avx512(job->x + m0 * job->K + k0, job->K, scratch, &job->ep, job->y, m0, m1, n0, ncols, job->N,
-                         k1 - k0, k0 == 0, k1 == job->K);
+                         k1 - k0, k0 == 0, k1 == job->K, next_rows ? job->w + next_n0 * job->K : NULL, next_rows);
       }
     }
     return;
