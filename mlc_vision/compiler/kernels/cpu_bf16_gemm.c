@@ -1180,27 +1180,25 @@ AVX512_BF16_TARGET static inline int attention_tiles(const attention_job* job, i
     const float scale_log2 = job->scale * 1.44269504f; /* scores in base-2 units for softmax_row */
     for (int64_t r = 0; r < rows; ++r)
       row_to_bf16_padded(job->in16, job->q, ((b * S + m0 + r) * H + h) * D, scale_log2, qb + r * DK, D, DK);
+    const int64_t tile_rows = round_up(rows, AMX_ROWS); /* raw_amx: query blocks padded to whole tiles */
     if (raw_amx) {
-      int64_t tile_rows = round_up(rows, AMX_ROWS);
       memset(qb + rows * DK, 0, (size_t)(tile_rows - rows) * DK * 2);
       memset(pb + rows * SE, 0, (size_t)(tile_rows - rows) * SE * 2);
-      for (int64_t n0 = 0; n0 < SK; n0 += NR)
+    }
+    for (int64_t n0 = 0; n0 < SK; n0 += NR) { /* scores = q . k^T */
+      int ncols = S - n0 < NR ? (int)(S - n0) : NR;
+      if (raw_amx)
         amx_panel_raw(qb, DK, kp + n0 * (DK / 2), scores + n0, SK, DK, tile_rows, NR);
-      for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
-      for (int64_t c0 = 0; c0 < DP; c0 += NR) {
-        int cols = D - c0 < NR ? (int)round_up(D - c0, 32) : NR;
-        amx_panel_raw(pb, SE, vp + (c0 / NR) * (SE / 2) * NR, ob + c0, DP, SE, tile_rows, cols);
-      }
-    } else {
-      for (int64_t n0 = 0; n0 < SK; n0 += NR) {
-        int ncols = S - n0 < NR ? (int)(S - n0) : NR;
+      else
         rows_avx512(qb, kp + n0 * (D / 2), &plain, scores, 0, rows, n0, ncols, SK, D);
-      }
-      for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
-      for (int64_t c0 = 0; c0 < DP; c0 += NR) {
-        int ncols = D - c0 < NR ? (int)(D - c0) : NR;
+    }
+    for (int64_t r = 0; r < rows; ++r) sums[r] = softmax_row(scores + r * SK, S, SE, pb + r * SE);
+    for (int64_t c0 = 0; c0 < DP; c0 += NR) { /* ob = p . v */
+      int ncols = D - c0 < NR ? (int)(D - c0) : NR;
+      if (raw_amx)
+        amx_panel_raw(pb, SE, vp + (c0 / NR) * (SE / 2) * NR, ob + c0, DP, SE, tile_rows, (int)round_up(ncols, 32));
+      else
         rows_avx512(pb, vp + (c0 / NR) * (SE / 2) * NR, &plain, ob, 0, rows, c0, ncols, DP, SE);
-      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t o = ((b * S + m0 + r) * H + h) * D;

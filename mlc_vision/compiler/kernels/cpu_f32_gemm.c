@@ -362,8 +362,7 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
       acc[r][j] = (r < mr && !first) ? _mm512_maskz_loadu_ps(masks[j], y + (m + r) * N + n0 + 16 * j)
                                      : _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
-    if ((k & 15) == 0)
-    {
+    if ((k & 15) == 0) {
 #pragma GCC unroll 16
       for (int r = 0; r < F32_MR; ++r) _mm_prefetch((const char*)(next + r * lda + k), _MM_HINT_T0);
       for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * lda + k), _MM_HINT_T1);
@@ -403,8 +402,23 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
   }
 }
 
-#define F32_TILE_CASE(R) \
-  case R: f32_tile(R, a, b, a, ep, y, m, n0, masks, N, lda, kc, first, last, pf, pf_rows); break;
+/* How many of the next panel's ``next_rows`` weight rows row tile ``t`` prefetches: ``per_tile``
+ * each, in order, until none are left. */
+static inline int f32_prefetch_rows(int64_t t, int64_t per_tile, int64_t next_rows) {
+  int64_t left = next_rows - t * per_tile;
+  return (int)(left <= 0 ? 0 : left < per_tile ? left : per_tile);
+}
+
+/* The first weight row row tile ``t`` prefetches (NULL when there is no next panel). */
+static inline const float* f32_prefetch_start(const float* w_next, int64_t t, int64_t per_tile, int64_t lda) {
+  return w_next ? w_next + t * per_tile * lda : NULL;
+}
+
+#define F32_TILE_CASE(R)                                                                             \
+  case R:                                                                                            \
+    f32_tile(R, a, b, a, ep, y, m, n0, masks, N, lda, kc, first, last,                               \
+             f32_prefetch_start(w_next, t, per_tile, lda), f32_prefetch_rows(t, per_tile, next_rows)); \
+    break;
 
 /* Rows [m0, m1) x columns [n0, n0 + ncols) (the slice ``b``), one K block of kc; row r of the
  * block is at ``a0 + r * lda``. ``w_next``: the first of the ``next_rows`` weight rows (same k range)
@@ -417,21 +431,14 @@ F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const floa
     int64_t left = ncols - 16 * j;
     masks[j] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
   }
-  int64_t tiles = (m1 - m0 + F32_MR - 1) / F32_MR;
-  int64_t pf_per_tile = w_next ? (next_rows + tiles - 1) / tiles : 0;
-  int64_t pf_done = 0; /* next-panel rows handed to earlier tiles */
-  const float* pf = w_next;
-  int pf_rows = 0;
-  int64_t m = m0;
+  const int64_t tiles = (m1 - m0 + F32_MR - 1) / F32_MR;
+  if (w_next == NULL) next_rows = 0;
+  const int64_t per_tile = tiles > 0 ? (next_rows + tiles - 1) / tiles : 0;
+  int64_t m = m0, t = 0;
   const float* a = a0;
-  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda) {
-    pf = w_next + pf_done * lda;
-    pf_rows = (int)(next_rows - pf_done < pf_per_tile ? next_rows - pf_done : pf_per_tile);
-    pf_done += pf_rows;
-    f32_tile(F32_MR, a, b, a + F32_MR * lda, ep, y, m, n0, masks, N, lda, kc, first, last, pf, pf_rows);
-  }
-  pf = w_next + pf_done * lda;
-  pf_rows = (int)(next_rows - pf_done < pf_per_tile ? next_rows - pf_done : pf_per_tile);
+  for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda, ++t)
+    f32_tile(F32_MR, a, b, a + F32_MR * lda, ep, y, m, n0, masks, N, lda, kc, first, last,
+             f32_prefetch_start(w_next, t, per_tile, lda), f32_prefetch_rows(t, per_tile, next_rows));
   switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
 #if F32_MR > 13
     F32_TILE_CASE(13) F32_TILE_CASE(12) F32_TILE_CASE(11) F32_TILE_CASE(10) F32_TILE_CASE(9) F32_TILE_CASE(8)
@@ -483,13 +490,14 @@ static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t
     for (int64_t p = p0; p < p1; ++p) {
       int64_t n0 = p * F32_NR;
       int64_t ncols = job->N - n0 < F32_NR ? job->N - n0 : F32_NR;
+      /* The next panel's weights, prefetched while this one runs when the whole K is one block and
+       * the unit has few rows: then reading them from memory is a large part of a panel's time
+       * (with more rows it is small, and the prefetched lines compete with x for L2). */
+      int64_t next_n0 = n0 + F32_NR;
+      int prefetch = job->kc >= job->K && m1 - m0 <= F32_PREFETCH_ROWS && next_n0 < job->N;
+      int64_t next_rows = prefetch ? (job->N - next_n0 < F32_NR ? job->N - next_n0 : F32_NR) : 0;
       for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
         int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
-        /* The next panel's weights, prefetched while this one runs when the whole K is one block and
-         * the unit has few rows: then reading them from memory is a large part of a panel's time
-         * (with more rows it is small, and the prefetched lines compete with x for L2). */
-        int64_t next_n0 = n0 + F32_NR, prefetch = job->kc >= job->K && m1 - m0 <= F32_PREFETCH_ROWS;
-        int64_t next_rows = prefetch && next_n0 < job->N ? (job->N - next_n0 < F32_NR ? job->N - next_n0 : F32_NR) : 0;
         f32_pack_b(job->w, job->N, job->K, n0, k0, k1, scratch);
         f32_block_avx512(job->x + m0 * job->K + k0, job->K, scratch, &job->ep, job->y, m0, m1, n0, ncols, job->N,
                          k1 - k0, k0 == 0, k1 == job->K, next_rows ? job->w + next_n0 * job->K : NULL, next_rows);
