@@ -12,7 +12,7 @@ runtime travels to it) and this one has no GPU:
 
 * ``default``: split attention, dlight's WMMA matmuls (what ``compile`` gives today);
 * ``tensorcore``: ``--attention tensorcore`` (attention matmuls on tensor cores, warp softmax);
-* ``flash``: ``--attention flash`` (our tensor-core flash kernel);
+* ``flash``: ``--attention flash`` (our tensor-core flash kernel, fed by one QKV GEMM per layer);
 * ``flash-mma``: ``--attention flash --gemm mma`` (and the matmuls on ``mma.sync`` with cp.async);
 * ``flash-mma-graph``: the same with ``relax.backend.use_cuda_graph`` (batch-1 launch overhead)
   and the batch bounded by ``GRAPH_MAX_BATCH`` (RewriteCUDAGraph captures nothing while

@@ -148,8 +148,10 @@ def _attention_reference(q, k, v, scale):
 
 
 #: (batch, seq, heads, head_dim): one token; a seq that is neither a multiple of the 48-query block
-#: nor of the 64-key tile; head dims of every register tile (1, 2, 4, 5, 8 vectors) and with tails.
-ATTENTION_SHAPES = [(1, 1, 1, 8), (2, 50, 3, 16), (1, 197, 2, 64), (2, 61, 2, 72), (1, 100, 1, 128), (1, 7, 2, 20)]
+#: nor of the 64-key tile (the last key tile computing 1, 2, 3 or 4 vectors of 16 keys: 197, 90, 100,
+#: 50); head dims of every register tile (1, 2, 4, 5, 8 vectors) and with tails.
+ATTENTION_SHAPES = [(1, 1, 1, 8), (2, 50, 3, 16), (1, 197, 2, 64), (2, 61, 2, 72), (1, 100, 1, 128), (1, 7, 2, 20),
+                    (1, 90, 2, 64)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES)

@@ -104,6 +104,28 @@ def test_tc_flash_kernel_matches_numpy(seq, heads, head_dim, dtype, atol):
     np.testing.assert_allclose(out.numpy().astype("float64"), expected, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "seq, heads, head_dim, dtype, atol",
+    [(70, 2, 64, "float16", 2e-3), (40, 3, 72, "bfloat16", 2e-2), (65, 2, 128, "float16", 2e-3)],
+)
+def test_tc_flash_packed_kernel_matches_numpy(seq, heads, head_dim, dtype, atol):
+    """The packed entry (one ``[b, seq, 3, heads, head_dim]`` projection, q | k | v) reads each of q, k, v
+    at its own offset and row stride: a wrong view gives another tensor's numbers here."""
+    import ml_dtypes
+
+    from mlc_vision.compiler.kernels.cuda_tc_flash_attention import tc_flash_attention_packed_kernel
+
+    scale = head_dim**-0.5
+    func = tc_flash_attention_packed_kernel(seq, heads, head_dim, dtype, scale, cpu=True)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    qkv = np.random.default_rng(1).standard_normal((2, seq, 3, heads, head_dim)).astype(np_dtype)
+    out = tvm.runtime.tensor(np.zeros((2, seq, heads, head_dim), np_dtype))
+    lib["main"](tvm.runtime.tensor(qkv), out)
+    q, k, v = (qkv[:, :, i].astype("float32") for i in range(3))
+    np.testing.assert_allclose(out.numpy().astype("float64"), reference(q, k, v, scale), atol=atol, rtol=0)
+
+
 def test_tc_flash_kernel_limits():
     from mlc_vision.compiler.kernels.cuda_tc_flash_attention import supports, tc_flash_attention_kernel
 

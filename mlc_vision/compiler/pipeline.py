@@ -42,8 +42,9 @@ target by ``targets.resolve_attention`` and recorded in the metadata:
   split on an H100). ``tensorcore``: the split without permutes, both matmuls
   on tensor cores and our warp softmax (``kernels/warp_softmax.py``).
   ``flash`` (fp16/bf16): ``kernels/cuda_tc_flash_attention.py``, one kernel on
-  tensor cores (``mma.sync``), scores in registers; attention it cannot take
-  gets the ``tensorcore`` split. ``tensorcore`` and ``flash`` are not yet timed
+  tensor cores (``mma.sync``), scores in registers, fed by one QKV GEMM where
+  q, k and v are projections of one input (``passes/pack_qkv.py``); attention it
+  cannot take gets the ``tensorcore`` split. ``tensorcore`` and ``flash`` are not yet timed
   on a GPU.
 * Other GPU targets: ``split``.
 
@@ -62,6 +63,7 @@ from .passes.bf16_cpu import bf16_attention_cpu, bf16_linear_cpu
 from .passes.f32_cpu import f32_attention_cpu, f32_linear_cpu
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
+from .passes.pack_qkv import pack_qkv_flash_cuda
 from .passes.segment_attention import lower_segment_attention_cpu, lower_segment_attention_masked
 from .passes.segment_attention_cuda import lower_segment_attention_cuda_flash
 from .passes.split_attention import split_attention, split_attention_cuda
@@ -128,7 +130,7 @@ def gpu_phases(target, attention: str, gemm: str = "dlight") -> list[tuple[str, 
         "split": [split_attention],
         "fused": [fuse_attention_cuda, split_attention],
         "tensorcore": [split_attention_cuda],
-        "flash": [fuse_attention_cuda_tc, split_attention_cuda, lower_segment_attention_cuda_flash],
+        "flash": [pack_qkv_flash_cuda, fuse_attention_cuda_tc, split_attention_cuda, lower_segment_attention_cuda_flash],
     }[attention]
     return [
         ("lower_attention", lower_attention + [lower_segment_attention_masked]),

@@ -680,29 +680,51 @@ F32_AVX512 static void att_pack_v(const f32_attention_job* job, int64_t b, int64
   }
 }
 
-/* scores[r][keys] for 6 query rows (``qp``, D floats apart) x the 64 keys of the kt panel ``kp``. */
-F32_AVX512 static inline void att_scores_tile(const float* qp, const float* kp, int64_t SP, int64_t D,
-                                              float* scores) {
+/* scores[r][keys] for 6 query rows (``qp``, D floats apart) x the first 16 NV of the 64 keys of the
+ * kt panel ``kp`` (the last panel computes only the vectors that hold keys < S). */
+F32_AVX512 __attribute__((always_inline)) static inline void att_scores_tile(int NV, const float* qp, const float* kp,
+                                                                             int64_t SP, int64_t D, float* scores) {
   __m512 acc[6][4];
 #pragma GCC unroll 6
   for (int r = 0; r < 6; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
     __m512 bv[4];
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) bv[j] = _mm512_load_ps(kp + d * ATT_KEYS + 16 * j);
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_load_ps(kp + d * ATT_KEYS + 16 * j);
 #pragma GCC unroll 6
     for (int r = 0; r < 6; ++r) {
       __m512 a = _mm512_set1_ps(qp[r * D + d]);
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
     }
   }
 #pragma GCC unroll 6
   for (int r = 0; r < 6; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) _mm512_store_ps(scores + r * SP + 16 * j, acc[r][j]);
+    for (int j = 0; j < NV; ++j) _mm512_store_ps(scores + r * SP + 16 * j, acc[r][j]);
+}
+
+/* The scores of rows [0, tq) of the query block x every key panel; a panel's 16-key vectors past
+ * the last key are not computed (nor read: the softmax and p . v stop at key S). */
+F32_AVX512 static void att_scores_block(const float* qp, const float* kt, int64_t S, int64_t SP, int64_t D,
+                                        int64_t tq, float* scores) {
+  for (int64_t kp = 0; kp < SP; kp += ATT_KEYS) {
+    int64_t keys = S - kp < ATT_KEYS ? S - kp : ATT_KEYS;
+    int nv = (int)((keys + 15) / 16);
+    for (int64_t r0 = 0; r0 < tq; r0 += 6) {
+      const float* q = qp + r0 * D;
+      const float* k = kt + kp * D;
+      float* out = scores + r0 * SP + kp;
+      switch (nv) { /* constant vector counts: each case is its own unrolled tile */
+        case 1: att_scores_tile(1, q, k, SP, D, out); break;
+        case 2: att_scores_tile(2, q, k, SP, D, out); break;
+        case 3: att_scores_tile(3, q, k, SP, D, out); break;
+        default: att_scores_tile(4, q, k, SP, D, out); break;
+      }
+    }
+  }
 }
 
 /* Row ``row`` (SP floats) -> exp(row - max) over the S real keys, in place; returns the sum. */
@@ -776,9 +798,7 @@ F32_AVX512 static void f32_attention_avx512(const f32_attention_job* job, int64_
   for (int64_t q0 = 0; q0 < S; q0 += ATT_TQ) {
     int64_t tq = S - q0 < ATT_TQ ? S - q0 : ATT_TQ;
     for (int64_t r = 0; r < tq; ++r) memcpy(qp + r * D, job->q + ((b * S + q0 + r) * H + h) * D, sizeof(float) * D);
-    for (int64_t kp = 0; kp < SP; kp += ATT_KEYS)
-      for (int64_t r0 = 0; r0 < tq; r0 += 6)
-        att_scores_tile(qp + r0 * D, kt + kp * D, SP, D, scores + r0 * SP + kp);
+    att_scores_block(qp, kt, S, SP, D, tq, scores);
     for (int64_t r = 0; r < tq; ++r) inv_sum[r] = 1.0f / att_softmax_row(scores + r * SP, S);
     switch (DP / 16) {
       ATT_PV_CASE(1, 6) ATT_PV_CASE(2, 6) ATT_PV_CASE(3, 6) ATT_PV_CASE(4, 6)

@@ -123,6 +123,17 @@ def tc_flash_attention_kernel(seq: int, heads: int, head_dim: int, dtype: str, s
     return _flash_kernel(seq, heads, head_dim, dtype, scale, cpu, segmented=False)
 
 
+def tc_flash_attention_packed_kernel(seq: int, heads: int, head_dim: int, dtype: str, scale: float, cpu: bool = False):
+    """A PrimFunc ``(qkv, out)``: ``qkv [batch, seq, 3, heads, head_dim]`` is one projection whose output
+    channels are ``q | k | v`` (what one QKV GEMM writes), ``out [batch, seq, heads, head_dim]``.
+
+    The kernel reads q, k and v in place as strided views of ``qkv`` (each row
+    ``3 heads head_dim`` elements long), so nothing splits the projection into
+    three tensors first. Everything else is :func:`tc_flash_attention_kernel`.
+    """
+    return _flash_kernel(seq, heads, head_dim, dtype, scale, cpu, segmented=False, packed=True)
+
+
 def tc_segment_attention_kernel(heads: int, head_dim: int, dtype: str, scale: float, cpu: bool = False):
     """A PrimFunc ``(q, k, v, bounds, out)``: attention within segments, the sequence length symbolic.
 
@@ -137,9 +148,11 @@ def tc_segment_attention_kernel(heads: int, head_dim: int, dtype: str, scale: fl
     return _flash_kernel(None, heads, head_dim, dtype, scale, cpu, segmented=True)
 
 
-def _flash_kernel(seq, heads: int, head_dim: int, dtype: str, scale: float, cpu: bool, segmented: bool):
-    """The kernel of both entries: a static ``seq`` (every key), or ``segmented`` (``seq`` symbolic, key
-    ranges from the ``bounds`` input)."""
+def _flash_kernel(seq, heads: int, head_dim: int, dtype: str, scale: float, cpu: bool, segmented: bool,
+                  packed: bool = False):
+    """The kernel of every entry: a static ``seq`` (every key), or ``segmented`` (``seq`` symbolic, key
+    ranges from the ``bounds`` input); ``packed``: q, k, v read from one ``[batch, seq, 3, heads, head_dim]``
+    input."""
     dtype = str(dtype)  # Relax hands a PrimType
     if not supports(head_dim, dtype):
         raise ValueError(
@@ -506,6 +519,26 @@ def _flash_kernel(seq, heads: int, head_dim: int, dtype: str, scale: float, cpu:
             attention(Q, K, V, O, bounds)
 
         return segment_kernel
+
+    if packed:
+        # q, k, v: views of one row-major [b, N, 3, H, D] tensor, rows of 3 H D elements, k and v H D and
+        # 2 H D elements in (16-byte aligned for cp.async: H D is a multiple of 8)
+        row = 3 * H * D
+        view_strides = (N * row, row, D, 1)
+
+        @T.prim_func(private=True, check_well_formed=False)  # thread loops inside the root block
+        def packed_kernel(qkv_h: T.handle, o_h: T.handle):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            b = T.int64()
+            QKV = T.match_buffer(qkv_h, (b, N, 3, H, D), dtype)
+            O = T.match_buffer(o_h, (b, N, H, D), dtype)
+            with T.sblock("root"):  # TVM's reshape detection (one input, one output) expects a root block
+                Q = T.decl_buffer((b, N, H, D), dtype, data=QKV.data, strides=view_strides, elem_offset=0)
+                K = T.decl_buffer((b, N, H, D), dtype, data=QKV.data, strides=view_strides, elem_offset=H * D)
+                V = T.decl_buffer((b, N, H, D), dtype, data=QKV.data, strides=view_strides, elem_offset=2 * H * D)
+                attention(Q, K, V, O, None)
+
+        return packed_kernel
 
     @T.prim_func(private=True)
     def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
