@@ -1,9 +1,10 @@
 """C kernels of CPU libraries: compiled with the host C compiler when a library is exported.
 
 Each kernel is one C file beside its Python module (``cpu_bf16_gemm.c``,
-``cpu_f32_gemm.c``, ``cpu_segment_attention.c``); what they share, the
-declarations of TVM's thread pool, is ``tvm_thread_pool.h`` beside them. The
-object is linked into the exported library (``export_library(addons=[object])``),
+``cpu_f32_gemm.c``, ``cpu_segment_attention.c``); what they share is in headers
+beside them: the declarations of TVM's thread pool (``tvm_thread_pool.h``) and
+the helpers of the GEMM and attention kernels (``cpu_kernels.h``). The object
+is linked into the exported library (``export_library(addons=[object])``),
 which then needs nothing besides TVM's runtime at load time.
 """
 

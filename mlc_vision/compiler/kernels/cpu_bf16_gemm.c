@@ -42,21 +42,14 @@
  */
 
 #include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#if defined(__x86_64__)
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#define MLCV_X86 1
-#else
-#define MLCV_X86 0
-#endif
+#include "cpu_kernels.h" /* found beside this file */
 
-#include "tvm_thread_pool.h" /* found beside this file */
+#if MLCV_X86
+#include <sys/syscall.h>
+#endif
 
 enum { PATH_GENERIC = 0, PATH_AVX512 = 1, PATH_AMX = 2 };
 
@@ -68,12 +61,6 @@ enum { PATH_GENERIC = 0, PATH_AVX512 = 1, PATH_AMX = 2 };
 /* ------------------------------------------------------------------ features */
 
 #if MLCV_X86
-static uint64_t xgetbv0(void) {
-  uint32_t eax, edx;
-  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
-  return ((uint64_t)edx << 32) | eax;
-}
-
 /* AMX registers are off until the process asks Linux for them (arch_prctl
  * ARCH_REQ_XCOMP_PERM for XTILEDATA); without it the first tile load faults. */
 static int request_amx_permission(void) {
@@ -91,9 +78,7 @@ static int probe_path(int path) {
   if (path == PATH_GENERIC) return 1;
 #if MLCV_X86
   uint32_t a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
-  uint64_t xcr0 = xgetbv0();
-  if ((xcr0 & 0xe6) != 0xe6) return 0; /* SSE, AVX, opmask and both ZMM halves enabled by the OS */
+  if (!mlcv_os_saves_avx512()) return 0;
   __cpuid_count(7, 0, a, b, c, d);
   int avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)); /* F, BW, VL */
   int amx = (d & (1u << 22)) && (d & (1u << 24));                          /* AMX-BF16, AMX-TILE */
@@ -105,7 +90,7 @@ static int probe_path(int path) {
   }
   if (path == PATH_AVX512) return avx512 && bf16;
   /* The AMX path does its row tails with the AVX512 kernel. */
-  if (path == PATH_AMX) return avx512 && bf16 && amx && request_amx_permission() && ((xgetbv0() >> 17) & 3) == 3;
+  if (path == PATH_AMX) return avx512 && bf16 && amx && request_amx_permission() && ((mlcv_xgetbv0() >> 17) & 3) == 3;
 #endif
   return 0;
 }
@@ -301,34 +286,6 @@ AVX512_BF16_TARGET static inline void store_avx512(const epilogue* ep, __m512 v,
     _mm512_mask_storeu_ps(y + at, mask, v);
 }
 
-/* 16 x 16 transpose of 32-bit words: r[i][j] -> r[j][i]. */
-AVX512_BF16_TARGET static inline void transpose16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  /* Each 128-bit lane now holds a 4 x 4 block; gather the lanes. */
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
-
 /* pack_panel with 16 x 16 word transposes: 16 rows of w are read 64 bytes at a
  * time and written as 16 panel rows, instead of one word at a time. */
 AVX512_BF16_TARGET static void pack_panel_avx512(const uint16_t* w, int64_t N, int64_t K, int64_t n0,
@@ -343,7 +300,7 @@ AVX512_BF16_TARGET static void pack_panel_avx512(const uint16_t* w, int64_t N, i
         int64_t n = n0 + cb + i;
         r[i] = n < N ? _mm512_maskz_loadu_epi32(mask, (const uint32_t*)(w + n * K) + kb) : _mm512_setzero_si512();
       }
-      transpose16x16(r);
+      mlcv_transpose16x16(r);
       for (int j = 0; j < left; ++j) _mm512_storeu_si512(panel + (kb + j) * NR + cb, r[j]);
     }
   }
@@ -446,20 +403,10 @@ typedef struct {
   int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
 } linear_job;
 
-/* Grow-only panel buffer of the calling thread (one per pool thread, kept for the next call). */
-static __thread uint32_t* thread_panel;
-static __thread size_t thread_panel_words;
+/* The calling thread's weight panel or copied weight rows. */
+static __thread mlcv_scratch thread_panel;
 
-static uint32_t* panel_buffer(size_t words) {
-  if (words > thread_panel_words) {
-    free(thread_panel);
-    thread_panel = NULL;
-    thread_panel_words = 0;
-    if (posix_memalign((void**)&thread_panel, 64, words * 4) != 0) return NULL;
-    thread_panel_words = words;
-  }
-  return thread_panel;
-}
+static uint32_t* panel_buffer(size_t words) { return (uint32_t*)mlcv_scratch_reserve(&thread_panel, words * 4); }
 
 #if MLCV_X86
 /* ------------------------------------------------------------------ AMX linear layer
@@ -470,7 +417,7 @@ static uint32_t* panel_buffer(size_t words) {
  *
  *   xpack[mb][kp][r] = (x[16 mb + r][2 kp], x[16 mb + r][2 kp + 1])   (zero past M and past K)
  *
- * A C tile is then 16 columns x 16 rows of y, transposed in registers (transpose16x16) before
+ * A C tile is then 16 columns x 16 rows of y, transposed in registers (mlcv_transpose16x16) before
  * the epilogue. The register block is 2 x 2 tiles: 32 weight rows x 32 rows of x.
  *
  * Blocking: x is split into chunks whose packed blocks fill about 3/4 of L2, so at small
@@ -517,7 +464,7 @@ AMX_TARGET static void pack_x_block(const amx_linear_job* job, int64_t mb) {
       int64_t m = mb * 16 + i;
       r[i] = m < job->M ? _mm512_maskz_loadu_epi32(mask, (const uint32_t*)(job->x + m * K) + kb) : _mm512_setzero_si512();
     }
-    transpose16x16(r);
+    mlcv_transpose16x16(r);
     for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + (kb + j) * 16, r[j]);
   }
 }
@@ -545,7 +492,7 @@ AMX_TARGET static void store_transposed(const amx_linear_job* job, const float* 
   __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
   __m512i r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(out + 16 * i);
-  transpose16x16(r);
+  mlcv_transpose16x16(r);
   __m512 bias = job->ep.bias ? _mm512_maskz_loadu_ps(mask, job->ep.bias + n0) : _mm512_setzero_ps();
   int rows = job->M - m0 < 16 ? (int)(job->M - m0) : 16;
   for (int j = 0; j < rows; ++j)
@@ -667,20 +614,10 @@ AMX_TARGET static inline void hold_tiles(pending_tiles* pending, int64_t mb, int
   pending->done = 0;
 }
 
-/* Grow-only buffer of the calling thread for C tiles between k chunks. */
-static __thread float* partial_scratch;
-static __thread size_t partial_scratch_floats;
+/* The calling thread's C tiles between k chunks. */
+static __thread mlcv_scratch partial_scratch;
 
-static float* partial_buffer(size_t floats) {
-  if (floats > partial_scratch_floats) {
-    free(partial_scratch);
-    partial_scratch = NULL;
-    partial_scratch_floats = 0;
-    if (posix_memalign((void**)&partial_scratch, 64, floats * 4) != 0) return NULL;
-    partial_scratch_floats = floats;
-  }
-  return partial_scratch;
-}
+static float* partial_buffer(size_t floats) { return (float*)mlcv_scratch_reserve(&partial_scratch, floats * 4); }
 
 /* Prefetches into L2 the share [part, part + 1) of ``parts`` of weight rows [n0, n0 + 32) (all in
  * w): the next unit's weights arrive from memory while this unit computes. */
@@ -781,20 +718,10 @@ static int64_t l2_cache_bytes(void) {
   return 1 << 20;
 }
 
-/* Caller-owned packed x (grow-only, kept for the next call). */
-static __thread uint32_t* xpack_scratch;
-static __thread size_t xpack_scratch_words;
+/* The calling thread's packed x (and its ready flags). */
+static __thread mlcv_scratch xpack_scratch;
 
-static uint32_t* xpack_buffer(size_t words) {
-  if (words > xpack_scratch_words) {
-    free(xpack_scratch);
-    xpack_scratch = NULL;
-    xpack_scratch_words = 0;
-    if (posix_memalign((void**)&xpack_scratch, 64, words * 4) != 0) return NULL;
-    xpack_scratch_words = words;
-  }
-  return xpack_scratch;
-}
+static uint32_t* xpack_buffer(size_t words) { return (uint32_t*)mlcv_scratch_reserve(&xpack_scratch, words * 4); }
 
 /* x . w^T finished by ``ep`` on AMX (M, N > 0, K even). Returns 0 on success. */
 static int run_linear_amx(const uint16_t* x, const uint16_t* w, epilogue ep, float* y, int64_t M, int64_t N,
@@ -975,20 +902,10 @@ static inline float attention_in(const attention_job* job, const void* t, int64_
   return job->in16 ? bf16_to_f32(((const uint16_t*)t)[at]) : ((const float*)t)[at];
 }
 
-/* Grow-only scratch of the calling thread for the attention tasks. */
-static __thread void* attention_scratch;
-static __thread size_t attention_scratch_bytes;
+/* The calling thread's attention blocks. */
+static __thread mlcv_scratch attention_scratch;
 
-static void* attention_buffer(size_t bytes) {
-  if (bytes > attention_scratch_bytes) {
-    free(attention_scratch);
-    attention_scratch = NULL;
-    attention_scratch_bytes = 0;
-    if (posix_memalign(&attention_scratch, 64, bytes) != 0) return NULL;
-    attention_scratch_bytes = bytes;
-  }
-  return attention_scratch;
-}
+static void* attention_buffer(size_t bytes) { return mlcv_scratch_reserve(&attention_scratch, bytes); }
 
 /* Queries [q0, q1) of head (b, h) in plain fp32. */
 static int attention_generic(const attention_job* job, int64_t b, int64_t h, int64_t q0, int64_t q1) {

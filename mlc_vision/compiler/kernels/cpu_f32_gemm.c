@@ -34,20 +34,10 @@
  */
 
 #include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#if defined(__x86_64__)
-#include <cpuid.h>
-#include <immintrin.h>
-#define MLCV_X86 1
-#else
-#define MLCV_X86 0
-#endif
-
-#include "tvm_thread_pool.h" /* found beside this file */
+#include "cpu_kernels.h" /* found beside this file */
 
 enum { F32_PATH_GENERIC = 0, F32_PATH_AVX512 = 1 };
 
@@ -77,19 +67,10 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 
 /* ------------------------------------------------------------------ features */
 
-#if MLCV_X86
-static uint64_t f32_xgetbv0(void) {
-  uint32_t eax, edx;
-  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
-  return ((uint64_t)edx << 32) | eax;
-}
-#endif
-
 static int f32_probe_avx512(void) {
 #if MLCV_X86
   uint32_t a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
-  if ((f32_xgetbv0() & 0xe6) != 0xe6) return 0;                      /* ZMM state enabled by the OS */
+  if (!mlcv_os_saves_avx512()) return 0;
   __cpuid_count(7, 0, a, b, c, d);
   return (b & (1u << 16)) != 0; /* AVX512F */
 #else
@@ -296,33 +277,6 @@ F32_AVX512 static inline __m512 f32_activation_avx512(int act, __m512 v) {
   }
 }
 
-/* 16 x 16 transpose of 32-bit words: r[i][j] -> r[j][i]. */
-F32_AVX512 static inline void f32_transpose16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
-
 /* Columns [n0, n0 + NR) x k in [k0, k1) of w[N, K] -> slice[k - k0][NR] (columns >= N are 0), by
  * 16 x 16 register transposes. */
 F32_AVX512 static void f32_pack_b(const float* w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1,
@@ -336,7 +290,7 @@ F32_AVX512 static void f32_pack_b(const float* w, int64_t N, int64_t K, int64_t 
         int64_t n = n0 + cb + i;
         r[i] = n < N ? _mm512_maskz_loadu_epi32(mask, (const int32_t*)(w + n * K + kb)) : _mm512_setzero_si512();
       }
-      f32_transpose16x16(r);
+      mlcv_transpose16x16(r);
       for (int j = 0; j < left; ++j) _mm512_store_si512((__m512i*)(slice + (kb - k0 + j) * F32_NR + cb), r[j]);
     }
   }
@@ -466,20 +420,10 @@ typedef struct {
   int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
 } f32_job;
 
-/* Grow-only scratch of the calling thread (one per pool thread, kept for the next call). */
-static __thread float* f32_scratch;
-static __thread size_t f32_scratch_floats;
+/* The calling thread's scratch (GEMM weight slices, attention blocks). */
+static __thread mlcv_scratch f32_scratch;
 
-static float* f32_scratch_buffer(size_t floats) {
-  if (floats > f32_scratch_floats) {
-    free(f32_scratch);
-    f32_scratch = NULL;
-    f32_scratch_floats = 0;
-    if (posix_memalign((void**)&f32_scratch, 64, floats * 4) != 0) return NULL;
-    f32_scratch_floats = floats;
-  }
-  return f32_scratch;
-}
+static float* f32_scratch_buffer(size_t floats) { return (float*)mlcv_scratch_reserve(&f32_scratch, floats * 4); }
 
 /* One work unit: rows [m0, m1) x panels [p0, p1). Each panel's weights are packed one K block at
  * a time (the whole K when it fits, see k_block) and used by every row tile of the unit, the
@@ -661,7 +605,7 @@ F32_AVX512 static void att_pack_kt(const f32_attention_job* job, int64_t b, int6
                            _mm512_maskz_loadu_ps(mask, job->k + ((b * S + s) * H + h) * D + d0), scale))
                      : _mm512_setzero_si512();
       }
-      f32_transpose16x16(r);
+      mlcv_transpose16x16(r);
       float* panel = kt + (s0 / ATT_KEYS) * D * ATT_KEYS + s0 % ATT_KEYS;
       for (int j = 0; j < left; ++j) _mm512_store_si512((__m512i*)(panel + (d0 + j) * ATT_KEYS), r[j]);
     }

@@ -25,31 +25,22 @@ from ..kernels.cuda_flash_attention import MAX_HEAD_DIM as CUDA_MAX_HEAD_DIM
 from ..kernels.cuda_flash_attention import SHARED_BYTES, block_k, flash_attention_kernel, shared_bytes
 from ..kernels.cuda_tc_flash_attention import supports as tc_flash_supports
 from ..kernels.cuda_tc_flash_attention import tc_flash_attention_kernel
-from .relax_rewrite import ATTENTION_OP, plain_attention_shape, rewrite_relax_functions
+from .relax_rewrite import AttentionCallRewriter, rewrite_relax_functions
 
 
 @relax.expr_functor.mutator
-class _AttentionKernelRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+class _AttentionKernelRewriter(AttentionCallRewriter):  # pylint: disable=abstract-method
     """``R.nn.attention(q, k, v)`` -> ``call_tir(kernel, [q, k, v])`` wherever ``kernel_for`` offers one."""
 
     def __init__(self, mod, kernel_for):
         super().__init__(mod)
-        self.op = tvm.ir.Op.get(ATTENTION_OP)
         self.kernel_for = kernel_for
-        self.kernels = {}
 
-    def visit_call_(self, call):  # noqa: D102
-        call = super().visit_call_(call)
-        if not isinstance(call, relax.Call) or not call.op.same_as(self.op):
-            return call
-        shape = plain_attention_shape(call)
-        kernel = self.kernel_for(shape) if shape is not None else None
+    def rewrite(self, call, shape):  # noqa: D102
+        kernel = self.kernel_for(shape)
         if kernel is None:
             return call
-        name, make = kernel
-        if name not in self.kernels:
-            self.kernels[name] = self.builder_.add_func(make(), name)
-        return relax.call_tir(self.kernels[name], list(call.args), call.args[0].ty)
+        return relax.call_tir(self.kernel(*kernel), list(call.args), call.args[0].ty)
 
 
 def replace_attention(mod, kernel_for):

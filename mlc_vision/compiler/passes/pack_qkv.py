@@ -31,7 +31,7 @@ from tvm import relax
 
 from ..kernels.cuda_tc_flash_attention import supports as tc_flash_supports
 from ..kernels.cuda_tc_flash_attention import tc_flash_attention_packed_kernel
-from .relax_rewrite import ATTENTION_OP, plain_attention_shape, rewrite_relax_functions, static_int
+from .relax_rewrite import AttentionCallRewriter, rewrite_relax_functions, static_int
 
 
 def _bound_call(mutator, expr, op_name: str):
@@ -86,21 +86,15 @@ def _split_source(mutator, parts):
 
 
 @relax.expr_functor.mutator
-class _PackedQKVRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+class _PackedQKVRewriter(AttentionCallRewriter):  # pylint: disable=abstract-method
     """``R.nn.attention`` of three projections of one input -> one projection + the packed flash kernel."""
 
     def __init__(self, mod, make_kernel):
         super().__init__(mod)
-        self.op = tvm.ir.Op.get(ATTENTION_OP)
         self.make_kernel = make_kernel
-        self.kernels = {}
 
-    def visit_call_(self, call):  # noqa: D102
-        call = super().visit_call_(call)
-        if not isinstance(call, relax.Call) or not call.op.same_as(self.op):
-            return call
-        shape = plain_attention_shape(call)
-        if shape is None or not tc_flash_supports(shape[2], shape[3]):
+    def rewrite(self, call, shape):  # noqa: D102
+        if not tc_flash_supports(shape[2], shape[3]):
             return call
         projections = [self._unreshaped(arg) for arg in call.args]
         if any(p is None for p in projections):
@@ -114,9 +108,8 @@ class _PackedQKVRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         batch = call.args[0].ty.shape.values[0]
         qkv = self.builder_.emit(relax.op.reshape(packed, relax.ShapeExpr([batch, seq, 3, heads, head_dim])))
         name = f"flash_attention_qkv_s{seq}_h{heads}_d{head_dim}_{dtype}"
-        if name not in self.kernels:
-            self.kernels[name] = self.builder_.add_func(self.make_kernel(seq, heads, head_dim, dtype, scale), name)
-        return relax.call_tir(self.kernels[name], [qkv], call.args[0].ty)
+        kernel = self.kernel(name, lambda: self.make_kernel(seq, heads, head_dim, dtype, scale))
+        return relax.call_tir(kernel, [qkv], call.args[0].ty)
 
     def _unreshaped(self, arg):
         """The ``[b, s, heads x head_dim]`` tensor that the attention operand ``arg`` is a reshape of."""

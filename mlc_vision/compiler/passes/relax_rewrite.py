@@ -1,5 +1,6 @@
-"""What every attention rewrite shares: recognizing a plain ``R.nn.attention`` and
-running a mutator over every Relax function of a module."""
+"""What every attention rewrite shares: recognizing a plain ``R.nn.attention``, the
+mutator base that replaces such calls, and running a mutator over every Relax
+function of a module."""
 
 from __future__ import annotations
 
@@ -47,3 +48,35 @@ def rewrite_relax_functions(mod, mutator):
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
+
+
+class AttentionCallRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+    """Base of the mutators that replace plain ``R.nn.attention`` calls.
+
+    A subclass (decorated with ``@relax.expr_functor.mutator``) implements
+    ``rewrite(call, shape)``, called for every plain attention with
+    :func:`plain_attention_shape`'s tuple, returning the replacement or ``call``;
+    :meth:`kernel` adds a PrimFunc to the module once per name.
+    """
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.op = tvm.ir.Op.get(ATTENTION_OP)
+        self.kernels = {}
+
+    def visit_call_(self, call):  # noqa: D102
+        call = super().visit_call_(call)
+        if not isinstance(call, relax.Call) or not call.op.same_as(self.op):
+            return call
+        shape = plain_attention_shape(call)
+        return call if shape is None else self.rewrite(call, shape)
+
+    def rewrite(self, call, shape):
+        """The replacement of the plain attention ``call`` of ``shape`` (``call`` to keep it)."""
+        raise NotImplementedError
+
+    def kernel(self, name, make):
+        """The GlobalVar of the PrimFunc ``make()`` under ``name``, added on first use."""
+        if name not in self.kernels:
+            self.kernels[name] = self.builder_.add_func(make(), name)
+        return self.kernels[name]

@@ -1,0 +1,86 @@
+/*
+ * What the GEMM and attention kernels (cpu_f32_gemm.c, cpu_bf16_gemm.c) share: the x86 switch, the
+ * OS check for the AVX-512 register state, a 16 x 16 transpose of 32-bit words, and grow-only
+ * scratch buffers per thread.
+ */
+#ifndef MLCV_CPU_KERNELS_H_
+#define MLCV_CPU_KERNELS_H_
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define MLCV_X86 1
+#else
+#define MLCV_X86 0
+#endif
+
+#include "tvm_thread_pool.h" /* found beside this file */
+
+#if MLCV_X86
+/* XCR0: the register states the OS saves on a context switch. */
+static inline uint64_t mlcv_xgetbv0(void) {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return ((uint64_t)edx << 32) | eax;
+}
+
+/* Whether the OS saves the AVX-512 state (SSE, AVX, opmask and both ZMM halves): cpuid's feature
+ * bits say what the CPU has, not what the OS lets a process use. */
+static inline int mlcv_os_saves_avx512(void) {
+  uint32_t a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
+  return (mlcv_xgetbv0() & 0xe6) == 0xe6;
+}
+
+/* 16 x 16 transpose of 32-bit words: r[i][j] -> r[j][i]. */
+__attribute__((target("avx512f"), always_inline)) static inline void mlcv_transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  /* Each 128-bit lane now holds a 4 x 4 block; gather the lanes. */
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+#endif
+
+/* A grow-only buffer, declared ``static __thread``: each pool thread keeps its own for the next call. */
+typedef struct {
+  void* data;
+  size_t bytes;
+} mlcv_scratch;
+
+/* ``scratch``'s buffer with room for at least ``bytes`` (64-byte aligned), or NULL when out of memory. */
+static inline void* mlcv_scratch_reserve(mlcv_scratch* scratch, size_t bytes) {
+  if (bytes > scratch->bytes) {
+    free(scratch->data);
+    scratch->data = NULL;
+    scratch->bytes = 0;
+    if (posix_memalign(&scratch->data, 64, bytes) != 0) return NULL;
+    scratch->bytes = bytes;
+  }
+  return scratch->data;
+}
+
+#endif /* MLCV_CPU_KERNELS_H_ */
