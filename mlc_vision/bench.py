@@ -9,7 +9,8 @@ OpenVINO's default precision; all in alternation. We report the median of
 ``runs`` timed calls after warm-up, ours / the fastest fp32 peer (below 1.0
 means we are faster), ours bf16 / OpenVINO default, the bf16 library's cosine
 against our fp32 library, and the achieved GFLOP/s against this machine's fp32
-peak. Every table starts with the machine (CPU, ISA, frequency, peak).
+peak (measured by an FMA-only loop on every core where one builds, else the
+nominal one). Every table starts with the machine (CPU, ISA, frequency, peaks).
 Results go to ``<output>/bench.json`` and ``<output>/bench.md``.
 
 The torch references live in :mod:`mlc_vision.testing` (the ``test`` extra:
@@ -51,12 +52,6 @@ def encoder_flops(config: VisionConfig, batch: int, layers: int) -> float:
     patch = config.num_patches * config.num_channels * config.patch_size**2 * d
     per_layer = 4 * n * d * d + 2 * n * d * i + 2 * n * n * d
     return 2.0 * batch * (patch + layers * per_layer)
-
-
-def nominal_peak_gflops() -> tuple[float, str]:
-    """This machine's fp32 peak and how it was computed (``bench_peers.machine_info``)."""
-    m = machine_info()
-    return m["fp32_peak_gflops"], f"{m['cores']} cores x {m['ghz']:.2f} GHz x {m['fp32_flops_per_cycle']} FLOP/cycle"
 
 
 def bf16_is_fast_here() -> bool:
@@ -496,7 +491,7 @@ def run_benchmark(models, target: str, batches: list[int], runs: int, output: Pa
     models = models or [m for m in DEFAULT_MODELS if m in list_presets()]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
+    machine = machine_info(measure_peak=True)
     print(bench_peers.machine_header(machine), flush=True)
     if peers and bench_peers.missing_peers():
         print(f"note: no ONNX Runtime / OpenVINO columns ({', '.join(bench_peers.missing_peers())} missing): "
@@ -520,7 +515,7 @@ def run_benchmark(models, target: str, batches: list[int], runs: int, output: Pa
         elif tiles and config.tiling is not None and config.tiling.mode == "internvl":
             bench_tiles(preset, tiles, runs, output, on_row=tiled.add)
         else:
-            bench_one(preset, batches, runs, output, torch_compile, machine["fp32_peak_gflops"], peers, bf16, on_row=write)
+            bench_one(preset, batches, runs, output, torch_compile, bench_peers.reference_peak(machine), peers, bf16, on_row=write)
     written = [str(output / "bench.{json,md}")] if rows else []
     written += [f"{r.stem}.{{json,md}}" for r in (native, tiled) if r.rows]
     print("wrote " + (" and ".join(written) if written else "nothing (no rows)"))

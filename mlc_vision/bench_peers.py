@@ -10,14 +10,20 @@ mlc-vision[bench]``); without them ``bench`` leaves their columns empty and
 says why.
 
 Also here: what the table header says about the machine (CPU model, ISA,
-frequency, fp32 peak).
+frequency, fp32 peak) and the measured fp32 peak (:func:`measure_fma_peak`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 BENCH_EXTRA = ("onnx", "onnxruntime", "openvino")
@@ -105,8 +111,12 @@ def _cpuinfo_fields() -> dict[str, str]:
     return fields
 
 
-def machine_info() -> dict:
-    """CPU model, ISA, frequency, cores and the fp32 peak (cores x GHz x FLOP/cycle)."""
+def machine_info(measure_peak: bool = False) -> dict:
+    """CPU model, ISA, frequency, cores and the fp32 peak (cores x GHz x FLOP/cycle).
+
+    ``measure_peak``: also ``measured_fp32_gflops``, what :func:`measure_fma_peak` gets from
+    every core (None where it cannot run), and the clock that implies (``measured_ghz``).
+    """
     info = _cpuinfo_fields()
     flags = set((info.get("flags") or info.get("Features") or "").split())
     vendor = info.get("vendor_id", "")
@@ -117,7 +127,7 @@ def machine_info() -> dict:
     if per_cycle is None:
         per_cycle = next((n for flag, n in FLOPS_PER_CYCLE_BY_ISA if flag in flags), 8)
     model = info.get("model name") or platform.processor() or platform.machine()
-    return {
+    machine = {
         "cpu": f"{model} ({vendor} family {family} model {info.get('model', '?')})" if vendor else model,
         "isa": [f for f in HEADER_ISA if f in flags],
         "ghz": round(ghz, 2),
@@ -125,12 +135,100 @@ def machine_info() -> dict:
         "fp32_flops_per_cycle": per_cycle,
         "fp32_peak_gflops": round(cores * ghz * per_cycle, 1),
     }
+    if measure_peak:
+        measured = measure_fma_peak(flags, cores)
+        machine["measured_fp32_gflops"] = round(measured, 1) if measured else None
+        machine["measured_ghz"] = round(measured / cores / per_cycle, 2) if measured else None
+    return machine
+
+
+def reference_peak(machine: dict) -> float:
+    """The fp32 peak that ``bench``'s "% of fp32 peak" divides by: the measured one where there is one.
+
+    The /proc/cpuinfo clock is the base clock; under turbo a core runs faster, so
+    the nominal peak understates what the FMA units do (rows above 100 %).
+    """
+    return machine.get("measured_fp32_gflops") or machine["fp32_peak_gflops"]
 
 
 def machine_header(machine: dict) -> str:
     """One line for the top of every table."""
-    return (
+    line = (
         f"CPU: {machine['cpu']}; ISA: {', '.join(machine['isa']) or 'baseline'}; {machine['cores']} cores at "
         f"{machine['ghz']:.2f} GHz (/proc/cpuinfo); fp32 peak {machine['fp32_peak_gflops']:.0f} GFLOP/s = "
         f"{machine['cores']} x {machine['ghz']:.2f} GHz x {machine['fp32_flops_per_cycle']} FLOP/cycle"
     )
+    if machine.get("measured_fp32_gflops"):
+        line += (
+            f"; measured (FMA-only loop on every core) {machine['measured_fp32_gflops']:.0f} GFLOP/s, "
+            f"{machine['measured_ghz']:.2f} GHz effective: the peak of the % column"
+        )
+    return line
+
+
+# ---- the measured fp32 peak -------------------------------------------------------------
+
+#: Independent FMA chains in the probe: more than latency x FMA ports on every x86 core
+#: (4-5 cycles x 2 ports), so the loop runs at the FMA units' throughput.
+FMA_CHAINS = 12
+FMA_PROBE_ITERATIONS = 20_000_000
+
+
+def _fma_probe_source(register: str) -> str:
+    """C with one function, ``fma_loop(n)``: ``n`` x FMA_CHAINS independent FMAs on ``register`` vectors.
+
+    The registers start at zero, so no FMA meets a denormal (which some cores handle in microcode).
+    """
+    used = [*range(FMA_CHAINS), 14, 15]
+    zero = "".join(f'"vxorps %%{register}{i}, %%{register}{i}, %%{register}{i}\\n"' for i in used)
+    chains = "".join(f'"vfmadd231ps %%{register}14, %%{register}15, %%{register}{i}\\n"' for i in range(FMA_CHAINS))
+    clobbers = ", ".join(f'"xmm{i}"' for i in used)
+    return (
+        "#include <stdint.h>\n"
+        "void fma_loop(int64_t n) {\n"
+        f'  __asm__ volatile({zero} "1:\\n" {chains} "dec %0\\n jnz 1b\\n vzeroupper\\n" : "+r"(n) :: "memory", {clobbers});\n'
+        "}\n"
+    )
+
+
+def _fma_register(flags: set[str]) -> tuple[str, int] | None:
+    """The widest FMA register class of this CPU and its fp32 lanes (None off x86 or without FMA)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if "avx512f" in flags:
+        return "zmm", 16
+    return ("ymm", 8) if "fma" in flags else None
+
+
+def measure_fma_peak(flags: set[str], cores: int) -> float | None:
+    """GFLOP/s of an FMA-only loop running on ``cores`` threads at once: the fp32 peak at the real clock.
+
+    Best of three tries (a try where the OS put two threads on one core is slower, never faster).
+    None off x86, without FMA, or without a C compiler to build the probe.
+    """
+    register = _fma_register(flags)
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if register is None or compiler is None:
+        return None
+    name, lanes = register
+    with tempfile.TemporaryDirectory(prefix="mlcv-fma-") as tmp:
+        source, library = Path(tmp) / "fma.c", Path(tmp) / "fma.so"
+        source.write_text(_fma_probe_source(name))
+        built = subprocess.run([compiler, "-O2", "-fPIC", "-shared", str(source), "-o", str(library)], capture_output=True)
+        if built.returncode != 0:
+            return None
+        loop = ctypes.CDLL(str(library)).fma_loop  # ctypes releases the GIL: the threads run in parallel
+        loop.argtypes = [ctypes.c_int64]
+        flop = cores * FMA_PROBE_ITERATIONS * FMA_CHAINS * lanes * 2
+        return max(flop / _run_on_threads(loop, cores) / 1e9 for _ in range(3))
+
+
+def _run_on_threads(loop, threads: int) -> float:
+    """Wall seconds of ``loop(FMA_PROBE_ITERATIONS)`` on ``threads`` threads started together."""
+    workers = [threading.Thread(target=loop, args=(FMA_PROBE_ITERATIONS,)) for _ in range(threads)]
+    start = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - start

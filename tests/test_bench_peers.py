@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +19,31 @@ def test_machine_header_names_cpu_isa_frequency_and_peak():
     assert machine["fp32_peak_gflops"] == pytest.approx(machine["cores"] * machine["ghz"] * machine["fp32_flops_per_cycle"], rel=0.01)
     header = bench_peers.machine_header(machine)
     assert header.startswith("CPU: ") and "GHz" in header and "fp32 peak" in header and "\n" not in header
+
+
+def test_measured_peak_runs_on_every_core_and_is_named_in_the_header():
+    machine = bench_peers.machine_info(measure_peak=True)
+    measured = machine["measured_fp32_gflops"]
+    if measured is None:  # off x86, no FMA or no C compiler: the nominal peak stands
+        assert bench_peers.reference_peak(machine) == machine["fp32_peak_gflops"]
+        return
+    assert measured > 0 and machine["measured_ghz"] > 0
+    assert bench_peers.reference_peak(machine) == measured
+    assert "measured (FMA-only loop on every core)" in bench_peers.machine_header(machine)
+
+
+@pytest.mark.parametrize("register", ["ymm", "zmm"])
+def test_fma_probe_builds_for_each_register_class(register, tmp_path):
+    """The probe's C is valid for both widths; it runs where this CPU has that width."""
+    source, library = tmp_path / "fma.c", tmp_path / "fma.so"
+    source.write_text(bench_peers._fma_probe_source(register))
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    subprocess.run([compiler, "-O2", "-fPIC", "-shared", str(source), "-o", str(library)], check=True)
+    flags = set(bench_peers.machine_info()["isa"])
+    if (register == "zmm" and "avx512f" in flags) or (register == "ymm" and "fma" in flags):
+        ctypes.CDLL(str(library)).fma_loop(ctypes.c_int64(1000))
 
 
 def test_bench_imports_without_test_or_bench_dependencies():

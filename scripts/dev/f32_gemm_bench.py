@@ -29,30 +29,12 @@ ROWS = (197, 577, 1576)
 KN = ((768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (1152, 4304), (4304, 1152))
 
 
-PEAK_SOURCE = r"""
-#include <stdint.h>
-/* 16 independent 512-bit FMA chains: the core's fp32 FMA throughput. */
-void fma_peak(int64_t iters) {
-  __asm__ volatile("vxorps %%zmm0, %%zmm0, %%zmm0\n1:\n"
-""" + "".join(f'"vfmadd231ps %%zmm30, %%zmm31, %%zmm{i}\\n"\n' for i in range(16)) + r"""
-                   "dec %0\n jnz 1b\n" : "+r"(iters) :: "memory");
-}
-"""
+def measured_peak() -> float:
+    """GFLOP/s of one core running only FMAs (the real clock, turbo included): ``bench``'s probe on one thread."""
+    from mlc_vision import bench_peers
 
-
-def measured_peak(workdir: str) -> float:
-    """GFLOP per CPU-second of one core running only FMAs (the real clock, turbo included)."""
-    src, out = os.path.join(workdir, "peak.c"), os.path.join(workdir, "peak.so")
-    Path(src).write_text(PEAK_SOURCE)
-    subprocess.run(["cc", "-O2", "-fPIC", "-shared", src, "-o", out], check=True)
-    lib = ctypes.CDLL(out)
-    iters = 50_000_000
-    best = 0.0
-    for _ in range(3):
-        c = time.process_time()
-        lib.fma_peak(ctypes.c_int64(iters))
-        best = max(best, iters * 16 * 32 / (time.process_time() - c) / 1e9)
-    return best
+    flags = set(bench_peers.machine_info()["isa"])
+    return bench_peers.measure_fma_peak(flags, 1) or float("nan")
 
 
 def build(tile: str | None, workdir: str, cflags: list[str]) -> ctypes.CDLL:
@@ -113,9 +95,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         lib = build(args.tile, tmp, args.cflags)
         info = (ctypes.c_int64 * 3)()
-        core = measured_peak(tmp)
+        core = measured_peak()
         print(f"tile {args.tile or 'default'}, {args.threads} thread(s), nominal peak {peak:.0f} GFLOP/s, "
-              f"measured FMA peak {core:.0f} GFLOP per CPU-second per core")
+              f"measured FMA peak {core:.0f} GFLOP/s on one core")
         for m, (k, n) in itertools.product(args.m or ROWS, KN):
             lib.mlcv_f32_tile_info(ctypes.c_int64(k), info)
             wall, cpu = time_one(lib, m, k, n, args.runs, args.cold)
