@@ -19,7 +19,6 @@ import ctypes
 import importlib.util
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -200,6 +199,20 @@ def _fma_register(flags: set[str]) -> tuple[str, int] | None:
     return ("ymm", 8) if "fma" in flags else None
 
 
+def build_fma_probe(register: str, workdir: Path) -> Path | None:
+    """The probe of :func:`_fma_probe_source` as a shared library in ``workdir`` (None without a C compiler
+    or when it does not build)."""
+    from .compiler.kernels.c_objects import find_c_compiler
+
+    compiler = find_c_compiler()
+    if compiler is None:
+        return None
+    source, library = Path(workdir) / f"fma_{register}.c", Path(workdir) / f"fma_{register}.so"
+    source.write_text(_fma_probe_source(register))
+    built = subprocess.run([compiler, "-O2", "-fPIC", "-shared", str(source), "-o", str(library)], capture_output=True)
+    return library if built.returncode == 0 else None
+
+
 def measure_fma_peak(flags: set[str], cores: int) -> float | None:
     """GFLOP/s of an FMA-only loop running on ``cores`` threads at once: the fp32 peak at the real clock.
 
@@ -207,15 +220,12 @@ def measure_fma_peak(flags: set[str], cores: int) -> float | None:
     None off x86, without FMA, or without a C compiler to build the probe.
     """
     register = _fma_register(flags)
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if register is None or compiler is None:
+    if register is None:
         return None
     name, lanes = register
     with tempfile.TemporaryDirectory(prefix="mlcv-fma-") as tmp:
-        source, library = Path(tmp) / "fma.c", Path(tmp) / "fma.so"
-        source.write_text(_fma_probe_source(name))
-        built = subprocess.run([compiler, "-O2", "-fPIC", "-shared", str(source), "-o", str(library)], capture_output=True)
-        if built.returncode != 0:
+        library = build_fma_probe(name, Path(tmp))
+        if library is None:
             return None
         loop = ctypes.CDLL(str(library)).fma_loop  # ctypes releases the GIL: the threads run in parallel
         loop.argtypes = [ctypes.c_int64]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import shutil
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from mlc_vision import bench_peers
+from mlc_vision.compiler.kernels.c_objects import find_c_compiler
 
 
 def test_machine_header_names_cpu_isa_frequency_and_peak():
@@ -35,12 +35,10 @@ def test_measured_peak_runs_on_every_core_and_is_named_in_the_header():
 @pytest.mark.parametrize("register", ["ymm", "zmm"])
 def test_fma_probe_builds_for_each_register_class(register, tmp_path):
     """The probe's C is valid for both widths; it runs where this CPU has that width."""
-    source, library = tmp_path / "fma.c", tmp_path / "fma.so"
-    source.write_text(bench_peers._fma_probe_source(register))
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
+    if find_c_compiler() is None:
         pytest.skip("no C compiler")
-    subprocess.run([compiler, "-O2", "-fPIC", "-shared", str(source), "-o", str(library)], check=True)
+    library = bench_peers.build_fma_probe(register, tmp_path)
+    assert library is not None
     flags = set(bench_peers.machine_info()["isa"])
     if (register == "zmm" and "avx512f" in flags) or (register == "ymm" and "fma" in flags):
         ctypes.CDLL(str(library)).fma_loop(ctypes.c_int64(1000))

@@ -29,7 +29,7 @@ RUNTIME_ONLY_FORBIDDEN = OURS_FORBIDDEN + ("tvm.relax",)
 DOCUMENTED = {
     "atomic": set(),
     "bench": {"bench_peers", "compiler", "config", "runtime", "testing", "weights.params"},
-    "bench_peers": set(),
+    "bench_peers": {"compiler"},
     "checkpoint": {"config", "models", "validate", "weights.reader"},
     "cli": {"atomic", "bench", "checkpoint", "compiler", "config", "runtime", "weights.convert"},
     "compiler": {"atomic", "config", "cpu_features", "models"},

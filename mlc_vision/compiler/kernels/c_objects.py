@@ -21,9 +21,14 @@ from ...errors import MlcVisionError
 FLAGS = ("-O3", "-fPIC", "-std=gnu11", "-c")
 
 
+def find_c_compiler() -> str | None:
+    """``$CC``, else cc, gcc or clang from the PATH; None when there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 def c_compiler() -> str:
-    """``$CC``, else cc, gcc or clang from the PATH (one-line error when there is none)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    """:func:`find_c_compiler`, with a one-line error when there is none."""
+    cc = find_c_compiler()
     if cc is None:
         raise MlcVisionError(
             "this CPU library links a C kernel (bf16 GEMM, segmented attention): it needs a C compiler "

@@ -313,10 +313,11 @@ AVX512_BF16_TARGET __attribute__((always_inline)) static inline void tile_avx512
     int mr, int nv, const uint16_t* x, const uint32_t* panel, const epilogue* ep, float* y, int64_t m, int64_t n0,
     int ncols, int64_t N, int64_t K) {
   __m512 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
   const uint32_t* xr[MR];
-  for (int r = 0; r < MR; ++r) xr[r] = (const uint32_t*)(x + (m + (r < mr ? r : 0)) * K);
+  for (int r = 0; r < mr; ++r) {
+    for (int j = 0; j < nv; ++j) acc[r][j] = _mm512_setzero_ps();
+    xr[r] = (const uint32_t*)(x + (m + r) * K);
+  }
   const int64_t kpairs = K / 2;
   for (int64_t kp = 0; kp < kpairs; ++kp) {
     const uint32_t* bp = panel + kp * NR;
