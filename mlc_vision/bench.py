@@ -4,7 +4,7 @@ Weights are random (speed does not depend on their values). For every preset
 and batch size we time ``encode`` of our fp32 CPU library, the torch reference
 (eager, and ``torch.compile`` when it builds within its time budget), ONNX
 Runtime and OpenVINO (f32) on an ONNX export of that torch model
-(``bench_peers.py``), and, on CPUs with a bf16 path, our bf16 library against
+(``bench_peers.py``), and, on CPUs with a fast path for it, our bf16 library against
 OpenVINO's default precision; all in alternation. We report the median of
 ``runs`` timed calls after warm-up, ours / the fastest fp32 peer (below 1.0
 means we are faster), ours bf16 / OpenVINO default, the bf16 library's cosine
@@ -55,8 +55,10 @@ def encoder_flops(config: VisionConfig, batch: int, layers: int) -> float:
 
 
 def bf16_is_fast_here() -> bool:
-    """Whether the bf16 GEMM has an instruction path on this CPU (AVX512-BF16 or AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(machine_info()["isa"]))
+    """Whether our bf16 library has a fast path on this CPU: bf16 arithmetic (AVX512-BF16 or AMX), or
+    the fp32 kernel reading bf16 weights (AVX-512F, or AVX2 with FMA)."""
+    isa = set(machine_info()["isa"])
+    return bool({"avx512_bf16", "amx_bf16", "avx512f"} & isa) or {"avx2", "fma"} <= isa
 
 
 # ---- timing ---------------------------------------------------------------------------------

@@ -372,7 +372,7 @@ def targets_cmd():
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
 @click.option("--no-torch-compile", is_flag=True, help="Skip torch.compile.")
 @click.option("--no-peers", is_flag=True, help="Skip ONNX Runtime and OpenVINO (the bench extra).")
-@click.option("--bf16/--no-bf16", default=None, help="Time our bf16 library too (default: when this CPU has AVX512-BF16 or AMX).")
+@click.option("--bf16/--no-bf16", default=None, help="Time our bf16 library too (default: when this CPU has AVX2 + FMA, AVX-512, AVX512-BF16 or AMX).")
 @click.option("--native-size", "native_sizes", multiple=True,
               help="HEIGHTxWIDTH image for native-resolution presets (repeatable; default 448x448 and 1008x672).")
 @click.option("--tiles", type=click.IntRange(min=1), default=None,

@@ -37,16 +37,18 @@ from mlc_vision.weights.params import load_params
 class CompiledCPU:
     """A CPU library built from a config, loaded with the params converted from a checkpoint."""
 
-    def __init__(self, config: VisionConfig, params_dir: Path, dtype: str, workdir: Path, hidden_states=True):
+    def __init__(self, config: VisionConfig, params_dir: Path, dtype: str, workdir: Path, hidden_states=True,
+                 cpu: str | None = None):  # fmt: skip
+        """``cpu``: LLVM's name of the CPU to build for (None: this one)."""
         # The compiler is imported here, where a library is built, not at import time.
         from tvm.runtime.vm import VirtualMachine
 
         from mlc_vision.compiler.export import build_library
         from mlc_vision.compiler.module import build_module
 
-        built = build_module(config, dtype, "cpu", expose_hidden_states=hidden_states)
+        built = build_module(config, dtype, "cpu", expose_hidden_states=hidden_states, cpu=cpu)
         digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-        tag = f"{config.family}-{config.select_layer}-{config.feature}-{dtype}-{digest}"
+        tag = f"{config.family}-{config.select_layer}-{config.feature}-{dtype}-{cpu or 'host'}-{digest}"
         lib_path = build_library(built.mod, "cpu", Path(workdir) / f"{tag}.so", metadata=built.metadata)
         self.metadata = built.metadata
         self.lib_path = lib_path

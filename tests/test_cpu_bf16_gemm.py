@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mlc_vision.compiler.kernels import cpu_bf16_gemm
+from mlc_vision.compiler.kernels import cpu_bf16_gemm, cpu_f32_gemm
 from parity import CompiledCPU, assert_close, convert_checkpoint, randomize_all
 
 
@@ -241,24 +241,35 @@ def test_bf16_library_matches_fp32_library(clip_checkpoint, tmp_path):
     assert_close(out["bfloat16"], out["float32"], "bf16 library vs the fp32 library", "bfloat16")
 
 
-@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
-def test_bf16_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
-    """Every linear layer of a bf16 CPU library becomes the C kernel; none stays an fp32 matmul; fc1
-    applies the MLP's activation in its epilogue (no activation kernel is left); attention is the
-    kernel's too."""
-    import tvm
-
+def _bf16_calls(config, cpu: str) -> list[str]:
+    """The kernels a bf16 CPU library of ``config`` for LLVM's CPU ``cpu`` launches (as exported: the
+    fp32 C kernel available)."""
     from mlc_vision.bench import kernel_calls
     from mlc_vision.compiler.module import build_module
     from mlc_vision.compiler.pipeline import relax_pipeline
+    from mlc_vision.compiler.targets import cpu_target
+
+    built = build_module(config, "bfloat16", "cpu", cpu=cpu)
+    target = cpu_target(built.metadata["cpu"])
+    return kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"], f32_gemm=True)(built.mod))
+
+
+#: A CPU with bf16 arithmetic (AVX512-BF16), one with only fp32 FMAs (AVX2 + FMA): the library's CPU,
+#: not this one (no library is run here).
+BF16_CPU, FP32_ONLY_CPU = "znver4", "haswell"
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
+def test_bf16_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
+    """For a CPU with bf16 arithmetic, every linear layer of a bf16 CPU library becomes the C kernel;
+    none stays an fp32 matmul; fc1 applies the MLP's activation in its epilogue (no activation kernel
+    is left); attention is the kernel's too."""
     from mlc_vision.checkpoint.resolve import resolve_config
 
     config = dataclasses.replace(
         resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch", hidden_act=hidden_act
     )
-    built = build_module(config, "bfloat16", "cpu")
-    target = tvm.target.Target.from_device("cpu")
-    calls = kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"])(built.mod))
+    calls = _bf16_calls(config, BF16_CPU)
     linear = [c for c in calls if c.startswith("bf16_linear")]
     assert len(linear) == 1 + 6 * TINY["num_hidden_layers"]  # patch embedding + q, k, v, out, fc1, fc2
     assert not [c for c in calls if "matmul" in c]
@@ -274,6 +285,46 @@ def test_bf16_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
     assert all(c.endswith("_in16_out16") for c in attention)
     assert len([c for c in linear if c.endswith("_bias_bf16")]) == 3 * TINY["num_hidden_layers"]
     assert not [c for c in calls if c.startswith("attention")]
+    assert not [c for c in calls if c.startswith("f32_")]
+
+
+def test_bf16_library_for_a_cpu_without_bf16_arithmetic_reads_bf16_weights_in_fp32(clip_checkpoint):
+    """For an AVX2 CPU, a bf16 library's linear layers are the fp32 kernel reading the bf16 weights
+    (with the fp32 epilogues), its attention the fp32 kernel's; the bf16 kernel is neither called
+    nor linked."""
+    from mlc_vision.checkpoint.resolve import resolve_config
+    from mlc_vision.compiler.export import c_kernels
+    from mlc_vision.compiler.targets import cpu_spec
+
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    calls = _bf16_calls(config, FP32_ONLY_CPU)
+    layers = TINY["num_hidden_layers"]
+    linear = [c for c in calls if c.startswith("f32_linear_bf16w")]
+    assert len(linear) == 1 + 6 * layers
+    assert len([c for c in linear if c.endswith("_residual")]) == 2 * layers
+    assert len([c for c in linear if c.endswith("_quick_gelu")]) == layers
+    assert len([c for c in calls if c.startswith("f32_attention")]) == layers
+    assert not [c for c in calls if c.startswith("bf16_") or "matmul" in c]
+    metadata = {"dtype": "bfloat16", "cpu": cpu_spec(FP32_ONLY_CPU)}
+    assert cpu_bf16_gemm not in c_kernels("cpu", metadata)
+    assert cpu_bf16_gemm in c_kernels("cpu", {"dtype": "bfloat16", "cpu": cpu_spec(BF16_CPU)})
+
+
+def test_bf16_library_for_an_avx2_cpu_matches_fp32_library(clip_checkpoint, tmp_path):
+    """The library of the test above, run (on any CPU with AVX2: the fp32 kernel picks its fastest
+    path here): cosine >= 0.9999 against the fp32 library, as a bf16 library must."""
+    from mlc_vision.checkpoint.resolve import resolve_config
+    from mlc_vision.compiler.targets import cpu_spec
+
+    if not cpu_f32_gemm.has_vector_path(cpu_spec()["features"]):
+        pytest.skip("this CPU has no AVX2 + FMA")
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype("float32")
+    out = {}
+    for dtype, cpu in (("float32", None), ("bfloat16", FP32_ONLY_CPU)):
+        params = convert_checkpoint(clip_checkpoint, tmp_path / f"params-{dtype}", dtype=dtype)
+        out[dtype] = CompiledCPU(config, params, dtype, tmp_path, hidden_states=False, cpu=cpu).encode(pixels)
+    assert_close(out["bfloat16"], out["float32"], "bf16 weights in fp32 vs the fp32 library", "bfloat16")
 
 
 def test_split_qkv_projection_feeds_attention_in_bf16():
@@ -289,9 +340,7 @@ def test_split_qkv_projection_feeds_attention_in_bf16():
     config = dataclasses.replace(
         load_preset("internvit-300m-448px"), select_layer=-1, feature="cls_patch", num_hidden_layers=1
     )
-    built = build_module(config, "bfloat16", "cpu")
-    target = tvm.target.Target.from_device("cpu")
-    calls = kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"])(built.mod))
+    calls = _bf16_calls(config, BF16_CPU)
     attention = [c for c in calls if c.startswith("bf16_attention")]
     assert len(attention) == 1 and attention[0].endswith("_in16_out16")
     qkv = [c for c in calls if c.startswith("bf16_linear") and f"_n{3 * config.hidden_size}_" in c]

@@ -1,9 +1,9 @@
-"""fp32 CPU libraries on AVX-512: the C GEMM (kernels/cpu_f32_gemm.c) against numpy, and the pass
-that routes linear layers to it.
+"""fp32 CPU libraries on AVX-512 and AVX2: the C GEMM (kernels/cpu_f32_gemm.c) against numpy, and
+the pass that routes linear layers to it.
 
 The kernel is compiled alone and called through ctypes on every path this CPU
-runs (plain C always; AVX-512 where present), on small shapes with row tails
-(the register tile has 6 rows), column tails (64-column panels, 16-lane
+runs (plain C always; AVX2 + FMA and AVX-512 where present), on small shapes with row tails
+(the register tiles have 6 rows), column tails (64- and 16-column panels, 16- and 8-lane
 vectors), k not a multiple of the K block, several row blocks, and every
 epilogue. The reference is numpy in float64. No timing assertions.
 """
@@ -38,6 +38,8 @@ def kernel(tmp_path_factory):
     lib = ctypes.CDLL(str(so))
     lib.mlcv_f32_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
     lib.mlcv_f32_linear_path.restype = ctypes.c_int
+    lib.mlcv_f32_linear_bf16w_path.argtypes = lib.mlcv_f32_linear_path.argtypes
+    lib.mlcv_f32_linear_bf16w_path.restype = ctypes.c_int
     lib.mlcv_f32_best_path.restype = ctypes.c_int
     lib.mlcv_f32_attention_path.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]
@@ -127,6 +129,28 @@ def test_activations_are_accurate_over_a_wide_range(kernel):
             assert err.max() <= 2e-6 * max(1.0, np.abs(ref).max()), (name, path, float(err.max()), v[err.argmax()])
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_weights_match_numpy(kernel, shape):
+    """bf16 weights (a bf16 library on a CPU without bf16 arithmetic): the same GEMM on the weights'
+    bf16 values, widened exactly; k tails of every vector width (1, 7, 96, 250, ...)."""
+    import ml_dtypes
+
+    rng, x, w = _inputs(shape, seed=3)
+    m, n, _ = shape
+    w16 = w.astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    residual = rng.standard_normal((m, n), dtype=np.float32)
+    ref = x.astype(np.float64) @ w16.astype(np.float64).T + bias + residual
+    for path in _paths(kernel):
+        y = np.full((m, n), np.nan, dtype=np.float32)
+        status = kernel.mlcv_f32_linear_bf16w_path(
+            path, x.ctypes.data, w16.ctypes.data, bias.ctypes.data, None, residual.ctypes.data, None, y.ctypes.data,
+            m, n, shape[2], 0,
+        )  # fmt: skip
+        assert status == 0
+        assert_close(y, ref.astype(np.float32), f"bf16 weights, path {cpu_f32_gemm.PATHS[path]} {shape}")
+
+
 def test_bad_arguments_are_refused(kernel):
     _, x, w = _inputs((4, 8, 16))
     r = np.zeros((4, 8), np.float32)
@@ -207,20 +231,20 @@ def _calls(config, cpu: str | None = None) -> list[str]:
     return kernel_calls(relax_pipeline("cpu", target, built.metadata["attention"], f32_gemm=True)(built.mod))
 
 
-def _needs_avx512():
+def _needs_vector_path():
     from mlc_vision.compiler.targets import cpu_spec
 
-    if "avx512f" not in cpu_spec()["features"]:
-        pytest.skip("this CPU has no AVX-512F: fp32 libraries keep the TIR GEMM")
+    if not cpu_f32_gemm.has_vector_path(cpu_spec()["features"]):
+        pytest.skip("this CPU has neither AVX-512F nor AVX2 + FMA: fp32 libraries keep the TIR GEMM")
 
 
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
 def test_fp32_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
-    """On an AVX-512 CPU every linear layer of an fp32 library is the C kernel; the residual adds
+    """On an AVX-512 or AVX2 CPU every linear layer of an fp32 library is the C kernel; the residual adds
     and the MLP's activation are its epilogues (no add or activation kernel left for them)."""
     from mlc_vision.checkpoint.resolve import resolve_config
 
-    _needs_avx512()
+    _needs_vector_path()
     config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch", hidden_act=hidden_act)
     calls = _calls(config)
     linear = [c for c in calls if c.startswith("f32_linear")]
@@ -236,13 +260,23 @@ def test_fp32_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
     assert not [c for c in calls if c.startswith("attention")]
 
 
-def test_cpu_without_avx512_keeps_the_tir_gemm(clip_checkpoint):
+def test_cpu_without_avx2_keeps_the_tir_gemm(clip_checkpoint):
+    from mlc_vision.checkpoint.resolve import resolve_config
+
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    calls = _calls(config, cpu="x86-64-v2")
+    assert not [c for c in calls if c.startswith("f32_linear")]
+    assert [c for c in calls if "matmul" in c]
+
+
+def test_avx2_cpu_calls_the_kernel(clip_checkpoint):
+    """A library built for an AVX2 + FMA CPU (``--cpu haswell``) calls the kernel, whatever this CPU is."""
     from mlc_vision.checkpoint.resolve import resolve_config
 
     config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
     calls = _calls(config, cpu="haswell")
-    assert not [c for c in calls if c.startswith("f32_linear")]
-    assert [c for c in calls if "matmul" in c]
+    assert len([c for c in calls if c.startswith("f32_linear")]) == 1 + 6 * LAYERS
+    assert len([c for c in calls if c.startswith("f32_attention")]) == LAYERS
 
 
 def test_pipeline_calls_the_kernel_only_when_asked(clip_checkpoint):
@@ -253,17 +287,19 @@ def test_pipeline_calls_the_kernel_only_when_asked(clip_checkpoint):
     from mlc_vision.compiler.pipeline import relax_pipeline
     from mlc_vision.compiler.targets import cpu_target
 
-    _needs_avx512()
+    _needs_vector_path()
     built = build_module(resolve_config(clip_checkpoint), "float32", "cpu")
     calls = kernel_calls(relax_pipeline("cpu", cpu_target(built.metadata["cpu"]), "fused")(built.mod))
     assert not [c for c in calls if c.startswith("f32_linear")]
 
 
-def test_kernel_is_linked_exactly_for_avx512_cpu_libraries():
+def test_kernel_is_linked_exactly_for_avx512_and_avx2_cpu_libraries():
     from mlc_vision.compiler.export import needs_f32_kernel
 
     assert needs_f32_kernel("cpu", {"dtype": "float32", "cpu": {"features": ["avx2", "avx512f"]}})
-    assert not needs_f32_kernel("cpu", {"dtype": "float32", "cpu": {"features": ["avx2", "fma"]}})
+    assert needs_f32_kernel("cpu", {"dtype": "float32", "cpu": {"features": ["avx2", "fma"]}})
+    assert not needs_f32_kernel("cpu", {"dtype": "float32", "cpu": {"features": ["avx2"]}})
+    assert not needs_f32_kernel("cpu", {"dtype": "float32", "cpu": {"features": ["sse4.2"]}})
     assert not needs_f32_kernel("cuda", {"dtype": "float32"})
 
 
@@ -275,7 +311,7 @@ def test_swiglu_with_symbolic_rows_is_one_gated_kernel(tmp_path):
 
     from mlc_vision.checkpoint.resolve import resolve_config
 
-    _needs_avx512()
+    _needs_vector_path()
     text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                 intermediate_size=32, vocab_size=64, bos_token_id=0, eos_token_id=1)  # fmt: skip
     vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=14, spatial_merge_size=2,
@@ -296,7 +332,7 @@ def test_layer_scale_and_residual_are_one_kernel(tmp_path):
 
     from mlc_vision.checkpoint.resolve import resolve_config
 
-    _needs_avx512()
+    _needs_vector_path()
     torch.manual_seed(0)
     layers = 2
     config = Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, image_size=56, patch_size=14,

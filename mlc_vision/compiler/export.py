@@ -35,7 +35,7 @@ def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight
     """Compile ``mod`` for ``target_name`` with the given attention lowering and matmul schedule; returns TVM's executable.
 
     ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine). With a ``cpu``
-    spec that has AVX-512F the fp32 linear layers call the C GEMM (``kernels/cpu_f32_gemm.c``):
+    spec that has AVX-512F or AVX2 + FMA the fp32 linear layers call the C GEMM (``kernels/cpu_f32_gemm.c``):
     the executable must then be exported with it linked in (:func:`export_executable` does).
     """
     import tvm
@@ -133,8 +133,10 @@ def _fsync(path: Path) -> None:
 
 
 def needs_bf16_kernel(target_name: str, metadata: dict) -> bool:
-    """bf16 CPU libraries call the C GEMM of ``kernels/cpu_bf16_gemm.c``, linked into the library."""
-    return target_name == "cpu" and metadata.get("dtype") == "bfloat16"
+    """bf16 CPU libraries call the C GEMM of ``kernels/cpu_bf16_gemm.c``, linked into the library,
+    unless their CPU computes their bf16 weights in fp32 (``cpu_bf16_gemm.uses_bf16_kernel``)."""
+    features = (metadata.get("cpu") or {}).get("features")
+    return target_name == "cpu" and metadata.get("dtype") == "bfloat16" and cpu_bf16_gemm.uses_bf16_kernel(features)
 
 
 def needs_segment_attention_kernel(target_name: str, metadata: dict) -> bool:
@@ -143,7 +145,7 @@ def needs_segment_attention_kernel(target_name: str, metadata: dict) -> bool:
 
 
 def needs_f32_kernel(target_name: str, metadata: dict) -> bool:
-    """CPU libraries for a CPU with AVX-512F call the fp32 C GEMM of ``kernels/cpu_f32_gemm.c``."""
+    """CPU libraries for a CPU with AVX-512F or AVX2 + FMA call the fp32 C GEMM of ``kernels/cpu_f32_gemm.c``."""
     return cpu_f32_gemm.uses_f32_kernel(target_name, (metadata.get("cpu") or {}).get("features"))
 
 

@@ -5,12 +5,14 @@ runs, for every target:
 
 0. ``linear`` (CPU): linear layers whose weights are stored in bf16
    become calls of the bf16 C kernel, and so does a bf16 library's attention
-   with ``--attention fused`` (``passes/bf16_cpu.py``); on a CPU with
-   AVX-512F the fp32 linear layers, with their bias, layer scale, residual, activation
+   with ``--attention fused`` (``passes/bf16_cpu.py``; for a CPU without bf16
+   arithmetic but with AVX2 or AVX-512 the fp32 kernel takes them instead,
+   on the bf16 weights); on a CPU with
+   AVX-512F or AVX2 + FMA the fp32 linear layers, with their bias, layer scale, residual, activation
    and SwiGLU product, become calls of the fp32 C GEMM
    (``passes/f32_cpu.py``, ``kernels/cpu_f32_gemm.c``) when the caller asks
    for it (``f32_gemm=True``: ``export.compile_module`` does for a CPU spec
-   with AVX-512F, and the export links the kernel in; an executable used
+   with either, and the export links the kernel in; an executable used
    straight from ``tvm.compile`` has no C kernel to call); with
    ``--attention fused`` so does fp32 attention (the same C file's kernel).
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
@@ -35,7 +37,7 @@ The attention lowering is an argument (``--attention``), checked against the
 target by ``targets.resolve_attention`` and recorded in the metadata:
 
 * CPU ``fused`` (default in fp32): the C kernel of ``kernels/cpu_f32_gemm.c``
-  on AVX-512 CPUs (exported libraries), else ``kernels/cpu_attention.py``;
+  on AVX-512 and AVX2 CPUs (exported libraries), else ``kernels/cpu_attention.py``;
   either way the scores of a tile of queries stay in cache; ``split`` otherwise.
 * CUDA ``split`` (default): dlight schedules the matmuls and the softmax.
   ``fused``: ``kernels/cuda_flash_attention.py`` (CUDA cores; slower than

@@ -7,6 +7,12 @@ into the same shared library (``export_library(addons=[object])``); the
 PrimFunc here calls it with ``call_extern``, so the library needs nothing
 besides TVM's runtime at load time (the C++ loader loads only the ``.so``).
 The C code picks AMX, AVX512-BF16 or plain C from the CPU it runs on.
+
+A bf16 library for a CPU without bf16 arithmetic but with a vector path of the
+fp32 kernel (AVX2 + FMA, or AVX-512F without AVX512-BF16) does not use this
+kernel: its linear layers are the fp32 kernel's, reading the bf16 weights and
+widening them as it packs (:func:`uses_bf16_kernel`). fp32 FMAs on such a CPU
+are faster than this file's plain C path, and the weights stay half the size.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 
 from .c_objects import c_compiler as _compiler  # noqa: F401 (the tests link the object with it)
 from .c_objects import compile_c
+from .cpu_f32_gemm import has_vector_path
 
 SOURCE = Path(__file__).with_suffix(".c")
 #: C entry point by (bias, residual) (``cpu_bf16_gemm.c``); a residual comes with a bias
@@ -32,6 +39,19 @@ ACTIVATIONS = {"quick_gelu": 1, "gelu": 2, "gelu_tanh": 3}
 ACT_NONE = 0
 #: What ``mlcv_bf16_best_path()`` returns, by number (``cpu_bf16_gemm.c``'s ``PATH_*``).
 PATHS = {0: "generic", 1: "avx512_bf16", 2: "amx_bf16"}
+#: The instruction sets (LLVM names) that multiply bf16: one of them makes a vector path of this kernel.
+BF16_ARITHMETIC_FEATURES = ("avx512bf16", "amx-bf16")
+
+
+def has_bf16_arithmetic(cpu_features) -> bool:
+    """Whether a CPU with ``cpu_features`` (LLVM names) runs this kernel's AVX512-BF16 or AMX path."""
+    return any(f in set(cpu_features or ()) for f in BF16_ARITHMETIC_FEATURES)
+
+
+def uses_bf16_kernel(cpu_features) -> bool:
+    """Whether a bf16 library for a CPU with ``cpu_features`` calls this kernel: the CPU multiplies
+    bf16, or it has no vector path of the fp32 kernel either (then this file's plain C path)."""
+    return has_bf16_arithmetic(cpu_features) or not has_vector_path(cpu_features)
 
 
 def linear_primfunc(

@@ -1,17 +1,20 @@
 /*
  * fp32 linear layer for CPU libraries: y[M, N] = epilogue(x[M, K] . w[N, K]^T).
  *
- * w is read in its checkpoint layout [out, in] (no weight transform at load).
+ * w is read in its checkpoint layout [out, in] (no weight transform at load), in fp32 or, for a
+ * bf16 library on a CPU without bf16 arithmetic, in bf16 (``mlcv_f32_linear_bf16w``: the weights
+ * are widened to fp32 as they are packed).
  * The path is chosen at run time from the CPU's features: AVX-512F (Intel
- * Skylake-SP and later, AMD Zen 4/5) or plain C on anything else.
+ * Skylake-SP and later, AMD Zen 4/5), AVX2 + FMA (Intel Haswell to Alder
+ * Lake, AMD Zen 1-3) or plain C on anything else.
  *
- * AVX-512 path, the blocking of a GotoBLAS / brgemm style GEMM:
+ * The vector paths have the blocking of a GotoBLAS / brgemm style GEMM:
  *
- *   register tile  MR rows x NR columns (NR / 16 zmm per row) of fp32 accumulators; every k step
- *                  loads NR / 16 vectors of the packed weights and broadcasts MR values of x
- *                  (a memory operand of the FMA), MR * NR / 16 FMAs;
+ *   register tile  MR rows x NR columns of fp32 accumulators (6 x 64 in zmm, 6 x 16 in ymm); every
+ *                  k step loads the NR columns of the packed weights and broadcasts MR values of x
+ *                  (a memory operand of the FMA);
  *   weight slice   NR output columns x KC values of k of w, transposed into slice[k][NR] (16 x 16
- *                  register transposes) once per work unit and read by all its row tiles;
+ *                  or 8 x 8 register transposes) once per work unit and read by all its row tiles;
  *   K block        KC from the detected L2 size (cpuid leaf 4 / 0x8000001D): the slice takes at
  *                  most half of L2, so ViT layers (K <= 4096) have one block on a 2 MiB L2 and the
  *                  accumulators stay in registers over the whole K; a longer K keeps partial sums
@@ -39,7 +42,7 @@
 
 #include "cpu_kernels.h" /* found beside this file */
 
-enum { F32_PATH_GENERIC = 0, F32_PATH_AVX512 = 1 };
+enum { F32_PATH_GENERIC = 0, F32_PATH_AVX512 = 1, F32_PATH_AVX2 = 2 };
 
 /* Activations of the epilogue (``ACTIVATIONS`` in cpu_f32_gemm.py has the same numbers). */
 enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_GELU_TANH = 3, F32_ACT_SILU = 4 };
@@ -57,6 +60,15 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 #define F32_NV 4 /* zmm per row: NR = 16 NV columns */
 #endif
 #define F32_NR (16 * F32_NV)
+
+/* Register tile on CPUs with AVX2 and FMA (16 ymm): 6 x 16 = 12 accumulators + 2 weight vectors + 1
+ * broadcast; a k step is 2 loads + 6 broadcasts for 12 FMAs (6 cycles on two 256-bit FMA ports), and
+ * 12 independent accumulators cover two ports x 4-5 cycles of FMA latency. */
+#define F32_AVX2_MR 6
+#define F32_AVX2_NR 16
+
+/* Columns of a panel on the plain C path. */
+#define F32_GENERIC_NR 64
 #ifndef F32_UNITS_PER_THREAD
 #define F32_UNITS_PER_THREAD 4 /* work units per thread: a thread the OS delays takes fewer */
 #endif
@@ -78,22 +90,44 @@ static int f32_probe_avx512(void) {
 #endif
 }
 
-static int f32_avx512_known = -1;
+static int f32_probe_avx2(void) {
+#if MLCV_X86
+  uint32_t a, b, c, d;
+  if (!mlcv_os_saves_avx()) return 0;
+  __cpuid(1, a, b, c, d);
+  int fma = (c & (1u << 12)) != 0;
+  __cpuid_count(7, 0, a, b, c, d);
+  return fma && (b & (1u << 5)) != 0; /* AVX2 */
+#else
+  return 0;
+#endif
+}
 
-/* Whether ``path`` (0 generic, 1 AVX-512) can run here. */
+static int f32_path_known[3] = {1, -1, -1};
+
+/* Whether ``path`` (0 generic, 1 AVX-512, 2 AVX2 + FMA) can run here; probed once per path. */
 int mlcv_f32_path_supported(int path) {
-  if (path == F32_PATH_GENERIC) return 1;
-  if (path != F32_PATH_AVX512) return 0;
-  int known = __atomic_load_n(&f32_avx512_known, __ATOMIC_RELAXED);
+  if (path < F32_PATH_GENERIC || path > F32_PATH_AVX2) return 0;
+  int known = __atomic_load_n(&f32_path_known[path], __ATOMIC_RELAXED);
   if (known < 0) {
-    known = f32_probe_avx512();
-    __atomic_store_n(&f32_avx512_known, known, __ATOMIC_RELAXED);
+    known = path == F32_PATH_AVX512 ? f32_probe_avx512() : f32_probe_avx2();
+    __atomic_store_n(&f32_path_known[path], known, __ATOMIC_RELAXED);
   }
   return known;
 }
 
 /* The fastest path this CPU runs. */
-int mlcv_f32_best_path(void) { return mlcv_f32_path_supported(F32_PATH_AVX512) ? F32_PATH_AVX512 : F32_PATH_GENERIC; }
+int mlcv_f32_best_path(void) {
+  if (mlcv_f32_path_supported(F32_PATH_AVX512)) return F32_PATH_AVX512;
+  return mlcv_f32_path_supported(F32_PATH_AVX2) ? F32_PATH_AVX2 : F32_PATH_GENERIC;
+}
+
+/* Rows and columns of ``path``'s register tile (the generic path's rows are its row-block unit). */
+static int f32_tile_rows(int path) { return path == F32_PATH_AVX2 ? F32_AVX2_MR : F32_MR; }
+
+static int f32_tile_cols(int path) {
+  return path == F32_PATH_AVX512 ? F32_NR : path == F32_PATH_AVX2 ? F32_AVX2_NR : F32_GENERIC_NR;
+}
 
 /* Size in bytes of the level-2 cache, from cpuid's deterministic cache parameters (leaf 4 on
  * Intel, 0x8000001D on AMD), else sysconf, else 1 MiB. */
@@ -135,14 +169,14 @@ int64_t mlcv_f32_l2_bytes(void) {
   return s;
 }
 
-/* K block: the packed KC x NR weight slice takes at most half of L2 (the rest holds the rows of x
- * being read and the output rows); a multiple of 16. With 2 MiB of L2 that is K up to 4096 in one
+/* K block for slices of ``nr`` columns: the packed KC x NR weight slice takes at most half of L2
+ * (the rest holds the rows of x being read and the output rows); a multiple of 16. With 2 MiB of L2 that is K up to 4096 in one
  * block. The FMAs read the slice from L2 (NR / 16 vectors per k step, sequential, which the L2
  * streamer prefetches) while the accumulators stay in registers over the whole block: against K
  * blocks that keep the slice in L1 (partial sums through y every 96 k) this measured 5-20 % faster
  * on the ViT shapes (one core, Intel). */
-static int64_t k_block(int64_t K) {
-  int64_t kc = mlcv_f32_l2_bytes() / 2 / (F32_NR * 4) / 16 * 16;
+static int64_t k_block(int64_t K, int64_t nr) {
+  int64_t kc = mlcv_f32_l2_bytes() / 2 / (nr * 4) / 16 * 16;
   if (kc < 256) kc = 256;
   if (K <= kc) return K;
   int64_t blocks = (K + kc - 1) / kc; /* equal blocks: no short last block */
@@ -181,17 +215,46 @@ static inline float f32_finish_scalar(const f32_epilogue* ep, float v, int64_t n
   return v;
 }
 
+/* The weights w[N, K]: fp32, or bf16 (their raw 16-bit words: a bf16 library on a CPU without bf16
+ * arithmetic keeps its weights in bf16 and computes in fp32), widened to fp32 where they are read. */
+typedef struct {
+  const void* data;
+  int bf16;
+} f32_weights;
+
+static inline float f32_weight_at(const f32_weights* w, int64_t i) {
+  if (!w->bf16) return ((const float*)w->data)[i];
+  uint32_t bits = (uint32_t)((const uint16_t*)w->data)[i] << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* ``count`` (<= 16) bf16 words at ``src`` into ``out``, zero past ``count``: the tail of a row. */
+static inline void f32_bf16_tail(const uint16_t* src, int count, uint16_t out[16]) {
+  memset(out, 0, 32);
+  memcpy(out, src, (size_t)count * 2);
+}
+
+/* erf(z) of the vector paths: for |z| < 0.921875 z times a polynomial in z^2 (Taylor series to z^19,
+ * ci = 2 / sqrt(pi) (-1)^i / (i! (2i + 1))); above, 1 - erfc(|z|) with erfc(a) = e^(-a^2) t P(t),
+ * t = 1 / (1 + a / 2), P's coefficients the Chebyshev fit of Numerical Recipes' erfcc. */
+static const float f32_erf_taylor[10] = {1.1283791671f, -0.3761263890f, 0.1128379167f, -0.0268661706f,
+                                         0.0052239776f, -0.0008548325f, 0.0001205529f, -0.0000149260f,
+                                         0.0000016466f, -0.0000001636f};
+static const float f32_erf_cheb[10] = {-1.26551223f, 1.00002368f, 0.37409196f,  0.09678418f, -0.18628806f,
+                                       0.27886807f,  -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
+
 /* ------------------------------------------------------------------ generic */
 
 /* Rows [m0, m1) x columns [n0, n0 + ncols) in plain C (any CPU). */
-static void f32_rows_generic(const float* x, const float* w, const f32_epilogue* ep, float* y, int64_t m0,
+static void f32_rows_generic(const float* x, const f32_weights* w, const f32_epilogue* ep, float* y, int64_t m0,
                              int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t K) {
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t n = n0; n < n0 + ncols; ++n) {
       const float* a = x + m * K;
-      const float* b = w + n * K;
       float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += a[k] * b[k];
+      for (int64_t k = 0; k < K; ++k) s += a[k] * f32_weight_at(w, n * K + k);
       y[m * N + n] = f32_finish_scalar(ep, s, n, m * N + n);
     }
 }
@@ -240,18 +303,13 @@ F32_AVX512 static inline __m512 f32_erf_avx512(__m512 z) {
   __m512 a = _mm512_abs_ps(z);
   /* small |z|: z (c0 + c1 z^2 + ... ), ci = 2 / sqrt(pi) (-1)^i / (i! (2i + 1)) */
   __m512 z2 = _mm512_mul_ps(z, z);
-  static const float taylor[10] = {1.1283791671f, -0.3761263890f, 0.1128379167f, -0.0268661706f,
-                                   0.0052239776f, -0.0008548325f, 0.0001205529f, -0.0000149260f,
-                                   0.0000016466f, -0.0000001636f};
-  __m512 s = _mm512_set1_ps(taylor[9]);
-  for (int i = 8; i >= 0; --i) s = _mm512_fmadd_ps(s, z2, _mm512_set1_ps(taylor[i]));
+  __m512 s = _mm512_set1_ps(f32_erf_taylor[9]);
+  for (int i = 8; i >= 0; --i) s = _mm512_fmadd_ps(s, z2, _mm512_set1_ps(f32_erf_taylor[i]));
   __m512 small = _mm512_mul_ps(s, z);
   /* large |z| */
   __m512 t = f32_reciprocal(_mm512_fmadd_ps(a, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f)));
-  static const float cheb[10] = {-1.26551223f, 1.00002368f, 0.37409196f,  0.09678418f, -0.18628806f,
-                                 0.27886807f,  -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
-  __m512 q = _mm512_set1_ps(cheb[9]);
-  for (int i = 8; i >= 0; --i) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(cheb[i]));
+  __m512 q = _mm512_set1_ps(f32_erf_cheb[9]);
+  for (int i = 8; i >= 0; --i) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(f32_erf_cheb[i]));
   __m512 erfc = _mm512_mul_ps(t, f32_exp_avx512(_mm512_sub_ps(q, _mm512_mul_ps(a, a))));
   __m512 large = _mm512_sub_ps(_mm512_set1_ps(1.0f), erfc);
   __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
@@ -277,18 +335,29 @@ F32_AVX512 static inline __m512 f32_activation_avx512(int act, __m512 v) {
   }
 }
 
+/* 16 values of weight row ``n`` from k = ``kb`` (``left`` of them, zeros after) as fp32 bits. */
+F32_AVX512 static inline __m512i f32_weight_row_avx512(const f32_weights* w, int64_t n, int64_t K, int64_t kb,
+                                                      int left) {
+  if (!w->bf16)
+    return _mm512_maskz_loadu_epi32((__mmask16)((1u << left) - 1), (const float*)w->data + n * K + kb);
+  const uint16_t* src = (const uint16_t*)w->data + n * K + kb;
+  uint16_t tail[16];
+  if (left < 16) f32_bf16_tail(src, left, tail);
+  __m256i h = _mm256_loadu_si256((const __m256i*)(left < 16 ? tail : src));
+  return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+}
+
 /* Columns [n0, n0 + NR) x k in [k0, k1) of w[N, K] -> slice[k - k0][NR] (columns >= N are 0), by
  * 16 x 16 register transposes. */
-F32_AVX512 static void f32_pack_b(const float* w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1,
+F32_AVX512 static void f32_pack_b(const f32_weights* w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1,
                                   float* slice) {
   for (int cb = 0; cb < F32_NR; cb += 16) {
     for (int64_t kb = k0; kb < k1; kb += 16) {
       int left = k1 - kb < 16 ? (int)(k1 - kb) : 16;
-      __mmask16 mask = (__mmask16)((1u << left) - 1);
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         int64_t n = n0 + cb + i;
-        r[i] = n < N ? _mm512_maskz_loadu_epi32(mask, (const int32_t*)(w + n * K + kb)) : _mm512_setzero_si512();
+        r[i] = n < N ? f32_weight_row_avx512(w, n, K, kb, left) : _mm512_setzero_si512();
       }
       mlcv_transpose16x16(r);
       for (int j = 0; j < left; ++j) _mm512_store_si512((__m512i*)(slice + (kb - k0 + j) * F32_NR + cb), r[j]);
@@ -406,12 +475,210 @@ F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const floa
 }
 #endif
 
+/* ------------------------------------------------------------------ AVX2 + FMA */
+
+#if MLCV_X86
+#define F32_AVX2 __attribute__((target("avx2,fma")))
+
+/* Lane masks for _mm256_maskload_ps / _mm256_maskstore_ps: the first ``lanes`` (0..8) of 8. */
+static const int32_t f32_lane_mask_table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+F32_AVX2 static inline __m256i f32_lanes_avx2(int64_t lanes) {
+  lanes = lanes < 0 ? 0 : lanes > 8 ? 8 : lanes;
+  return _mm256_loadu_si256((const __m256i*)(f32_lane_mask_table + 8 - lanes));
+}
+
+/* ``v`` to the lanes of ``p`` that ``mask`` selects. A masked store (vmaskmovps) is microcoded on AMD
+ * Zen 1-3, about a dozen cycles against one for a plain store: with it on every store the attention's
+ * 6 x 16 scores tiles (64 k steps each) ran at 65 % of the FMA peak on a Zen 3 core. So full vectors
+ * are stored plainly and only a tail is masked. */
+F32_AVX2 static inline void f32_store_avx2(float* p, __m256i mask, __m256 v) {
+  if (_mm256_testc_si256(mask, _mm256_set1_epi32(-1)))
+    _mm256_storeu_ps(p, v);
+  else
+    _mm256_maskstore_ps(p, mask, v);
+}
+
+/* e^x as f32_exp_avx512, with 2^n made in the exponent bits (n is in [-126, 127] after the clamp). */
+F32_AVX2 static inline __m256 f32_exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+/* 1 / d for d >= 1: the 12-bit estimate and one Newton step (relative error about 2e-7). */
+F32_AVX2 static inline __m256 f32_reciprocal_avx2(__m256 d) {
+  __m256 r = _mm256_rcp_ps(d);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+}
+
+F32_AVX2 static inline __m256 f32_times_sigmoid_avx2(__m256 v, __m256 s) {
+  __m256 e = f32_exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), s));
+  return _mm256_mul_ps(v, f32_reciprocal_avx2(_mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+}
+
+/* erf(z) by the two approximations of f32_erf_avx512. */
+F32_AVX2 static inline __m256 f32_erf_avx2(__m256 z) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 a = _mm256_andnot_ps(sign, z);
+  __m256 z2 = _mm256_mul_ps(z, z);
+  __m256 s = _mm256_set1_ps(f32_erf_taylor[9]);
+  for (int i = 8; i >= 0; --i) s = _mm256_fmadd_ps(s, z2, _mm256_set1_ps(f32_erf_taylor[i]));
+  __m256 small = _mm256_mul_ps(s, z);
+  __m256 t = f32_reciprocal_avx2(_mm256_fmadd_ps(a, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f)));
+  __m256 q = _mm256_set1_ps(f32_erf_cheb[9]);
+  for (int i = 8; i >= 0; --i) q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(f32_erf_cheb[i]));
+  __m256 erfc = _mm256_mul_ps(t, f32_exp_avx2(_mm256_sub_ps(q, _mm256_mul_ps(a, a))));
+  __m256 large = _mm256_or_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), erfc), _mm256_and_ps(sign, z));
+  return _mm256_blendv_ps(large, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.921875f), _CMP_LT_OQ));
+}
+
+F32_AVX2 static inline __m256 f32_activation_avx2(int act, __m256 v) {
+  switch (act) {
+    case F32_ACT_QUICK_GELU: return f32_times_sigmoid_avx2(v, _mm256_mul_ps(v, _mm256_set1_ps(1.702f)));
+    case F32_ACT_GELU_ERF: {
+      __m256 half = _mm256_mul_ps(v, _mm256_set1_ps(0.5f));
+      return _mm256_fmadd_ps(half, f32_erf_avx2(_mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f))), half);
+    }
+    case F32_ACT_GELU_TANH: {
+      __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+      __m256 u = _mm256_fmadd_ps(v3, _mm256_set1_ps(0.044715f), v);
+      return f32_times_sigmoid_avx2(v, _mm256_mul_ps(u, _mm256_set1_ps(2.0f * 0.79788456080286536f)));
+    }
+    case F32_ACT_SILU: return f32_times_sigmoid_avx2(v, v);
+    default: return v;
+  }
+}
+
+/* 8 values of weight row ``n`` from k = ``kb`` (``left`` of them, zeros after) in fp32. */
+F32_AVX2 static inline __m256 f32_weight_row_avx2(const f32_weights* w, int64_t n, int64_t K, int64_t kb, int left) {
+  if (!w->bf16) return _mm256_maskload_ps((const float*)w->data + n * K + kb, f32_lanes_avx2(left));
+  const uint16_t* src = (const uint16_t*)w->data + n * K + kb;
+  uint16_t tail[16];
+  if (left < 8) f32_bf16_tail(src, left, tail);
+  __m128i h = _mm_loadu_si128((const __m128i*)(left < 8 ? tail : src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Columns [n0, n0 + 16) x k in [k0, k1) of w[N, K] -> slice[k - k0][16] (columns >= N are 0), by
+ * 8 x 8 register transposes. */
+F32_AVX2 static void f32_pack_b_avx2(const f32_weights* w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1,
+                                     float* slice) {
+  for (int cb = 0; cb < F32_AVX2_NR; cb += 8) {
+    for (int64_t kb = k0; kb < k1; kb += 8) {
+      int left = k1 - kb < 8 ? (int)(k1 - kb) : 8;
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        int64_t n = n0 + cb + i;
+        r[i] = n < N ? f32_weight_row_avx2(w, n, K, kb, left) : _mm256_setzero_ps();
+      }
+      mlcv_transpose8x8(r);
+      for (int j = 0; j < left; ++j) _mm256_store_ps(slice + (kb - k0 + j) * F32_AVX2_NR + cb, r[j]);
+    }
+  }
+}
+
+/* f32_tile on ymm: ``mr`` rows x 16 columns, the columns of ``masks`` stored. Unlike f32_tile it does
+ * not prefetch the next tile's rows of x: with a row stride that is a multiple of 4 KiB (K = 1024,
+ * 3072, 4096) those rows and the tile's own share one set of an 8-way L1, and the prefetches evict
+ * the lines being read (K = 1024, 3072, 4096 at 74-75 GFLOP/s on one Zen 3 core with them, 88-92
+ * without; the other ViT shapes the same either way: the hardware prefetcher follows the rows). */
+F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr, const float* a, const float* b,
+                                                                          const f32_epilogue* ep,
+                                                                          float* y, int64_t m, int64_t n0,
+                                                                          const __m256i* masks, int64_t N, int64_t lda,
+                                                                          int64_t kc, int first, int last,
+                                                                          const float* pf, int pf_rows) {
+  __m256 acc[F32_AVX2_MR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < F32_AVX2_MR; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j)
+      acc[r][j] = (r < mr && !first) ? _mm256_maskload_ps(y + (m + r) * N + n0 + 8 * j, masks[j])
+                                     : _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    if ((k & 15) == 0) {
+      for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * lda + k), _MM_HINT_T1);
+    }
+    __m256 b0 = _mm256_load_ps(b + k * F32_AVX2_NR), b1 = _mm256_load_ps(b + k * F32_AVX2_NR + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < F32_AVX2_MR; ++r) {
+      if (r < mr) {
+        __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+      }
+    }
+  }
+  /* Constant indices only (unrolled loops, no break): an accumulator indexed at run time would live
+   * in memory, and GCC would store every one of them at each k step. */
+#pragma GCC unroll 2
+  for (int j = 0; j < 2; ++j) {
+    if (_mm256_testz_si256(masks[j], masks[j])) continue; /* no columns in this vector */
+    __m256 bias = ep->bias && last ? _mm256_maskload_ps(ep->bias + n0 + 8 * j, masks[j]) : _mm256_setzero_ps();
+    __m256 scale = ep->scale && last ? _mm256_maskload_ps(ep->scale + n0 + 8 * j, masks[j]) : _mm256_setzero_ps();
+#pragma GCC unroll 6
+    for (int r = 0; r < F32_AVX2_MR; ++r) {
+      if (r >= mr) continue;
+      int64_t at = (m + r) * N + n0 + 8 * j;
+      __m256 v = acc[r][j];
+      if (last) {
+        v = _mm256_add_ps(v, bias);
+        if (ep->scale) v = _mm256_mul_ps(v, scale);
+        if (ep->residual) v = _mm256_add_ps(v, _mm256_maskload_ps(ep->residual + at, masks[j]));
+        if (ep->act != F32_ACT_NONE) v = f32_activation_avx2(ep->act, v);
+        if (ep->gate) v = _mm256_mul_ps(v, _mm256_maskload_ps(ep->gate + at, masks[j]));
+      }
+      f32_store_avx2(y + at, masks[j], v);
+    }
+  }
+}
+
+#define F32_AVX2_TILE_CASE(R)                                                                          \
+  case R:                                                                                              \
+    f32_tile_avx2(R, a, b, ep, y, m, n0, masks, N, lda, kc, first, last,                               \
+                  f32_prefetch_start(w_next, t, per_tile, lda), f32_prefetch_rows(t, per_tile, next_rows)); \
+    break;
+
+/* f32_block_avx512 on the 6 x 16 ymm tile. */
+F32_AVX2 static void f32_block_avx2(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep, float* y,
+                                    int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t kc,
+                                    int first, int last, const float* w_next, int64_t next_rows) {
+  __m256i masks[2] = {f32_lanes_avx2(ncols), f32_lanes_avx2(ncols - 8)};
+  const int64_t tiles = (m1 - m0 + F32_AVX2_MR - 1) / F32_AVX2_MR;
+  if (w_next == NULL) next_rows = 0;
+  const int64_t per_tile = tiles > 0 ? (next_rows + tiles - 1) / tiles : 0;
+  int64_t m = m0, t = 0;
+  const float* a = a0;
+  for (; m + F32_AVX2_MR <= m1; m += F32_AVX2_MR, a += F32_AVX2_MR * lda, ++t)
+    f32_tile_avx2(F32_AVX2_MR, a, b, ep, y, m, n0, masks, N, lda, kc, first, last,
+                  f32_prefetch_start(w_next, t, per_tile, lda), f32_prefetch_rows(t, per_tile, next_rows));
+  switch (m1 - m) {
+    F32_AVX2_TILE_CASE(5) F32_AVX2_TILE_CASE(4) F32_AVX2_TILE_CASE(3) F32_AVX2_TILE_CASE(2) F32_AVX2_TILE_CASE(1)
+    default: break;
+  }
+}
+#endif
+
 /* ------------------------------------------------------------------ driver */
 
 typedef struct {
   int path;
+  int64_t mr, nr; /* the path's register tile (f32_tile_rows, f32_tile_cols) */
   const float* x;
-  const float* w;
+  f32_weights w;
   f32_epilogue ep;
   float* y;
   int64_t M, N, K, kc;
@@ -425,41 +692,62 @@ static __thread mlcv_scratch f32_scratch;
 
 static float* f32_scratch_buffer(size_t floats) { return (float*)mlcv_scratch_reserve(&f32_scratch, floats * 4); }
 
-/* One work unit: rows [m0, m1) x panels [p0, p1). Each panel's weights are packed one K block at
+/* A vector path's two steps (same arguments on every path): pack a weight slice, run the row
+ * tiles of a block of rows over it (f32_pack_b / f32_block_avx512 and their AVX2 forms). */
+typedef void (*f32_pack_fn)(const f32_weights* w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1,
+                            float* slice);
+typedef void (*f32_block_fn)(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep, float* y,
+                             int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t kc, int first,
+                             int last, const float* w_next, int64_t next_rows);
+
+/* Rows [m0, m1) x panels [p0, p1) on a vector path. Each panel's weights are packed one K block at
  * a time (the whole K when it fits, see k_block) and used by every row tile of the unit, the
- * accumulators staying in registers over the block. */
-static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-#if MLCV_X86
-  if (job->path == F32_PATH_AVX512) {
+ * accumulators staying in registers over the block. K blocks are the outer loop: the unit's rows
+ * of x in one K block are read by every panel, from L2 when they fit. */
+static void f32_run_unit_vector(const f32_job* job, f32_pack_fn pack, f32_block_fn block, float* scratch, int64_t m0,
+                                int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t nr = job->nr;
+  for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
+    int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
     for (int64_t p = p0; p < p1; ++p) {
-      int64_t n0 = p * F32_NR;
-      int64_t ncols = job->N - n0 < F32_NR ? job->N - n0 : F32_NR;
+      int64_t n0 = p * nr;
+      int64_t ncols = job->N - n0 < nr ? job->N - n0 : nr;
       /* The next panel's weights, prefetched while this one runs when the whole K is one block and
        * the unit has few rows: then reading them from memory is a large part of a panel's time
        * (with more rows it is small, and the prefetched lines compete with x for L2). */
-      int64_t next_n0 = n0 + F32_NR;
-      int prefetch = job->kc >= job->K && m1 - m0 <= F32_PREFETCH_ROWS && next_n0 < job->N;
-      int64_t next_rows = prefetch ? (job->N - next_n0 < F32_NR ? job->N - next_n0 : F32_NR) : 0;
-      for (int64_t k0 = 0; k0 < job->K; k0 += job->kc) {
-        int64_t k1 = k0 + job->kc < job->K ? k0 + job->kc : job->K;
-        f32_pack_b(job->w, job->N, job->K, n0, k0, k1, scratch);
-        f32_block_avx512(job->x + m0 * job->K + k0, job->K, scratch, &job->ep, job->y, m0, m1, n0, ncols, job->N,
-                         k1 - k0, k0 == 0, k1 == job->K, next_rows ? job->w + next_n0 * job->K : NULL, next_rows);
-      }
+      int64_t next_n0 = n0 + nr;
+      int prefetch = !job->w.bf16 && job->kc >= job->K && m1 - m0 <= F32_PREFETCH_ROWS && next_n0 < job->N;
+      int64_t next_rows = prefetch ? (job->N - next_n0 < nr ? job->N - next_n0 : nr) : 0;
+      pack(&job->w, job->N, job->K, n0, k0, k1, scratch);
+      const float* w_next = next_rows ? (const float*)job->w.data + next_n0 * job->K + k0 : NULL;
+      block(job->x + m0 * job->K + k0, job->K, scratch, &job->ep, job->y, m0, m1, n0, ncols, job->N, k1 - k0,
+            k0 == 0, k1 == job->K, w_next, next_rows);
     }
+  }
+}
+
+/* One work unit: rows [m0, m1) x panels [p0, p1) of job->nr columns. */
+static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+#if MLCV_X86
+  if (job->path == F32_PATH_AVX512) {
+    f32_run_unit_vector(job, f32_pack_b, f32_block_avx512, scratch, m0, m1, p0, p1);
+    return;
+  }
+  if (job->path == F32_PATH_AVX2) {
+    f32_run_unit_vector(job, f32_pack_b_avx2, f32_block_avx2, scratch, m0, m1, p0, p1);
     return;
   }
 #endif
   (void)scratch;
-  int64_t n1 = p1 * F32_NR < job->N ? p1 * F32_NR : job->N;
-  f32_rows_generic(job->x, job->w, &job->ep, job->y, m0, m1, p0 * F32_NR, n1 - p0 * F32_NR, job->N, job->K);
+  int64_t n1 = p1 * job->nr < job->N ? p1 * job->nr : job->N;
+  f32_rows_generic(job->x, &job->w, &job->ep, job->y, m0, m1, p0 * job->nr, n1 - p0 * job->nr, job->N, job->K);
 }
 
 /* One of the pool's tasks: take work units until none are left. */
 static int f32_run_units(f32_job* job) {
-  float* scratch = f32_scratch_buffer((size_t)job->kc * F32_NR);
+  float* scratch = f32_scratch_buffer((size_t)job->kc * job->nr);
   if (scratch == NULL) return -1;
-  int64_t panels = (job->N + F32_NR - 1) / F32_NR;
+  int64_t panels = (job->N + job->nr - 1) / job->nr;
   for (;;) {
     int64_t u = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED);
     if (u >= job->row_blocks * job->groups) break;
@@ -490,9 +778,9 @@ static int f32_parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata
 static void f32_split(f32_job* job, int threads) {
   job->row_blocks = (job->M + F32_ROW_BLOCK - 1) / F32_ROW_BLOCK;
   job->row_block = (job->M + job->row_blocks - 1) / job->row_blocks;
-  if (job->row_block % F32_MR) job->row_block += F32_MR - job->row_block % F32_MR;
+  if (job->row_block % job->mr) job->row_block += job->mr - job->row_block % job->mr;
   job->row_blocks = (job->M + job->row_block - 1) / job->row_block;
-  int64_t panels = (job->N + F32_NR - 1) / F32_NR;
+  int64_t panels = (job->N + job->nr - 1) / job->nr;
   int64_t want = F32_UNITS_PER_THREAD * (int64_t)threads; /* units */
   int64_t groups = (want + job->row_blocks - 1) / job->row_blocks;
   if (groups > panels) groups = panels;
@@ -501,14 +789,14 @@ static void f32_split(f32_job* job, int threads) {
   job->groups = (panels + job->group_panels - 1) / job->group_panels;
 }
 
-/* y = epilogue(x . w^T) on ``path`` (``mlcv_f32_linear``'s arguments). Returns 0 on success. */
-int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* bias, const float* scale,
-                         const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
-                         int32_t act) {
+/* y = epilogue(x . w^T) on ``path``. Returns 0 on success. */
+static int f32_linear(int path, const float* x, f32_weights w, const float* bias, const float* scale,
+                      const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K, int32_t act) {
   if (!mlcv_f32_path_supported(path) || act < F32_ACT_NONE || act > F32_ACT_SILU) return -1;
   if (residual != NULL && gate != NULL) return -1;
   if (M == 0 || N == 0) return 0;
-  f32_job job = {path, x, w, {bias, scale, residual, gate, act}, y, M, N, K, k_block(K), 0, 0, 0, 0, 0};
+  int64_t mr = f32_tile_rows(path), nr = f32_tile_cols(path);
+  f32_job job = {path, mr, nr, x, w, {bias, scale, residual, gate, act}, y, M, N, K, k_block(K, nr), 0, 0, 0, 0, 0};
   parallel_launch_fn launch = mlcv_thread_pool();
   int threads = 1;
   if (launch != NULL) {
@@ -520,6 +808,22 @@ int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* 
   return f32_run_units(&job);
 }
 
+/* ``mlcv_f32_linear`` on an explicit path (tests run every supported one). */
+int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* bias, const float* scale,
+                         const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
+                         int32_t act) {
+  f32_weights weights = {w, 0};
+  return f32_linear(path, x, weights, bias, scale, residual, gate, y, M, N, K, act);
+}
+
+/* ``mlcv_f32_linear_bf16w`` on an explicit path. */
+int mlcv_f32_linear_bf16w_path(int path, const float* x, const uint16_t* w, const float* bias, const float* scale,
+                               const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
+                               int32_t act) {
+  f32_weights weights = {w, 1};
+  return f32_linear(path, x, weights, bias, scale, residual, gate, y, M, N, K, act);
+}
+
 /* The entry point the library calls (compiler/passes/f32_cpu.py), on the fastest path here:
  * y = act((x . w^T (+ bias)) (* scale) (+ residual)) (* gate); bias, scale, residual and gate may
  * be NULL (not both residual and gate); ``act``: the F32_ACT_* numbers. */
@@ -528,11 +832,21 @@ int mlcv_f32_linear(const float* x, const float* w, const float* bias, const flo
   return mlcv_f32_linear_path(mlcv_f32_best_path(), x, w, bias, scale, residual, gate, y, M, N, K, act);
 }
 
-/* The register tile and K block this build uses (for tests and benchmarks): rows, columns, KC for K. */
+/* mlcv_f32_linear with bf16 weights (their raw 16-bit words), widened to fp32 as they are packed: the
+ * linear layers of bf16 libraries for CPUs without bf16 arithmetic. */
+int mlcv_f32_linear_bf16w(const float* x, const uint16_t* w, const float* bias, const float* scale,
+                          const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
+                          int32_t act) {
+  return mlcv_f32_linear_bf16w_path(mlcv_f32_best_path(), x, w, bias, scale, residual, gate, y, M, N, K, act);
+}
+
+/* The register tile and K block of the fastest path here (for tests and benchmarks): rows, columns,
+ * KC for K. */
 void mlcv_f32_tile_info(int64_t K, int64_t* out) {
-  out[0] = F32_MR;
-  out[1] = F32_NR;
-  out[2] = k_block(K);
+  int path = mlcv_f32_best_path();
+  out[0] = f32_tile_rows(path);
+  out[1] = f32_tile_cols(path);
+  out[2] = k_block(K, out[1]);
 }
 
 /* ------------------------------------------------------------------ attention
@@ -751,16 +1065,130 @@ F32_AVX512 static void f32_attention_avx512(const f32_attention_job* job, int64_
     }
   }
 }
+/* The AVX2 + FMA attention: the same blocks on ymm tiles, keys in panels of 16 (kt[SP / 16][D][16],
+ * SP a multiple of 16), v rows padded to DP8 = D rounded up to 8; q . k^T and p . v on 6 x 16 tiles. */
+#define ATT_AVX2_KEYS 16
+
+/* k of head (b, h) -> kt panels of 16 keys, scaled; keys >= S are 0. By 8 x 8 transposes. */
+F32_AVX2 static void att_pack_kt_avx2(const f32_attention_job* job, int64_t b, int64_t h, int64_t SP, float* kt) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  __m256 scale = _mm256_set1_ps(job->scale);
+  for (int64_t s0 = 0; s0 < SP; s0 += 8)
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      int left = D - d0 < 8 ? (int)(D - d0) : 8;
+      __m256i mask = f32_lanes_avx2(left);
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        int64_t s = s0 + i;
+        r[i] = s < S ? _mm256_mul_ps(_mm256_maskload_ps(job->k + ((b * S + s) * H + h) * D + d0, mask), scale)
+                     : _mm256_setzero_ps();
+      }
+      mlcv_transpose8x8(r);
+      float* panel = kt + (s0 / ATT_AVX2_KEYS) * D * ATT_AVX2_KEYS + s0 % ATT_AVX2_KEYS;
+      for (int j = 0; j < left; ++j) _mm256_store_ps(panel + (d0 + j) * ATT_AVX2_KEYS, r[j]);
+    }
+}
+
+/* v of head (b, h) -> vp[S][DP8], rows padded with zeros. */
+F32_AVX2 static void att_pack_v_avx2(const f32_attention_job* job, int64_t b, int64_t h, int64_t DP8, float* vp) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t d0 = 0; d0 < DP8; d0 += 8)
+      _mm256_store_ps(vp + s * DP8 + d0, _mm256_maskload_ps(job->v + ((b * S + s) * H + h) * D + d0,
+                                                            f32_lanes_avx2(D - d0)));
+}
+
+/* 6 rows x 16 columns: acc = sum over ``steps`` of a[r * lda + i] * b[i * ldb + 0..15]; the 16
+ * columns scaled by ``row_scale[r]`` (when not NULL) and stored to out (``ld`` floats a row; rows >=
+ * ``valid`` and columns past ``masks`` are not stored). Both of the attention's products. */
+F32_AVX2 __attribute__((always_inline)) static inline void att_tile_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t steps,
+                                   const float* row_scale, float* out, int64_t ld, int valid, const __m256i* masks) {
+  __m256 acc[6][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < steps; ++i) {
+    __m256 b0 = _mm256_load_ps(b + i * ldb), b1 = _mm256_load_ps(b + i * ldb + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
+      __m256 av = _mm256_broadcast_ss(a + r * lda + i);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r) { /* constant indices: see f32_tile_avx2 */
+    if (r >= valid) continue;
+    __m256 s = _mm256_set1_ps(row_scale ? row_scale[r] : 1.0f);
+    f32_store_avx2(out + r * ld, masks[0], _mm256_mul_ps(acc[r][0], s));
+    f32_store_avx2(out + r * ld + 8, masks[1], _mm256_mul_ps(acc[r][1], s));
+  }
+}
+
+/* att_softmax_row on ymm. */
+F32_AVX2 static float att_softmax_row_avx2(float* row, int64_t S) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + s));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, mx);
+  float m = lanes[0];
+  for (int i = 1; i < 8; ++i) m = lanes[i] > m ? lanes[i] : m;
+  for (; s < S; ++s) m = row[s] > m ? row[s] : m;
+  __m256 mv = _mm256_set1_ps(m), sum = _mm256_setzero_ps();
+  for (s = 0; s + 8 <= S; s += 8) {
+    __m256 e = f32_exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + s), mv));
+    _mm256_storeu_ps(row + s, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  _mm256_storeu_ps(lanes, sum);
+  float total = 0.0f;
+  for (int i = 0; i < 8; ++i) total += lanes[i];
+  for (; s < S; ++s) total += (row[s] = expf(row[s] - m));
+  return total;
+}
+
+/* Head (b, h) on the ymm tiles; ``scratch`` as f32_attention_avx512's (its sizes bound these). */
+F32_AVX2 static void f32_attention_avx2(const f32_attention_job* job, int64_t b, int64_t h, float* scratch) {
+  const int64_t S = job->S, H = job->H, D = job->D;
+  const int64_t SP = att_round_up(S, ATT_AVX2_KEYS), DP8 = att_round_up(D, 8);
+  float* kt = scratch;
+  float* scores = kt + D * SP;
+  float* vp = scores + ATT_TQ * SP;
+  float* qp = vp + S * DP8;
+  float* inv_sum = qp + ATT_TQ * D;
+  const __m256i all[2] = {f32_lanes_avx2(8), f32_lanes_avx2(8)};
+  att_pack_kt_avx2(job, b, h, SP, kt);
+  att_pack_v_avx2(job, b, h, DP8, vp);
+  memset(scores, 0, sizeof(float) * ATT_TQ * SP);
+  memset(qp, 0, sizeof(float) * ATT_TQ * D);
+  for (int64_t q0 = 0; q0 < S; q0 += ATT_TQ) {
+    int64_t tq = S - q0 < ATT_TQ ? S - q0 : ATT_TQ;
+    for (int64_t r = 0; r < tq; ++r) memcpy(qp + r * D, job->q + ((b * S + q0 + r) * H + h) * D, sizeof(float) * D);
+    for (int64_t kp = 0; kp < SP; kp += ATT_AVX2_KEYS)
+      for (int64_t r0 = 0; r0 < tq; r0 += 6)
+        att_tile_avx2(qp + r0 * D, D, kt + kp * D, ATT_AVX2_KEYS, D, NULL, scores + r0 * SP + kp, SP, 6, all);
+    for (int64_t r = 0; r < tq; ++r) inv_sum[r] = 1.0f / att_softmax_row_avx2(scores + r * SP, S);
+    /* p . v, row tiles outer: a tile's 6 rows of probabilities stay in L1 for every 16 columns of v.
+     * The second vector of 16 columns may be past DP8 only when D - c0 <= 8, and then it is neither
+     * stored nor (its lanes masked off) meaningful; vp has room for the reads. */
+    for (int64_t r0 = 0; r0 < tq; r0 += 6)
+      for (int64_t c0 = 0; c0 < D; c0 += 16) {
+        __m256i masks[2] = {f32_lanes_avx2(D - c0), f32_lanes_avx2(D - c0 - 8)};
+        att_tile_avx2(scores + r0 * SP, SP, vp + c0, DP8, S, inv_sum + r0,
+                      job->out + ((b * S + q0 + r0) * H + h) * D + c0, H * D, (int)(tq - r0), masks);
+      }
+  }
+}
 #endif
 
-/* Floats of one task's scratch. */
+/* Floats of one task's scratch (the AVX-512 layout; the AVX2 one is smaller). */
 static size_t att_scratch_floats(const f32_attention_job* job) {
   int64_t SP = att_round_up(job->S, ATT_KEYS), DP = att_round_up(job->D, 16);
   return (size_t)(job->D * SP + ATT_TQ * SP + job->S * DP + ATT_TQ * job->D + ATT_TQ + 16);
 }
 
 static int f32_attention_tasks(f32_attention_job* job) {
-  size_t floats = job->path == F32_PATH_AVX512 ? att_scratch_floats(job) : (size_t)job->S;
+  size_t floats = job->path != F32_PATH_GENERIC ? att_scratch_floats(job) : (size_t)job->S;
   float* scratch = f32_scratch_buffer(floats);
   if (scratch == NULL) return -1;
   for (;;) {
@@ -770,6 +1198,10 @@ static int f32_attention_tasks(f32_attention_job* job) {
 #if MLCV_X86
     if (job->path == F32_PATH_AVX512) {
       f32_attention_avx512(job, b, h, scratch);
+      continue;
+    }
+    if (job->path == F32_PATH_AVX2) {
+      f32_attention_avx2(job, b, h, scratch);
       continue;
     }
 #endif

@@ -1,13 +1,14 @@
-"""The fp32 linear layer of CPU libraries on AVX-512 CPUs: a C kernel (``cpu_f32_gemm.c``) called from TIR.
+"""The fp32 linear layer of CPU libraries on AVX-512 and AVX2 CPUs: a C kernel (``cpu_f32_gemm.c``) called from TIR.
 
 A GEMM of packed weight slices (K blocks sized from the detected L2, the
-accumulators of a 6 x 64 register tile of fp32 FMAs kept over the whole block),
+accumulators of a register tile of fp32 FMAs kept over the whole block: 6 x 64
+in zmm on AVX-512, 6 x 16 in ymm on AVX2 + FMA),
 with the linear layer's epilogue: bias, layer scale, residual, an activation
 (quick GELU, GELU erf / tanh, SiLU) and SwiGLU's product with the up projection. Compiled
 with the host C compiler at export and linked into the library
 (``export_library(addons=[object])``); the PrimFunc here calls it with
 ``call_extern``. ``passes/f32_cpu.py`` routes fp32 linear layers to it where
-the library's CPU has AVX-512F; elsewhere the TIR schedule
+the library's CPU has one of its vector paths (:data:`VECTOR_PATH_FEATURES`); elsewhere the TIR schedule
 (``schedules/cpu.py``) keeps them. The same file holds the fp32 attention of
 those libraries (:func:`attention_primfunc`).
 """
@@ -20,23 +21,35 @@ from .c_objects import compile_c
 
 SOURCE = Path(__file__).with_suffix(".c")
 ENTRY = "mlcv_f32_linear"
+#: The entry taking bf16 weights (their raw 16-bit words), widened to fp32 as they are packed.
+ENTRY_BF16_WEIGHTS = "mlcv_f32_linear_bf16w"
 #: Activations of the epilogue by the numbers of ``cpu_f32_gemm.c``'s ``F32_ACT_*``; the keys are
 #: the names ``passes/f32_cpu.py`` matches.
 ACTIVATIONS = {"quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 #: What ``mlcv_f32_best_path()`` returns, by number.
-PATHS = {0: "generic", 1: "avx512"}
+PATHS = {0: "generic", 1: "avx512", 2: "avx2"}
+#: The instruction sets (LLVM names) of each vector path: a CPU with all of one set runs that path.
+VECTOR_PATH_FEATURES = {"avx512": {"avx512f"}, "avx2": {"avx2", "fma"}}
+
+
+def has_vector_path(cpu_features) -> bool:
+    """Whether a CPU with ``cpu_features`` (LLVM names) runs one of the kernel's vector paths."""
+    features = set(cpu_features or ())
+    return any(needed <= features for needed in VECTOR_PATH_FEATURES.values())
 
 
 def uses_f32_kernel(target_name: str, cpu_features) -> bool:
-    """Whether a library may call the fp32 C GEMM (and links it): a CPU library for a CPU with
-    AVX-512F (``cpu_features``: ``metadata["cpu"]["features"]``, LLVM names; the pass decides from
-    the target made of the same spec)."""
-    return target_name == "cpu" and "avx512f" in set(cpu_features or ())
+    """Whether a library may call the fp32 C GEMM (and links it): a CPU library for a CPU with a
+    vector path (``cpu_features``: ``metadata["cpu"]["features"]``, LLVM names; the pass decides from
+    the target made of the same spec). Other CPUs keep the TIR GEMM, which LLVM vectorizes for them."""
+    return target_name == "cpu" and has_vector_path(cpu_features)
 
 
 def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = False, residual: bool = False,
-                    gate: bool = False, act: str | None = None):
-    """PrimFunc ``(x [..., k], w [n, k], (bias [n]), (scale [n]), (residual or gate [..., n]), y [..., n])``, fp32.
+                    gate: bool = False, act: str | None = None, weight_dtype: str = "float32"):
+    """PrimFunc ``(x [..., k], w [n, k], (bias [n]), (scale [n]), (residual or gate [..., n]), y [..., n])``, fp32
+    but for ``w``, which is ``weight_dtype`` (``float32`` or ``bfloat16``: a bf16 library on a CPU without
+    bf16 arithmetic, its weights widened as the kernel packs them).
 
     It calls the C kernel: ``y = act((x . w^T (+ bias)) (* scale) (+ residual)) (* gate)``;
     ``act`` is a key of :data:`ACTIVATIONS` or None. The ``lead_ndim`` leading
@@ -47,9 +60,11 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = Fa
 
     if residual and gate:
         raise ValueError("the epilogue takes a residual or a gate, not both")
+    if weight_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"weights must be float32 or bfloat16, not {weight_dtype}")
     lead = [tirx.Var(f"d{i}", "int64") for i in range(lead_ndim)]
     x = te.placeholder([*lead, k], "float32", name="x")
-    w = te.placeholder([n, k], "float32", name="w")
+    w = te.placeholder([n, k], weight_dtype, name="w")
     inputs = [x, w] + ([te.placeholder([n], "float32", name="bias")] if bias else [])
     inputs += [te.placeholder([n], "float32", name="scale")] if scale else []
     if residual or gate:
@@ -66,7 +81,8 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = Fa
         pointers += [extra, null] if residual else [null, extra]
         sizes = [rows, tirx.const(n, "int64"), tirx.const(k, "int64")]
         code = tirx.const(ACTIVATIONS[act] if act else 0, "int32")
-        status = tirx.call_extern("int32", ENTRY, *pointers, outs[0].data, *sizes, code)
+        entry = ENTRY if weight_dtype == "float32" else ENTRY_BF16_WEIGHTS
+        status = tirx.call_extern("int32", entry, *pointers, outs[0].data, *sizes, code)
         # The FFI constructor directly: in TVM 0.27 the Python wrapper passes
         # (kind, condition) where the constructor takes (condition, kind).
         return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access

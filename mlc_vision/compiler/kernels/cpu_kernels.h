@@ -1,7 +1,7 @@
 /*
  * What the GEMM and attention kernels (cpu_f32_gemm.c, cpu_bf16_gemm.c) share: the x86 switch, the
- * OS check for the AVX-512 register state, a 16 x 16 transpose of 32-bit words, and grow-only
- * scratch buffers per thread.
+ * OS checks for the AVX and AVX-512 register states, 8 x 8 and 16 x 16 transposes of 32-bit words,
+ * and grow-only scratch buffers per thread.
  */
 #ifndef MLCV_CPU_KERNELS_H_
 #define MLCV_CPU_KERNELS_H_
@@ -34,6 +34,33 @@ static inline int mlcv_os_saves_avx512(void) {
   uint32_t a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
   return (mlcv_xgetbv0() & 0xe6) == 0xe6;
+}
+
+/* Whether the OS saves the AVX state (SSE and the upper YMM halves). */
+static inline int mlcv_os_saves_avx(void) {
+  uint32_t a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
+  return (mlcv_xgetbv0() & 0x6) == 0x6;
+}
+
+/* 8 x 8 transpose of fp32: r[i][j] -> r[j][i]. */
+__attribute__((target("avx"), always_inline)) static inline void mlcv_transpose8x8(__m256 r[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  /* Each 128-bit lane now holds a 4 x 4 block; gather the lanes. */
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+  }
 }
 
 /* 16 x 16 transpose of 32-bit words: r[i][j] -> r[j][i]. */

@@ -39,8 +39,8 @@ import re
 import tvm
 from tvm import relax
 
-from ..kernels.cpu_bf16_gemm import ACTIVATIONS, attention_primfunc, linear_primfunc
-from .relax_rewrite import ATTENTION_OP, plain_attention_shape, rewrite_relax_functions, static_int
+from ..kernels.cpu_bf16_gemm import ACTIVATIONS, attention_primfunc, linear_primfunc, uses_bf16_kernel
+from .relax_rewrite import ATTENTION_OP, bound_value, plain_attention_shape, rewrite_relax_functions, static_int
 
 BF16 = "bfloat16"
 F32 = "float32"
@@ -132,18 +132,8 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
 
     # -- matching helpers
     def _value(self, expr):
-        """What ``expr`` stands for: bindings, aliases and ``Tuple(...)[i]`` followed."""
-        for _ in range(16):
-            if isinstance(expr, relax.Var) and self.lookup_binding(expr) is not None:
-                expr = self.lookup_binding(expr)
-            elif isinstance(expr, relax.TupleGetItem):
-                tup = self._value(expr.tuple_value)
-                if not isinstance(tup, relax.Tuple):
-                    return expr
-                expr = tup.fields[expr.index]
-            else:
-                return expr
-        return expr
+        """What ``expr`` stands for (:func:`relax_rewrite.bound_value`)."""
+        return bound_value(self, expr)
 
     def _bound(self, expr, op):
         """The call ``op(...)`` that ``expr`` stands for, else None."""
@@ -301,9 +291,22 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
         return call
 
 
+def target_uses_bf16_kernel(target) -> bool:
+    """Whether bf16 libraries for ``target`` (the current one when None) call the bf16 C kernel
+    (``cpu_bf16_gemm.uses_bf16_kernel``); the others' bf16 weights go to the fp32 kernel
+    (``passes/f32_cpu.py``), and their attention stays fp32."""
+    target = target or tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return True
+    return uses_bf16_kernel(tvm.get_global_func("target.llvm_get_cpu_features")(target).keys())
+
+
 @tvm.transform.module_pass(opt_level=0, name="Bf16LinearCPU")
 def bf16_linear_cpu(mod, _ctx):
-    """Linear layers with bf16 weights -> the bf16 C kernel (fp32 models are left as they are)."""
+    """Linear layers with bf16 weights -> the bf16 C kernel (fp32 models, and bf16 libraries for CPUs
+    that compute them in fp32, are left as they are)."""
+    if not target_uses_bf16_kernel(None):
+        return mod
     mod = rewrite_relax_functions(mod, _Bf16LinearRewriter(mod))
     return relax.transform.DeadCodeElimination()(mod)
 
@@ -465,8 +468,9 @@ class _Bf16AttentionRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
 
 @tvm.transform.module_pass(opt_level=0, name="Bf16AttentionCPU")
 def bf16_attention_cpu(mod, _ctx):
-    """In a bf16 library, plain attention -> the bf16 C kernel (fp32 libraries are left as they are)."""
-    if not _has_bf16_params(mod):
+    """In a bf16 library, plain attention -> the bf16 C kernel (fp32 libraries are left as they are,
+    and so are bf16 libraries for CPUs without bf16 arithmetic: see :func:`target_uses_bf16_kernel`)."""
+    if not _has_bf16_params(mod) or not target_uses_bf16_kernel(None):
         return mod
     mod = rewrite_relax_functions(mod, _Bf16AttentionRewriter(mod))
     return relax.transform.DeadCodeElimination()(mod)

@@ -1,10 +1,12 @@
-"""fp32 CPU libraries on AVX-512 CPUs: linear layers -> the C GEMM (``kernels/cpu_f32_gemm.c``).
+"""fp32 CPU libraries on AVX-512 and AVX2 CPUs: linear layers -> the C GEMM (``kernels/cpu_f32_gemm.c``).
 
 :func:`f32_linear_cpu` (the CPU pipeline's first phase, only when the
-library's CPU has AVX-512F; ``kernels/cpu_f32_gemm.uses_f32_kernel``) rewrites every fp32
+library's CPU has AVX-512F or AVX2 + FMA; ``kernels/cpu_f32_gemm.uses_f32_kernel``) rewrites every fp32
 ``matmul(x, permute_dims(w))`` with a static 2-D weight ``w [n, k]`` (the
 checkpoint's ``[out, in]`` layout, read as stored) into a call of the C
-kernel. The rows (batch x tokens) may be symbolic (native-resolution towers).
+kernel; in a bf16 library (for a CPU without bf16 arithmetic: the bf16
+passes left it alone) ``w`` is a cast of a bf16 parameter, and the kernel
+reads the bf16 parameter itself, widening it as it packs. The rows (batch x tokens) may be symbolic (native-resolution towers).
 Then the kernel's epilogue absorbs what the TIR GEMM rule would have fused:
 
 * ``+ bias[n]``;
@@ -16,7 +18,7 @@ Then the kernel's epilogue absorbs what the TIR GEMM rule would have fused:
   by the up projection's output.
 
 The unfused calls are then dead and removed. Every other matmul (attention's
-batched products, fp16, bf16 libraries, CPUs without AVX-512) is left to the
+batched products, fp16, the bf16 kernel's libraries, CPUs without AVX2) is left to the
 TIR schedule of ``schedules/cpu.py``.
 
 :func:`f32_attention_cpu` (with ``--attention fused``, the fp32 default):
@@ -33,23 +35,24 @@ from typing import NamedTuple
 import tvm
 from tvm import relax
 
-from ..kernels.cpu_f32_gemm import ATTENTION_MAX_HEAD_DIM, attention_primfunc, linear_primfunc
+from ..kernels.cpu_f32_gemm import ATTENTION_MAX_HEAD_DIM, attention_primfunc, has_vector_path, linear_primfunc
 from .fuse_attention import replace_attention
-from .relax_rewrite import rewrite_relax_functions, static_int
+from .relax_rewrite import bound_value, rewrite_relax_functions, static_int
 
 F32 = "float32"
+BF16 = "bfloat16"
 #: Relax ops that are one of the kernel's activations of their argument.
 ACTIVATION_OPS = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.silu": "silu"}
 #: quick GELU is ``y * sigmoid(QUICK_GELU_SCALE * y)`` (layers.quick_gelu).
 QUICK_GELU_SCALE = 1.702
 
 
-def target_has_avx512(target) -> bool:
-    """Whether the LLVM CPU target ``target`` (mcpu and mattr) has AVX-512F."""
+def target_runs_f32_kernel(target) -> bool:
+    """Whether the LLVM CPU target ``target`` (mcpu and mattr) has one of the C kernel's vector paths."""
     if target is None or target.kind.name != "llvm":
         return False
     features = tvm.get_global_func("target.llvm_get_cpu_features")(target)
-    return "avx512f" in features
+    return has_vector_path(features.keys())
 
 
 def _same_dim(a, b) -> bool:
@@ -77,10 +80,12 @@ class _Key(NamedTuple):
     residual: bool = False
     gate: bool = False
     act: str | None = None
+    weight_dtype: str = "float32"
 
     def name(self) -> str:
         flags = [f for f in ("bias", "scale", "residual") if getattr(self, f)] + (["gated"] if self.gate else [])
-        return "_".join([f"f32_linear_k{self.k}_n{self.n}", *flags] + ([self.act] if self.act else []))
+        weights = "_bf16w" if self.weight_dtype == BF16 else ""
+        return "_".join([f"f32_linear{weights}_k{self.k}_n{self.n}", *flags] + ([self.act] if self.act else []))
 
     def bare(self) -> bool:
         """Nothing after the bias yet: a scale, residual, activation or gate can still be folded in."""
@@ -101,13 +106,8 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
 
     # -- matching helpers
     def _value(self, expr):
-        """What ``expr`` stands for: bindings and aliases followed."""
-        for _ in range(16):
-            if isinstance(expr, relax.Var) and self.lookup_binding(expr) is not None:
-                expr = self.lookup_binding(expr)
-            else:
-                return expr
-        return expr
+        """What ``expr`` stands for (:func:`relax_rewrite.bound_value`)."""
+        return bound_value(self, expr)
 
     def _bound(self, expr, op):
         """The call ``op(...)`` that ``expr`` stands for, else None."""
@@ -117,7 +117,11 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         return None
 
     def _weight(self, b):
-        """The fp32 ``[n, k]`` weight (static n and k) behind a matmul's right operand ``permute_dims(w)``, else None."""
+        """The ``[n, k]`` weight (static n and k) behind a matmul's right operand ``permute_dims(w)``, else None.
+
+        An fp32 ``w`` is the weight; so is the bf16 tensor ``w`` is cast from (a bf16 library's
+        parameter, possibly reshaped after the cast: the kernel widens it as it packs).
+        """
         transpose = self._bound(b, "relax.permute_dims")
         if transpose is None:
             return None
@@ -129,11 +133,23 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
             return None
         if None in [static_int(d) for d in wt.shape.values]:
             return None
-        return w
+        source = self._bf16_source(w)
+        return w if source is None else source
+
+    def _bf16_source(self, w):
+        """The bf16 tensor, in ``w``'s shape, that fp32 ``w`` is cast from (``astype`` then maybe
+        ``reshape``), else None."""
+        reshape = self._bound(w, "relax.reshape")
+        cast = self._bound(reshape.args[0] if reshape is not None else w, "relax.astype")
+        if cast is None or cast.args[0].ty.dtype != BF16:
+            return None
+        source = cast.args[0]
+        return source if reshape is None else self.builder_.emit(relax.op.reshape(source, w.ty.shape))
 
     def _kernel(self, key: _Key):
         if key not in self.kernels:
-            func = linear_primfunc(key.lead_ndim, key.k, key.n, key.bias, key.scale, key.residual, key.gate, key.act)
+            func = linear_primfunc(key.lead_ndim, key.k, key.n, key.bias, key.scale, key.residual, key.gate, key.act,
+                                   key.weight_dtype)  # fmt: skip
             self.kernels[key] = self.builder_.add_func(func, key.name())
         return self.kernels[key]
 
@@ -193,7 +209,7 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         if w is None or k is None or static_int(w.ty.shape.values[1]) != k:
             return call
         n = static_int(w.ty.shape.values[0])
-        return self._call(_Key(xt.ndim - 1, k, n), [x, w], call.ty)
+        return self._call(_Key(xt.ndim - 1, k, n, weight_dtype=w.ty.dtype), [x, w], call.ty)
 
     def _fold_bias(self, call):
         """``add(linear(x, w), bias[n])`` -> the kernel adding the bias."""
@@ -265,8 +281,8 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
 @tvm.transform.module_pass(opt_level=0, name="F32LinearCPU")
 def f32_linear_cpu(mod, _ctx):
     """fp32 linear layers (and their epilogues) -> the fp32 C kernel, when the current target has
-    AVX-512F; unchanged otherwise."""
-    if not target_has_avx512(tvm.target.Target.current(allow_none=True)):
+    AVX-512F or AVX2 + FMA; unchanged otherwise."""
+    if not target_runs_f32_kernel(tvm.target.Target.current(allow_none=True)):
         return mod
     mod = rewrite_relax_functions(mod, _F32LinearRewriter(mod))
     return relax.transform.DeadCodeElimination()(mod)
@@ -282,7 +298,7 @@ def _attention_kernel(shape):
 
 @tvm.transform.module_pass(opt_level=0, name="F32AttentionCPU")
 def f32_attention_cpu(mod, _ctx):
-    """Plain fp32 attention -> the C kernel's, when the current target has AVX-512F."""
-    if not target_has_avx512(tvm.target.Target.current(allow_none=True)):
+    """Plain fp32 attention -> the C kernel's, when the current target has one of its vector paths."""
+    if not target_runs_f32_kernel(tvm.target.Target.current(allow_none=True)):
         return mod
     return replace_attention(mod, _attention_kernel)

@@ -12,6 +12,22 @@ from tvm import relax
 ATTENTION_OP = "relax.nn.attention"
 
 
+def bound_value(mutator: relax.PyExprMutator, expr):
+    """What ``expr`` stands for in ``mutator``'s bindings: variables, aliases and ``Tuple(...)[i]``
+    followed (a bf16 library's weights are fields of a tuple of casts)."""
+    for _ in range(16):
+        if isinstance(expr, relax.Var) and mutator.lookup_binding(expr) is not None:
+            expr = mutator.lookup_binding(expr)
+        elif isinstance(expr, relax.TupleGetItem):
+            tup = bound_value(mutator, expr.tuple_value)
+            if not isinstance(tup, relax.Tuple):
+                return expr
+            expr = tup.fields[expr.index]
+        else:
+            return expr
+    return expr
+
+
 def static_int(expr):
     """The value of a static TIR integer, None for a symbolic one."""
     return int(expr) if isinstance(expr, tvm.tirx.IntImm) else None
