@@ -40,7 +40,14 @@ import tvm
 from tvm import relax
 
 from ..kernels.cpu_bf16_gemm import ACTIVATIONS, attention_primfunc, linear_primfunc, uses_bf16_kernel
-from .relax_rewrite import ATTENTION_OP, bound_value, plain_attention_shape, rewrite_relax_functions, static_int
+from .relax_rewrite import (
+    ATTENTION_OP,
+    bound_value,
+    llvm_cpu_features,
+    plain_attention_shape,
+    rewrite_relax_functions,
+    static_int,
+)
 
 BF16 = "bfloat16"
 F32 = "float32"
@@ -295,10 +302,8 @@ def target_uses_bf16_kernel(target) -> bool:
     """Whether bf16 libraries for ``target`` (the current one when None) call the bf16 C kernel
     (``cpu_bf16_gemm.uses_bf16_kernel``); the others' bf16 weights go to the fp32 kernel
     (``passes/f32_cpu.py``), and their attention stays fp32."""
-    target = target or tvm.target.Target.current(allow_none=True)
-    if target is None or target.kind.name != "llvm":
-        return True
-    return uses_bf16_kernel(tvm.get_global_func("target.llvm_get_cpu_features")(target).keys())
+    features = llvm_cpu_features(target or tvm.target.Target.current(allow_none=True))
+    return features is None or uses_bf16_kernel(features)
 
 
 @tvm.transform.module_pass(opt_level=0, name="Bf16LinearCPU")

@@ -25,7 +25,8 @@ TIR schedule of ``schedules/cpu.py``.
 plain fp32 ``R.nn.attention`` with head_dim <= 128 becomes the same C file's
 attention (per image and head: k^T and v packed once, 48 queries at a time:
 scores on a 6 x 64 register tile, softmax in place, p . v on a tile as wide
-as the head) instead of the TIR fused kernel (``kernels/cpu_attention.py``).
+as the head; on AVX2 both products on 6 x 16 ymm tiles) instead of the TIR
+fused kernel (``kernels/cpu_attention.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from tvm import relax
 
 from ..kernels.cpu_f32_gemm import ATTENTION_MAX_HEAD_DIM, attention_primfunc, has_vector_path, linear_primfunc
 from .fuse_attention import replace_attention
-from .relax_rewrite import bound_value, rewrite_relax_functions, static_int
+from .relax_rewrite import bound_value, llvm_cpu_features, rewrite_relax_functions, static_int
 
 F32 = "float32"
 BF16 = "bfloat16"
@@ -49,10 +50,8 @@ QUICK_GELU_SCALE = 1.702
 
 def target_runs_f32_kernel(target) -> bool:
     """Whether the LLVM CPU target ``target`` (mcpu and mattr) has one of the C kernel's vector paths."""
-    if target is None or target.kind.name != "llvm":
-        return False
-    features = tvm.get_global_func("target.llvm_get_cpu_features")(target)
-    return has_vector_path(features.keys())
+    features = llvm_cpu_features(target)
+    return features is not None and has_vector_path(features)
 
 
 def _same_dim(a, b) -> bool:

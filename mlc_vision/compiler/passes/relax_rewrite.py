@@ -1,5 +1,6 @@
-"""What every attention rewrite shares: recognizing a plain ``R.nn.attention``, the
-mutator base that replaces such calls, and running a mutator over every Relax
+"""What the Relax rewrites share: recognizing a plain ``R.nn.attention``, the
+mutator base that replaces such calls, following a value through its bindings,
+the CPU features of the current target, and running a mutator over every Relax
 function of a module."""
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ import tvm
 from tvm import relax
 
 ATTENTION_OP = "relax.nn.attention"
+
+
+def llvm_cpu_features(target) -> set[str] | None:
+    """The instruction-set extensions (LLVM names) of the LLVM CPU target ``target`` (its mcpu and
+    mattr); None for no target or another kind. What the CPU passes route by."""
+    if target is None or target.kind.name != "llvm":
+        return None
+    return set(tvm.get_global_func("target.llvm_get_cpu_features")(target).keys())
 
 
 def bound_value(mutator: relax.PyExprMutator, expr):
