@@ -87,6 +87,10 @@ def openvino_runner(compiled, pixels):
 #: alone does not say it: Zen 4 runs 512-bit FMAs on its two 256-bit pipes
 #: (32), Zen 5 has two 512-bit FMA pipes (64).
 FLOPS_PER_CYCLE_BY_FAMILY = {("AuthenticAMD", 25): 32, ("AuthenticAMD", 26): 64}
+#: The same by (vendor, family, first model of a range) where one family holds
+#: several designs: family 23 is Zen 1 and Zen+ (two 128-bit FMA pipes, so a
+#: 256-bit FMA takes both: 16) below model 0x30, Zen 2 (two 256-bit pipes) from it.
+FLOPS_PER_CYCLE_BY_MODEL_RANGE = ((("AuthenticAMD", 23, 0x30), 32), (("AuthenticAMD", 23, 0x00), 16))
 #: Otherwise by the widest FMA: two FMA pipes of that width (AVX-512 server cores, AVX2 cores).
 FLOPS_PER_CYCLE_BY_ISA = (("avx512f", 64), ("fma", 32), ("asimd", 16))
 #: Flags worth naming in a table header.
@@ -110,6 +114,16 @@ def _cpuinfo_fields() -> dict[str, str]:
     return fields
 
 
+def fp32_flops_per_cycle(vendor: str, family: int, model: int, flags: set[str]) -> int:
+    """fp32 FLOP one core retires per cycle at best: by model range, then family, then widest FMA."""
+    for (range_vendor, range_family, first_model), per_cycle in FLOPS_PER_CYCLE_BY_MODEL_RANGE:
+        if (vendor, family) == (range_vendor, range_family) and model >= first_model:
+            return per_cycle
+    if (vendor, family) in FLOPS_PER_CYCLE_BY_FAMILY:
+        return FLOPS_PER_CYCLE_BY_FAMILY[(vendor, family)]
+    return next((n for flag, n in FLOPS_PER_CYCLE_BY_ISA if flag in flags), 8)
+
+
 def machine_info(measure_peak: bool = False) -> dict:
     """CPU model, ISA, frequency, cores and the fp32 peak (cores x GHz x FLOP/cycle).
 
@@ -122,9 +136,7 @@ def machine_info(measure_peak: bool = False) -> dict:
     family = int(info.get("cpu family", "0") or 0)
     cores = os.cpu_count() or 1
     ghz = float(info.get("cpu MHz", "0") or 0) / 1000 or 2.5
-    per_cycle = FLOPS_PER_CYCLE_BY_FAMILY.get((vendor, family))
-    if per_cycle is None:
-        per_cycle = next((n for flag, n in FLOPS_PER_CYCLE_BY_ISA if flag in flags), 8)
+    per_cycle = fp32_flops_per_cycle(vendor, family, int(info.get("model", "0") or 0), flags)
     model = info.get("model name") or platform.processor() or platform.machine()
     machine = {
         "cpu": f"{model} ({vendor} family {family} model {info.get('model', '?')})" if vendor else model,

@@ -21,6 +21,21 @@ def test_machine_header_names_cpu_isa_frequency_and_peak():
     assert header.startswith("CPU: ") and "GHz" in header and "fp32 peak" in header and "\n" not in header
 
 
+@pytest.mark.parametrize(
+    ("vendor", "family", "model", "flags", "expected"),
+    [
+        ("AuthenticAMD", 23, 0x01, {"fma", "avx2"}, 16),  # Zen 1: two 128-bit FMA pipes
+        ("AuthenticAMD", 23, 0x31, {"fma", "avx2"}, 32),  # Zen 2: two 256-bit pipes
+        ("AuthenticAMD", 25, 0x11, {"fma", "avx512f"}, 32),  # Zen 4: 512-bit FMAs on two 256-bit pipes
+        ("AuthenticAMD", 26, 0x02, {"fma", "avx512f"}, 64),
+        ("GenuineIntel", 6, 207, {"fma", "avx512f"}, 64),
+        ("GenuineIntel", 6, 60, {"fma", "avx2"}, 32),
+    ],
+)
+def test_fp32_flops_per_cycle_knows_the_microarchitecture(vendor, family, model, flags, expected):
+    assert bench_peers.fp32_flops_per_cycle(vendor, family, model, flags) == expected
+
+
 def test_measured_peak_runs_on_every_core_and_is_named_in_the_header():
     machine = bench_peers.machine_info(measure_peak=True)
     measured = machine["measured_fp32_gflops"]

@@ -1,11 +1,13 @@
 """Dev A/B: the bf16 C kernel (``kernels/cpu_bf16_gemm.c``) of another commit against the working tree's.
 
 ``model``: a preset's bf16 library built twice (the same Relax module, each kernel object linked in),
-``encode`` called in alternation, median and min of ``--runs`` calls. ``kernels``: the two objects by
+``encode`` called in alternation, median and min of ``--runs`` calls; ``--kernel f32`` does the same
+for the fp32 kernel (``kernels/cpu_f32_gemm.c``) in the preset's fp32 library. ``kernels``: the two objects by
 ctypes on attention and linear-layer shapes, alternated, best of 7 (one TVM thread pool, as in a library):
 
     python scripts/dev/bf16_kernel_ab.py model siglip-so400m-patch14-384 --base 68558a5
     python scripts/dev/bf16_kernel_ab.py kernels --base 68558a5
+    python scripts/dev/bf16_kernel_ab.py model clip-vit-base-patch16 --kernel f32 --base HEAD
 
 The ratio printed is working tree / base (below 1 means the working tree is faster).
 """
@@ -29,37 +31,44 @@ ATTENTION = ((1, 729, 16, 72), (1, 1025, 16, 64), (1, 577, 16, 64))  # B, S, H, 
 LINEAR = ((729, 4304, 1152), (729, 1152, 4304))  # M, N, K
 
 
-def base_source(rev: str, workdir: Path) -> Path:
-    """``cpu_bf16_gemm.c`` and the headers beside it as they are at ``rev``, in ``workdir``."""
-    for path in [KERNELS / "cpu_bf16_gemm.c", *KERNELS.glob("*.h")]:
+#: ``--kernel``: the kernel's module in ``mlc_vision.compiler.kernels`` and the library dtype that links it.
+KERNEL_CHOICES = {"bf16": ("cpu_bf16_gemm", "bfloat16"), "f32": ("cpu_f32_gemm", "float32")}
+
+
+def base_source(rev: str, workdir: Path, kernel: str = "cpu_bf16_gemm") -> Path:
+    """``kernel``'s C file and the headers beside it as they are at ``rev``, in ``workdir``."""
+    for path in [KERNELS / f"{kernel}.c", *KERNELS.glob("*.h")]:
         rel = path.relative_to(ROOT).as_posix()
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True, text=True)
         if text.returncode == 0:
             (workdir / path.name).write_text(text.stdout)
-    return workdir / "cpu_bf16_gemm.c"
+    return workdir / f"{kernel}.c"
 
 
-def ab_model(preset: str, batch: int, runs: int, base: Path, workdir: Path) -> None:
+def ab_model(preset: str, batch: int, runs: int, base: Path, workdir: Path, kernel: str = "bf16") -> None:
+    import importlib
+
     import ml_dtypes  # noqa: F401 (numpy bfloat16)
     import tvm
     from cpu_profile import random_params
     from tvm import relax
 
     from mlc_vision.compiler.export import build_library
-    from mlc_vision.compiler.kernels import cpu_bf16_gemm
     from mlc_vision.compiler.module import build_module
     from mlc_vision.config import load_preset
 
+    module_name, dtype = KERNEL_CHOICES[kernel]
+    kernel_module = importlib.import_module(f"mlc_vision.compiler.kernels.{module_name}")
     config = dataclasses.replace(load_preset(preset), select_layer=-1, feature="cls_patch")
-    built = build_module(config, "bfloat16", "cpu")
+    built = build_module(config, dtype, "cpu")
     dev, vms = tvm.cpu(), {}
-    for name, source in (("base", base), ("tree", cpu_bf16_gemm.SOURCE)):
-        cpu_bf16_gemm.SOURCE = source
+    for name, source in (("base", base), ("tree", kernel_module.SOURCE)):
+        kernel_module.SOURCE = source
         library = build_library(built.mod, "cpu", workdir / f"{name}.so", metadata=built.metadata)
         vms[name] = relax.VirtualMachine(tvm.runtime.load_module(str(library)), dev)
-    params = [tvm.runtime.tensor(a.astype("bfloat16"), dev) for a in random_params(built.metadata["params"])]
+    params = [tvm.runtime.tensor(a.astype(dtype), dev) for a in random_params(built.metadata["params"])]
     size = config.image_size
-    pixels = np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype("float32").astype("bfloat16")
+    pixels = np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype("float32").astype(dtype)
     pixels = tvm.runtime.tensor(pixels, dev)
     times = {name: [] for name in vms}
     for vm in vms.values():
@@ -126,14 +135,15 @@ def main() -> None:
     ap.add_argument("--base", required=True, help="git revision whose kernel is the base")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--kernel", choices=sorted(KERNEL_CHOICES), default="bf16", help="model: which kernel to A/B")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         (workdir / "base").mkdir()
-        base = base_source(args.base, workdir / "base")
+        base = base_source(args.base, workdir / "base", KERNEL_CHOICES[args.kernel][0])
         if args.what == "model":
-            ab_model(args.preset, args.batch, args.runs, base, workdir)
+            ab_model(args.preset, args.batch, args.runs, base, workdir, args.kernel)
         else:
             ab_kernels(base, workdir)
 

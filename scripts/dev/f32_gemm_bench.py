@@ -6,6 +6,7 @@ fraction of the fp32 peak (cores x GHz x FMA ports x 32 FLOP per 512-bit FMA):
 
     python scripts/dev/f32_gemm_bench.py --threads 2 --ghz 2.1 --fma-ports 2
     python scripts/dev/f32_gemm_bench.py --tile 14x32 --threads 1
+    python scripts/dev/f32_gemm_bench.py --attention --threads 1     # the attention on the ViT head shapes
 
 The clock and FMA ports are arguments (the CPU does not tell them reliably). Process CPU time is
 printed beside the wall time: the machine may be shared.
@@ -27,6 +28,8 @@ import numpy as np
 SOURCE = Path(__file__).resolve().parents[2] / "mlc_vision" / "compiler" / "kernels" / "cpu_f32_gemm.c"
 ROWS = (197, 577, 1576)
 KN = ((768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (1152, 4304), (4304, 1152))
+#: (tokens, heads, head dim) of one image: ViT-B/16-224, ViT-L/14-336, InternViT-300M-448, SigLIP so400m-384.
+ATTENTION = ((197, 12, 64), (577, 16, 64), (1025, 16, 64), (729, 16, 72))
 
 
 def measured_peak() -> float:
@@ -46,6 +49,7 @@ def build(tile: str | None, workdir: str, cflags: list[str]) -> ctypes.CDLL:
         mr, nr = (int(v) for v in tile.split("x"))
         flags = [f"-DF32_MR={mr}", f"-DF32_NV={nr // 16}"]
     out = os.path.join(workdir, f"f32gemm_{tile or 'default'}.so")
+    cflags = [part for flag in cflags for part in flag.split()]
     subprocess.run(["cc", "-O3", "-fPIC", "-shared", "-std=gnu11", *flags, *cflags, str(SOURCE), "-o", out], check=True)
     lib = ctypes.CDLL(out)
     lib.mlcv_f32_linear.restype = ctypes.c_int
@@ -79,16 +83,34 @@ def time_one(lib, m: int, k: int, n: int, runs: int, cold: bool = False) -> tupl
     return min(walls), min(cpus)
 
 
+def time_attention(lib, runs: int) -> None:
+    """Best wall time of ``runs`` calls of the fastest path's attention per ATTENTION shape (one image)."""
+    lib.mlcv_f32_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]
+    rng = np.random.default_rng(0)
+    for s, h, d in ATTENTION:
+        q, k, v = (rng.standard_normal((1, s, h, d), dtype=np.float32) for _ in range(3))
+        out = np.empty_like(q)
+        ptrs = [a.ctypes.data for a in (q, k, v, out)]
+        assert lib.mlcv_f32_attention(*ptrs, 1, s, h, d, d**-0.5) == 0
+        best = float("inf")
+        for _ in range(runs):
+            start = time.perf_counter()
+            lib.mlcv_f32_attention(*ptrs, 1, s, h, d, d**-0.5)
+            best = min(best, time.perf_counter() - start)
+        print(f"attention S={s:5d} H={h:3d} D={d:4d}  {best * 1e3:7.2f} ms {4 * s * s * h * d / best / 1e9:6.1f} GFLOP/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tile", default=None, help="AVX-512 tile MRxNR, e.g. 6x64, 14x32, 8x48 (default: the file's)")
-    ap.add_argument("--cflags", nargs="*", default=[], help="e.g. -DF32_L1_SHARE=4 (write as --cflags=-D...)")
+    ap.add_argument("--cflags", nargs="*", default=[], help="e.g. -DF32_L1_SHARE=4 (write as --cflags=-D..., several in one quoted argument)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--ghz", type=float, default=2.1)
     ap.add_argument("--fma-ports", type=int, default=2, help="512-bit FMAs per cycle (an AVX2 CPU: half its 256-bit ones)")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--cold", action="store_true", help="weights from memory, not cache (as in a model)")
     ap.add_argument("--m", type=int, nargs="*", default=None, help=f"rows (default {ROWS})")
+    ap.add_argument("--attention", action="store_true", help="time the attention instead of the GEMMs")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     peak = args.threads * args.ghz * args.fma_ports * 32
@@ -99,6 +121,9 @@ def main() -> None:
         lib.mlcv_f32_tile_info(ctypes.c_int64(768), info)  # the fastest path's tile on this CPU
         print(f"tile {info[0]}x{info[1]}, {args.threads} thread(s), nominal peak {peak:.0f} GFLOP/s, "
               f"measured FMA peak {core:.0f} GFLOP/s on one core")
+        if args.attention:
+            time_attention(lib, args.runs)
+            return
         for m, (k, n) in itertools.product(args.m or ROWS, KN):
             lib.mlcv_f32_tile_info(ctypes.c_int64(k), info)
             wall, cpu = time_one(lib, m, k, n, args.runs, args.cold)

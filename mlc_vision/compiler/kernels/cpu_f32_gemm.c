@@ -63,9 +63,18 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 
 /* Register tile on CPUs with AVX2 and FMA (16 ymm): 6 x 16 = 12 accumulators + 2 weight vectors + 1
  * broadcast; a k step is 2 loads + 6 broadcasts for 12 FMAs (6 cycles on two 256-bit FMA ports), and
- * 12 independent accumulators cover two ports x 4-5 cycles of FMA latency. */
+ * 12 independent accumulators cover two ports x 4-5 cycles of FMA latency. 4 x 24 (-DF32_AVX2_MR=4
+ * -DF32_AVX2_NV=3: 3 loads + 4 broadcasts for the same 12 FMAs) measured faster on one thread in
+ * scripts/dev/f32_gemm_bench.py on a Zen 1 core but not in a whole ViT-B/16 library on both cores
+ * (1.4 % slower, level once the loads below were plain; scripts/dev/bf16_kernel_ab.py model --kernel
+ * f32), so 6 x 16 stays. */
+#ifndef F32_AVX2_MR
 #define F32_AVX2_MR 6
-#define F32_AVX2_NR 16
+#endif
+#ifndef F32_AVX2_NV
+#define F32_AVX2_NV 2 /* ymm per row */
+#endif
+#define F32_AVX2_NR (8 * F32_AVX2_NV)
 
 /* Columns of a panel on the plain C path. */
 #define F32_GENERIC_NR 64
@@ -488,6 +497,14 @@ F32_AVX2 static inline __m256i f32_lanes_avx2(int64_t lanes) {
   return _mm256_loadu_si256((const __m256i*)(f32_lane_mask_table + 8 - lanes));
 }
 
+/* The lanes of ``p`` that ``mask`` selects, zeros in the others. Masked loads are slow on AMD Zen 1
+ * too (a whole ViT-B/16 library ran 3.7 % faster on one once the weight packing and the epilogues
+ * loaded full vectors plainly), so, as with stores, only a tail is loaded with a mask. */
+F32_AVX2 static inline __m256 f32_load_avx2(const float* p, __m256i mask) {
+  if (_mm256_testc_si256(mask, _mm256_set1_epi32(-1))) return _mm256_loadu_ps(p);
+  return _mm256_maskload_ps(p, mask);
+}
+
 /* ``v`` to the lanes of ``p`` that ``mask`` selects. A masked store (vmaskmovps) is microcoded on AMD
  * Zen 1-3, about a dozen cycles against one for a plain store: with it on every store the attention's
  * 6 x 16 scores tiles (64 k steps each) ran at 65 % of the FMA peak on a Zen 3 core. So full vectors
@@ -499,22 +516,26 @@ F32_AVX2 static inline void f32_store_avx2(float* p, __m256i mask, __m256 v) {
     _mm256_maskstore_ps(p, mask, v);
 }
 
-/* e^x as f32_exp_avx512, with 2^n made in the exponent bits (n is in [-126, 127] after the clamp). */
+/* e^x on ymm: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6 (relative
+ * error below 2e-7 there), 2^n made in the exponent bits. n is rounded by adding 1.5 * 2^23 + 127:
+ * the sum's low mantissa bits are then n + 127, which a shift by 23 turns into 2^n, so neither a
+ * vector round nor a float -> int conversion is needed (both slow on AMD Zen 1-3 ymm). The clamp
+ * keeps n + 127 in [1, 254]. */
 F32_AVX2 static inline __m256 f32_exp_avx2(__m256 x) {
+  const __m256 shift = _mm256_set1_ps(12582912.0f + 127.0f);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shift);
+  __m256 n = _mm256_sub_ps(t, shift);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-6f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  __m256 p = _mm256_set1_ps(1.0f / 720);
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256i two_n = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }
 
@@ -564,7 +585,7 @@ F32_AVX2 static inline __m256 f32_activation_avx2(int act, __m256 v) {
 
 /* 8 values of weight row ``n`` from k = ``kb`` (``left`` of them, zeros after) in fp32. */
 F32_AVX2 static inline __m256 f32_weight_row_avx2(const f32_weights* w, int64_t n, int64_t K, int64_t kb, int left) {
-  if (!w->bf16) return _mm256_maskload_ps((const float*)w->data + n * K + kb, f32_lanes_avx2(left));
+  if (!w->bf16) return f32_load_avx2((const float*)w->data + n * K + kb, f32_lanes_avx2(left));
   const uint16_t* src = (const uint16_t*)w->data + n * K + kb;
   uint16_t tail[16];
   if (left < 8) f32_bf16_tail(src, left, tail);
@@ -601,34 +622,36 @@ F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr,
                                                                           const __m256i* masks, int64_t N, int64_t lda,
                                                                           int64_t kc, int first, int last,
                                                                           const float* pf, int pf_rows) {
-  __m256 acc[F32_AVX2_MR][2];
+  __m256 acc[F32_AVX2_MR][F32_AVX2_NV];
 #pragma GCC unroll 6
   for (int r = 0; r < F32_AVX2_MR; ++r)
-#pragma GCC unroll 2
-    for (int j = 0; j < 2; ++j)
-      acc[r][j] = (r < mr && !first) ? _mm256_maskload_ps(y + (m + r) * N + n0 + 8 * j, masks[j])
+#pragma GCC unroll 3
+    for (int j = 0; j < F32_AVX2_NV; ++j)
+      acc[r][j] = (r < mr && !first) ? f32_load_avx2(y + (m + r) * N + n0 + 8 * j, masks[j])
                                      : _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     if ((k & 15) == 0) {
       for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * lda + k), _MM_HINT_T1);
     }
-    __m256 b0 = _mm256_load_ps(b + k * F32_AVX2_NR), b1 = _mm256_load_ps(b + k * F32_AVX2_NR + 8);
+    __m256 bv[F32_AVX2_NV];
+#pragma GCC unroll 3
+    for (int j = 0; j < F32_AVX2_NV; ++j) bv[j] = _mm256_load_ps(b + k * F32_AVX2_NR + 8 * j);
 #pragma GCC unroll 6
     for (int r = 0; r < F32_AVX2_MR; ++r) {
       if (r < mr) {
         __m256 av = _mm256_broadcast_ss(a + r * lda + k);
-        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+#pragma GCC unroll 3
+        for (int j = 0; j < F32_AVX2_NV; ++j) acc[r][j] = _mm256_fmadd_ps(av, bv[j], acc[r][j]);
       }
     }
   }
   /* Constant indices only (unrolled loops, no break): an accumulator indexed at run time would live
    * in memory, and GCC would store every one of them at each k step. */
-#pragma GCC unroll 2
-  for (int j = 0; j < 2; ++j) {
+#pragma GCC unroll 3
+  for (int j = 0; j < F32_AVX2_NV; ++j) {
     if (_mm256_testz_si256(masks[j], masks[j])) continue; /* no columns in this vector */
-    __m256 bias = ep->bias && last ? _mm256_maskload_ps(ep->bias + n0 + 8 * j, masks[j]) : _mm256_setzero_ps();
-    __m256 scale = ep->scale && last ? _mm256_maskload_ps(ep->scale + n0 + 8 * j, masks[j]) : _mm256_setzero_ps();
+    __m256 bias = ep->bias && last ? f32_load_avx2(ep->bias + n0 + 8 * j, masks[j]) : _mm256_setzero_ps();
+    __m256 scale = ep->scale && last ? f32_load_avx2(ep->scale + n0 + 8 * j, masks[j]) : _mm256_setzero_ps();
 #pragma GCC unroll 6
     for (int r = 0; r < F32_AVX2_MR; ++r) {
       if (r >= mr) continue;
@@ -637,9 +660,9 @@ F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr,
       if (last) {
         v = _mm256_add_ps(v, bias);
         if (ep->scale) v = _mm256_mul_ps(v, scale);
-        if (ep->residual) v = _mm256_add_ps(v, _mm256_maskload_ps(ep->residual + at, masks[j]));
+        if (ep->residual) v = _mm256_add_ps(v, f32_load_avx2(ep->residual + at, masks[j]));
         if (ep->act != F32_ACT_NONE) v = f32_activation_avx2(ep->act, v);
-        if (ep->gate) v = _mm256_mul_ps(v, _mm256_maskload_ps(ep->gate + at, masks[j]));
+        if (ep->gate) v = _mm256_mul_ps(v, f32_load_avx2(ep->gate + at, masks[j]));
       }
       f32_store_avx2(y + at, masks[j], v);
     }
@@ -656,7 +679,8 @@ F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr,
 F32_AVX2 static void f32_block_avx2(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep, float* y,
                                     int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t kc,
                                     int first, int last, const float* w_next, int64_t next_rows) {
-  __m256i masks[2] = {f32_lanes_avx2(ncols), f32_lanes_avx2(ncols - 8)};
+  __m256i masks[F32_AVX2_NV];
+  for (int j = 0; j < F32_AVX2_NV; ++j) masks[j] = f32_lanes_avx2(ncols - 8 * j);
   const int64_t tiles = (m1 - m0 + F32_AVX2_MR - 1) / F32_AVX2_MR;
   if (w_next == NULL) next_rows = 0;
   const int64_t per_tile = tiles > 0 ? (next_rows + tiles - 1) / tiles : 0;
@@ -1080,7 +1104,7 @@ F32_AVX2 static void att_pack_kt_avx2(const f32_attention_job* job, int64_t b, i
       __m256 r[8];
       for (int i = 0; i < 8; ++i) {
         int64_t s = s0 + i;
-        r[i] = s < S ? _mm256_mul_ps(_mm256_maskload_ps(job->k + ((b * S + s) * H + h) * D + d0, mask), scale)
+        r[i] = s < S ? _mm256_mul_ps(f32_load_avx2(job->k + ((b * S + s) * H + h) * D + d0, mask), scale)
                      : _mm256_setzero_ps();
       }
       mlcv_transpose8x8(r);
@@ -1094,25 +1118,28 @@ F32_AVX2 static void att_pack_v_avx2(const f32_attention_job* job, int64_t b, in
   const int64_t S = job->S, H = job->H, D = job->D;
   for (int64_t s = 0; s < S; ++s)
     for (int64_t d0 = 0; d0 < DP8; d0 += 8)
-      _mm256_store_ps(vp + s * DP8 + d0, _mm256_maskload_ps(job->v + ((b * S + s) * H + h) * D + d0,
+      _mm256_store_ps(vp + s * DP8 + d0, f32_load_avx2(job->v + ((b * S + s) * H + h) * D + d0,
                                                             f32_lanes_avx2(D - d0)));
 }
 
-/* 6 rows x 16 columns: acc = sum over ``steps`` of a[r * lda + i] * b[i * ldb + 0..15]; the 16
- * columns scaled by ``row_scale[r]`` (when not NULL) and stored to out (``ld`` floats a row; rows >=
- * ``valid`` and columns past ``masks`` are not stored). Both of the attention's products. */
+/* 6 rows x 8 ``nv`` columns (nv 1 or 2, a constant at each call): acc = sum over ``steps`` of
+ * a[r * lda + i] * b[i * ldb + 0..8 nv - 1]; the columns scaled by ``row_scale[r]`` (when not NULL) and
+ * stored to out (``ld`` floats a row; rows >= ``valid`` and columns past ``masks`` are not stored).
+ * Both of the attention's products; nv = 1 for a last block of at most 8 columns of v (head dim 72:
+ * 4 x 16 + 8), which would otherwise spend half its FMAs on columns that are not stored. */
 F32_AVX2 __attribute__((always_inline)) static inline void att_tile_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t steps,
-                                   const float* row_scale, float* out, int64_t ld, int valid, const __m256i* masks) {
+                                   const float* row_scale, float* out, int64_t ld, int valid, const __m256i* masks,
+                                   int nv) {
   __m256 acc[6][2];
 #pragma GCC unroll 6
   for (int r = 0; r < 6; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t i = 0; i < steps; ++i) {
-    __m256 b0 = _mm256_load_ps(b + i * ldb), b1 = _mm256_load_ps(b + i * ldb + 8);
+    __m256 b0 = _mm256_load_ps(b + i * ldb), b1 = nv > 1 ? _mm256_load_ps(b + i * ldb + 8) : b0;
 #pragma GCC unroll 6
     for (int r = 0; r < 6; ++r) {
       __m256 av = _mm256_broadcast_ss(a + r * lda + i);
       acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+      if (nv > 1) acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
     }
   }
 #pragma GCC unroll 6
@@ -1120,7 +1147,7 @@ F32_AVX2 __attribute__((always_inline)) static inline void att_tile_avx2(const f
     if (r >= valid) continue;
     __m256 s = _mm256_set1_ps(row_scale ? row_scale[r] : 1.0f);
     f32_store_avx2(out + r * ld, masks[0], _mm256_mul_ps(acc[r][0], s));
-    f32_store_avx2(out + r * ld + 8, masks[1], _mm256_mul_ps(acc[r][1], s));
+    if (nv > 1) f32_store_avx2(out + r * ld + 8, masks[1], _mm256_mul_ps(acc[r][1], s));
   }
 }
 
@@ -1166,16 +1193,19 @@ F32_AVX2 static void f32_attention_avx2(const f32_attention_job* job, int64_t b,
     for (int64_t r = 0; r < tq; ++r) memcpy(qp + r * D, job->q + ((b * S + q0 + r) * H + h) * D, sizeof(float) * D);
     for (int64_t kp = 0; kp < SP; kp += ATT_AVX2_KEYS)
       for (int64_t r0 = 0; r0 < tq; r0 += 6)
-        att_tile_avx2(qp + r0 * D, D, kt + kp * D, ATT_AVX2_KEYS, D, NULL, scores + r0 * SP + kp, SP, 6, all);
+        att_tile_avx2(qp + r0 * D, D, kt + kp * D, ATT_AVX2_KEYS, D, NULL, scores + r0 * SP + kp, SP, 6, all, 2);
     for (int64_t r = 0; r < tq; ++r) inv_sum[r] = 1.0f / att_softmax_row_avx2(scores + r * SP, S);
-    /* p . v, row tiles outer: a tile's 6 rows of probabilities stay in L1 for every 16 columns of v.
-     * The second vector of 16 columns may be past DP8 only when D - c0 <= 8, and then it is neither
-     * stored nor (its lanes masked off) meaningful; vp has room for the reads. */
+    /* p . v, row tiles outer: a tile's 6 rows of probabilities stay in L1 for every 16 columns of v;
+     * a last block of at most 8 columns (the only one that can end past DP8) on the 8-column tile. */
     for (int64_t r0 = 0; r0 < tq; r0 += 6)
       for (int64_t c0 = 0; c0 < D; c0 += 16) {
         __m256i masks[2] = {f32_lanes_avx2(D - c0), f32_lanes_avx2(D - c0 - 8)};
-        att_tile_avx2(scores + r0 * SP, SP, vp + c0, DP8, S, inv_sum + r0,
-                      job->out + ((b * S + q0 + r0) * H + h) * D + c0, H * D, (int)(tq - r0), masks);
+        const float* p = scores + r0 * SP;
+        float* o = job->out + ((b * S + q0 + r0) * H + h) * D + c0;
+        if (D - c0 > 8)
+          att_tile_avx2(p, SP, vp + c0, DP8, S, inv_sum + r0, o, H * D, (int)(tq - r0), masks, 2);
+        else
+          att_tile_avx2(p, SP, vp + c0, DP8, S, inv_sum + r0, o, H * D, (int)(tq - r0), masks, 1);
       }
   }
 }
