@@ -83,14 +83,17 @@ def openvino_runner(compiled, pixels):
 
 # ---- the machine ------------------------------------------------------------------------
 
-#: fp32 FLOP per cycle and core by (vendor, CPU family) where the vector width
-#: alone does not say it: Zen 4 runs 512-bit FMAs on its two 256-bit pipes
-#: (32), Zen 5 has two 512-bit FMA pipes (64).
-FLOPS_PER_CYCLE_BY_FAMILY = {("AuthenticAMD", 25): 32, ("AuthenticAMD", 26): 64}
-#: The same by (vendor, family, first model of a range) where one family holds
-#: several designs: family 23 is Zen 1 and Zen+ (two 128-bit FMA pipes, so a
-#: 256-bit FMA takes both: 16) below model 0x30, Zen 2 (two 256-bit pipes) from it.
-FLOPS_PER_CYCLE_BY_MODEL_RANGE = ((("AuthenticAMD", 23, 0x30), 32), (("AuthenticAMD", 23, 0x00), 16))
+#: fp32 FLOP per cycle and core where the vector width alone does not say it, by
+#: (vendor, CPU family, first model of the range), the later ranges first: Zen 1
+#: and Zen+ (family 23 below model 0x30) have two 128-bit FMA pipes, so a 256-bit
+#: FMA takes both (16); Zen 2 has two 256-bit pipes (32); Zen 4 runs 512-bit FMAs
+#: on its two 256-bit pipes (32); Zen 5 has two 512-bit FMA pipes (64).
+FLOPS_PER_CYCLE_BY_MODEL = (
+    (("AuthenticAMD", 23, 0x30), 32),
+    (("AuthenticAMD", 23, 0x00), 16),
+    (("AuthenticAMD", 25, 0x00), 32),
+    (("AuthenticAMD", 26, 0x00), 64),
+)
 #: Otherwise by the widest FMA: two FMA pipes of that width (AVX-512 server cores, AVX2 cores).
 FLOPS_PER_CYCLE_BY_ISA = (("avx512f", 64), ("fma", 32), ("asimd", 16))
 #: Flags worth naming in a table header.
@@ -115,12 +118,10 @@ def _cpuinfo_fields() -> dict[str, str]:
 
 
 def fp32_flops_per_cycle(vendor: str, family: int, model: int, flags: set[str]) -> int:
-    """fp32 FLOP one core retires per cycle at best: by model range, then family, then widest FMA."""
-    for (range_vendor, range_family, first_model), per_cycle in FLOPS_PER_CYCLE_BY_MODEL_RANGE:
-        if (vendor, family) == (range_vendor, range_family) and model >= first_model:
+    """fp32 FLOP one core retires per cycle at best: by model range, else by the widest FMA."""
+    for (known_vendor, known_family, first_model), per_cycle in FLOPS_PER_CYCLE_BY_MODEL:
+        if (vendor, family) == (known_vendor, known_family) and model >= first_model:
             return per_cycle
-    if (vendor, family) in FLOPS_PER_CYCLE_BY_FAMILY:
-        return FLOPS_PER_CYCLE_BY_FAMILY[(vendor, family)]
     return next((n for flag, n in FLOPS_PER_CYCLE_BY_ISA if flag in flags), 8)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import importlib
 import subprocess
 import sys
 import tempfile
@@ -35,19 +36,19 @@ LINEAR = ((729, 4304, 1152), (729, 1152, 4304))  # M, N, K
 KERNEL_CHOICES = {"bf16": ("cpu_bf16_gemm", "bfloat16"), "f32": ("cpu_f32_gemm", "float32")}
 
 
-def base_source(rev: str, workdir: Path, kernel: str = "cpu_bf16_gemm") -> Path:
-    """``kernel``'s C file and the headers beside it as they are at ``rev``, in ``workdir``."""
-    for path in [KERNELS / f"{kernel}.c", *KERNELS.glob("*.h")]:
+def base_source(rev: str, workdir: Path, kernel: str) -> Path:
+    """The C file of ``kernel`` (a KERNEL_CHOICES key) and the headers beside it as they are at ``rev``,
+    in ``workdir``."""
+    module_name = KERNEL_CHOICES[kernel][0]
+    for path in [KERNELS / f"{module_name}.c", *KERNELS.glob("*.h")]:
         rel = path.relative_to(ROOT).as_posix()
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True, text=True)
         if text.returncode == 0:
             (workdir / path.name).write_text(text.stdout)
-    return workdir / f"{kernel}.c"
+    return workdir / f"{module_name}.c"
 
 
-def ab_model(preset: str, batch: int, runs: int, base: Path, workdir: Path, kernel: str = "bf16") -> None:
-    import importlib
-
+def ab_model(preset: str, batch: int, runs: int, base: Path, workdir: Path, kernel: str) -> None:
     import ml_dtypes  # noqa: F401 (numpy bfloat16)
     import tvm
     from cpu_profile import random_params
@@ -137,11 +138,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--kernel", choices=sorted(KERNEL_CHOICES), default="bf16", help="model: which kernel to A/B")
     args = ap.parse_args()
+    if args.what == "kernels" and args.kernel != "bf16":
+        ap.error("kernels times the bf16 kernel only; the fp32 one: scripts/dev/f32_gemm_bench.py")
     sys.path.insert(0, str(Path(__file__).parent))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         (workdir / "base").mkdir()
-        base = base_source(args.base, workdir / "base", KERNEL_CHOICES[args.kernel][0])
+        base = base_source(args.base, workdir / "base", args.kernel)
         if args.what == "model":
             ab_model(args.preset, args.batch, args.runs, base, workdir, args.kernel)
         else:

@@ -497,12 +497,14 @@ F32_AVX2 static inline __m256i f32_lanes_avx2(int64_t lanes) {
   return _mm256_loadu_si256((const __m256i*)(f32_lane_mask_table + 8 - lanes));
 }
 
+/* Whether ``mask`` selects all 8 lanes: f32_load_avx2 and f32_store_avx2 then move the vector plainly. */
+F32_AVX2 static inline int f32_mask_full_avx2(__m256i mask) { return _mm256_testc_si256(mask, _mm256_set1_epi32(-1)); }
+
 /* The lanes of ``p`` that ``mask`` selects, zeros in the others. Masked loads are slow on AMD Zen 1
- * too (a whole ViT-B/16 library ran 3.7 % faster on one once the weight packing and the epilogues
+ * too (on one, a whole ViT-B/16 library ran 3.7 % faster once the weight packing and the epilogues
  * loaded full vectors plainly), so, as with stores, only a tail is loaded with a mask. */
 F32_AVX2 static inline __m256 f32_load_avx2(const float* p, __m256i mask) {
-  if (_mm256_testc_si256(mask, _mm256_set1_epi32(-1))) return _mm256_loadu_ps(p);
-  return _mm256_maskload_ps(p, mask);
+  return f32_mask_full_avx2(mask) ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
 }
 
 /* ``v`` to the lanes of ``p`` that ``mask`` selects. A masked store (vmaskmovps) is microcoded on AMD
@@ -510,7 +512,7 @@ F32_AVX2 static inline __m256 f32_load_avx2(const float* p, __m256i mask) {
  * 6 x 16 scores tiles (64 k steps each) ran at 65 % of the FMA peak on a Zen 3 core. So full vectors
  * are stored plainly and only a tail is masked. */
 F32_AVX2 static inline void f32_store_avx2(float* p, __m256i mask, __m256 v) {
-  if (_mm256_testc_si256(mask, _mm256_set1_epi32(-1)))
+  if (f32_mask_full_avx2(mask))
     _mm256_storeu_ps(p, v);
   else
     _mm256_maskstore_ps(p, mask, v);
@@ -519,8 +521,8 @@ F32_AVX2 static inline void f32_store_avx2(float* p, __m256i mask, __m256 v) {
 /* e^x on ymm: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6 (relative
  * error below 2e-7 there), 2^n made in the exponent bits. n is rounded by adding 1.5 * 2^23 + 127:
  * the sum's low mantissa bits are then n + 127, which a shift by 23 turns into 2^n, so neither a
- * vector round nor a float -> int conversion is needed (both slow on AMD Zen 1-3 ymm). The clamp
- * keeps n + 127 in [1, 254]. */
+ * vector round nor a float -> int conversion is needed (the attention ran 1-3 % faster on one Zen 1
+ * core without them). The clamp keeps n + 127 in [1, 254]. */
 F32_AVX2 static inline __m256 f32_exp_avx2(__m256 x) {
   const __m256 shift = _mm256_set1_ps(12582912.0f + 127.0f);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
