@@ -595,6 +595,22 @@ F32_AVX2 static inline __m256 f32_weight_row_avx2(const f32_weights* w, int64_t 
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+/* Weight rows n .. n + 7, 8 values each from k = ``kb``, all of them in range: the packing's common
+ * case by plain loads, without f32_weight_row_avx2's per-row bounds, masks and tail (with those on
+ * every row, packing a 768 x 768 weight took 1.7x as long on an AMD Zen 1). */
+F32_AVX2 static inline void f32_weight_rows8_avx2(const f32_weights* w, int64_t n, int64_t K, int64_t kb, __m256 r[8]) {
+  if (!w->bf16) {
+    const float* src = (const float*)w->data + n * K + kb;
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * K);
+    return;
+  }
+  const uint16_t* src = (const uint16_t*)w->data + n * K + kb;
+  for (int i = 0; i < 8; ++i) {
+    __m128i h = _mm_loadu_si128((const __m128i*)(src + i * K));
+    r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
 /* Columns [n0, n0 + 16) x k in [k0, k1) of w[N, K] -> slice[k - k0][16] (columns >= N are 0), by
  * 8 x 8 register transposes. */
 F32_AVX2 static void f32_pack_b_avx2(const f32_weights* w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1,
@@ -603,9 +619,13 @@ F32_AVX2 static void f32_pack_b_avx2(const f32_weights* w, int64_t N, int64_t K,
     for (int64_t kb = k0; kb < k1; kb += 8) {
       int left = k1 - kb < 8 ? (int)(k1 - kb) : 8;
       __m256 r[8];
-      for (int i = 0; i < 8; ++i) {
-        int64_t n = n0 + cb + i;
-        r[i] = n < N ? f32_weight_row_avx2(w, n, K, kb, left) : _mm256_setzero_ps();
+      if (left == 8 && n0 + cb + 8 <= N) {
+        f32_weight_rows8_avx2(w, n0 + cb, K, kb, r);
+      } else {
+        for (int i = 0; i < 8; ++i) {
+          int64_t n = n0 + cb + i;
+          r[i] = n < N ? f32_weight_row_avx2(w, n, K, kb, left) : _mm256_setzero_ps();
+        }
       }
       mlcv_transpose8x8(r);
       for (int j = 0; j < left; ++j) _mm256_store_ps(slice + (kb - k0 + j) * F32_AVX2_NR + cb, r[j]);
