@@ -1,0 +1,114 @@
+"""Dev benchmark: the fp32 C GEMM against ONNX Runtime's (MLAS) on the same chains of linear layers.
+
+Each case is 12 layers of the ViT-B/16 shapes one after the other (x -> y0 -> y1 ...), with 12
+different weight matrices, so that the weights come from memory as in a model: ONNX Runtime runs
+a graph of Gemm nodes (its weights packed once when the session is made), we run the same layers
+by ctypes (``scripts/dev/f32_gemm_bench.py``'s build). The two are called in alternation, with
+``bench``'s pause before each call (the previous engine's threads stop spinning):
+
+    python scripts/dev/ort_gemm_ab.py --m 197
+    python scripts/dev/ort_gemm_ab.py --m 1576 --runs 5
+
+Prints the median of each and their ratio: where the GEMMs alone stand against ONNX Runtime's, apart
+from attention and the rest of a library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import f32_gemm_bench  # noqa: E402
+
+#: (K, N) of the layers of one block, repeated LAYERS times.
+CASES = {"768x768 (q, k, v, out)": [(768, 768)], "MLP 768 -> 3072 -> 768": [(768, 3072), (3072, 768)]}
+LAYERS = 12
+PAUSE_S = 0.2
+
+
+def random_layers(dims, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    weights, biases = [], []
+    for _ in range(LAYERS):
+        for k, n in dims:
+            weights.append((rng.standard_normal((n, k)) * k**-0.5).astype(np.float32))
+            biases.append((rng.standard_normal(n) * 0.1).astype(np.float32))
+    return weights, biases
+
+
+def onnx_session(m: int, weights, biases, path: Path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, initializers, previous = [], [], "x"
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        initializers += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [previous, f"w{i}", f"b{i}"], [f"y{i}"], transB=1))
+        previous = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "linear_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, weights[0].shape[1]])],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [m, weights[-1].shape[0]])], initializers,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def our_chain(lib, m: int, weights, biases):
+    outputs = [np.empty((m, w.shape[0]), np.float32) for w in weights]
+
+    def run(x):
+        for w, b, y in zip(weights, biases, outputs):
+            n, k = w.shape
+            assert lib.mlcv_f32_linear(x.ctypes.data, w.ctypes.data, b.ctypes.data, None, None, None,
+                                       y.ctypes.data, m, n, k, 0) == 0  # fmt: skip
+            x = y
+        return x
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, default=197, help="rows (tokens x batch)")
+    ap.add_argument("--runs", type=int, default=9)
+    args = ap.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = f32_gemm_bench.build(None, tmp, [])
+        for name, dims in CASES.items():
+            weights, biases = random_layers(dims)
+            session = onnx_session(args.m, weights, biases, Path(tmp) / "chain.onnx")
+            x = np.random.default_rng(1).standard_normal((args.m, dims[0][0])).astype(np.float32)
+            contenders = {
+                "ours": our_chain(lib, args.m, weights, biases),
+                "onnxruntime": lambda x, session=session: session.run(None, {"x": x})[0],
+            }
+            ref = contenders["onnxruntime"](x)
+            error = float(np.abs(contenders["ours"](x) - ref).max() / np.abs(ref).max())
+            times = {key: [] for key in contenders}
+            for _ in range(args.runs):
+                for key, run in contenders.items():
+                    time.sleep(PAUSE_S)
+                    start = time.perf_counter()
+                    run(x)
+                    times[key].append(time.perf_counter() - start)
+            flops = sum(2 * args.m * w.shape[0] * w.shape[1] for w in weights)
+            ours, theirs = (statistics.median(times[key]) for key in contenders)
+            print(f"{name:24s} M={args.m}: ours {ours * 1e3:8.2f} ms ({flops / ours / 1e9:5.1f} GFLOP/s), "
+                  f"ONNX Runtime {theirs * 1e3:8.2f} ms ({flops / theirs / 1e9:5.1f}); ours / ORT {ours / theirs:.3f}; "
+                  f"max rel. diff {error:.1e}")
+
+
+if __name__ == "__main__":
+    main()
