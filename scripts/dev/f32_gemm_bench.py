@@ -103,7 +103,8 @@ def time_attention(lib, runs: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tile", default=None, help="AVX-512 tile MRxNR, e.g. 6x64, 14x32, 8x48 (default: the file's)")
-    ap.add_argument("--cflags", nargs="*", default=[], help="e.g. -DF32_L1_SHARE=4 (write as --cflags=-D..., several in one quoted argument)")
+    ap.add_argument("--cflags", nargs="*", default=[],
+                    help="e.g. -DF32_L1_SHARE=4 (write as --cflags=-D..., several in one quoted argument)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--ghz", type=float, default=2.1)
     ap.add_argument("--fma-ports", type=int, default=2, help="512-bit FMAs per cycle (an AVX2 CPU: half its 256-bit ones)")

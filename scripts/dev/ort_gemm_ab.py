@@ -3,8 +3,9 @@
 Each case is 12 layers of the ViT-B/16 shapes one after the other (x -> y0 -> y1 ...), with 12
 different weight matrices, so that the weights come from memory as in a model: ONNX Runtime runs
 a graph of Gemm nodes (its weights packed once when the session is made), we run the same layers
-by ctypes (``scripts/dev/f32_gemm_bench.py``'s build). The two are called in alternation, with
-``bench``'s pause before each call (the previous engine's threads stop spinning):
+by ctypes (``scripts/dev/f32_gemm_bench.py``'s build). The two are timed as ``mlc-vision bench``
+times its contenders (``bench.interleaved_medians_ms``: alternated, a pause before each call so that
+the previous engine's threads have stopped spinning; ONNX Runtime's session as ``bench`` makes it):
 
     python scripts/dev/ort_gemm_ab.py --m 197
     python scripts/dev/ort_gemm_ab.py --m 1576 --runs 5
@@ -17,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ import f32_gemm_bench  # noqa: E402
 #: (K, N) of the layers of one block, repeated LAYERS times.
 CASES = {"768x768 (q, k, v, out)": [(768, 768)], "MLP 768 -> 3072 -> 768": [(768, 3072), (3072, 768)]}
 LAYERS = 12
-PAUSE_S = 0.2
 
 
 def random_layers(dims, seed: int = 0):
@@ -46,8 +44,9 @@ def random_layers(dims, seed: int = 0):
 
 def onnx_session(m: int, weights, biases, path: Path):
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from mlc_vision.bench_peers import onnxruntime_session
 
     nodes, initializers, previous = [], [], "x"
     for i, (w, b) in enumerate(zip(weights, biases)):
@@ -59,9 +58,7 @@ def onnx_session(m: int, weights, biases, path: Path):
         [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [m, weights[-1].shape[0]])], initializers,
     )  # fmt: skip
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnxruntime_session(path)
 
 
 def our_chain(lib, m: int, weights, biases):
@@ -83,6 +80,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=197, help="rows (tokens x batch)")
     ap.add_argument("--runs", type=int, default=9)
     args = ap.parse_args()
+    from mlc_vision.bench import interleaved_medians_ms
+
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
         lib = f32_gemm_bench.build(None, tmp, [])
@@ -96,19 +95,12 @@ def main() -> None:
             }
             ref = contenders["onnxruntime"](x)
             error = float(np.abs(contenders["ours"](x) - ref).max() / np.abs(ref).max())
-            times = {key: [] for key in contenders}
-            for _ in range(args.runs):
-                for key, run in contenders.items():
-                    time.sleep(PAUSE_S)
-                    start = time.perf_counter()
-                    run(x)
-                    times[key].append(time.perf_counter() - start)
-            flops = sum(2 * args.m * w.shape[0] * w.shape[1] for w in weights)
-            ours, theirs = (statistics.median(times[key]) for key in contenders)
-            print(f"{name:24s} M={args.m}: ours {ours * 1e3:8.2f} ms ({flops / ours / 1e9:5.1f} GFLOP/s), "
-                  f"ONNX Runtime {theirs * 1e3:8.2f} ms ({flops / theirs / 1e9:5.1f}); ours / ORT {ours / theirs:.3f}; "
+            ms = interleaved_medians_ms({key: (lambda run=run: run(x)) for key, run in contenders.items()}, args.runs)
+            gflop = sum(2 * args.m * w.shape[0] * w.shape[1] for w in weights) / 1e9
+            ours, theirs = ms["ours"], ms["onnxruntime"]
+            print(f"{name:24s} M={args.m}: ours {ours:8.2f} ms ({gflop / ours * 1e3:5.1f} GFLOP/s), "
+                  f"ONNX Runtime {theirs:8.2f} ms ({gflop / theirs * 1e3:5.1f}); ours / ORT {ours / theirs:.3f}; "
                   f"max rel. diff {error:.1e}")
-
 
 if __name__ == "__main__":
     main()

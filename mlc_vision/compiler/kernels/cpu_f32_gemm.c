@@ -585,14 +585,18 @@ F32_AVX2 static inline __m256 f32_activation_avx2(int act, __m256 v) {
   }
 }
 
+/* 8 bf16 words (raw 16-bit) widened exactly to fp32. */
+F32_AVX2 static inline __m256 f32_widen_bf16_avx2(__m128i words) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(words), 16));
+}
+
 /* 8 values of weight row ``n`` from k = ``kb`` (``left`` of them, zeros after) in fp32. */
 F32_AVX2 static inline __m256 f32_weight_row_avx2(const f32_weights* w, int64_t n, int64_t K, int64_t kb, int left) {
   if (!w->bf16) return f32_load_avx2((const float*)w->data + n * K + kb, f32_lanes_avx2(left));
   const uint16_t* src = (const uint16_t*)w->data + n * K + kb;
   uint16_t tail[16];
   if (left < 8) f32_bf16_tail(src, left, tail);
-  __m128i h = _mm_loadu_si128((const __m128i*)(left < 8 ? tail : src));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return f32_widen_bf16_avx2(_mm_loadu_si128((const __m128i*)(left < 8 ? tail : src)));
 }
 
 /* Weight rows n .. n + 7, 8 values each from k = ``kb``, all of them in range: the packing's common
@@ -605,10 +609,7 @@ F32_AVX2 static inline void f32_weight_rows8_avx2(const f32_weights* w, int64_t 
     return;
   }
   const uint16_t* src = (const uint16_t*)w->data + n * K + kb;
-  for (int i = 0; i < 8; ++i) {
-    __m128i h = _mm_loadu_si128((const __m128i*)(src + i * K));
-    r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
+  for (int i = 0; i < 8; ++i) r[i] = f32_widen_bf16_avx2(_mm_loadu_si128((const __m128i*)(src + i * K)));
 }
 
 /* Columns [n0, n0 + 16) x k in [k0, k1) of w[N, K] -> slice[k - k0][16] (columns >= N are 0), by
