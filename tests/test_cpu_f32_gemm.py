@@ -22,12 +22,12 @@ from mlc_vision.compiler.kernels import cpu_f32_gemm
 from mlc_vision.compiler.kernels.c_objects import c_compiler
 from parity import assert_close
 
-#: (M, N, K): one row and one column; row and column tails; k shorter than a vector; more rows than
-#: one work unit takes (288) with a 16-lane tail in the last panel; k over several K blocks with
-#: uneven blocks (the block is at least 256 and about 4096 on a 2 MiB L2: k = 9000 has 3 on such a
-#: CPU, more on smaller L2).
-SHAPES = [(1, 1, 1), (5, 70, 7), (13, 130, 96), (37, 64, 250), (300, 200, 530), (7, 17, 1000), (29, 90, 1024),
-          (9, 40, 9000)]
+#: (M, N, K): one row and one column; row and column tails; k shorter than a vector; a 16-lane tail
+#: in the last panel; more rows than one work unit takes on any CPU (at most 1032) in two blocks of
+#: which the last is short; k over several K blocks with uneven blocks (the block is at least 256 and
+#: about 4096 on a 2 MiB L2: k = 9000 has 3 on such a CPU, more on smaller L2).
+SHAPES = [(1, 1, 1), (5, 70, 7), (13, 130, 96), (37, 64, 250), (300, 200, 530), (1100, 70, 40), (7, 17, 1000),
+          (29, 90, 1024), (9, 40, 9000)]
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,16 @@
 ``model``: a preset's bf16 library built twice (the same Relax module, each kernel object linked in),
 ``encode`` called in alternation, median and min of ``--runs`` calls; ``--kernel f32`` does the same
 for the fp32 kernel (``kernels/cpu_f32_gemm.c``) in the preset's fp32 library. ``kernels``: the two objects by
-ctypes on attention and linear-layer shapes, alternated, best of 7 (one TVM thread pool, as in a library):
+ctypes on attention and linear-layer shapes, alternated, best of 7 (one TVM thread pool, as in a library);
+with ``--kernel f32``, the linear layers of one encoder block of each ``--block`` at ``--m`` rows, in
+order (weights from memory, as in a model), median of ``--runs``; ``--cflags`` builds the working
+tree's object with extra flags (e.g. another ``-DF32_ROW_BLOCK``):
 
     python scripts/dev/bf16_kernel_ab.py model siglip-so400m-patch14-384 --base 68558a5
     python scripts/dev/bf16_kernel_ab.py kernels --base 68558a5
     python scripts/dev/bf16_kernel_ab.py model clip-vit-base-patch16 --kernel f32 --base HEAD
+    python scripts/dev/bf16_kernel_ab.py kernels --kernel f32 --base HEAD --block siglip --m 5832 \
+        --cflags="-DF32_ROW_BLOCK=516"
 
 The ratio printed is working tree / base (below 1 means the working tree is faster).
 """
@@ -30,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ROOT / "mlc_vision" / "compiler" / "kernels"
 ATTENTION = ((1, 729, 16, 72), (1, 1025, 16, 64), (1, 577, 16, 64))  # B, S, H, D: SigLIP, InternViT, ViT-L/14-336
 LINEAR = ((729, 4304, 1152), (729, 1152, 4304))  # M, N, K
+#: (width, MLP width) of one encoder block: q, k, v and out are width x width, then fc1 and fc2.
+F32_BLOCKS = {"vit-b": (768, 3072), "vit-l": (1024, 4096), "siglip": (1152, 4304)}
 
 
 #: ``--kernel``: the kernel's module in ``mlc_vision.compiler.kernels`` and the library dtype that links it.
@@ -85,10 +92,15 @@ def ab_model(preset: str, batch: int, runs: int, base: Path, workdir: Path, kern
     print(f"{preset} b={batch}: tree / base (median) {np.median(times['tree']) / np.median(times['base']):.3f}")
 
 
-def _load(source: Path, workdir: Path, name: str) -> ctypes.CDLL:
+def _compile(source: Path, workdir: Path, name: str, cflags=()) -> ctypes.CDLL:
     out = workdir / f"{name}.so"
-    subprocess.run(["cc", "-O3", "-fPIC", "-shared", "-std=gnu11", str(source), "-o", str(out), "-lm"], check=True)
-    lib = ctypes.CDLL(str(out))
+    command = ["cc", "-O3", "-fPIC", "-shared", "-std=gnu11", *cflags, str(source), "-o", str(out), "-lm"]
+    subprocess.run(command, check=True)
+    return ctypes.CDLL(str(out))
+
+
+def _load(source: Path, workdir: Path, name: str) -> ctypes.CDLL:
+    lib = _compile(source, workdir, name)
     lib.mlcv_bf16_attention_io_path.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int32, ctypes.c_int32]
     )
@@ -129,6 +141,42 @@ def ab_kernels(base: Path, workdir: Path) -> None:
               f"tree / base {best['tree'] / best['base']:.3f}")  # fmt: skip
 
 
+def _f32_block_layers(width: int, mlp: int, m: int, rng):
+    """x, the six weights (and biases) of one block in order, and an output buffer per layer."""
+    shapes = [(width, width)] * 4 + [(mlp, width), (width, mlp)]  # N, K
+    weights = [(rng.standard_normal((n, k)) * k**-0.5).astype(np.float32) for n, k in shapes]
+    biases = [np.zeros(n, np.float32) for n, _ in shapes]
+    outputs = [np.empty((m, n), np.float32) for n, _ in shapes]
+    return rng.standard_normal((m, width)).astype(np.float32), weights, biases, outputs
+
+
+def ab_kernels_f32(base: Path, workdir: Path, blocks, m: int, runs: int, cflags) -> None:
+    """The two fp32 objects on the linear layers of one block, alternated, a pause before each call."""
+    import tvm
+
+    from mlc_vision.bench import interleaved_medians_ms
+
+    ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
+    libs = {"base": _compile(base, workdir, "base"), "tree": _compile(KERNELS / "cpu_f32_gemm.c", workdir, "tree", cflags)}
+    for lib in libs.values():
+        lib.mlcv_f32_linear.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
+    rng = np.random.default_rng(0)
+    for block in blocks:
+        x, weights, biases, outputs = _f32_block_layers(*F32_BLOCKS[block], m, rng)
+
+        def run(lib):
+            for i, (w, b, y) in enumerate(zip(weights, biases, outputs)):
+                source = outputs[4] if i == 5 else x  # fc2 reads fc1's output
+                n, k = w.shape
+                assert lib.mlcv_f32_linear(source.ctypes.data, w.ctypes.data, b.ctypes.data, None, None, None,
+                                           y.ctypes.data, m, n, k, 0) == 0  # fmt: skip
+
+        ms = interleaved_medians_ms({name: (lambda lib=lib: run(lib)) for name, lib in libs.items()}, runs)
+        gflop = sum(2 * m * w.shape[0] * w.shape[1] for w in weights) / 1e9
+        print(f"{block} block, M={m}: base {ms['base']:8.1f} ms ({gflop / ms['base'] * 1e3:5.1f} GFLOP/s)  "
+              f"tree {ms['tree']:8.1f} ms ({gflop / ms['tree'] * 1e3:5.1f})  tree / base {ms['tree'] / ms['base']:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["model", "kernels"])
@@ -136,10 +184,12 @@ def main() -> None:
     ap.add_argument("--base", required=True, help="git revision whose kernel is the base")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--kernel", choices=sorted(KERNEL_CHOICES), default="bf16", help="model: which kernel to A/B")
+    ap.add_argument("--kernel", choices=sorted(KERNEL_CHOICES), default="bf16", help="which kernel to A/B")
+    ap.add_argument("--block", nargs="*", choices=sorted(F32_BLOCKS), default=sorted(F32_BLOCKS),
+                    help="kernels --kernel f32: whose block's linear layers")
+    ap.add_argument("--m", type=int, default=729, help="kernels --kernel f32: rows (tokens x batch)")
+    ap.add_argument("--cflags", default="", help="kernels --kernel f32: extra flags for the working tree's object")
     args = ap.parse_args()
-    if args.what == "kernels" and args.kernel != "bf16":
-        ap.error("kernels times the bf16 kernel only; the fp32 one: scripts/dev/f32_gemm_bench.py")
     sys.path.insert(0, str(Path(__file__).parent))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -147,6 +197,8 @@ def main() -> None:
         base = base_source(args.base, workdir / "base", args.kernel)
         if args.what == "model":
             ab_model(args.preset, args.batch, args.runs, base, workdir, args.kernel)
+        elif args.kernel == "f32":
+            ab_kernels_f32(base, workdir, args.block, args.m, args.runs, args.cflags.split())
         else:
             ab_kernels(base, workdir)
 
