@@ -157,7 +157,10 @@ def ab_kernels_f32(base: Path, workdir: Path, blocks, m: int, runs: int, cflags)
     from mlc_vision.bench import interleaved_medians_ms
 
     ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
-    libs = {"base": _compile(base, workdir, "base"), "tree": _compile(KERNELS / "cpu_f32_gemm.c", workdir, "tree", cflags)}
+    libs = {
+        "base": _compile(base, workdir, "base"),
+        "tree": _compile(KERNELS / "cpu_f32_gemm.c", workdir, "tree", cflags),
+    }
     for lib in libs.values():
         lib.mlcv_f32_linear.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
     rng = np.random.default_rng(0)

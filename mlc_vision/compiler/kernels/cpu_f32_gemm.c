@@ -179,7 +179,7 @@ int64_t mlcv_f32_l2_bytes(void) {
 }
 
 /* The level-3 cache size in bytes (detected once); -1 when unknown or outside 1 MiB .. 4 GiB. */
-int64_t mlcv_f32_l3_bytes(void) {
+static int64_t l3_bytes(void) {
   int64_t s = __atomic_load_n(&l3_known, __ATOMIC_RELAXED);
   if (s == 0) {
     s = cache_bytes_detect(3);
@@ -844,7 +844,7 @@ static int f32_parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata
  * 972) ran 1.07x faster so, at batch 1 (729 rows in 2 or 3 blocks) 1.02-1.03x; on the larger L3
  * caches of newer CPUs the bound is above F32_ROW_BLOCK for most layers. */
 static int64_t f32_row_block(int64_t kc, int threads) {
-  int64_t l3 = mlcv_f32_l3_bytes();
+  int64_t l3 = l3_bytes();
   if (l3 <= 0) return F32_ROW_BLOCK;
   int64_t rows = l3 / 2 / threads / (kc * 4);
   if (rows > F32_ROW_BLOCK) rows = F32_ROW_BLOCK;
