@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ROOT / "mlc_vision" / "compiler" / "kernels"
 ATTENTION = ((1, 729, 16, 72), (1, 1025, 16, 64), (1, 577, 16, 64))  # B, S, H, D: SigLIP, InternViT, ViT-L/14-336
 LINEAR = ((729, 4304, 1152), (729, 1152, 4304))  # M, N, K
-#: (width, MLP width) of one encoder block: q, k, v and out are width x width, then fc1 and fc2.
+#: (width, MLP width) of one encoder block: q, k, v and out are width x width, then fc1 and fc2 (timed
+#: one after the other, each reading the previous one's output: the same shapes as in the block).
 F32_BLOCKS = {"vit-b": (768, 3072), "vit-l": (1024, 4096), "siglip": (1152, 4304)}
 
 
@@ -92,15 +93,10 @@ def ab_model(preset: str, batch: int, runs: int, base: Path, workdir: Path, kern
     print(f"{preset} b={batch}: tree / base (median) {np.median(times['tree']) / np.median(times['base']):.3f}")
 
 
-def _compile(source: Path, workdir: Path, name: str, cflags=()) -> ctypes.CDLL:
-    out = workdir / f"{name}.so"
-    command = ["cc", "-O3", "-fPIC", "-shared", "-std=gnu11", *cflags, str(source), "-o", str(out), "-lm"]
-    subprocess.run(command, check=True)
-    return ctypes.CDLL(str(out))
-
-
 def _load(source: Path, workdir: Path, name: str) -> ctypes.CDLL:
-    lib = _compile(source, workdir, name)
+    out = workdir / f"{name}.so"
+    subprocess.run(["cc", "-O3", "-fPIC", "-shared", "-std=gnu11", str(source), "-o", str(out), "-lm"], check=True)
+    lib = ctypes.CDLL(str(out))
     lib.mlcv_bf16_attention_io_path.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int32, ctypes.c_int32]
     )
@@ -141,40 +137,23 @@ def ab_kernels(base: Path, workdir: Path) -> None:
               f"tree / base {best['tree'] / best['base']:.3f}")  # fmt: skip
 
 
-def _f32_block_layers(width: int, mlp: int, m: int, rng):
-    """x, the six weights (and biases) of one block in order, and an output buffer per layer."""
-    shapes = [(width, width)] * 4 + [(mlp, width), (width, mlp)]  # N, K
-    weights = [(rng.standard_normal((n, k)) * k**-0.5).astype(np.float32) for n, k in shapes]
-    biases = [np.zeros(n, np.float32) for n, _ in shapes]
-    outputs = [np.empty((m, n), np.float32) for n, _ in shapes]
-    return rng.standard_normal((m, width)).astype(np.float32), weights, biases, outputs
-
-
-def ab_kernels_f32(base: Path, workdir: Path, blocks, m: int, runs: int, cflags) -> None:
-    """The two fp32 objects on the linear layers of one block, alternated, a pause before each call."""
-    import tvm
+def ab_kernels_f32(base: Path, workdir: Path, blocks, m: int, runs: int, cflags: str) -> None:
+    """The two fp32 objects on the linear layers of one block (f32_gemm_bench's chain), alternated,
+    a pause before each call."""
+    import f32_gemm_bench
 
     from mlc_vision.bench import interleaved_medians_ms
 
-    ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
     libs = {
-        "base": _compile(base, workdir, "base"),
-        "tree": _compile(KERNELS / "cpu_f32_gemm.c", workdir, "tree", cflags),
+        "base": f32_gemm_bench.build(None, str(workdir), [], source=base, name="base"),
+        "tree": f32_gemm_bench.build(None, str(workdir), [cflags], name="tree"),
     }
-    for lib in libs.values():
-        lib.mlcv_f32_linear.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
-    rng = np.random.default_rng(0)
     for block in blocks:
-        x, weights, biases, outputs = _f32_block_layers(*F32_BLOCKS[block], m, rng)
-
-        def run(lib):
-            for i, (w, b, y) in enumerate(zip(weights, biases, outputs)):
-                source = outputs[4] if i == 5 else x  # fc2 reads fc1's output
-                n, k = w.shape
-                assert lib.mlcv_f32_linear(source.ctypes.data, w.ctypes.data, b.ctypes.data, None, None, None,
-                                           y.ctypes.data, m, n, k, 0) == 0  # fmt: skip
-
-        ms = interleaved_medians_ms({name: (lambda lib=lib: run(lib)) for name, lib in libs.items()}, runs)
+        width, mlp = F32_BLOCKS[block]
+        weights, biases = f32_gemm_bench.random_linear_chain([(width, width)] * 4 + [(width, mlp), (mlp, width)], 1)
+        x = np.random.default_rng(1).standard_normal((m, width)).astype(np.float32)
+        chains = {name: f32_gemm_bench.linear_chain(lib, m, weights, biases) for name, lib in libs.items()}
+        ms = interleaved_medians_ms({name: (lambda run=run: run(x)) for name, run in chains.items()}, runs)
         gflop = sum(2 * m * w.shape[0] * w.shape[1] for w in weights) / 1e9
         print(f"{block} block, M={m}: base {ms['base']:8.1f} ms ({gflop / ms['base'] * 1e3:5.1f} GFLOP/s)  "
               f"tree {ms['tree']:8.1f} ms ({gflop / ms['tree'] * 1e3:5.1f})  tree / base {ms['tree'] / ms['base']:.3f}")
@@ -201,7 +180,7 @@ def main() -> None:
         if args.what == "model":
             ab_model(args.preset, args.batch, args.runs, base, workdir, args.kernel)
         elif args.kernel == "f32":
-            ab_kernels_f32(base, workdir, args.block, args.m, args.runs, args.cflags.split())
+            ab_kernels_f32(base, workdir, args.block, args.m, args.runs, args.cflags)
         else:
             ab_kernels(base, workdir)
 

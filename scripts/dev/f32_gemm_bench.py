@@ -40,7 +40,11 @@ def measured_peak() -> float:
     return bench_peers.measure_fma_peak(flags, 1) or float("nan")
 
 
-def build(tile: str | None, workdir: str, cflags: list[str]) -> ctypes.CDLL:
+def build(
+    tile: str | None, workdir: str, cflags: list[str], source: Path = SOURCE, name: str | None = None
+) -> ctypes.CDLL:
+    """``source`` (the working tree's kernel by default) compiled with ``cflags`` and loaded after TVM's
+    runtime, so that it runs on TVM's thread pool; ``name`` tells two builds in one ``workdir`` apart."""
     import tvm
 
     ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
@@ -48,13 +52,40 @@ def build(tile: str | None, workdir: str, cflags: list[str]) -> ctypes.CDLL:
     if tile:
         mr, nr = (int(v) for v in tile.split("x"))
         flags = [f"-DF32_MR={mr}", f"-DF32_NV={nr // 16}"]
-    out = os.path.join(workdir, f"f32gemm_{tile or 'default'}.so")
+    out = os.path.join(workdir, f"f32gemm_{name or tile or 'default'}.so")
     cflags = [part for flag in cflags for part in flag.split()]
-    subprocess.run(["cc", "-O3", "-fPIC", "-shared", "-std=gnu11", *flags, *cflags, str(SOURCE), "-o", out], check=True)
+    subprocess.run(["cc", "-O3", "-fPIC", "-shared", "-std=gnu11", *flags, *cflags, str(source), "-o", out], check=True)
     lib = ctypes.CDLL(out)
     lib.mlcv_f32_linear.restype = ctypes.c_int
     lib.mlcv_f32_linear.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
     return lib
+
+
+def random_linear_chain(dims, layers: int, seed: int = 0):
+    """Weights ``[N, K]`` and biases of ``layers`` repeats of ``dims`` ((K, N) per layer), fp32."""
+    rng = np.random.default_rng(seed)
+    weights, biases = [], []
+    for _ in range(layers):
+        for k, n in dims:
+            weights.append((rng.standard_normal((n, k)) * k**-0.5).astype(np.float32))
+            biases.append((rng.standard_normal(n) * 0.1).astype(np.float32))
+    return weights, biases
+
+
+def linear_chain(lib, m: int, weights, biases):
+    """A callable running the linear layers one after the other (x -> y0 -> y1 ...) with ``lib``'s
+    GEMM, each layer's output buffer made once."""
+    outputs = [np.empty((m, w.shape[0]), np.float32) for w in weights]
+
+    def run(x):
+        for w, b, y in zip(weights, biases, outputs):
+            n, k = w.shape
+            assert lib.mlcv_f32_linear(x.ctypes.data, w.ctypes.data, b.ctypes.data, None, None, None,
+                                       y.ctypes.data, m, n, k, 0) == 0  # fmt: skip
+            x = y
+        return x
+
+    return run
 
 
 def time_one(lib, m: int, k: int, n: int, runs: int, cold: bool = False) -> tuple[float, float]:

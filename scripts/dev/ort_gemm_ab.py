@@ -3,7 +3,7 @@
 Each case is 12 layers of the ViT-B/16 shapes one after the other (x -> y0 -> y1 ...), with 12
 different weight matrices, so that the weights come from memory as in a model: ONNX Runtime runs
 a graph of Gemm nodes (its weights packed once when the session is made), we run the same layers
-by ctypes (``scripts/dev/f32_gemm_bench.py``'s build). The two are timed as ``mlc-vision bench``
+by ctypes (``scripts/dev/f32_gemm_bench.py``'s build and chain). The two are timed as ``mlc-vision bench``
 times its contenders (``bench.interleaved_medians_ms``: alternated, a pause before each call so that
 the previous engine's threads have stopped spinning; ONNX Runtime's session as ``bench`` makes it):
 
@@ -32,16 +32,6 @@ CASES = {"768x768 (q, k, v, out)": [(768, 768)], "MLP 768 -> 3072 -> 768": [(768
 LAYERS = 12
 
 
-def random_layers(dims, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    weights, biases = [], []
-    for _ in range(LAYERS):
-        for k, n in dims:
-            weights.append((rng.standard_normal((n, k)) * k**-0.5).astype(np.float32))
-            biases.append((rng.standard_normal(n) * 0.1).astype(np.float32))
-    return weights, biases
-
-
 def onnx_session(m: int, weights, biases, path: Path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -61,20 +51,6 @@ def onnx_session(m: int, weights, biases, path: Path):
     return onnxruntime_session(path)
 
 
-def our_chain(lib, m: int, weights, biases):
-    outputs = [np.empty((m, w.shape[0]), np.float32) for w in weights]
-
-    def run(x):
-        for w, b, y in zip(weights, biases, outputs):
-            n, k = w.shape
-            assert lib.mlcv_f32_linear(x.ctypes.data, w.ctypes.data, b.ctypes.data, None, None, None,
-                                       y.ctypes.data, m, n, k, 0) == 0  # fmt: skip
-            x = y
-        return x
-
-    return run
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=197, help="rows (tokens x batch)")
@@ -86,11 +62,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         lib = f32_gemm_bench.build(None, tmp, [])
         for name, dims in CASES.items():
-            weights, biases = random_layers(dims)
+            weights, biases = f32_gemm_bench.random_linear_chain(dims, LAYERS)
             session = onnx_session(args.m, weights, biases, Path(tmp) / "chain.onnx")
             x = np.random.default_rng(1).standard_normal((args.m, dims[0][0])).astype(np.float32)
             contenders = {
-                "ours": our_chain(lib, args.m, weights, biases),
+                "ours": f32_gemm_bench.linear_chain(lib, args.m, weights, biases),
                 "onnxruntime": lambda x, session=session: session.run(None, {"x": x})[0],
             }
             ref = contenders["onnxruntime"](x)
