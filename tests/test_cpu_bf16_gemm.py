@@ -300,7 +300,8 @@ def test_bf16_library_for_a_cpu_without_bf16_arithmetic_reads_bf16_weights_in_fp
     calls = _bf16_calls(config, FP32_ONLY_CPU)
     layers = TINY["num_hidden_layers"]
     linear = [c for c in calls if c.startswith("f32_linear_bf16w")]
-    assert len(linear) == 1 + 6 * layers
+    assert len(linear) == 1 + 4 * layers  # patch embedding, (q, k, v) as one group call, out, fc1, fc2
+    assert len([c for c in linear if c.startswith("f32_linear_bf16w_group3_")]) == layers
     assert len([c for c in linear if c.endswith("_residual")]) == 2 * layers
     assert len([c for c in linear if c.endswith("_quick_gelu")]) == layers
     assert len([c for c in calls if c.startswith("f32_attention")]) == layers

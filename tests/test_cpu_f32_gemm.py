@@ -40,6 +40,8 @@ def kernel(tmp_path_factory):
     lib.mlcv_f32_linear_path.restype = ctypes.c_int
     lib.mlcv_f32_linear_bf16w_path.argtypes = lib.mlcv_f32_linear_path.argtypes
     lib.mlcv_f32_linear_bf16w_path.restype = ctypes.c_int
+    lib.mlcv_f32_linear_group_path.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 3
+    lib.mlcv_f32_linear_group_path.restype = ctypes.c_int
     lib.mlcv_f32_best_path.restype = ctypes.c_int
     lib.mlcv_f32_attention_path.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]
@@ -151,6 +153,42 @@ def test_bf16_weights_match_numpy(kernel, shape):
         assert_close(y, ref.astype(np.float32), f"bf16 weights, path {cpu_f32_gemm.PATHS[path]} {shape}")
 
 
+@pytest.mark.parametrize("shape", [(5, 70, 7), (37, 64, 250), (300, 200, 530), (1100, 70, 40), (9, 40, 9000)])
+@pytest.mark.parametrize("biases", [(True, True, True), (True, False, True), (False, True)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_linear_group_matches_numpy(kernel, shape, biases, bf16):
+    """Two or three linear layers of one input as one job (a layer's q, k and v): each output as its
+    own GEMM would give, a part without a bias included; row and column tails inside each part."""
+    import ml_dtypes
+
+    rng, x, _ = _inputs(shape, seed=4)
+    m, n, k = shape
+    weights = [(rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32) for _ in biases]
+    if bf16:
+        weights = [w.astype(ml_dtypes.bfloat16) for w in weights]
+    bias = [rng.standard_normal(n, dtype=np.float32) if has else None for has in biases]
+    refs = [x.astype(np.float64) @ w.astype(np.float64).T + (b if b is not None else 0) for w, b in zip(weights, bias)]
+    ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    pad = [None] * (3 - len(biases))
+    for path in _paths(kernel):
+        ys = [np.full((m, n), np.nan, dtype=np.float32) for _ in biases]
+        status = kernel.mlcv_f32_linear_group_path(
+            path, int(bf16), len(biases), ptr(x), *[ptr(w) for w in weights], *pad, *[ptr(b) for b in bias], *pad,
+            *[ptr(y) for y in ys], *pad, m, n, k,
+        )  # fmt: skip
+        assert status == 0
+        for i, (y, ref) in enumerate(zip(ys, refs)):
+            assert_close(y, ref.astype(np.float32), f"part {i} of {biases}, bf16={bf16}, path {path} {shape}")
+
+
+def test_linear_group_refuses_one_part(kernel):
+    _, x, w = _inputs((4, 8, 16))
+    y = np.zeros((4, 8), np.float32)
+    args = [x.ctypes.data, w.ctypes.data, None, None, None, None, None, y.ctypes.data, None, None, 4, 8, 16]
+    assert kernel.mlcv_f32_linear_group_path(0, 0, 1, *args) != 0
+    assert kernel.mlcv_f32_linear_group_path(0, 0, 4, *args) != 0
+
+
 def test_bad_arguments_are_refused(kernel):
     _, x, w = _inputs((4, 8, 16))
     r = np.zeros((4, 8), np.float32)
@@ -248,8 +286,9 @@ def test_fp32_linear_layers_call_the_kernel(clip_checkpoint, hidden_act):
     config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch", hidden_act=hidden_act)
     calls = _calls(config)
     linear = [c for c in calls if c.startswith("f32_linear")]
-    assert len(linear) == 1 + 6 * LAYERS  # patch embedding + q, k, v, out, fc1, fc2
-    assert len([c for c in linear if "_bias" in c]) == 6 * LAYERS  # the patch embedding has no bias
+    assert len(linear) == 1 + 4 * LAYERS  # patch embedding + (q, k, v), out, fc1, fc2
+    assert len([c for c in linear if c.startswith("f32_linear_group3_") and c.endswith("_bias")]) == LAYERS
+    assert len([c for c in linear if "_bias" in c]) == 4 * LAYERS  # the patch embedding has no bias
     assert len([c for c in linear if c.endswith("_residual")]) == 2 * LAYERS
     epilogue = {"quick_gelu": "_quick_gelu", "gelu": "_gelu", "gelu_pytorch_tanh": "_gelu_tanh"}[hidden_act]
     assert len([c for c in linear if c.endswith(epilogue)]) == LAYERS
@@ -275,7 +314,7 @@ def test_avx2_cpu_calls_the_kernel(clip_checkpoint):
 
     config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
     calls = _calls(config, cpu="haswell")
-    assert len([c for c in calls if c.startswith("f32_linear")]) == 1 + 6 * LAYERS
+    assert len([c for c in calls if c.startswith("f32_linear")]) == 1 + 4 * LAYERS
     assert len([c for c in calls if c.startswith("f32_attention")]) == LAYERS
 
 

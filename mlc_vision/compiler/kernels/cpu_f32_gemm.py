@@ -23,6 +23,11 @@ SOURCE = Path(__file__).with_suffix(".c")
 ENTRY = "mlcv_f32_linear"
 #: The entry taking bf16 weights (their raw 16-bit words), widened to fp32 as they are packed.
 ENTRY_BF16_WEIGHTS = "mlcv_f32_linear_bf16w"
+#: The entry computing two or three linear layers of one input as one job, and its form for bf16 weights.
+GROUP_ENTRY = "mlcv_f32_linear_group"
+GROUP_ENTRY_BF16_WEIGHTS = "mlcv_f32_linear_group_bf16w"
+#: Linear layers one group call takes at most.
+GROUP_MAX_PARTS = 3
 #: Activations of the epilogue by the numbers of ``cpu_f32_gemm.c``'s ``F32_ACT_*``; the keys are
 #: the names ``passes/f32_cpu.py`` matches.
 ACTIVATIONS = {"quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -92,6 +97,46 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = Fa
 
     y = te.extern([*lead, n], inputs, body, dtype="float32", name="f32_linear")
     return te.create_prim_func([*inputs, y]).with_attr("tir.is_scheduled", True)
+
+
+def linear_group_primfunc(lead_ndim: int, k: int, n: int, biases: tuple[bool, ...], weight_dtype: str = "float32"):
+    """PrimFunc ``(x [..., k], w_0 .. w_p [n, k], the biases [n] where ``biases[i]``, y_0 .. y_p [..., n])``
+    for p + 1 = ``len(biases)`` (2 or 3) linear layers of one input, weights in ``weight_dtype``: one
+    call of the C kernel's group entry computing every ``y_i = x . w_i^T (+ bias_i)`` as one job."""
+    import tvm
+    from tvm import te, tirx
+
+    parts = len(biases)
+    if not 2 <= parts <= GROUP_MAX_PARTS:
+        raise ValueError(f"a group has 2 to {GROUP_MAX_PARTS} linear layers, not {parts}")
+    if weight_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"weights must be float32 or bfloat16, not {weight_dtype}")
+    lead = [tirx.Var(f"d{i}", "int64") for i in range(lead_ndim)]
+    x = te.placeholder([*lead, k], "float32", name="x")
+    weights = [te.placeholder([n, k], weight_dtype, name=f"w{i}") for i in range(parts)]
+    bias_inputs = [te.placeholder([n], "float32", name=f"bias{i}") for i, has in enumerate(biases) if has]
+    rows = tirx.const(1, "int64")
+    for d in lead:
+        rows = rows * d
+    null = tirx.reinterpret("handle", tirx.const(0, "uint64"))
+    padding = [null] * (GROUP_MAX_PARTS - parts)
+
+    def body(ins, outs):
+        data = iter(b.data for b in ins[1 + parts :])
+        bias_pointers = [next(data) if has else null for has in biases]
+        pointers = [b.data for b in ins[1 : 1 + parts]] + padding + bias_pointers + padding
+        pointers += [y.data for y in outs] + padding
+        sizes = [rows, tirx.const(n, "int64"), tirx.const(k, "int64")]
+        entry = GROUP_ENTRY if weight_dtype == "float32" else GROUP_ENTRY_BF16_WEIGHTS
+        status = tirx.call_extern("int32", entry, tirx.const(parts, "int32"), ins[0].data, *pointers, *sizes)
+        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
+            status == 0, tvm.ir.StringImm("RuntimeError"),
+            [tvm.ir.StringImm("fp32 linear group: out of memory for the packing buffers")], None,
+        )  # fmt: skip
+
+    inputs = [x, *weights, *bias_inputs]
+    ys = te.extern([[*lead, n]] * parts, inputs, body, dtype=["float32"] * parts, name="f32_linear_group")
+    return te.create_prim_func([*inputs, *ys]).with_attr("tir.is_scheduled", True)
 
 
 def compile_object(workdir: Path) -> Path:

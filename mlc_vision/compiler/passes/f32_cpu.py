@@ -17,7 +17,11 @@ Then the kernel's epilogue absorbs what the TIR GEMM rule would have fused:
 * SwiGLU's ``silu(gate(x)) * up(x)``: the gate projection's kernel multiplies
   by the up projection's output.
 
-The unfused calls are then dead and removed. Every other matmul (attention's
+The unfused calls are then dead and removed. Linear layers of one input with
+nothing past the bias (a layer's q, k and v projections; any of them may lack
+the bias) then become one call of the kernel's group entry: one launch and one
+split of their panels over the threads instead of three, the weights read as
+stored (no concatenation). Every other matmul (attention's
 batched products, fp16, the bf16 kernel's libraries, CPUs without AVX2) is left to the
 TIR schedule of ``schedules/cpu.py``.
 
@@ -36,7 +40,14 @@ from typing import NamedTuple
 import tvm
 from tvm import relax
 
-from ..kernels.cpu_f32_gemm import ATTENTION_MAX_HEAD_DIM, attention_primfunc, has_vector_path, linear_primfunc
+from ..kernels.cpu_f32_gemm import (
+    ATTENTION_MAX_HEAD_DIM,
+    GROUP_MAX_PARTS,
+    attention_primfunc,
+    has_vector_path,
+    linear_group_primfunc,
+    linear_primfunc,
+)
 from .fuse_attention import replace_attention
 from .relax_rewrite import bound_value, llvm_cpu_features, rewrite_relax_functions, static_int
 
@@ -277,13 +288,97 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         return call
 
 
+class _Sibling(NamedTuple):
+    """A bare kernel call (bias at most) bound to ``var``: ``args`` = ``[x, w, (bias)]``."""
+
+    var: relax.Var
+    key: _Key
+    args: list
+
+
+def _sibling_groups(func, keys) -> list[list[_Sibling]]:
+    """The groups of 2 to GROUP_MAX_PARTS bare kernel calls of ``func`` (``keys``: each kernel's
+    GlobalVar -> its :class:`_Key`) that one group call can compute: one dataflow block, the same
+    input variable, k, n and weight dtype, and weights and biases defined before the first member
+    (where the group call goes: function parameters, or items of the params tuple bound earlier)."""
+    order = {}
+    for block in func.body.blocks:
+        order.update((binding.var, len(order)) for binding in block.bindings)
+    groups = []
+    for block in func.body.blocks:
+        by_input = {}
+        for binding in block.bindings:
+            value = binding.value
+            if not (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+                continue
+            key = keys.get(value.args[0])
+            if key is not None and key.bare():
+                args = list(value.args[1].fields)
+                same = (args[0], key.lead_ndim, key.k, key.n, key.weight_dtype)
+                by_input.setdefault(same, []).append(_Sibling(binding.var, key, args))
+        for members in by_input.values():
+            while members:
+                first, rest = members[0], members[1:]
+                ready = [m for m in rest if all(order.get(a, -1) < order[first.var] for a in m.args[1:])]
+                group = [first, *ready[: GROUP_MAX_PARTS - 1]]
+                if len(group) > 1:
+                    groups.append(group)
+                members = [m for m in rest if m not in group]
+    return groups
+
+
+@relax.expr_functor.mutator
+class _SiblingLinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+    """Each group of :func:`_sibling_groups` -> one ``call_tir`` of the kernel's group entry, bound
+    where the group's first member was; every member becomes an item of its result."""
+
+    def __init__(self, mod, keys):
+        super().__init__(mod)
+        self.members = {}  # var -> (group, index)
+        for func in mod.functions.values():
+            if isinstance(func, relax.Function):
+                for group in _sibling_groups(func, keys):
+                    self.members.update((member.var, (group, index)) for index, member in enumerate(group))
+        self.results = {}  # id(group) -> the group call's variable
+        self.kernels = {}
+
+    def _kernel(self, group):
+        key = group[0].key
+        biases = tuple(m.key.bias for m in group)
+        name = f"f32_linear{'_bf16w' if key.weight_dtype == BF16 else ''}_group{len(group)}_k{key.k}_n{key.n}"
+        if any(biases):  # which parts have one, where not all
+            name += "_bias" + ("" if all(biases) else "".join("1" if b else "0" for b in biases))
+        if name not in self.kernels:
+            func = linear_group_primfunc(key.lead_ndim, key.k, key.n, biases, key.weight_dtype)
+            self.kernels[name] = self.builder_.add_func(func, name)
+        return self.kernels[name]
+
+    def visit_var_binding_(self, binding):  # noqa: D102
+        found = self.members.get(binding.var)
+        if found is None:
+            return super().visit_var_binding_(binding)
+        group, index = found
+        if id(group) not in self.results:
+            args = [self.visit_expr(group[0].args[0])] + [self.visit_expr(m.args[1]) for m in group]
+            args += [self.visit_expr(m.args[2]) for m in group if m.key.bias]
+            call = relax.call_tir(self._kernel(group), args, [m.var.ty for m in group])
+            self.results[id(group)] = self.builder_.emit(call, "linear_group")
+        item = self.builder_.normalize(relax.TupleGetItem(self.results[id(group)], index))
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, item))
+        return None
+
+
 @tvm.transform.module_pass(opt_level=0, name="F32LinearCPU")
 def f32_linear_cpu(mod, _ctx):
     """fp32 linear layers (and their epilogues) -> the fp32 C kernel, when the current target has
-    AVX-512F or AVX2 + FMA; unchanged otherwise."""
+    AVX-512F or AVX2 + FMA; unchanged otherwise. Then the linear layers of one input with no
+    epilogue past the bias (a layer's q, k and v projections) -> one call of the kernel's group entry."""
     if not target_runs_f32_kernel(tvm.target.Target.current(allow_none=True)):
         return mod
-    mod = rewrite_relax_functions(mod, _F32LinearRewriter(mod))
+    rewriter = _F32LinearRewriter(mod)
+    mod = relax.transform.DeadCodeElimination()(rewrite_relax_functions(mod, rewriter))
+    keys = {gv: key for key, gv in rewriter.kernels.items()}
+    mod = rewrite_relax_functions(mod, _SiblingLinearRewriter(mod, keys))
     return relax.transform.DeadCodeElimination()(mod)
 
 
