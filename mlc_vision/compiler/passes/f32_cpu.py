@@ -323,7 +323,7 @@ def _sibling_groups(func, keys) -> list[list[_Sibling]]:
                 group = [first, *ready[: GROUP_MAX_PARTS - 1]]
                 if len(group) > 1:
                     groups.append(group)
-                members = [m for m in rest if m not in group]
+                members = [m for m in rest if all(m is not g for g in group)]
     return groups
 
 
