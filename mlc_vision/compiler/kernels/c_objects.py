@@ -5,7 +5,8 @@ Each kernel is one C file beside its Python module (``cpu_bf16_gemm.c``,
 beside them: the declarations of TVM's thread pool (``tvm_thread_pool.h``) and
 the helpers of the GEMM and attention kernels (``cpu_kernels.h``). The object
 is linked into the exported library (``export_library(addons=[object])``),
-which then needs nothing besides TVM's runtime at load time.
+which then needs nothing besides TVM's runtime at load time. The PrimFuncs that
+call a kernel (``T.call_extern``) share the small TIR pieces at the end.
 """
 
 from __future__ import annotations
@@ -51,3 +52,33 @@ def compile_c(source: Path, workdir: Path, what: str) -> Path:
             raise MlcVisionError(f"compiling {what} with {cc} failed: {first}")
         os.replace(tmp, obj)
     return obj
+
+
+def flat_rows(lead):
+    """The rows of a kernel's x: the product of its leading axes (``tirx.Var``s, may be symbolic), int64."""
+    from tvm import tirx
+
+    rows = tirx.const(1, "int64")
+    for d in lead:
+        rows = rows * d
+    return rows
+
+
+def null_pointer():
+    """A NULL ``handle`` for a kernel argument that is absent (no bias, no residual)."""
+    from tvm import tirx
+
+    return tirx.reinterpret("handle", tirx.const(0, "uint64"))
+
+
+def raise_unless_zero(status, message: str):
+    """The statement that raises ``RuntimeError(message)`` when a kernel's ``status`` is not 0.
+
+    It calls the FFI constructor directly: in TVM 0.27 the Python wrapper passes (kind, condition)
+    where the constructor takes (condition, kind)."""
+    import tvm
+    from tvm import tirx
+
+    return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
+        status == 0, tvm.ir.StringImm("RuntimeError"), [tvm.ir.StringImm(message)], None
+    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .c_objects import c_compiler as _compiler  # noqa: F401 (the tests link the object with it)
-from .c_objects import compile_c
+from .c_objects import compile_c, flat_rows, null_pointer, raise_unless_zero
 from .cpu_f32_gemm import has_vector_path
 
 SOURCE = Path(__file__).with_suffix(".c")
@@ -64,7 +64,6 @@ def linear_primfunc(
     in bf16; with ``bf16_out`` (no residual) ``y = bf16(x . w^T (+ bias))``. The ``lead_ndim``
     leading axes of x (batch, tokens) are symbolic and flattened into M.
     """
-    import tvm
     from tvm import te, tirx
 
     lead = [tirx.Var(f"d{i}", "int64") for i in range(lead_ndim)]
@@ -73,11 +72,7 @@ def linear_primfunc(
     inputs = [x, w] + ([te.placeholder([n], "float32", name="bias")] if bias else [])
     if residual:
         inputs.append(te.placeholder([*lead, n], "float32", name="residual"))
-    rows = tirx.const(1, "int64")
-    for d in lead:
-        rows = rows * d
-
-    null = tirx.reinterpret("handle", tirx.const(0, "uint64"))
+    rows, null = flat_rows(lead), null_pointer()
 
     to_bf16 = act is not None or bf16_out
 
@@ -91,12 +86,7 @@ def linear_primfunc(
             status = tirx.call_extern("int32", "mlcv_bf16_linear_act", *pointers, outs[0].data, *sizes, code)
         else:
             status = tirx.call_extern("int32", ENTRIES[(bias, residual)], *pointers, outs[0].data, *sizes)
-        # The FFI constructor directly: in TVM 0.27 the Python wrapper passes
-        # (kind, condition) where the constructor takes (condition, kind).
-        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
-            status == 0, tvm.ir.StringImm("RuntimeError"),
-            [tvm.ir.StringImm("bf16 linear: out of memory for its scratch buffers")], None,
-        )  # fmt: skip
+        return raise_unless_zero(status, "bf16 linear: out of memory for its scratch buffers")
 
     if to_bf16 and residual:
         raise ValueError("the bf16 store epilogue takes no residual")
@@ -116,7 +106,6 @@ def attention_primfunc(
     """PrimFunc ``(q, k, v, out)``, all ``[batch, seq, heads, head_dim]`` (batch symbolic), calling
     the C kernel's ``out = softmax(scale q . k^T) v`` (bf16 products, fp32 softmax; head_dim even).
     q, k, v are fp32, or bf16 with ``bf16_in``; out fp32, or bf16 with ``bf16_out``."""
-    import tvm
     from tvm import te, tirx
 
     batch = tirx.Var("batch", "int64")
@@ -130,10 +119,7 @@ def attention_primfunc(
         status = tirx.call_extern(
             "int32", "mlcv_bf16_attention_io", *pointers, *sizes, tirx.const(scale, "float32"), *io
         )
-        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
-            status == 0, tvm.ir.StringImm("RuntimeError"),
-            [tvm.ir.StringImm("bf16 attention: out of memory for its scratch buffers")], None,
-        )  # fmt: skip
+        return raise_unless_zero(status, "bf16 attention: out of memory for its scratch buffers")
 
     out = te.extern(shape, [q, k, v], body, dtype="bfloat16" if bf16_out else "float32", name="bf16_attention")
     return te.create_prim_func([q, k, v, out]).with_attr("tir.is_scheduled", True)

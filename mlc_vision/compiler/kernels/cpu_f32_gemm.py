@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .c_objects import compile_c
+from .c_objects import compile_c, flat_rows, null_pointer, raise_unless_zero
 
 SOURCE = Path(__file__).with_suffix(".c")
 ENTRY = "mlcv_f32_linear"
@@ -50,6 +50,11 @@ def uses_f32_kernel(target_name: str, cpu_features) -> bool:
     return target_name == "cpu" and has_vector_path(cpu_features)
 
 
+def _check_weight_dtype(weight_dtype: str) -> None:
+    if weight_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"weights must be float32 or bfloat16, not {weight_dtype}")
+
+
 def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = False, residual: bool = False,
                     gate: bool = False, act: str | None = None, weight_dtype: str = "float32"):
     """PrimFunc ``(x [..., k], w [n, k], (bias [n]), (scale [n]), (residual or gate [..., n]), y [..., n])``, fp32
@@ -60,13 +65,11 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = Fa
     ``act`` is a key of :data:`ACTIVATIONS` or None. The ``lead_ndim`` leading
     axes of x (batch, tokens) may be symbolic and are flattened into the rows.
     """
-    import tvm
     from tvm import te, tirx
 
     if residual and gate:
         raise ValueError("the epilogue takes a residual or a gate, not both")
-    if weight_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"weights must be float32 or bfloat16, not {weight_dtype}")
+    _check_weight_dtype(weight_dtype)
     lead = [tirx.Var(f"d{i}", "int64") for i in range(lead_ndim)]
     x = te.placeholder([*lead, k], "float32", name="x")
     w = te.placeholder([n, k], weight_dtype, name="w")
@@ -74,10 +77,7 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = Fa
     inputs += [te.placeholder([n], "float32", name="scale")] if scale else []
     if residual or gate:
         inputs.append(te.placeholder([*lead, n], "float32", name="residual" if residual else "gate"))
-    rows = tirx.const(1, "int64")
-    for d in lead:
-        rows = rows * d
-    null = tirx.reinterpret("handle", tirx.const(0, "uint64"))
+    rows, null = flat_rows(lead), null_pointer()
 
     def body(ins, outs):
         data = [b.data for b in ins]
@@ -88,12 +88,7 @@ def linear_primfunc(lead_ndim: int, k: int, n: int, bias: bool, scale: bool = Fa
         code = tirx.const(ACTIVATIONS[act] if act else 0, "int32")
         entry = ENTRY if weight_dtype == "float32" else ENTRY_BF16_WEIGHTS
         status = tirx.call_extern("int32", entry, *pointers, outs[0].data, *sizes, code)
-        # The FFI constructor directly: in TVM 0.27 the Python wrapper passes
-        # (kind, condition) where the constructor takes (condition, kind).
-        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
-            status == 0, tvm.ir.StringImm("RuntimeError"),
-            [tvm.ir.StringImm("fp32 linear: out of memory for the packing buffers")], None,
-        )  # fmt: skip
+        return raise_unless_zero(status, "fp32 linear: out of memory for the packing buffers")
 
     y = te.extern([*lead, n], inputs, body, dtype="float32", name="f32_linear")
     return te.create_prim_func([*inputs, y]).with_attr("tir.is_scheduled", True)
@@ -103,22 +98,17 @@ def linear_group_primfunc(lead_ndim: int, k: int, n: int, biases: tuple[bool, ..
     """PrimFunc ``(x [..., k], w_0 .. w_p [n, k], the biases [n] where ``biases[i]``, y_0 .. y_p [..., n])``
     for p + 1 = ``len(biases)`` (2 or 3) linear layers of one input, weights in ``weight_dtype``: one
     call of the C kernel's group entry computing every ``y_i = x . w_i^T (+ bias_i)`` as one job."""
-    import tvm
     from tvm import te, tirx
 
     parts = len(biases)
     if not 2 <= parts <= GROUP_MAX_PARTS:
         raise ValueError(f"a group has 2 to {GROUP_MAX_PARTS} linear layers, not {parts}")
-    if weight_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"weights must be float32 or bfloat16, not {weight_dtype}")
+    _check_weight_dtype(weight_dtype)
     lead = [tirx.Var(f"d{i}", "int64") for i in range(lead_ndim)]
     x = te.placeholder([*lead, k], "float32", name="x")
     weights = [te.placeholder([n, k], weight_dtype, name=f"w{i}") for i in range(parts)]
     bias_inputs = [te.placeholder([n], "float32", name=f"bias{i}") for i, has in enumerate(biases) if has]
-    rows = tirx.const(1, "int64")
-    for d in lead:
-        rows = rows * d
-    null = tirx.reinterpret("handle", tirx.const(0, "uint64"))
+    rows, null = flat_rows(lead), null_pointer()
     padding = [null] * (GROUP_MAX_PARTS - parts)
 
     def body(ins, outs):
@@ -129,10 +119,7 @@ def linear_group_primfunc(lead_ndim: int, k: int, n: int, biases: tuple[bool, ..
         sizes = [rows, tirx.const(n, "int64"), tirx.const(k, "int64")]
         entry = GROUP_ENTRY if weight_dtype == "float32" else GROUP_ENTRY_BF16_WEIGHTS
         status = tirx.call_extern("int32", entry, tirx.const(parts, "int32"), ins[0].data, *pointers, *sizes)
-        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
-            status == 0, tvm.ir.StringImm("RuntimeError"),
-            [tvm.ir.StringImm("fp32 linear group: out of memory for the packing buffers")], None,
-        )  # fmt: skip
+        return raise_unless_zero(status, "fp32 linear group: out of memory for the packing buffers")
 
     inputs = [x, *weights, *bias_inputs]
     ys = te.extern([[*lead, n]] * parts, inputs, body, dtype=["float32"] * parts, name="f32_linear_group")
@@ -151,7 +138,6 @@ ATTENTION_MAX_HEAD_DIM = 128
 def attention_primfunc(seq: int, heads: int, head_dim: int, scale: float):
     """PrimFunc ``(q, k, v, out)``, all fp32 ``[batch, seq, heads, head_dim]`` (batch symbolic), calling
     the C kernel's ``out = softmax(scale q . k^T) v`` (head_dim <= :data:`ATTENTION_MAX_HEAD_DIM`)."""
-    import tvm
     from tvm import te, tirx
 
     batch = tirx.Var("batch", "int64")
@@ -162,10 +148,7 @@ def attention_primfunc(seq: int, heads: int, head_dim: int, scale: float):
         sizes = [batch, *(tirx.const(x, "int64") for x in (seq, heads, head_dim))]
         pointers = [b.data for b in ins] + [outs[0].data]
         status = tirx.call_extern("int32", "mlcv_f32_attention", *pointers, *sizes, tirx.const(scale, "float32"))
-        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
-            status == 0, tvm.ir.StringImm("RuntimeError"),
-            [tvm.ir.StringImm("fp32 attention: out of memory for its scratch buffers")], None,
-        )  # fmt: skip
+        return raise_unless_zero(status, "fp32 attention: out of memory for its scratch buffers")
 
     out = te.extern(shape, [q, k, v], body, dtype="float32", name="f32_attention")
     return te.create_prim_func([q, k, v, out]).with_attr("tir.is_scheduled", True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .c_objects import compile_c
+from .c_objects import compile_c, raise_unless_zero
 
 SOURCE = Path(__file__).with_suffix(".c")
 ENTRY = "mlcv_segment_attention"
@@ -35,7 +35,6 @@ def segment_attention_primfunc(heads: int, head_dim: int, scale: float):
     It calls the C kernel and turns its status into a runtime error (the ids
     come from the caller, so a bad order is the caller's error, reported in one line).
     """
-    import tvm
     from tvm import te, tirx
 
     n = tirx.Var("n", "int64")
@@ -45,11 +44,7 @@ def segment_attention_primfunc(heads: int, head_dim: int, scale: float):
     def body(ins, outs):
         sizes = [n, tirx.const(heads, "int64"), tirx.const(head_dim, "int64"), tirx.const(scale, "float32")]
         status = tirx.call_extern("int32", ENTRY, *[b.data for b in ins], outs[0].data, *sizes)
-        # the FFI constructor directly (see cpu_bf16_gemm.linear_primfunc)
-        return tirx._ffi_api.AssertStmt(  # pylint: disable=protected-access
-            status == 0, tvm.ir.StringImm("RuntimeError"),
-            [tvm.ir.StringImm(f"segment attention failed: {ERRORS[-2]}, or {ERRORS[-1]}")], None,
-        )  # fmt: skip
+        return raise_unless_zero(status, f"segment attention failed: {ERRORS[-2]}, or {ERRORS[-1]}")
 
     out = te.extern([n, heads, head_dim], [q, k, v, segments], body, dtype="float32", name="segment_attention")
     return te.create_prim_func([q, k, v, segments, out]).with_attr("tir.is_scheduled", True)
