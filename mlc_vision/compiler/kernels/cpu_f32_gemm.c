@@ -763,10 +763,12 @@ typedef struct {
   int64_t next_unit; /* taken with an atomic add: a thread the OS delays takes fewer units */
 } f32_job;
 
-/* Panel ``p`` of the job: its part, and its first column in that part. */
-static const f32_part* f32_panel(const f32_job* job, int64_t p, int64_t* n0) {
+/* Panel ``p`` of the job: its part, its first column in that part and its columns (nr, fewer in
+ * the last panel of a part). */
+static const f32_part* f32_panel(const f32_job* job, int64_t p, int64_t* n0, int64_t* ncols) {
   int64_t part = p / job->part_panels;
   *n0 = (p - part * job->part_panels) * job->nr;
+  *ncols = job->N - *n0 < job->nr ? job->N - *n0 : job->nr;
   return &job->part[part];
 }
 
@@ -797,23 +799,23 @@ typedef void (*f32_block_fn)(const float* a0, int64_t lda, const float* b, const
  * this thread packs next, in its next unit (-1: none), whose weights the last panel prefetches. */
 static void f32_run_unit_vector(const f32_job* job, f32_pack_fn pack, f32_block_fn block, float* scratch, int64_t m0,
                                 int64_t m1, int64_t p0, int64_t p1, int64_t after) {
-  const int64_t nr = job->nr, N = job->N, K = job->K;
+  const int64_t N = job->N, K = job->K;
   for (int64_t k0 = 0; k0 < K; k0 += job->kc) {
     int64_t k1 = k0 + job->kc < K ? k0 + job->kc : K;
     for (int64_t p = p0; p < p1; ++p) {
-      int64_t n0, next_n0;
-      const f32_part* part = f32_panel(job, p, &n0);
+      int64_t n0, ncols, next_n0, next_cols;
+      const f32_part* part = f32_panel(job, p, &n0, &ncols);
       f32_epilogue ep = f32_part_epilogue(job, part);
       /* The next panel's weights, prefetched while this one runs when the whole K is one block and
        * the unit has few rows: then reading them from memory is a large part of a panel's time
        * (with more rows it is small, and the prefetched lines compete with x for L2). */
       int64_t next = p + 1 < p1 ? p + 1 : after;
-      const f32_part* next_part = next >= 0 ? f32_panel(job, next, &next_n0) : NULL;
+      const f32_part* next_part = next >= 0 ? f32_panel(job, next, &next_n0, &next_cols) : NULL;
       int prefetch = next_part && !next_part->w.bf16 && job->kc >= K && m1 - m0 <= F32_PREFETCH_ROWS;
-      int64_t next_rows = prefetch ? (N - next_n0 < nr ? N - next_n0 : nr) : 0;
+      int64_t next_rows = prefetch ? next_cols : 0;
       pack(&part->w, N, K, n0, k0, k1, scratch);
       const float* w_next = next_rows ? (const float*)next_part->w.data + next_n0 * K + k0 : NULL;
-      block(job->x + m0 * K + k0, K, scratch, &ep, part->y, m0, m1, n0, N - n0 < nr ? N - n0 : nr, N, k1 - k0,
+      block(job->x + m0 * K + k0, K, scratch, &ep, part->y, m0, m1, n0, ncols, N, k1 - k0,
             k0 == 0, k1 == K, w_next, next_rows);
     }
   }
@@ -835,10 +837,9 @@ static void f32_run_unit(const f32_job* job, float* scratch, int64_t m0, int64_t
   (void)scratch;
   (void)after;
   for (int64_t p = p0; p < p1; ++p) {
-    int64_t n0;
-    const f32_part* part = f32_panel(job, p, &n0);
+    int64_t n0, ncols;
+    const f32_part* part = f32_panel(job, p, &n0, &ncols);
     f32_epilogue ep = f32_part_epilogue(job, part);
-    int64_t ncols = job->N - n0 < job->nr ? job->N - n0 : job->nr;
     f32_rows_generic(job->x, &part->w, &ep, part->y, m0, m1, n0, ncols, job->N, job->K);
   }
 }
@@ -972,7 +973,7 @@ int mlcv_f32_linear_bf16w_path(int path, const float* x, const uint16_t* w, cons
 int mlcv_f32_linear_group_path(int path, int bf16, int parts, const float* x, const void* w0, const void* w1,
                                const void* w2, const float* b0, const float* b1, const float* b2, float* y0,
                                float* y1, float* y2, int64_t M, int64_t N, int64_t K) {
-  f32_part part[3] = {{{w0, bf16}, b0, y0}, {{w1, bf16}, b1, y1}, {{w2, bf16}, b2, y2}};
+  f32_part part[F32_MAX_PARTS] = {{{w0, bf16}, b0, y0}, {{w1, bf16}, b1, y1}, {{w2, bf16}, b2, y2}};
   if (parts < 2) return -1;
   return f32_linear_parts(path, x, parts, part, NULL, NULL, NULL, M, N, K, F32_ACT_NONE);
 }
