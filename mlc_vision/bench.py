@@ -33,6 +33,7 @@ from . import bench_peers
 from .bench_peers import machine_info
 from .compiler.targets import attention_modes
 from .config import VisionConfig, list_presets, load_preset
+from .runtime.encoder import entry_function, prepacked_params
 
 DEFAULT_MODELS = (
     "clip-vit-base-patch16",
@@ -157,9 +158,11 @@ class OurLibrary:
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
         self.fp32_params = params if params is not None else _random_params(built.metadata)
-        self.params = [tvm.runtime.tensor(p.astype(self._np_dtype()), self.device) for p in self.fp32_params]
-        self.tokens = built.metadata["num_tokens"]
         self.metadata = built.metadata
+        loaded = [tvm.runtime.tensor(p.astype(self._np_dtype()), self.device) for p in self.fp32_params]
+        self.params = prepacked_params(self.vm, self.metadata, loaded)  # as VisionEncoder does
+        self.encode = self.vm[entry_function(self.metadata, "encode")]
+        self.tokens = built.metadata["num_tokens"]
 
     def _np_dtype(self):
         if self.dtype == "bfloat16":
@@ -172,7 +175,7 @@ class OurLibrary:
         import tvm
 
         x = tvm.runtime.tensor(pixels.astype(self._np_dtype()), self.device)
-        return lambda: self.vm["encode"](x, self.params)
+        return lambda: self.encode(x, self.params)
 
 
 def torch_timers(config: VisionConfig, pixels: np.ndarray, torch_compile: bool, notes: list[str]):
@@ -616,7 +619,7 @@ def bench_native(preset: str, runs: int, workdir: Path, on_row=None, sizes=None)
             with torch.inference_mode():
                 return model(patches, grid_thw=grid_thw).pooler_output
 
-        contenders = {"tvm": lambda: ours.vm["encode"](*args, ours.params), "eager": reference}
+        contenders = {"tvm": lambda: ours.encode(*args, ours.params), "eager": reference}
         cos = cosine(contenders["tvm"]().numpy(), reference().numpy())
         ms = interleaved_medians_ms(contenders, runs)
         rows.append(NativeRow(

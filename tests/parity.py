@@ -35,7 +35,12 @@ from mlc_vision.weights.params import load_params
 
 
 class CompiledCPU:
-    """A CPU library built from a config, loaded with the params converted from a checkpoint."""
+    """A CPU library built from a config, loaded with the params converted from a checkpoint.
+
+    Its entries are called as :class:`VisionEncoder` calls them: an fp32 library with the C GEMM
+    through the ``_prepacked`` twins on the params its ``prepack_params`` packed (``params``);
+    ``loaded_params`` are the params as loaded, which the entries themselves take.
+    """
 
     def __init__(self, config: VisionConfig, params_dir: Path, dtype: str, workdir: Path, hidden_states=True,
                  cpu: str | None = None):  # fmt: skip
@@ -54,20 +59,33 @@ class CompiledCPU:
         self.lib_path = lib_path
         self.dtype = dtype
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
-        names = [p["name"] for p in built.metadata["params"]]
-        self.params = load_params(params_dir, names, tvm.cpu())
+        self.load(params_dir)
+
+    def load(self, params_dir: Path) -> None:
+        """Load (or replace) the params from ``params_dir``, packed as a runtime packs them."""
+        from mlc_vision.runtime.encoder import prepacked_params
+
+        names = [p["name"] for p in self.metadata["params"]]
+        self.loaded_params = load_params(params_dir, names, tvm.cpu())
+        self.params = prepacked_params(self.vm, self.metadata, self.loaded_params)
+
+    def entry(self, name: str):
+        """The library function computing entry ``name`` on :attr:`params`."""
+        from mlc_vision.runtime.encoder import entry_function
+
+        return self.vm[entry_function(self.metadata, name)]
 
     def _input(self, pixel_values: np.ndarray):
         return tvm.runtime.tensor(np.ascontiguousarray(pixel_values.astype(self.dtype)), tvm.cpu())
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         """The features (a library with several outputs, InternVL-14B's, returns them first)."""
-        out = self.vm["encode"](self._input(pixel_values), self.params)
+        out = self.entry("encode")(self._input(pixel_values), self.params)
         features = out if isinstance(out, tvm.runtime.Tensor) else out[0]
         return features.numpy().astype(np.float32)
 
     def hidden_states(self, pixel_values: np.ndarray) -> list[np.ndarray]:
-        out = self.vm["hidden_states"](self._input(pixel_values), self.params)
+        out = self.entry("hidden_states")(self._input(pixel_values), self.params)
         return [t.numpy().astype(np.float32) for t in out]
 
 

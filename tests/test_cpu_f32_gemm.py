@@ -36,10 +36,12 @@ def kernel(tmp_path_factory):
     so = obj.with_suffix(".so")
     subprocess.run([c_compiler(), "-shared", str(obj), "-o", str(so), "-lm"], check=True)
     lib = ctypes.CDLL(str(so))
-    lib.mlcv_f32_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
+    lib.mlcv_f32_linear_path.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
     lib.mlcv_f32_linear_path.restype = ctypes.c_int
-    lib.mlcv_f32_linear_bf16w_path.argtypes = lib.mlcv_f32_linear_path.argtypes
-    lib.mlcv_f32_linear_bf16w_path.restype = ctypes.c_int
+    lib.mlcv_f32_pack_weights_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.mlcv_f32_pack_weights_path.restype = ctypes.c_int
+    lib.mlcv_f32_packed_floats.argtypes = [ctypes.c_int64] * 2
+    lib.mlcv_f32_packed_floats.restype = ctypes.c_int64
     lib.mlcv_f32_linear_group_path.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 3
     lib.mlcv_f32_linear_group_path.restype = ctypes.c_int
     lib.mlcv_f32_best_path.restype = ctypes.c_int
@@ -54,13 +56,34 @@ def _paths(lib) -> list[int]:
     return [p for p in cpu_f32_gemm.PATHS if lib.mlcv_f32_path_supported(p)]
 
 
-def _run(lib, path, x, w, bias=None, residual=None, gate=None, act=0, scale=None):
+#: What the weights' pointer holds (``F32_WEIGHTS_*`` of the C file): as stored, bf16, packed.
+STORED, BF16, PACKED = 0, 1, 2
+
+
+def _aligned_floats(count: int) -> np.ndarray:
+    """``count`` float32 values starting on a 64-byte boundary (what TVM's allocator gives), NaN-filled."""
+    raw = np.full(count + 16, np.nan, dtype=np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    return raw[start : start + count]
+
+
+def _pack(lib, path, w):
+    """fp32 ``w [n, k]`` packed for ``path`` by the kernel (what a library's ``prepack_params`` does)."""
+    n, k = w.shape
+    packed = _aligned_floats(lib.mlcv_f32_packed_floats(n, k))
+    assert lib.mlcv_f32_pack_weights_path(path, w.ctypes.data, packed.ctypes.data, n, k) == 0
+    return packed
+
+
+def _run(lib, path, x, w, bias=None, residual=None, gate=None, act=0, scale=None, packed=False):
+    """``(status, y)`` of the kernel on ``path``; ``packed``: ``w`` packed for the path first."""
     y = np.full((x.shape[0], w.shape[0]), np.nan, dtype=np.float32)
     ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    weights = _pack(lib, path, w) if packed else w
     status = lib.mlcv_f32_linear_path(
-        path, ptr(x), ptr(w), ptr(bias), ptr(scale), ptr(residual), ptr(gate), ptr(y), x.shape[0], w.shape[0], x.shape[1],
-        act,
-    )
+        path, PACKED if packed else STORED, ptr(x), ptr(weights), ptr(bias), ptr(scale), ptr(residual), ptr(gate),
+        ptr(y), x.shape[0], w.shape[0], x.shape[1], act,
+    )  # fmt: skip
     return status, y
 
 
@@ -85,7 +108,9 @@ def _inputs(shape, seed=0):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "bias-residual", "scale-residual", "bias-scale-residual"])
-def test_kernel_matches_numpy(kernel, epilogue, shape):
+@pytest.mark.parametrize("packed", [False, True], ids=["stored", "packed"])
+def test_kernel_matches_numpy(kernel, epilogue, shape, packed):
+    """Every path, weights as stored and packed once beforehand (a library's ``prepack_params``)."""
     rng, x, w = _inputs(shape)
     m, n, _ = shape
     bias = rng.standard_normal(n, dtype=np.float32) if "bias" in epilogue else None
@@ -94,9 +119,9 @@ def test_kernel_matches_numpy(kernel, epilogue, shape):
     ref = x.astype(np.float64) @ w.astype(np.float64).T + (bias if bias is not None else 0)
     ref = ref * (scale if scale is not None else 1) + (residual if residual is not None else 0)
     for path in _paths(kernel):
-        status, y = _run(kernel, path, x, w, bias, residual, scale=scale)
+        status, y = _run(kernel, path, x, w, bias, residual, scale=scale, packed=packed)
         assert status == 0
-        assert_close(y, ref.astype(np.float32), f"path {cpu_f32_gemm.PATHS[path]} {epilogue} {shape}")
+        assert_close(y, ref.astype(np.float32), f"path {cpu_f32_gemm.PATHS[path]} {epilogue} {shape} packed={packed}")
 
 
 @pytest.mark.parametrize("shape", [(13, 130, 96), (37, 70, 250)])
@@ -111,7 +136,7 @@ def test_activation_and_gate_epilogues_match_numpy(kernel, act, gated, shape):
     if gated:
         ref = ref * gate
     for path in _paths(kernel):
-        status, y = _run(kernel, path, x, w, bias, gate=gate, act=cpu_f32_gemm.ACTIVATIONS[act])
+        status, y = _run(kernel, path, x, w, bias, gate=gate, act=cpu_f32_gemm.ACTIVATIONS[act], packed=gated)
         assert status == 0
         assert_close(y, ref.astype(np.float32), f"path {cpu_f32_gemm.PATHS[path]} {act} gated={gated}")
 
@@ -145,8 +170,8 @@ def test_bf16_weights_match_numpy(kernel, shape):
     ref = x.astype(np.float64) @ w16.astype(np.float64).T + bias + residual
     for path in _paths(kernel):
         y = np.full((m, n), np.nan, dtype=np.float32)
-        status = kernel.mlcv_f32_linear_bf16w_path(
-            path, x.ctypes.data, w16.ctypes.data, bias.ctypes.data, None, residual.ctypes.data, None, y.ctypes.data,
+        status = kernel.mlcv_f32_linear_path(
+            path, BF16, x.ctypes.data, w16.ctypes.data, bias.ctypes.data, None, residual.ctypes.data, None, y.ctypes.data,
             m, n, shape[2], 0,
         )  # fmt: skip
         assert status == 0
@@ -155,16 +180,17 @@ def test_bf16_weights_match_numpy(kernel, shape):
 
 @pytest.mark.parametrize("shape", [(5, 70, 7), (37, 64, 250), (300, 200, 530), (1100, 70, 40), (9, 40, 9000)])
 @pytest.mark.parametrize("biases", [(True, True, True), (True, False, True), (False, True)])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_linear_group_matches_numpy(kernel, shape, biases, bf16):
+@pytest.mark.parametrize("kind", [STORED, BF16, PACKED], ids=["stored", "bf16", "packed"])
+def test_linear_group_matches_numpy(kernel, shape, biases, kind):
     """Two or three linear layers of one input as one job (a layer's q, k and v): each output as its
-    own GEMM would give, a part without a bias included; row and column tails inside each part."""
+    own GEMM would give, a part without a bias included; row and column tails inside each part;
+    weights as stored, in bf16, or packed once beforehand."""
     import ml_dtypes
 
     rng, x, _ = _inputs(shape, seed=4)
     m, n, k = shape
     weights = [(rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32) for _ in biases]
-    if bf16:
+    if kind == BF16:
         weights = [w.astype(ml_dtypes.bfloat16) for w in weights]
     bias = [rng.standard_normal(n, dtype=np.float32) if has else None for has in biases]
     refs = [x.astype(np.float64) @ w.astype(np.float64).T + (b if b is not None else 0) for w, b in zip(weights, bias)]
@@ -172,13 +198,14 @@ def test_linear_group_matches_numpy(kernel, shape, biases, bf16):
     pad = [None] * (3 - len(biases))
     for path in _paths(kernel):
         ys = [np.full((m, n), np.nan, dtype=np.float32) for _ in biases]
+        given = [_pack(kernel, path, w) for w in weights] if kind == PACKED else weights
         status = kernel.mlcv_f32_linear_group_path(
-            path, int(bf16), len(biases), ptr(x), *[ptr(w) for w in weights], *pad, *[ptr(b) for b in bias], *pad,
+            path, kind, len(biases), ptr(x), *[ptr(w) for w in given], *pad, *[ptr(b) for b in bias], *pad,
             *[ptr(y) for y in ys], *pad, m, n, k,
         )  # fmt: skip
         assert status == 0
         for i, (y, ref) in enumerate(zip(ys, refs)):
-            assert_close(y, ref.astype(np.float32), f"part {i} of {biases}, bf16={bf16}, path {path} {shape}")
+            assert_close(y, ref.astype(np.float32), f"part {i} of {biases}, kind={kind}, path {path} {shape}")
 
 
 def test_linear_group_refuses_one_part(kernel):
@@ -187,6 +214,26 @@ def test_linear_group_refuses_one_part(kernel):
     args = [x.ctypes.data, w.ctypes.data, None, None, None, None, None, y.ctypes.data, None, None, 4, 8, 16]
     assert kernel.mlcv_f32_linear_group_path(0, 0, 1, *args) != 0
     assert kernel.mlcv_f32_linear_group_path(0, 0, 4, *args) != 0
+
+
+def test_packed_weights_for_another_path_or_shape_are_refused(kernel):
+    """Weights packed for one path, or for another shape, are refused by the others (status -2), not
+    read in the wrong layout; packing refuses a misaligned buffer and a path this CPU lacks."""
+    _, x, w = _inputs((4, 40, 24))
+    y = np.zeros((4, 40), np.float32)
+    for packed_for in _paths(kernel):
+        packed = _pack(kernel, packed_for, w)
+        for path in _paths(kernel):
+            status = kernel.mlcv_f32_linear_path(path, PACKED, x.ctypes.data, packed.ctypes.data, None, None, None, None,
+                                                 y.ctypes.data, 4, 40, 24, 0)  # fmt: skip
+            assert status == (0 if path == packed_for else -2), (packed_for, path)
+        # read as a [30, 24] weight (its header at the same place): another shape
+        status = kernel.mlcv_f32_linear_path(packed_for, PACKED, x.ctypes.data, packed.ctypes.data, None, None, None,
+                                             None, y.ctypes.data, 4, 30, 24, 0)  # fmt: skip
+        assert status == -2
+    buffer = _aligned_floats(kernel.mlcv_f32_packed_floats(40, 24) + 1)
+    assert kernel.mlcv_f32_pack_weights_path(0, w.ctypes.data, buffer[1:].ctypes.data, 40, 24) == -1
+    assert kernel.mlcv_f32_pack_weights_path(7, w.ctypes.data, buffer.ctypes.data, 40, 24) == -1
 
 
 def test_bad_arguments_are_refused(kernel):
@@ -316,6 +363,73 @@ def test_avx2_cpu_calls_the_kernel(clip_checkpoint):
     calls = _calls(config, cpu="haswell")
     assert len([c for c in calls if c.startswith("f32_linear")]) == 1 + 4 * LAYERS
     assert len([c for c in calls if c.startswith("f32_attention")]) == LAYERS
+
+
+def test_prepacked_twins_read_weights_packed_once(clip_checkpoint):
+    """With ``prepack`` every entry keeps its kernels and gets a ``_prepacked`` twin whose linear layers
+    read packed weights and pack none; ``prepack_params`` packs each linear layer's weights once for all
+    the twins (patch embedding, q, k, v, out, fc1, fc2)."""
+    from mlc_vision.bench import kernel_calls
+    from mlc_vision.checkpoint.resolve import resolve_config
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.compiler.pipeline import relax_pipeline
+    from mlc_vision.compiler.targets import cpu_target
+
+    _needs_vector_path()
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    built = build_module(config, "float32", "cpu", expose_hidden_states=True)
+    prepack = built.metadata["prepack"]
+    assert prepack["entries"] == {name: f"{name}_prepacked" for name in ("encode", "encode_rgb8", "hidden_states")}
+    pipeline = relax_pipeline("cpu", cpu_target(built.metadata["cpu"]), "fused", f32_gemm=True, prepack=True)
+    mod = pipeline(built.mod)
+    for entry, twin in prepack["entries"].items():
+        plain = [c for c in kernel_calls(mod, entry) if c.startswith("f32_")]
+        packed = [c for c in kernel_calls(mod, twin) if c.startswith("f32_")]
+        assert [c.removesuffix("_packed") for c in packed] == plain, entry
+        assert len([c for c in packed if c.endswith("_packed")]) == 1 + 4 * LAYERS
+        assert not [c for c in plain if c.endswith("_packed") or c.startswith("f32_pack")]
+    packing = kernel_calls(mod, prepack["function"])
+    assert len(packing) == 1 + 6 * LAYERS and all(c.startswith("f32_pack_weights_") for c in packing)
+
+
+def test_bf16_libraries_have_no_prepack():
+    from mlc_vision.compiler.module import prepack_metadata
+
+    features = {"features": ["avx2", "fma"]}
+    assert prepack_metadata("bfloat16", features, ["encode"]) is None
+    assert prepack_metadata("float32", {"features": ["sse4.2"]}, ["encode"]) is None
+    assert prepack_metadata("float32", features, ["encode"]) == {
+        "function": "prepack_params", "entries": {"encode": "encode_prepacked"}}  # fmt: skip
+
+
+def test_prepacked_library_equals_its_entries(clip_checkpoint, tmp_path):
+    """A built library: each twin on the packed params gives exactly what its entry gives on the params
+    as loaded (same kernels and sums, only the packing moved), and ``VisionEncoder`` calls the twins."""
+    import tvm
+
+    from mlc_vision.checkpoint.resolve import resolve_config
+    from mlc_vision.runtime.encoder import VisionEncoder
+    from parity import CompiledCPU, convert_checkpoint
+
+    _needs_vector_path()
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    params_dir = convert_checkpoint(clip_checkpoint, tmp_path / "params")
+    lib = CompiledCPU(config, params_dir, "float32", tmp_path)
+    # the linear layers' weights are held packed only (patch embedding [64, 192], q/k/v/out [64, 64], fc1, fc2)
+    hidden, inner = TINY["hidden_size"], TINY["intermediate_size"]
+    packed = sorted([cpu_f32_gemm.packed_floats(hidden, 3 * 8 * 8)] + [cpu_f32_gemm.packed_floats(hidden, hidden)] * 4 * LAYERS
+                    + [cpu_f32_gemm.packed_floats(inner, hidden), cpu_f32_gemm.packed_floats(hidden, inner)] * LAYERS)  # fmt: skip
+    shapes = [tuple(p.shape) for p in lib.params]
+    assert sorted(s[0] for s in shapes if len(s) == 1 and s[0] in packed) == packed
+    assert not [s for s in shapes if s in [(hidden, 3, 8, 8), (hidden, hidden), (inner, hidden), (hidden, inner)]]
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    tensor = tvm.runtime.tensor(x, tvm.cpu())
+    raw = lib.vm["encode"](tensor, lib.loaded_params).numpy()
+    np.testing.assert_array_equal(lib.encode(x), raw)
+    for ours, theirs in zip(lib.hidden_states(x), lib.vm["hidden_states"](tensor, lib.loaded_params)):
+        np.testing.assert_array_equal(ours, theirs.numpy())
+    np.testing.assert_array_equal(VisionEncoder(lib.lib_path, params_dir).encode_pixels(x), raw)
+    np.testing.assert_array_equal(VisionEncoder(lib.lib_path, params_dir, prepack=False).encode_pixels(x), raw)
 
 
 def test_pipeline_calls_the_kernel_only_when_asked(clip_checkpoint):

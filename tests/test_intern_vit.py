@@ -23,7 +23,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-import tvm
 from safetensors.torch import save_file
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
@@ -33,7 +32,6 @@ from mlc_vision.models import intern_vit, route
 from mlc_vision.checkpoint.resolve import resolve_config
 from mlc_vision.compiler.module import build_module
 from mlc_vision.weights.convert import convert
-from mlc_vision.weights.params import load_params
 from mlc_vision.models.transforms import bicubic_matrix, interpolate_position_embedding, resize_bicubic
 from parity import CompiledCPU, assert_all_close, assert_fp32_close, randomize_all
 
@@ -196,7 +194,7 @@ def small_lib(towers, tmp_path_factory):
 def with_params(lib: CompiledCPU, params_dir: Path) -> CompiledCPU:
     """The same library run with the params of another conversion (same architecture)."""
     other = copy.copy(lib)
-    other.params = load_params(params_dir, [p["name"] for p in lib.metadata["params"]], tvm.cpu())
+    other.load(params_dir)
     return other
 
 

@@ -91,7 +91,7 @@ def run(lib: CompiledCPU, entry: str, inputs: list):
     import tvm
 
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu()) for a in inputs]
-    out = lib.vm[entry](*args, lib.params)
+    out = lib.entry(entry)(*args, lib.params)
     if entry == "hidden_states":
         return [t.numpy().astype(np.float32) for t in out]
     return out.numpy().astype(np.float32)

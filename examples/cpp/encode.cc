@@ -143,6 +143,26 @@ ffi::Function Global(const std::string& name) {
   return *fn;
 }
 
+// The metadata's "prepack" (fp32 CPU libraries: their linear layers' weights packed once), absent or null elsewhere.
+std::optional<ffi::json::Object> Prepack(const ffi::json::Object& meta) {
+  if (meta.count("prepack") == 0) return std::nullopt;
+  return meta["prepack"].try_cast<ffi::json::Object>();
+}
+
+// The params the entries are called with: packed once by the library's prepack_params where it has one.
+ffi::Array<Tensor> PrepackedParams(const ffi::Module& vm, const ffi::json::Object& meta, ffi::Array<Tensor> params) {
+  std::optional<ffi::json::Object> prepack = Prepack(meta);
+  if (!prepack) return params;
+  return Get(vm, (*prepack)["function"].cast<ffi::String>())(params).cast<ffi::Array<Tensor>>();
+}
+
+// The function computing ``entry`` on those params: its _prepacked twin where the library packs its weights.
+ffi::Function Entry(const ffi::Module& vm, const ffi::json::Object& meta, const std::string& entry) {
+  std::optional<ffi::json::Object> prepack = Prepack(meta);
+  if (!prepack) return Get(vm, entry);
+  return Get(vm, (*prepack)["entries"].cast<ffi::json::Object>()[entry].cast<ffi::String>());
+}
+
 // float32 input is converted to the library's dtype on the host when it differs.
 std::vector<char> ToDtype(const Array& input, const std::string& dtype) {
   if (input.dtype == dtype) return input.bytes;
@@ -283,7 +303,7 @@ void EncodeTiles(const ffi::Module& vm, const ffi::json::Object& meta, const ffi
   if (!opt.tiles_out.empty()) WriteNpy(opt.tiles_out, tile_shape, "|u1", tile_bytes);
 
   std::vector<int64_t> shape;
-  std::vector<char> features = ToHost(Get(vm, "encode_rgb8")(ToDevice(tile_shape, "uint8", tile_bytes, device), params)
+  std::vector<char> features = ToHost(Entry(vm, meta, "encode_rgb8")(ToDevice(tile_shape, "uint8", tile_bytes, device), params)
                                           .cast<Tensor>(), &shape);
   std::string dtype = meta["dtype"].cast<ffi::String>();
   std::string extra = tiles.thumbnail ? " + thumbnail" : tiles.base ? " + base image" : "";
@@ -362,6 +382,8 @@ int main(int argc, char** argv) {
     // 3. Parameters: TVM's own tensor-cache loader, picked by the names the library lists.
     Global("vm.builtin.tensor_cache.load")(params_dir, static_cast<int>(device.device_type), device.device_id);
     ffi::Array<Tensor> params = Global("vm.builtin.param_array_from_cache_by_name")(names).cast<ffi::Array<Tensor>>();
+    // An fp32 CPU library packs its linear layers' weights once here; its entries' twins then read them packed.
+    params = PrepackedParams(vm, meta, params);
 
     // 4. The input, checked against the library's geometry.
     std::string raw = ReadFile(input_path);
@@ -395,7 +417,7 @@ int main(int argc, char** argv) {
     // 5. Run and copy the outputs back: [batch, tokens, width] features in the library's dtype, then (InternVL-14B)
     //    the other outputs the metadata lists in entries.encode.outputs; encode returns a tuple when there are several.
     std::vector<std::string> output_names = OutputNames(meta);
-    ffi::Any result = Get(vm, entry)(pixels, params);
+    ffi::Any result = Entry(vm, meta, entry)(pixels, params);
     std::vector<Tensor> outputs;
     if (output_names.size() == 1) {
       outputs.push_back(result.cast<Tensor>());

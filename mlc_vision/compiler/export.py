@@ -31,12 +31,15 @@ logger = logging.getLogger(__name__)
 DEVICE_MODULE_KINDS = ("cuda", "metal", "opencl", "webgpu", "vulkan")
 
 
-def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight", arch=None, host=None, cpu: dict | None = None):
+def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight", arch=None, host=None,
+                   cpu: dict | None = None, prepack: bool = False):
     """Compile ``mod`` for ``target_name`` with the given attention lowering and matmul schedule; returns TVM's executable.
 
     ``cpu``: the :func:`targets.cpu_spec` of a ``cpu`` build (None: this machine). With a ``cpu``
     spec that has AVX-512F or AVX2 + FMA the fp32 linear layers call the C GEMM (``kernels/cpu_f32_gemm.c``):
     the executable must then be exported with it linked in (:func:`export_executable` does).
+    ``prepack``: the entries get ``_prepacked`` twins and ``prepack_params`` (``metadata["prepack"]``,
+    :func:`module.prepack_metadata`).
     """
     import tvm
 
@@ -57,7 +60,7 @@ def compile_module(mod, target_name: str, *, attention: str, gemm: str = "dlight
             config = {**{str(k): v for k, v in current.config.items()}, **mma_pass_config()}
             stack.enter_context(tvm.transform.PassContext(opt_level=current.opt_level, config=config))
         f32_gemm = cpu_f32_gemm.uses_f32_kernel(target_name, (cpu or {}).get("features"))
-        pipeline = relax_pipeline(target_name, target, attention, gemm, f32_gemm=f32_gemm)
+        pipeline = relax_pipeline(target_name, target, attention, gemm, f32_gemm=f32_gemm, prepack=prepack and f32_gemm)
         executable = tvm.compile(mod, target, relax_pipeline=pipeline)
     logger.info("compiled for %s in %.1f s", target_name, time.perf_counter() - start)
     return executable
@@ -174,7 +177,9 @@ def build_library(mod, target_name: str, output: Path, *, arch=None, host=None, 
     if cpu is not None:
         _targets.check_cpu_linkable(cpu)
     gemm = _targets.resolve_gemm(target_name, metadata["dtype"], metadata.get("gemm"))
-    executable = compile_module(mod, target_name, attention=attention, gemm=gemm, arch=arch, host=host, cpu=cpu)
+    prepack = metadata.get("prepack") is not None
+    executable = compile_module(mod, target_name, attention=attention, gemm=gemm, arch=arch, host=host, cpu=cpu,
+                                prepack=prepack)  # fmt: skip
     return export_executable(executable, target_name, output, arch=arch, metadata=metadata)
 
 

@@ -25,7 +25,9 @@ from ..errors import MlcVisionError
 from ..models import get_family
 from ..models import projector as projectors
 from .native import PATCHES, TOKENS, native_metadata, native_spec
+from .kernels.cpu_f32_gemm import uses_f32_kernel
 from .passes.bf16_cpu import bf16_interface
+from .passes.f32_cpu import PREPACK_FUNCTION, PREPACKED_SUFFIX
 from .targets import cpu_spec, resolve_attention, resolve_gemm
 
 BATCH = "batch"
@@ -178,6 +180,7 @@ def build_module(
     metadata["gemm"] = gemm
     if target == "cpu":
         metadata["cpu"] = cpu_spec(cpu)
+        metadata["prepack"] = prepack_metadata(dtype, metadata["cpu"], metadata["entries"])
     if compute != dtype:
         metadata["compute"] = {
             "matmul": "bfloat16 x bfloat16 -> float32",
@@ -234,7 +237,21 @@ def build_native_module(config, dtype, target, expose_hidden_states, attention, 
     }
     if target == "cpu":
         metadata["cpu"] = cpu_spec(cpu)
+        metadata["prepack"] = prepack_metadata(dtype, metadata["cpu"], entries)
     return BuiltModule(mod=add_metadata_function(mod, metadata), metadata=metadata)
+
+
+def prepack_metadata(dtype: str, cpu: dict, entries) -> dict | None:
+    """How a runtime packs the weights once (an fp32 CPU library whose linear layers call the C
+    GEMM), else None: ``{"function": "prepack_params", "entries": {"encode": "encode_prepacked", ...}}``.
+
+    ``prepacked = function(params)`` once after loading the params; then each entry's twin is called
+    with ``prepacked`` where the entry takes ``params``, and computes the same. The entries
+    themselves stay as they are (a runtime may ignore this and call them with ``params``).
+    """
+    if dtype != "float32" or not uses_f32_kernel("cpu", cpu.get("features")):
+        return None
+    return {"function": PREPACK_FUNCTION, "entries": {name: name + PREPACKED_SUFFIX for name in entries}}
 
 
 def compute_dtype(target: str, dtype: str) -> str:

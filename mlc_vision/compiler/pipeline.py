@@ -15,6 +15,9 @@ runs, for every target:
    with either, and the export links the kernel in; an executable used
    straight from ``tvm.compile`` has no C kernel to call); with
    ``--attention fused`` so does fp32 attention (the same C file's kernel).
+   With ``prepack=True`` as well (fp32 libraries: ``metadata["prepack"]``)
+   each entry gets a ``_prepacked`` twin reading weights that
+   ``prepack_params`` packs once, when the library is loaded.
 1. ``lower_attention``: ``R.nn.attention`` becomes one of our fused kernels
    where the chosen lowering has one (``passes/fuse_attention.py``); anything
    left is split into matmul -> softmax -> matmul (``passes/split_attention.py``).
@@ -62,7 +65,7 @@ import tvm
 from tvm import relax
 
 from .passes.bf16_cpu import bf16_attention_cpu, bf16_linear_cpu
-from .passes.f32_cpu import f32_attention_cpu, f32_linear_cpu
+from .passes.f32_cpu import f32_attention_cpu, f32_linear_cpu_pass
 from .passes.fuse_attention import fuse_attention_cpu, fuse_attention_cuda, fuse_attention_cuda_tc
 from .passes.legalize_cpu import LEGALIZE_OVERRIDES
 from .passes.pack_qkv import pack_qkv_flash_cuda
@@ -71,9 +74,10 @@ from .passes.segment_attention_cuda import lower_segment_attention_cuda_flash
 from .passes.split_attention import split_attention, split_attention_cuda
 
 
-def cpu_phases(attention: str, f32_gemm: bool = False) -> list[tuple[str, list]]:
+def cpu_phases(attention: str, f32_gemm: bool = False, prepack: bool = False) -> list[tuple[str, list]]:
     """The CPU pipeline's phases: ``[(name, [pass, ...]), ...]`` in order (``f32_gemm``: fp32
-    linear layers call the C GEMM, which the caller links in)."""
+    linear layers call the C GEMM, which the caller links in; ``prepack``: with their weights packed
+    once by ``prepack_params`` in the ``_prepacked`` twins of the entries)."""
     from tvm.s_tir import dlight
 
     from .schedules.cpu import cpu_schedule_rules
@@ -81,7 +85,8 @@ def cpu_phases(attention: str, f32_gemm: bool = False) -> list[tuple[str, list]]
     t = relax.transform
     fused = [fuse_attention_cpu] if attention == "fused" else []
     bf16_fused = [bf16_attention_cpu] if attention == "fused" else []
-    f32_c_kernels = ([f32_linear_cpu] + ([f32_attention_cpu] if attention == "fused" else [])) if f32_gemm else []
+    f32_linear = f32_linear_cpu_pass(prepack)
+    f32_c_kernels = ([f32_linear] + ([f32_attention_cpu] if attention == "fused" else [])) if f32_gemm else []
     return [
         ("linear", [bf16_linear_cpu, *bf16_fused, *f32_c_kernels]),
         ("lower_attention", fused + [split_attention, lower_segment_attention_cpu, lower_segment_attention_masked]),
@@ -144,18 +149,21 @@ def gpu_phases(target, attention: str, gemm: str = "dlight") -> list[tuple[str, 
     ]
 
 
-def phases(target_name: str, target, attention: str, gemm: str = "dlight", f32_gemm: bool = False) -> list[tuple[str, list]]:
+def phases(target_name: str, target, attention: str, gemm: str = "dlight", f32_gemm: bool = False,
+           prepack: bool = False) -> list[tuple[str, list]]:
     """The named phases for ``target_name`` (``cpu`` or a GPU target)."""
-    return cpu_phases(attention, f32_gemm) if target_name == "cpu" else gpu_phases(target, attention, gemm)
+    return cpu_phases(attention, f32_gemm, prepack) if target_name == "cpu" else gpu_phases(target, attention, gemm)
 
 
-def relax_pipeline(target_name: str, target, attention: str, gemm: str = "dlight", f32_gemm: bool = False) -> tvm.transform.Pass:
-    """One pass running every phase of :func:`phases` under ``target`` (``f32_gemm``: see :func:`cpu_phases`)."""
+def relax_pipeline(target_name: str, target, attention: str, gemm: str = "dlight", f32_gemm: bool = False,
+                   prepack: bool = False) -> tvm.transform.Pass:
+    """One pass running every phase of :func:`phases` under ``target`` (``f32_gemm``, ``prepack``: see
+    :func:`cpu_phases`)."""
 
     @tvm.transform.module_pass(opt_level=0, name=f"MlcVision_{target_name}")
     def _pipeline(mod, _ctx):
         with target:
-            for _name, passes in phases(target_name, target, attention, gemm, f32_gemm):
+            for _name, passes in phases(target_name, target, attention, gemm, f32_gemm, prepack):
                 mod = tvm.transform.Sequential(passes)(mod)
         return mod
 

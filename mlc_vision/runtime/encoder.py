@@ -111,6 +111,21 @@ def check_params_match(metadata: dict, params_dir: Path) -> None:
         raise MlcVisionError(f"params {params_dir} do not match the library: {difference}")
 
 
+def prepacked_params(vm, metadata: dict, params):
+    """``params`` as the library's entries are called with (:func:`entry_function`): packed once by the
+    library's ``prepack_params`` where its metadata names one (fp32 CPU libraries: their linear layers
+    then pack no weights per call), else as they are."""
+    prepack = metadata.get("prepack")
+    return vm[prepack["function"]](params) if prepack else params
+
+
+def entry_function(metadata: dict, entry: str, prepacked: bool = True) -> str:
+    """The library function that computes ``entry`` (``encode``, ``encode_rgb8``, ``hidden_states``) on
+    the params of :func:`prepacked_params` (``prepacked``; else on the params as loaded)."""
+    prepack = metadata.get("prepack")
+    return prepack["entries"].get(entry, entry) if prepack and prepacked else entry
+
+
 def param_names(metadata: dict) -> list[str]:
     """The library's parameter names in call order (shapes and dtypes: checked by ``check_params_match``)."""
     return [spec["name"] for spec in metadata["params"]]
@@ -251,6 +266,11 @@ class VisionEncoder:
     ``weights/integrity.py``). The encoder may be called from several threads:
     each gets its own VM over the same library and params (docs/reliability.md,
     "Threads", says why).
+
+    ``prepack``: an fp32 CPU library's weights are packed once, when they are
+    loaded, into the layout its GEMM reads (``metadata["prepack"]``), instead of
+    in every call; while they are packed its linear layers' weights are held
+    twice. ``prepack=False`` keeps them as loaded.
     """
 
     def __init__(
@@ -260,8 +280,10 @@ class VisionEncoder:
         device: str = "cpu",
         load_params: bool = True,
         verify: bool = False,
+        prepack: bool = True,
     ):
         self._verify = verify
+        self._prepack = prepack
         self._newline = None  # read on first use (anyres packing)
         self.lib_path = Path(lib)
         self.params_dir = Path(params) if params is not None else None
@@ -294,7 +316,8 @@ class VisionEncoder:
             raise MlcVisionError(f"no params dir for {self.lib_path}: pass params to VisionEncoder or load_params()")
         check_params_match(self.metadata, self.params_dir)
         check_params_files(self.params_dir, verify=self._verify)
-        self._params = load_params(self.params_dir, param_names(self.metadata), self.tvm_device)
+        params = load_params(self.params_dir, param_names(self.metadata), self.tvm_device)
+        self._params = prepacked_params(self._vm, self.metadata, params) if self._prepack else params
         self._newline = None
 
     def _loaded_params(self):
@@ -394,7 +417,8 @@ class VisionEncoder:
         """The entry's result as numpy: one array, or (several outputs) their tuple, see :data:`OUTPUT_TUPLES`."""
         params = self._loaded_params()
         tensors = [tvm.runtime.tensor(array, self.tvm_device) for array in arrays]
-        return _to_numpy(self._vms[function](*tensors, params), self.output_names)
+        entry = entry_function(self.metadata, function, self._prepack)
+        return _to_numpy(self._vms[entry](*tensors, params), self.output_names)
 
     @property
     def output_names(self) -> tuple[str, ...]:

@@ -1,9 +1,10 @@
 /*
  * fp32 linear layer for CPU libraries: y[M, N] = epilogue(x[M, K] . w[N, K]^T).
  *
- * w is read in its checkpoint layout [out, in] (no weight transform at load), in fp32 or, for a
- * bf16 library on a CPU without bf16 arithmetic, in bf16 (``mlcv_f32_linear_bf16w``: the weights
- * are widened to fp32 as they are packed).
+ * w is read in its checkpoint layout [out, in], in fp32 or, for a bf16 library on a CPU without
+ * bf16 arithmetic, in bf16 (``mlcv_f32_linear_bf16w``: the weights are widened to fp32 as they are
+ * packed), or in fp32 packed once, when the library is loaded (``mlcv_f32_pack_weights`` and the
+ * ``_packed`` entries: the panels of the path that runs here, no packing per call).
  * The path is chosen at run time from the CPU's features: AVX-512F (Intel
  * Skylake-SP and later, AMD Zen 4/5), AVX2 + FMA (Intel Haswell to Alder
  * Lake, AMD Zen 1-3) or plain C on anything else.
@@ -240,11 +241,40 @@ static inline float f32_finish_scalar(const f32_epilogue* ep, float v, int64_t n
 }
 
 /* The weights w[N, K]: fp32, or bf16 (their raw 16-bit words: a bf16 library on a CPU without bf16
- * arithmetic keeps its weights in bf16 and computes in fp32), widened to fp32 where they are read. */
+ * arithmetic keeps its weights in bf16 and computes in fp32), widened to fp32 where they are read;
+ * or (``packed``) fp32 in the panels of the job's vector path, as mlcv_f32_pack_weights wrote them. */
 typedef struct {
   const void* data;
   int bf16;
+  int packed;
 } f32_weights;
+
+/* What the weights' pointer of an entry holds (the ``kind`` of the _path entries). */
+enum { F32_WEIGHTS_F32 = 0, F32_WEIGHTS_BF16 = 1, F32_WEIGHTS_PACKED = 2 };
+
+/* Packed weights (mlcv_f32_pack_weights) are, on a vector path, its NR-column panels one after the
+ * other, each K rows of NR values (the slice layout the register tiles read, for the whole K), the
+ * columns past N zero; on the generic path the weights as stored. The panels of every path fit in
+ * N rounded up to F32_PACK_COLUMNS columns; a header of F32_PACK_HEADER_FLOATS follows them, naming
+ * the path's NR (0: as stored), N and K, so that weights packed for another path or shape are
+ * refused instead of read wrongly. */
+#define F32_PACK_COLUMNS 64
+#define F32_PACK_HEADER_FLOATS 16
+#define F32_PACK_MAGIC 0x6b6361705f32336dLL /* "m32_pack" */
+
+static int64_t f32_packed_body_floats(int64_t N, int64_t K) {
+  return (N + F32_PACK_COLUMNS - 1) / F32_PACK_COLUMNS * F32_PACK_COLUMNS * K;
+}
+
+/* The packing header's NR of ``path``: its panel width, 0 (the weights as stored) on the generic path. */
+static int64_t f32_packed_nr(int path) { return path == F32_PATH_GENERIC ? 0 : f32_tile_cols(path); }
+
+/* Whether ``packed`` holds w[N, K] packed for ``path`` (its header says so). */
+static int f32_packed_for(const void* packed, int path, int64_t N, int64_t K) {
+  int64_t header[4];
+  memcpy(header, (const float*)packed + f32_packed_body_floats(N, K), sizeof header);
+  return header[0] == F32_PACK_MAGIC && header[1] == f32_packed_nr(path) && header[2] == N && header[3] == K;
+}
 
 static inline float f32_weight_at(const f32_weights* w, int64_t i) {
   if (!w->bf16) return ((const float*)w->data)[i];
@@ -772,6 +802,13 @@ static const f32_part* f32_panel(const f32_job* job, int64_t p, int64_t* n0, int
   return &job->part[part];
 }
 
+/* Where the fp32 weights of the panel whose first column is ``n0`` start: row n0 of w, or the packed
+ * panel (the whole K of it). */
+static const float* f32_panel_weights(const f32_job* job, const f32_part* part, int64_t n0) {
+  const float* w = (const float*)part->w.data;
+  return part->w.packed ? w + n0 / job->nr * job->K * job->nr : w + n0 * job->K;
+}
+
 /* Part ``part``'s epilogue. */
 static f32_epilogue f32_part_epilogue(const f32_job* job, const f32_part* part) {
   f32_epilogue ep = job->ep;
@@ -812,10 +849,19 @@ static void f32_run_unit_vector(const f32_job* job, f32_pack_fn pack, f32_block_
       int64_t next = p + 1 < p1 ? p + 1 : after;
       const f32_part* next_part = next >= 0 ? f32_panel(job, next, &next_n0, &next_cols) : NULL;
       int prefetch = next_part && !next_part->w.bf16 && job->kc >= K && m1 - m0 <= F32_PREFETCH_ROWS;
-      int64_t next_rows = prefetch ? next_cols : 0;
-      pack(&part->w, N, K, n0, k0, k1, scratch);
-      const float* w_next = next_rows ? (const float*)next_part->w.data + next_n0 * K + k0 : NULL;
-      block(job->x + m0 * K + k0, K, scratch, &ep, part->y, m0, m1, n0, ncols, N, k1 - k0,
+      const float* w_next = NULL;
+      int64_t next_rows = 0;
+      if (prefetch) {
+        /* K rows of w, or the next packed panel seen as nr rows of K floats: the same lines. */
+        w_next = f32_panel_weights(job, next_part, next_n0);
+        next_rows = next_part->w.packed ? job->nr : next_cols;
+      }
+      const float* slice = scratch;
+      if (part->w.packed)
+        slice = f32_panel_weights(job, part, n0) + k0 * job->nr;
+      else
+        pack(&part->w, N, K, n0, k0, k1, scratch);
+      block(job->x + m0 * K + k0, K, slice, &ep, part->y, m0, m1, n0, ncols, N, k1 - k0,
             k0 == 0, k1 == K, w_next, next_rows);
     }
   }
@@ -939,7 +985,11 @@ static int f32_linear_parts(int path, const float* x, int parts, const f32_part*
   int64_t mr = f32_tile_rows(path), nr = f32_tile_cols(path);
   f32_job job = {.path = path, .mr = mr, .nr = nr, .x = x, .parts = parts, .ep = {NULL, scale, residual, gate, act},
                  .M = M, .N = N, .K = K, .kc = k_block(K, nr), .part_panels = (N + nr - 1) / nr};
-  for (int i = 0; i < parts; ++i) job.part[i] = part[i];
+  for (int i = 0; i < parts; ++i) {
+    job.part[i] = part[i];
+    if (part[i].w.packed && !f32_packed_for(part[i].w.data, path, N, K)) return -2;
+    if (path == F32_PATH_GENERIC) job.part[i].w.packed = 0; /* packed for it: the weights as stored */
+  }
   parallel_launch_fn launch = mlcv_thread_pool();
   f32_split(&job, launch != NULL ? f32_online_cpus() : 1);
   if (launch != NULL) return launch(f32_parallel_task, &job, 0);
@@ -953,29 +1003,55 @@ static int f32_linear(int path, const float* x, f32_weights w, const float* bias
   return f32_linear_parts(path, x, 1, &part, scale, residual, gate, M, N, K, act);
 }
 
-/* ``mlcv_f32_linear`` on an explicit path (tests run every supported one). */
-int mlcv_f32_linear_path(int path, const float* x, const float* w, const float* bias, const float* scale,
+/* Weights of ``kind`` (F32_WEIGHTS_*) at ``data``. */
+static f32_weights f32_weights_of(const void* data, int kind) {
+  f32_weights w = {data, kind == F32_WEIGHTS_BF16, kind == F32_WEIGHTS_PACKED};
+  return w;
+}
+
+/* ``mlcv_f32_linear``, ``mlcv_f32_linear_bf16w`` and ``mlcv_f32_linear_packed`` on an explicit path
+ * (tests run every supported one); ``kind``: what ``w`` holds (F32_WEIGHTS_*). */
+int mlcv_f32_linear_path(int path, int kind, const float* x, const void* w, const float* bias, const float* scale,
                          const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
                          int32_t act) {
-  f32_weights weights = {w, 0};
-  return f32_linear(path, x, weights, bias, scale, residual, gate, y, M, N, K, act);
+  if (kind < F32_WEIGHTS_F32 || kind > F32_WEIGHTS_PACKED) return -1;
+  return f32_linear(path, x, f32_weights_of(w, kind), bias, scale, residual, gate, y, M, N, K, act);
 }
 
-/* ``mlcv_f32_linear_bf16w`` on an explicit path. */
-int mlcv_f32_linear_bf16w_path(int path, const float* x, const uint16_t* w, const float* bias, const float* scale,
-                               const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
-                               int32_t act) {
-  f32_weights weights = {w, 1};
-  return f32_linear(path, x, weights, bias, scale, residual, gate, y, M, N, K, act);
-}
-
-/* ``mlcv_f32_linear_group`` on an explicit path; ``bf16``: the weights are bf16 words. */
-int mlcv_f32_linear_group_path(int path, int bf16, int parts, const float* x, const void* w0, const void* w1,
+/* ``mlcv_f32_linear_group`` on an explicit path, weights of ``kind`` as mlcv_f32_linear_path's. */
+int mlcv_f32_linear_group_path(int path, int kind, int parts, const float* x, const void* w0, const void* w1,
                                const void* w2, const float* b0, const float* b1, const float* b2, float* y0,
                                float* y1, float* y2, int64_t M, int64_t N, int64_t K) {
-  f32_part part[F32_MAX_PARTS] = {{{w0, bf16}, b0, y0}, {{w1, bf16}, b1, y1}, {{w2, bf16}, b2, y2}};
-  if (parts < 2) return -1;
+  f32_part part[F32_MAX_PARTS] = {{f32_weights_of(w0, kind), b0, y0}, {f32_weights_of(w1, kind), b1, y1},
+                                  {f32_weights_of(w2, kind), b2, y2}};
+  if (parts < 2 || kind < F32_WEIGHTS_F32 || kind > F32_WEIGHTS_PACKED) return -1;
   return f32_linear_parts(path, x, parts, part, NULL, NULL, NULL, M, N, K, F32_ACT_NONE);
+}
+
+/* Floats that mlcv_f32_pack_weights writes for w[N, K] on any path: the panels and the header. */
+int64_t mlcv_f32_packed_floats(int64_t N, int64_t K) { return f32_packed_body_floats(N, K) + F32_PACK_HEADER_FLOATS; }
+
+/* fp32 w[N, K] -> ``packed`` (mlcv_f32_packed_floats(N, K) floats, 64-byte aligned) for ``path``:
+ * the weight slices that a call would otherwise pack per work unit, made once. Returns 0 on success,
+ * -1 for a path this CPU lacks, a size below 1 or a misaligned ``packed``. */
+int mlcv_f32_pack_weights_path(int path, const float* w, float* packed, int64_t N, int64_t K) {
+  if (!mlcv_f32_path_supported(path) || N < 1 || K < 1 || ((uintptr_t)packed & 63) != 0) return -1;
+  f32_weights weights = f32_weights_of(w, F32_WEIGHTS_F32);
+  int64_t nr = f32_packed_nr(path);
+  memset(packed, 0, (size_t)mlcv_f32_packed_floats(N, K) * 4);
+#if MLCV_X86
+  for (int64_t n0 = 0; nr > 0 && n0 < N; n0 += nr) {
+    float* panel = packed + n0 * K;
+    if (path == F32_PATH_AVX512)
+      f32_pack_b(&weights, N, K, n0, 0, K, panel);
+    else
+      f32_pack_b_avx2(&weights, N, K, n0, 0, K, panel);
+  }
+#endif
+  if (nr == 0) memcpy(packed, w, (size_t)(N * K) * 4);
+  int64_t header[4] = {F32_PACK_MAGIC, nr, N, K};
+  memcpy(packed + f32_packed_body_floats(N, K), header, sizeof header);
+  return 0;
 }
 
 /* The entry point the library calls (compiler/passes/f32_cpu.py), on the fastest path here:
@@ -983,7 +1059,23 @@ int mlcv_f32_linear_group_path(int path, int bf16, int parts, const float* x, co
  * be NULL (not both residual and gate); ``act``: the F32_ACT_* numbers. */
 int mlcv_f32_linear(const float* x, const float* w, const float* bias, const float* scale, const float* residual,
                     const float* gate, float* y, int64_t M, int64_t N, int64_t K, int32_t act) {
-  return mlcv_f32_linear_path(mlcv_f32_best_path(), x, w, bias, scale, residual, gate, y, M, N, K, act);
+  return mlcv_f32_linear_path(mlcv_f32_best_path(), F32_WEIGHTS_F32, x, w, bias, scale, residual, gate, y, M, N, K,
+                              act);
+}
+
+/* mlcv_f32_linear with the weights packed by mlcv_f32_pack_weights (when the library was loaded):
+ * no packing in the call. Returns -2 for weights packed for another path or shape. */
+int mlcv_f32_linear_packed(const float* x, const float* packed, const float* bias, const float* scale,
+                           const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
+                           int32_t act) {
+  return mlcv_f32_linear_path(mlcv_f32_best_path(), F32_WEIGHTS_PACKED, x, packed, bias, scale, residual, gate, y, M,
+                              N, K, act);
+}
+
+/* fp32 w[N, K] packed for the fastest path here (mlcv_f32_pack_weights_path): what a library's
+ * ``prepack_params`` runs once per linear layer. */
+int mlcv_f32_pack_weights(const float* w, float* packed, int64_t N, int64_t K) {
+  return mlcv_f32_pack_weights_path(mlcv_f32_best_path(), w, packed, N, K);
 }
 
 /* mlcv_f32_linear with bf16 weights (their raw 16-bit words), widened to fp32 as they are packed: the
@@ -991,7 +1083,8 @@ int mlcv_f32_linear(const float* x, const float* w, const float* bias, const flo
 int mlcv_f32_linear_bf16w(const float* x, const uint16_t* w, const float* bias, const float* scale,
                           const float* residual, const float* gate, float* y, int64_t M, int64_t N, int64_t K,
                           int32_t act) {
-  return mlcv_f32_linear_bf16w_path(mlcv_f32_best_path(), x, w, bias, scale, residual, gate, y, M, N, K, act);
+  return mlcv_f32_linear_path(mlcv_f32_best_path(), F32_WEIGHTS_BF16, x, w, bias, scale, residual, gate, y, M, N,
+                              K, act);
 }
 
 /* Two or three (``parts``) linear layers of one input x [M, K], weights [N, K] each, as one job:
@@ -1001,14 +1094,24 @@ int mlcv_f32_linear_bf16w(const float* x, const uint16_t* w, const float* bias, 
 int mlcv_f32_linear_group(int32_t parts, const float* x, const float* w0, const float* w1, const float* w2,
                           const float* b0, const float* b1, const float* b2, float* y0, float* y1, float* y2,
                           int64_t M, int64_t N, int64_t K) {
-  return mlcv_f32_linear_group_path(mlcv_f32_best_path(), 0, parts, x, w0, w1, w2, b0, b1, b2, y0, y1, y2, M, N, K);
+  return mlcv_f32_linear_group_path(mlcv_f32_best_path(), F32_WEIGHTS_F32, parts, x, w0, w1, w2, b0, b1, b2, y0, y1,
+                                    y2, M, N, K);
 }
 
 /* mlcv_f32_linear_group with bf16 weights, as mlcv_f32_linear_bf16w. */
 int mlcv_f32_linear_group_bf16w(int32_t parts, const float* x, const uint16_t* w0, const uint16_t* w1,
                                 const uint16_t* w2, const float* b0, const float* b1, const float* b2, float* y0,
                                 float* y1, float* y2, int64_t M, int64_t N, int64_t K) {
-  return mlcv_f32_linear_group_path(mlcv_f32_best_path(), 1, parts, x, w0, w1, w2, b0, b1, b2, y0, y1, y2, M, N, K);
+  return mlcv_f32_linear_group_path(mlcv_f32_best_path(), F32_WEIGHTS_BF16, parts, x, w0, w1, w2, b0, b1, b2, y0, y1,
+                                    y2, M, N, K);
+}
+
+/* mlcv_f32_linear_group with weights packed by mlcv_f32_pack_weights. */
+int mlcv_f32_linear_group_packed(int32_t parts, const float* x, const float* w0, const float* w1, const float* w2,
+                                 const float* b0, const float* b1, const float* b2, float* y0, float* y1, float* y2,
+                                 int64_t M, int64_t N, int64_t K) {
+  return mlcv_f32_linear_group_path(mlcv_f32_best_path(), F32_WEIGHTS_PACKED, parts, x, w0, w1, w2, b0, b1, b2, y0,
+                                    y1, y2, M, N, K);
 }
 
 /* The register tile and K block of the fastest path here (for tests and benchmarks): rows, columns,

@@ -25,6 +25,15 @@ stored (no concatenation). Every other matmul (attention's
 batched products, fp16, the bf16 kernel's libraries, CPUs without AVX2) is left to the
 TIR schedule of ``schedules/cpu.py``.
 
+With ``prepack`` (:func:`f32_linear_cpu_pass`; fp32 libraries, recorded in
+their metadata) every entry ``F`` (a function with ``num_input``) gets a twin
+``F_prepacked`` whose kernels read weights packed by ``pack_primfunc``, and
+the packing is lifted out of the twins (``relax.transform.LiftTransformParams``)
+into one function, ``prepack_params(params) -> prepacked``, that a runtime
+calls once after loading the weights: the twins take ``prepacked`` where
+``F`` takes ``params``, and no call packs weights any more. ``F`` itself is
+unchanged (the calling convention of DESIGN.md).
+
 :func:`f32_attention_cpu` (with ``--attention fused``, the fp32 default):
 plain fp32 ``R.nn.attention`` with head_dim <= 128 becomes the same C file's
 attention (per image and head: k^T and v packed once, 48 queries at a time:
@@ -47,6 +56,8 @@ from ..kernels.cpu_f32_gemm import (
     has_vector_path,
     linear_group_primfunc,
     linear_primfunc,
+    pack_primfunc,
+    packed_floats,
 )
 from .fuse_attention import replace_attention
 from .relax_rewrite import bound_value, llvm_cpu_features, rewrite_relax_functions, static_int
@@ -57,6 +68,9 @@ BF16 = "bfloat16"
 ACTIVATION_OPS = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.silu": "silu"}
 #: quick GELU is ``y * sigmoid(QUICK_GELU_SCALE * y)`` (layers.quick_gelu).
 QUICK_GELU_SCALE = 1.702
+#: With ``prepack``: the function that packs the weights once, and the suffix of each entry's twin.
+PREPACK_FUNCTION = "prepack_params"
+PREPACKED_SUFFIX = "_prepacked"
 
 
 def target_runs_f32_kernel(target) -> bool:
@@ -341,6 +355,7 @@ class _SiblingLinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
                     self.members.update((member.var, (group, index)) for index, member in enumerate(group))
         self.results = {}  # id(group) -> the group call's variable
         self.kernels = {}
+        self.specs = {}  # GlobalVar -> (name, first member's key, biases)
 
     def _kernel(self, group):
         key = group[0].key
@@ -351,6 +366,7 @@ class _SiblingLinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
         if name not in self.kernels:
             func = linear_group_primfunc(key.lead_ndim, key.k, key.n, biases, key.weight_dtype)
             self.kernels[name] = self.builder_.add_func(func, name)
+            self.specs[self.kernels[name]] = (name, key, biases)
         return self.kernels[name]
 
     def visit_var_binding_(self, binding):  # noqa: D102
@@ -368,18 +384,147 @@ class _SiblingLinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
         return None
 
 
-@tvm.transform.module_pass(opt_level=0, name="F32LinearCPU")
-def f32_linear_cpu(mod, _ctx):
+class _PackedTwin(NamedTuple):
+    """How a kernel that reads fp32 weights as stored becomes one that reads them packed: the
+    positions of its weights among its arguments, the name and PrimFunc of the packed kernel."""
+
+    weights: tuple[int, ...]
+    name: str
+    make: object  # () -> PrimFunc
+
+    @staticmethod
+    def of_linear(key: _Key) -> "_PackedTwin":
+        fields = (key.lead_ndim, key.k, key.n, key.bias, key.scale, key.residual, key.gate, key.act)
+        return _PackedTwin((1,), key.name() + "_packed", lambda: linear_primfunc(*fields, packed=True))
+
+    @staticmethod
+    def of_group(name: str, key: _Key, biases: tuple[bool, ...]) -> "_PackedTwin":
+        weights = tuple(range(1, 1 + len(biases)))
+        return _PackedTwin(weights, name + "_packed",
+                           lambda: linear_group_primfunc(key.lead_ndim, key.k, key.n, biases, packed=True))  # fmt: skip
+
+
+@relax.expr_functor.mutator
+class _PackedWeightsRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+    """Each call of a kernel in ``twins`` (GlobalVar -> :class:`_PackedTwin`) -> its packed twin, its
+    weights passed through ``pack_primfunc`` (once per weight and function)."""
+
+    def __init__(self, mod, twins):
+        super().__init__(mod)
+        self.twins = twins
+        self.kernels = {}
+        self.packed = {}  # (function, weight var) -> packed var
+
+    def _kernel(self, name, make):
+        if name not in self.kernels:
+            self.kernels[name] = self.builder_.add_func(make(), name)
+        return self.kernels[name]
+
+    def _pack(self, w):
+        if w not in self.packed:
+            n, k = (int(d) for d in w.ty.shape.values)
+            pack = self._kernel(f"f32_pack_weights_k{k}_n{n}", lambda: pack_primfunc(n, k))
+            call = relax.call_tir(pack, [w], relax.TensorType([packed_floats(n, k)], F32))
+            self.packed[w] = self.builder_.emit(call, "packed_weight")
+        return self.packed[w]
+
+    def visit_function_(self, func):  # noqa: D102
+        self.packed = {}
+        return super().visit_function_(func)
+
+    def visit_call_(self, call):  # noqa: D102
+        call = super().visit_call_(call)
+        if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+            return call
+        twin = self.twins.get(call.args[0])
+        if twin is None:
+            return call
+        args = list(call.args[1].fields)
+        for i in twin.weights:
+            args[i] = self._pack(args[i])
+        out = call.ty_args[0]
+        out = list(out.fields) if isinstance(out, relax.TupleType) else out
+        return relax.call_tir(self._kernel(twin.name, twin.make), args, out)
+
+
+def _entries(mod) -> list[str]:
+    """The names of ``mod``'s entries: its Relax functions with a ``num_input`` attribute."""
+    return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function) and "num_input" in f.attrs]
+
+
+def _keep_num_input(mod, names):
+    """``mod`` with ``num_input`` dropped from every Relax function not in ``names``, and those
+    functions' ``num_input`` values (to restore with :func:`_restore_num_input`)."""
+    dropped = {}
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function) and "num_input" in func.attrs and gv.name_hint not in names:
+            dropped[gv.name_hint] = func.attrs["num_input"]
+            mod[gv] = func.without_attr("num_input")
+    return mod, dropped
+
+
+def _restore_num_input(mod, dropped):
+    for name, value in dropped.items():
+        mod[mod.get_global_var(name)] = mod[name].with_attr("num_input", value)
+    return mod
+
+
+def _flat_params_function(func, name: str):
+    """``func(wrapped)`` whose one argument is a 1-tuple around the params tuple (what
+    LiftTransformParams makes of a tuple parameter) as ``name(params)`` taking the params tuple."""
+    (wrapped,) = func.params
+    params = relax.Var("params", wrapped.ty.fields[0])
+    bind = relax.BindingBlock([relax.VarBinding(wrapped, relax.Tuple([params]))])
+    body = relax.SeqExpr([bind, *func.body.blocks], func.body.body)
+    flat = relax.Function([params], body, func.ret_ty, func.is_pure, func.attrs)
+    return flat.without_attr("num_input").with_attr("global_symbol", name)
+
+
+def _add_prepacked_entries(mod, twins):
+    """Each entry ``F`` of ``mod`` -> ``F`` and ``F_prepacked`` (packed kernels), the packing of every
+    weight lifted into :data:`PREPACK_FUNCTION` (one for all twins), whose result the twins take."""
+    entries = _entries(mod)
+    rewriter = _PackedWeightsRewriter(mod, twins)
+    for name in entries:
+        twin = rewriter.visit_expr(mod[name]).with_attr("global_symbol", name + PREPACKED_SUFFIX)
+        rewriter.builder_.add_func(twin, name + PREPACKED_SUFFIX)
+    mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    twin_names = [name + PREPACKED_SUFFIX for name in entries]
+    mod, dropped = _keep_num_input(mod, twin_names)
+    mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
+    lifted = mod["transform_params"]
+    del mod["transform_params"]
+    mod = relax.transform.BundleModelParams("prepacked")(mod)  # each twin: (inputs, prepacked tuple)
+    mod[PREPACK_FUNCTION] = _flat_params_function(lifted, PREPACK_FUNCTION)
+    return _restore_num_input(mod, dropped)
+
+
+def f32_linear_cpu_pass(prepack: bool = False) -> tvm.transform.Pass:
     """fp32 linear layers (and their epilogues) -> the fp32 C kernel, when the current target has
     AVX-512F or AVX2 + FMA; unchanged otherwise. Then the linear layers of one input with no
-    epilogue past the bias (a layer's q, k and v projections) -> one call of the kernel's group entry."""
-    if not target_runs_f32_kernel(tvm.target.Target.current(allow_none=True)):
-        return mod
-    rewriter = _F32LinearRewriter(mod)
-    mod = relax.transform.DeadCodeElimination()(rewrite_relax_functions(mod, rewriter))
-    keys = {gv: key for key, gv in rewriter.kernels.items()}
-    mod = rewrite_relax_functions(mod, _SiblingLinearRewriter(mod, keys))
-    return relax.transform.DeadCodeElimination()(mod)
+    epilogue past the bias (a layer's q, k and v projections) -> one call of the kernel's group entry.
+    ``prepack``: then also the ``_prepacked`` twins and ``prepack_params`` (module docstring)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="F32LinearCPU")
+    def _pass(mod, _ctx):
+        if not target_runs_f32_kernel(tvm.target.Target.current(allow_none=True)):
+            return mod
+        rewriter = _F32LinearRewriter(mod)
+        mod = relax.transform.DeadCodeElimination()(rewrite_relax_functions(mod, rewriter))
+        keys = {gv: key for key, gv in rewriter.kernels.items()}
+        siblings = _SiblingLinearRewriter(mod, keys)
+        mod = relax.transform.DeadCodeElimination()(rewrite_relax_functions(mod, siblings))
+        if not prepack:
+            return mod
+        twins = {gv: _PackedTwin.of_linear(key) for gv, key in keys.items() if key.weight_dtype == F32}
+        twins.update((gv, _PackedTwin.of_group(*spec)) for gv, spec in siblings.specs.items() if spec[1].weight_dtype == F32)
+        return _add_prepacked_entries(mod, twins)
+
+    return _pass
+
+
+#: The pass without prepacking (the entries as they are).
+f32_linear_cpu = f32_linear_cpu_pass()
 
 
 def _attention_kernel(shape):

@@ -1,0 +1,76 @@
+"""Dev A/B: an fp32 CPU library's entry on the params as loaded (its GEMMs pack the weights in every
+call) against its ``_prepacked`` twin on the params ``prepack_params`` packed once.
+
+One library holds both, so the two sides share every kernel but the packing; calls alternate, with
+a short pause between them, and the medians and their ratio are printed:
+
+    python scripts/dev/prepack_ab.py clip-vit-base-patch16 --batch 1 --runs 21
+
+Also prints how long ``prepack_params`` took (once, at load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    import tvm
+    from tvm import relax
+
+    from mlc_vision.bench import _random_params, machine_info
+    from mlc_vision.compiler.export import build_library
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.config import load_preset
+    from mlc_vision.runtime.encoder import entry_function, prepacked_params
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("preset")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=21)
+    ap.add_argument("--pause", type=float, default=0.2, help="seconds between calls")
+    args = ap.parse_args()
+
+    config = load_preset(args.preset)
+    built = build_module(config, "float32", "cpu")
+    if built.metadata.get("prepack") is None:
+        raise SystemExit("error: this CPU's fp32 libraries have no prepacked entries (no AVX2 + FMA or AVX-512F)")
+    with tempfile.TemporaryDirectory() as tmp:
+        lib_path = build_library(built.mod, "cpu", Path(tmp) / "lib.so", metadata=built.metadata)
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+    loaded = [tvm.runtime.tensor(p, tvm.cpu()) for p in _random_params(built.metadata)]
+    start = time.perf_counter()
+    packed = prepacked_params(vm, built.metadata, loaded)
+    pack_s = time.perf_counter() - start
+    size = config.image_size
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype("float32"))
+    sides = {
+        "per call": (vm["encode"], loaded),
+        "prepacked": (vm[entry_function(built.metadata, "encode")], packed),
+    }
+    outputs = {name: f(x, p).numpy() for name, (f, p) in sides.items()}
+    same = np.array_equal(outputs["per call"], outputs["prepacked"])
+    times = {name: [] for name in sides}
+    for _ in range(args.runs):
+        for name, (f, p) in sides.items():
+            time.sleep(args.pause)
+            start = time.perf_counter()
+            f(x, p)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    info = machine_info()
+    print(f"{args.preset} batch {args.batch}, {args.runs} calls each, CPU: {info.get('cpu')}")
+    print(f"prepack_params: {pack_s * 1e3:.0f} ms once; outputs bit-identical: {same}")
+    for name, ms in medians.items():
+        print(f"  {name:<10} {ms:9.1f} ms (min {min(times[name]):.1f})")
+    print(f"  prepacked / per call: {medians['prepacked'] / medians['per call']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
