@@ -44,7 +44,7 @@ fused kernel (``kernels/cpu_attention.py``).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import tvm
 from tvm import relax
@@ -390,7 +390,7 @@ class _PackedTwin(NamedTuple):
 
     weights: tuple[int, ...]
     name: str
-    make: object  # () -> PrimFunc
+    make: Callable[[], tvm.tirx.PrimFunc]
 
     @staticmethod
     def of_linear(key: _Key) -> "_PackedTwin":
@@ -413,7 +413,7 @@ class _PackedWeightsRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
         super().__init__(mod)
         self.twins = twins
         self.kernels = {}
-        self.packed = {}  # (function, weight var) -> packed var
+        self.packed = {}  # weight var -> its packed var, in the function being visited
 
     def _kernel(self, name, make):
         if name not in self.kernels:
