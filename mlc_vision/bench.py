@@ -33,7 +33,6 @@ from . import bench_peers
 from .bench_peers import machine_info
 from .compiler.targets import attention_modes
 from .config import VisionConfig, list_presets, load_preset
-from .runtime.encoder import entry_function, prepacked_params
 
 DEFAULT_MODELS = (
     "clip-vit-base-patch16",
@@ -148,6 +147,7 @@ class OurLibrary:
 
         from .compiler.export import build_library
         from .compiler.module import build_module
+        from .runtime.encoder import entry_function, prepacked_params
 
         start = time.perf_counter()
         built = build_module(config, dtype, "cpu")

@@ -1,7 +1,8 @@
 """Dev profile: where an fp32 CPU library of a preset spends its time, per kernel (PrimFunc).
 
 Builds the product's library (every layer, every token; the C kernels linked in), runs ``encode``
-on random params with a VM instrument that reads the wall clock and the process CPU time around
+on random params as ``VisionEncoder`` does (an fp32 library's ``encode_prepacked`` on the weights
+its ``prepack_params`` packed) with a VM instrument that reads the wall clock and the process CPU time around
 every kernel call, and prints the kernels grouped by PrimFunc name, largest first:
 
     python scripts/dev/cpu_profile.py clip-vit-base-patch16 --batch 1
@@ -43,6 +44,7 @@ def main() -> None:
     from mlc_vision.compiler.export import build_library
     from mlc_vision.compiler.module import build_module
     from mlc_vision.config import load_preset
+    from mlc_vision.runtime.encoder import entry_function, prepacked_params
 
     ap = argparse.ArgumentParser()
     ap.add_argument("preset")
@@ -60,7 +62,10 @@ def main() -> None:
     cast = (lambda a: a.astype("bfloat16")) if args.dtype == "bfloat16" else (lambda a: a)
     import ml_dtypes  # noqa: F401 (numpy bfloat16)
 
-    params = [tvm.runtime.tensor(cast(a), dev) for a in random_params(built.metadata["params"])]
+    loaded = [tvm.runtime.tensor(cast(a), dev) for a in random_params(built.metadata["params"])]
+    # as VisionEncoder calls it: an fp32 library's weights packed once, its _prepacked twin
+    params = prepacked_params(vm, built.metadata, loaded)
+    encode = vm[entry_function(built.metadata, "encode")]
     size = config.image_size
     pixels = tvm.runtime.tensor(cast(np.random.default_rng(1).standard_normal((args.batch, 3, size, size)).astype("float32")), dev)
 
@@ -77,10 +82,10 @@ def main() -> None:
             cpu[key] += time.process_time() - c0
             count[key] += 1
 
-    vm["encode"](pixels, params)  # warm-up
+    encode(pixels, params)  # warm-up
     vm.set_instrument(instrument)
     for _ in range(args.runs):
-        vm["encode"](pixels, params)
+        encode(pixels, params)
     total_w, total_c = sum(wall.values()) / args.runs, sum(cpu.values()) / args.runs
     print(f"{args.preset} b={args.batch} {args.dtype}: kernels {total_w * 1e3:.1f} ms wall, {total_c * 1e3:.1f} ms CPU per call")
     for key, c in cpu.most_common():
