@@ -244,6 +244,23 @@ def test_bad_arguments_are_refused(kernel):
     assert _run(kernel, 7, x, w)[0] != 0
 
 
+def test_kernel_objects_are_cached_between_exports(tmp_path, monkeypatch):
+    """The export keeps compiled kernels in $MLC_VISION_CACHE_DIR: a second compile of the same source
+    reuses the object; an unwritable cache directory means no cache (compiled afresh), not an error."""
+    from mlc_vision.compiler.kernels import c_objects
+
+    monkeypatch.setenv(c_objects.CACHE_ENV, str(tmp_path / "cache"))
+    directory = c_objects.object_cache_dir()
+    assert directory == tmp_path / "cache" / "c-objects"
+    obj = cpu_f32_gemm.compile_object(directory)
+    stamp = obj.stat().st_mtime_ns
+    assert cpu_f32_gemm.compile_object(directory) == obj and obj.stat().st_mtime_ns == stamp
+    assert [p.name for p in directory.iterdir()] == [obj.name]  # no temporary left behind
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(c_objects.CACHE_ENV, str(tmp_path / "file"))
+    assert c_objects.object_cache_dir() is None
+
+
 def test_best_path_and_cache_sizes(kernel):
     assert kernel.mlcv_f32_path_supported(kernel.mlcv_f32_best_path())
     assert 256 * 1024 <= kernel.mlcv_f32_l2_bytes() <= 64 * 1024 * 1024

@@ -23,6 +23,7 @@ from .. import atomic
 from ..errors import MlcVisionError
 from . import targets as _targets
 from .kernels import cpu_bf16_gemm, cpu_f32_gemm, cpu_segment_attention
+from .kernels.c_objects import object_cache_dir
 from .cuda_fatbin import nvcc_compile_callback, pack_imports_with_fatbin, walk_modules
 
 logger = logging.getLogger(__name__)
@@ -111,8 +112,9 @@ def export_executable(executable, target_name: str, output: Path, *, arch=None, 
     lib_tmp = atomic.temp_path(output, keep_suffix=True)
     json_tmp = atomic.temp_path(sidecar_path(output))
     try:
-        with tempfile.TemporaryDirectory() as objects:
-            addons = [str(kernel.compile_object(Path(objects))) for kernel in c_kernels(target_name, metadata)]
+        with tempfile.TemporaryDirectory() as scratch:
+            objects = object_cache_dir() or Path(scratch)
+            addons = [str(kernel.compile_object(objects)) for kernel in c_kernels(target_name, metadata)]
             if addons:
                 kwargs["addons"] = addons
             executable.export_library(str(lib_tmp), **kwargs)
