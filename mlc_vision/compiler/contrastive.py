@@ -27,7 +27,15 @@ from tvm.relax.frontend import nn
 from ..config import VisionConfig
 from ..errors import MlcVisionError
 from ..models.text import TextConfig, TextModel
-from .module import BATCH, BuiltModule, add_metadata_function, build_vision_model, compute_dtype, make_metadata
+from .module import (
+    BATCH,
+    BuiltModule,
+    add_metadata_function,
+    build_vision_model,
+    compute_dtype,
+    make_metadata,
+    prepack_metadata,
+)
 from .targets import cpu_spec, resolve_attention, resolve_gemm
 
 PARTS = ("vision", "text", "both")
@@ -112,6 +120,7 @@ def build_contrastive_module(
     metadata.update(part=part, text=text_metadata(text, dtype), attention=attention, gemm=resolve_gemm(target, dtype, gemm))
     if target == "cpu":
         metadata["cpu"] = cpu_spec(cpu)
+        metadata["prepack"] = prepack_metadata(dtype, metadata["cpu"], metadata["entries"])
     return BuiltModule(mod=add_metadata_function(mod, metadata), metadata=metadata)
 
 

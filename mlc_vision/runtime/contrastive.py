@@ -17,7 +17,16 @@ import tvm
 from ..errors import MlcVisionError
 from ..weights.params import load_params, read_params
 from ..cpu_features import check_cpu_library
-from .encoder import PerThreadVM, check_params_match, load_library, param_names, parse_device, read_metadata
+from .encoder import (
+    PerThreadVM,
+    check_params_match,
+    entry_function,
+    load_library,
+    param_names,
+    parse_device,
+    prepacked_params,
+    read_metadata,
+)
 from .preprocess import preprocess
 from .tokenize import TextTokenizer
 
@@ -54,7 +63,8 @@ class ContrastiveEncoder:
                 "compile it with --part both"
             )
         check_params_match(self.metadata, self.params_dir)
-        self._params = load_params(self.params_dir, param_names(self.metadata), self.tvm_device)
+        params = load_params(self.params_dir, param_names(self.metadata), self.tvm_device)
+        self._params = prepacked_params(self._vm.first, self.metadata, params)  # fp32 CPU: weights packed once
         self.text = self.metadata["text"]
         self._tokenizer_dir = Path(tokenizer) if tokenizer is not None else self.params_dir
         self._tokenizer = None
@@ -74,7 +84,7 @@ class ContrastiveEncoder:
         from ..config import Preprocess
 
         pixels = images if isinstance(images, np.ndarray) else preprocess(images, Preprocess.from_dict(self.metadata["preprocess"]))
-        out = self._vm["encode"](self._tensor(pixels.astype(_numpy(self.metadata["dtype"]))), self._params).numpy()
+        out = self._vm[entry_function(self.metadata, "encode")](self._tensor(pixels.astype(_numpy(self.metadata["dtype"]))), self._params).numpy()
         return out[:, 0].astype(np.float32)
 
     def encode_token_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -83,7 +93,7 @@ class ContrastiveEncoder:
             raise MlcVisionError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be equal [batch, length]")
         if input_ids.shape[1] > self.text["max_length"]:
             raise MlcVisionError(f"{input_ids.shape[1]} tokens exceed the model's maximum of {self.text['max_length']}")
-        out = self._vm["encode_text"](self._tensor(input_ids.astype(np.int32)), self._tensor(attention_mask.astype(np.int32)),
+        out = self._vm[entry_function(self.metadata, "encode_text")](self._tensor(input_ids.astype(np.int32)), self._tensor(attention_mask.astype(np.int32)),
                                       self._params)
         return out.numpy().astype(np.float32)
 
