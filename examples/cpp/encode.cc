@@ -303,8 +303,9 @@ void EncodeTiles(const ffi::Module& vm, const ffi::json::Object& meta, const ffi
   if (!opt.tiles_out.empty()) WriteNpy(opt.tiles_out, tile_shape, "|u1", tile_bytes);
 
   std::vector<int64_t> shape;
-  std::vector<char> features = ToHost(Entry(vm, meta, "encode_rgb8")(ToDevice(tile_shape, "uint8", tile_bytes, device), params)
-                                          .cast<Tensor>(), &shape);
+  ffi::Function encode_rgb8 = Entry(vm, meta, "encode_rgb8");
+  std::vector<char> features =
+      ToHost(encode_rgb8(ToDevice(tile_shape, "uint8", tile_bytes, device), params).cast<Tensor>(), &shape);
   std::string dtype = meta["dtype"].cast<ffi::String>();
   std::string extra = tiles.thumbnail ? " + thumbnail" : tiles.base ? " + base image" : "";
   std::cout << "grid " << tiles.grid.str() << extra << " -> " << tiles.count << " tiles";

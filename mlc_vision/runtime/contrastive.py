@@ -84,7 +84,8 @@ class ContrastiveEncoder:
         from ..config import Preprocess
 
         pixels = images if isinstance(images, np.ndarray) else preprocess(images, Preprocess.from_dict(self.metadata["preprocess"]))
-        out = self._vm[entry_function(self.metadata, "encode")](self._tensor(pixels.astype(_numpy(self.metadata["dtype"]))), self._params).numpy()
+        encode = self._vm[entry_function(self.metadata, "encode")]
+        out = encode(self._tensor(pixels.astype(_numpy(self.metadata["dtype"]))), self._params).numpy()
         return out[:, 0].astype(np.float32)
 
     def encode_token_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -93,8 +94,9 @@ class ContrastiveEncoder:
             raise MlcVisionError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be equal [batch, length]")
         if input_ids.shape[1] > self.text["max_length"]:
             raise MlcVisionError(f"{input_ids.shape[1]} tokens exceed the model's maximum of {self.text['max_length']}")
-        out = self._vm[entry_function(self.metadata, "encode_text")](self._tensor(input_ids.astype(np.int32)), self._tensor(attention_mask.astype(np.int32)),
-                                      self._params)
+        encode_text = self._vm[entry_function(self.metadata, "encode_text")]
+        ids, mask = (self._tensor(a.astype(np.int32)) for a in (input_ids, attention_mask))
+        out = encode_text(ids, mask, self._params)
         return out.numpy().astype(np.float32)
 
     @property

@@ -1,6 +1,6 @@
 """fp32 CPU libraries on AVX-512 and AVX2 CPUs: linear layers -> the C GEMM (``kernels/cpu_f32_gemm.c``).
 
-:func:`f32_linear_cpu` (the CPU pipeline's first phase, only when the
+:func:`f32_linear_cpu_pass` (the CPU pipeline's first phase, only when the
 library's CPU has AVX-512F or AVX2 + FMA; ``kernels/cpu_f32_gemm.uses_f32_kernel``) rewrites every fp32
 ``matmul(x, permute_dims(w))`` with a static 2-D weight ``w [n, k]`` (the
 checkpoint's ``[out, in]`` layout, read as stored) into a call of the C
@@ -517,14 +517,13 @@ def f32_linear_cpu_pass(prepack: bool = False) -> tvm.transform.Pass:
         if not prepack:
             return mod
         twins = {gv: _PackedTwin.of_linear(key) for gv, key in keys.items() if key.weight_dtype == F32}
-        twins.update((gv, _PackedTwin.of_group(*spec)) for gv, spec in siblings.specs.items() if spec[1].weight_dtype == F32)
+        for gv, (name, key, biases) in siblings.specs.items():
+            if key.weight_dtype == F32:
+                twins[gv] = _PackedTwin.of_group(name, key, biases)
         return _add_prepacked_entries(mod, twins)
 
     return _pass
 
-
-#: The pass without prepacking (the entries as they are).
-f32_linear_cpu = f32_linear_cpu_pass()
 
 
 def _attention_kernel(shape):
