@@ -917,7 +917,9 @@ static int f32_parallel_task(int task_id, TVMParallelGroupEnv* penv, void* cdata
 /* Rows per work unit at most. The weights are packed (read from memory: a model's weights are not
  * in any cache) once per row block, the unit's x rows are read from L2 or L3 once per panel. Against
  * 288-row blocks (x in L2) this measured 3-12 % faster on the ViT shapes with M of 577-1025 and the
- * same at M = 8200 (scripts/dev/f32_gemm_bench.py --cold): the weight traffic is what costs. */
+ * same at M = 8200 (scripts/dev/f32_gemm_bench.py --cold): the weight traffic is what costs. Weights
+ * packed at load (the _packed entries) are read, not packed, once per row block; this bound and the
+ * next were measured with the packing in the call and have not been measured again for them. */
 #ifndef F32_ROW_BLOCK
 #define F32_ROW_BLOCK 1032
 #endif

@@ -60,7 +60,7 @@ from ..kernels.cpu_f32_gemm import (
     packed_floats,
 )
 from .fuse_attention import replace_attention
-from .relax_rewrite import bound_value, llvm_cpu_features, rewrite_relax_functions, static_int
+from .relax_rewrite import add_kernel_once, bound_value, llvm_cpu_features, rewrite_relax_functions, static_int
 
 F32 = "float32"
 BF16 = "bfloat16"
@@ -415,15 +415,10 @@ class _PackedWeightsRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
         self.kernels = {}
         self.packed = {}  # weight var -> its packed var, in the function being visited
 
-    def _kernel(self, name, make):
-        if name not in self.kernels:
-            self.kernels[name] = self.builder_.add_func(make(), name)
-        return self.kernels[name]
-
     def _pack(self, w):
         if w not in self.packed:
             n, k = (int(d) for d in w.ty.shape.values)
-            pack = self._kernel(f"f32_pack_weights_k{k}_n{n}", lambda: pack_primfunc(n, k))
+            pack = add_kernel_once(self, self.kernels, f"f32_pack_weights_k{k}_n{n}", lambda: pack_primfunc(n, k))
             call = relax.call_tir(pack, [w], relax.TensorType([packed_floats(n, k)], F32))
             self.packed[w] = self.builder_.emit(call, "packed_weight")
         return self.packed[w]
@@ -444,7 +439,7 @@ class _PackedWeightsRewriter(relax.PyExprMutator):  # pylint: disable=abstract-m
             args[i] = self._pack(args[i])
         out = call.ty_args[0]
         out = list(out.fields) if isinstance(out, relax.TupleType) else out
-        return relax.call_tir(self._kernel(twin.name, twin.make), args, out)
+        return relax.call_tir(add_kernel_once(self, self.kernels, twin.name, twin.make), args, out)
 
 
 def _entries(mod) -> list[str]:

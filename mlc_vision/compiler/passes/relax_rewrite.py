@@ -67,6 +67,14 @@ def plain_attention_shape(call):
     return seq, heads, head_dim, dtype, 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
+def add_kernel_once(mutator: relax.PyExprMutator, kernels: dict, name: str, make):
+    """The GlobalVar of the PrimFunc ``make()`` added to ``mutator``'s module under ``name`` on first
+    use (``kernels``: name -> GlobalVar, the ones added so far)."""
+    if name not in kernels:
+        kernels[name] = mutator.builder_.add_func(make(), name)
+    return kernels[name]
+
+
 def rewrite_relax_functions(mod, mutator):
     """Run ``mutator`` (a ``relax.PyExprMutator`` built on ``mod``) over every Relax function of ``mod``."""
     for gv, func in mod.functions_items():
@@ -102,6 +110,4 @@ class AttentionCallRewriter(relax.PyExprMutator):  # pylint: disable=abstract-me
 
     def kernel(self, name, make):
         """The GlobalVar of the PrimFunc ``make()`` under ``name``, added on first use."""
-        if name not in self.kernels:
-            self.kernels[name] = self.builder_.add_func(make(), name)
-        return self.kernels[name]
+        return add_kernel_once(self, self.kernels, name, make)
