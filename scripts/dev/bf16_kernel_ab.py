@@ -5,7 +5,8 @@
 for the fp32 kernel (``kernels/cpu_f32_gemm.c``) in the preset's fp32 library. ``kernels``: the two objects by
 ctypes on attention and linear-layer shapes, alternated, best of 7 (one TVM thread pool, as in a library);
 with ``--kernel f32``, the linear layers of one encoder block of each ``--block`` at ``--m`` rows, in
-order (weights from memory, as in a model), median of ``--runs``; ``--cflags`` builds the working
+order (weights from memory, as in a model; ``--packed``: packed once beforehand, as a prepacked
+library reads them), median of ``--runs``; ``--cflags`` builds the working
 tree's object with extra flags (e.g. another ``-DF32_ROW_BLOCK``):
 
     python scripts/dev/bf16_kernel_ab.py model siglip-so400m-patch14-384 --base 68558a5
@@ -141,9 +142,9 @@ def ab_kernels(base: Path, workdir: Path) -> None:
               f"tree / base {best['tree'] / best['base']:.3f}")  # fmt: skip
 
 
-def ab_kernels_f32(base: Path, workdir: Path, blocks, m: int, runs: int, cflags: str) -> None:
+def ab_kernels_f32(base: Path, workdir: Path, blocks, m: int, runs: int, cflags: str, packed: bool) -> None:
     """The two fp32 objects on the linear layers of one block (f32_gemm_bench's chain), alternated,
-    a pause before each call."""
+    a pause before each call; ``packed``: each on the weights it packed beforehand."""
     import f32_gemm_bench
 
     from mlc_vision.bench import interleaved_medians_ms
@@ -156,7 +157,7 @@ def ab_kernels_f32(base: Path, workdir: Path, blocks, m: int, runs: int, cflags:
         width, mlp = F32_BLOCKS[block]
         weights, biases = f32_gemm_bench.random_linear_chain([(width, width)] * 4 + [(width, mlp), (mlp, width)], 1)
         x = np.random.default_rng(1).standard_normal((m, width)).astype(np.float32)
-        chains = {name: f32_gemm_bench.linear_chain(lib, m, weights, biases) for name, lib in libs.items()}
+        chains = {name: f32_gemm_bench.linear_chain(lib, m, weights, biases, packed) for name, lib in libs.items()}
         ms = interleaved_medians_ms({name: (lambda run=run: run(x)) for name, run in chains.items()}, runs)
         gflop = sum(2 * m * w.shape[0] * w.shape[1] for w in weights) / 1e9
         print(f"{block} block, M={m}: base {ms['base']:8.1f} ms ({gflop / ms['base'] * 1e3:5.1f} GFLOP/s)  "
@@ -174,6 +175,7 @@ def main() -> None:
     ap.add_argument("--block", nargs="*", choices=sorted(F32_BLOCKS), default=sorted(F32_BLOCKS),
                     help="kernels --kernel f32: whose block's linear layers")
     ap.add_argument("--m", type=int, default=729, help="kernels --kernel f32: rows (tokens x batch)")
+    ap.add_argument("--packed", action="store_true", help="kernels --kernel f32: weights packed beforehand")
     ap.add_argument("--cflags", default="", help="kernels --kernel f32: extra flags for the working tree's object")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -184,7 +186,7 @@ def main() -> None:
         if args.what == "model":
             ab_model(args.preset, args.batch, args.runs, base, workdir, args.kernel)
         elif args.kernel == "f32":
-            ab_kernels_f32(base, workdir, args.block, args.m, args.runs, args.cflags)
+            ab_kernels_f32(base, workdir, args.block, args.m, args.runs, args.cflags, args.packed)
         else:
             ab_kernels(base, workdir)
 

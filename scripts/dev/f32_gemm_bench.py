@@ -6,6 +6,7 @@ fraction of the fp32 peak (cores x GHz x FMA ports x 32 FLOP per 512-bit FMA):
 
     python scripts/dev/f32_gemm_bench.py --threads 2 --ghz 2.1 --fma-ports 2
     python scripts/dev/f32_gemm_bench.py --tile 14x32 --threads 1
+    python scripts/dev/f32_gemm_bench.py --m 197 --cold --packed   # weights packed once, as a library's twins
     python scripts/dev/f32_gemm_bench.py --attention --threads 1     # the attention on the ViT head shapes
 
 The clock and FMA ports are arguments (the CPU does not tell them reliably). Process CPU time is
@@ -58,7 +59,23 @@ def build(
     lib = ctypes.CDLL(out)
     lib.mlcv_f32_linear.restype = ctypes.c_int
     lib.mlcv_f32_linear.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
+    lib.mlcv_f32_linear_packed.argtypes = lib.mlcv_f32_linear.argtypes
+    lib.mlcv_f32_pack_weights.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.mlcv_f32_packed_floats.restype = ctypes.c_int64
+    lib.mlcv_f32_packed_floats.argtypes = [ctypes.c_int64] * 2
     return lib
+
+
+def packed_weights(lib, w: np.ndarray) -> np.ndarray:
+    """``w`` [N, K] packed for the fastest path here, in a 64-byte aligned buffer (what a library's
+    ``prepack_params`` makes once)."""
+    n, k = w.shape
+    floats = lib.mlcv_f32_packed_floats(n, k)
+    raw = np.empty(floats + 16, np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    out = raw[start : start + floats]
+    assert lib.mlcv_f32_pack_weights(w.ctypes.data, out.ctypes.data, n, k) == 0
+    return out
 
 
 def random_linear_chain(dims, layers: int, seed: int = 0):
@@ -72,29 +89,35 @@ def random_linear_chain(dims, layers: int, seed: int = 0):
     return weights, biases
 
 
-def linear_chain(lib, m: int, weights, biases):
+def linear_chain(lib, m: int, weights, biases, packed: bool = False):
     """A callable running the linear layers one after the other (x -> y0 -> y1 ...) with ``lib``'s
-    GEMM, each layer's output buffer made once."""
+    GEMM, each layer's output buffer made once; ``packed``: on weights ``lib`` packed beforehand."""
     outputs = [np.empty((m, w.shape[0]), np.float32) for w in weights]
+    shapes = [w.shape for w in weights]
+    linear = lib.mlcv_f32_linear_packed if packed else lib.mlcv_f32_linear
+    if packed:
+        weights = [packed_weights(lib, w) for w in weights]
 
     def run(x):
-        for w, b, y in zip(weights, biases, outputs):
-            n, k = w.shape
-            assert lib.mlcv_f32_linear(x.ctypes.data, w.ctypes.data, b.ctypes.data, None, None, None,
-                                       y.ctypes.data, m, n, k, 0) == 0  # fmt: skip
+        for (n, k), w, b, y in zip(shapes, weights, biases, outputs):
+            assert linear(x.ctypes.data, w.ctypes.data, b.ctypes.data, None, None, None, y.ctypes.data, m, n, k, 0) == 0
             x = y
         return x
 
     return run
 
 
-def time_one(lib, m: int, k: int, n: int, runs: int, cold: bool = False) -> tuple[float, float]:
+def time_one(lib, m: int, k: int, n: int, runs: int, cold: bool = False, packed: bool = False) -> tuple[float, float]:
     """Best wall and CPU seconds of ``runs`` calls. ``cold``: every call reads another weight matrix
-    (512 MiB of them in turn), so the weights come from memory as in a model, not from the L3 cache."""
+    (512 MiB of them in turn), so the weights come from memory as in a model, not from the L3 cache.
+    ``packed``: the weights packed once beforehand (the ``_packed`` entry a prepacked library calls)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((m, k), dtype=np.float32)
     copies = max(1, (512 << 20) // (4 * n * k)) if cold else 1
     ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(copies)]
+    if packed:
+        ws = [packed_weights(lib, w) for w in ws]
+    linear = lib.mlcv_f32_linear_packed if packed else lib.mlcv_f32_linear
     b = rng.standard_normal(n, dtype=np.float32)
     y = np.empty((m, n), np.float32)
     ptr = lambda a: a.ctypes.data  # noqa: E731
@@ -102,7 +125,7 @@ def time_one(lib, m: int, k: int, n: int, runs: int, cold: bool = False) -> tupl
 
     def call():
         w = ws[next(calls) % copies]
-        assert lib.mlcv_f32_linear(ptr(x), ptr(w), ptr(b), None, None, None, ptr(y), m, n, k, 0) == 0
+        assert linear(ptr(x), ptr(w), ptr(b), None, None, None, ptr(y), m, n, k, 0) == 0
 
     call()
     walls, cpus = [], []
@@ -141,6 +164,7 @@ def main() -> None:
     ap.add_argument("--fma-ports", type=int, default=2, help="512-bit FMAs per cycle (an AVX2 CPU: half its 256-bit ones)")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--cold", action="store_true", help="weights from memory, not cache (as in a model)")
+    ap.add_argument("--packed", action="store_true", help="weights packed once beforehand (a prepacked library)")
     ap.add_argument("--m", type=int, nargs="*", default=None, help=f"rows (default {ROWS})")
     ap.add_argument("--attention", action="store_true", help="time the attention instead of the GEMMs")
     args = ap.parse_args()
@@ -158,7 +182,7 @@ def main() -> None:
             return
         for m, (k, n) in itertools.product(args.m or ROWS, KN):
             lib.mlcv_f32_tile_info(ctypes.c_int64(k), info)
-            wall, cpu = time_one(lib, m, k, n, args.runs, args.cold)
+            wall, cpu = time_one(lib, m, k, n, args.runs, args.cold, args.packed)
             gf = 2 * m * k * n / wall / 1e9
             per_cpu = 2 * m * k * n / cpu / 1e9
             print(f"M={m:5d} K={k:5d} N={n:5d} KC={info[2]:4d}  {wall * 1e3:7.2f} ms {gf:6.1f} GFLOP/s "

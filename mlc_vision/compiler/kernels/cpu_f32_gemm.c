@@ -88,7 +88,7 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 #endif
 
 #ifndef F32_PREFETCH_ROWS
-#define F32_PREFETCH_ROWS 300 /* row blocks up to this size prefetch the next panel's weights */
+#define F32_PREFETCH_ROWS 300 /* row blocks up to this size prefetch the next slice's weights */
 #endif
 
 /* ------------------------------------------------------------------ features */
@@ -248,6 +248,14 @@ typedef struct {
   int bf16;
   int packed;
 } f32_weights;
+
+/* The weights of the slice a thread runs next, which the current slice's row tiles prefetch into L2:
+ * ``rows`` rows of ``ld`` floats apart from ``start`` (NULL: nothing to prefetch), each read over
+ * the current slice's K block. Rows of w, or a packed slice seen as rows of its K block: the same lines. */
+typedef struct {
+  const float* start;
+  int64_t rows, ld;
+} f32_prefetch;
 
 /* What the weights' pointer of an entry holds (the ``kind`` of the _path entries). */
 enum { F32_WEIGHTS_F32 = 0, F32_WEIGHTS_BF16 = 1, F32_WEIGHTS_PACKED = 2 };
@@ -422,15 +430,15 @@ F32_AVX512 static void f32_pack_b(const f32_weights* w, int64_t N, int64_t K, in
 /* One register tile: ``mr`` rows x NR columns of y at (m, n0), over kc values of k: rows of x at
  * ``a`` (``lda`` floats apart), the weight slice ``b`` (kc rows of NR). ``first``: start from 0,
  * else from the partial sums in y; ``last``: finish with the epilogue. ``next``: the next tile's
- * rows, prefetched into L1 while this one runs. ``pf``: ``pf_rows`` rows of the weights (``lda``
- * floats apart, kc values each) that the next panel packs, prefetched into L2 one cache line per
- * row every 16 k, so that reading them from memory overlaps this panel's FMAs. */
+ * rows, prefetched into L1 while this one runs. ``pf``: ``pf_rows`` rows of the weights (``pf_ld``
+ * floats apart, kc values each) that the next slice is made of, prefetched into L2 one cache line per
+ * row every 16 k, so that reading them from memory overlaps this slice's FMAs. */
 F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, const float* a, const float* b,
                                                                      const float* next, const f32_epilogue* ep,
                                                                      float* y, int64_t m, int64_t n0,
                                                                      const __mmask16* masks, int64_t N, int64_t lda,
                                                                      int64_t kc, int first, int last, const float* pf,
-                                                                     int pf_rows) {
+                                                                     int pf_rows, int64_t pf_ld) {
   __m512 acc[F32_MR][F32_NV];
 #pragma GCC unroll 16
   for (int r = 0; r < F32_MR; ++r)
@@ -442,7 +450,7 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
     if ((k & 15) == 0) {
 #pragma GCC unroll 16
       for (int r = 0; r < F32_MR; ++r) _mm_prefetch((const char*)(next + r * lda + k), _MM_HINT_T0);
-      for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * lda + k), _MM_HINT_T1);
+      for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * pf_ld + k), _MM_HINT_T1);
     }
     __m512 bv[F32_NV];
 #pragma GCC unroll 8
@@ -479,43 +487,42 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
   }
 }
 
-/* How many of the next panel's ``next_rows`` weight rows row tile ``t`` prefetches: ``per_tile``
- * each, in order, until none are left. */
-static inline int f32_prefetch_rows(int64_t t, int64_t per_tile, int64_t next_rows) {
-  int64_t left = next_rows - t * per_tile;
+/* How many of the next slice's weight rows row tile ``t`` prefetches: ``per_tile`` each, in order,
+ * until none are left. */
+static inline int f32_prefetch_rows(const f32_prefetch* next, int64_t t, int64_t per_tile) {
+  int64_t left = next->rows - t * per_tile;
   return (int)(left <= 0 ? 0 : left < per_tile ? left : per_tile);
 }
 
-/* The first weight row row tile ``t`` prefetches (NULL when there is no next panel). */
-static inline const float* f32_prefetch_start(const float* w_next, int64_t t, int64_t per_tile, int64_t lda) {
-  return w_next ? w_next + t * per_tile * lda : NULL;
+/* The first weight row row tile ``t`` prefetches (NULL when there is no next slice). */
+static inline const float* f32_prefetch_start(const f32_prefetch* next, int64_t t, int64_t per_tile) {
+  return next->start ? next->start + t * per_tile * next->ld : NULL;
 }
 
 #define F32_TILE_CASE(R)                                                                             \
   case R:                                                                                            \
     f32_tile(R, a, b, a, ep, y, m, n0, masks, N, lda, kc, first, last,                               \
-             f32_prefetch_start(w_next, t, per_tile, lda), f32_prefetch_rows(t, per_tile, next_rows)); \
+             f32_prefetch_start(next, t, per_tile), f32_prefetch_rows(next, t, per_tile), next->ld); \
     break;
 
 /* Rows [m0, m1) x columns [n0, n0 + ncols) (the slice ``b``), one K block of kc; row r of the
- * block is at ``a0 + r * lda``. ``w_next``: the first of the ``next_rows`` weight rows (same k range)
- * the next panel packs, or NULL; the row tiles share their prefetching (f32_tile). */
+ * block is at ``a0 + r * lda``. ``next``: the weights of the slice that follows, which the row tiles
+ * prefetch between them (f32_tile). */
 F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep,
                                         float* y, int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N,
-                                        int64_t kc, int first, int last, const float* w_next, int64_t next_rows) {
+                                        int64_t kc, int first, int last, const f32_prefetch* next) {
   __mmask16 masks[F32_NV];
   for (int j = 0; j < F32_NV; ++j) {
     int64_t left = ncols - 16 * j;
     masks[j] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
   }
   const int64_t tiles = (m1 - m0 + F32_MR - 1) / F32_MR;
-  if (w_next == NULL) next_rows = 0;
-  const int64_t per_tile = tiles > 0 ? (next_rows + tiles - 1) / tiles : 0;
+  const int64_t per_tile = tiles > 0 && next->start ? (next->rows + tiles - 1) / tiles : 0;
   int64_t m = m0, t = 0;
   const float* a = a0;
   for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda, ++t)
     f32_tile(F32_MR, a, b, a + F32_MR * lda, ep, y, m, n0, masks, N, lda, kc, first, last,
-             f32_prefetch_start(w_next, t, per_tile, lda), f32_prefetch_rows(t, per_tile, next_rows));
+             f32_prefetch_start(next, t, per_tile), f32_prefetch_rows(next, t, per_tile), next->ld);
   switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
 #if F32_MR > 13
     F32_TILE_CASE(13) F32_TILE_CASE(12) F32_TILE_CASE(11) F32_TILE_CASE(10) F32_TILE_CASE(9) F32_TILE_CASE(8)
@@ -689,7 +696,7 @@ F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr,
                                                                           float* y, int64_t m, int64_t n0,
                                                                           const __m256i* masks, int64_t N, int64_t lda,
                                                                           int64_t kc, int first, int last,
-                                                                          const float* pf, int pf_rows) {
+                                                                          const float* pf, int pf_rows, int64_t pf_ld) {
   __m256 acc[F32_AVX2_MR][F32_AVX2_NV];
 #pragma GCC unroll 6
   for (int r = 0; r < F32_AVX2_MR; ++r)
@@ -699,7 +706,7 @@ F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr,
                                      : _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     if ((k & 15) == 0) {
-      for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * lda + k), _MM_HINT_T1);
+      for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * pf_ld + k), _MM_HINT_T1);
     }
     __m256 bv[F32_AVX2_NV];
 #pragma GCC unroll 3
@@ -740,23 +747,22 @@ F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr,
 #define F32_AVX2_TILE_CASE(R)                                                                          \
   case R:                                                                                              \
     f32_tile_avx2(R, a, b, ep, y, m, n0, masks, N, lda, kc, first, last,                               \
-                  f32_prefetch_start(w_next, t, per_tile, lda), f32_prefetch_rows(t, per_tile, next_rows)); \
+                  f32_prefetch_start(next, t, per_tile), f32_prefetch_rows(next, t, per_tile), next->ld); \
     break;
 
 /* f32_block_avx512 on the 6 x 16 ymm tile. */
 F32_AVX2 static void f32_block_avx2(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep, float* y,
                                     int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t kc,
-                                    int first, int last, const float* w_next, int64_t next_rows) {
+                                    int first, int last, const f32_prefetch* next) {
   __m256i masks[F32_AVX2_NV];
   for (int j = 0; j < F32_AVX2_NV; ++j) masks[j] = f32_lanes_avx2(ncols - 8 * j);
   const int64_t tiles = (m1 - m0 + F32_AVX2_MR - 1) / F32_AVX2_MR;
-  if (w_next == NULL) next_rows = 0;
-  const int64_t per_tile = tiles > 0 ? (next_rows + tiles - 1) / tiles : 0;
+  const int64_t per_tile = tiles > 0 && next->start ? (next->rows + tiles - 1) / tiles : 0;
   int64_t m = m0, t = 0;
   const float* a = a0;
   for (; m + F32_AVX2_MR <= m1; m += F32_AVX2_MR, a += F32_AVX2_MR * lda, ++t)
     f32_tile_avx2(F32_AVX2_MR, a, b, ep, y, m, n0, masks, N, lda, kc, first, last,
-                  f32_prefetch_start(w_next, t, per_tile, lda), f32_prefetch_rows(t, per_tile, next_rows));
+                  f32_prefetch_start(next, t, per_tile), f32_prefetch_rows(next, t, per_tile), next->ld);
   switch (m1 - m) {
     F32_AVX2_TILE_CASE(5) F32_AVX2_TILE_CASE(4) F32_AVX2_TILE_CASE(3) F32_AVX2_TILE_CASE(2) F32_AVX2_TILE_CASE(1)
     default: break;
@@ -827,42 +833,64 @@ typedef void (*f32_pack_fn)(const f32_weights* w, int64_t N, int64_t K, int64_t 
                             float* slice);
 typedef void (*f32_block_fn)(const float* a0, int64_t lda, const float* b, const f32_epilogue* ep, float* y,
                              int64_t m0, int64_t m1, int64_t n0, int64_t ncols, int64_t N, int64_t kc, int first,
-                             int last, const float* w_next, int64_t next_rows);
+                             int last, const f32_prefetch* next);
+
+/* The weights of panel ``p``'s K block from ``k0``, as f32_prefetch rows: kc values of each of its
+ * rows of w (K apart), or its packed slice (nr rows of kc values, back to back). */
+static f32_prefetch f32_slice_weights(const f32_job* job, int64_t p, int64_t k0) {
+  int64_t n0, ncols;
+  const f32_part* part = f32_panel(job, p, &n0, &ncols);
+  const int64_t kc = job->K - k0 < job->kc ? job->K - k0 : job->kc;
+  const float* start = f32_panel_weights(job, part, n0);
+  if (part->w.packed) return (f32_prefetch){start + k0 * job->nr, job->nr, kc};
+  return (f32_prefetch){start + k0, ncols, job->K};
+}
+
+/* What f32_run_unit_vector prefetches while it runs panel ``p``'s K block from ``k0``: the next slice
+ * it runs (the next panel, else the unit's first panel in the next K block, else ``after`` in the
+ * next unit), when the unit has few rows: then reading the weights from memory is a large part of
+ * a slice's time (with more rows it is small, and the prefetched lines compete with x for L2).
+ * Weights kept in bf16 are not prefetched. With several K blocks (K = 4304 on a 512 KiB L2, and on
+ * AVX-512 the MLP output layers on a 1 MiB L2) a unit's slices were not prefetched at all before:
+ * SigLIP's block at 197 rows then took 1.12-1.13x as long; at 729 to 5832 rows prefetching them
+ * measured 0.95 to 1.07x, so the row bound is the same for every K. */
+static f32_prefetch f32_next_slice(const f32_job* job, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t p,
+                                   int64_t k0, int64_t after) {
+  const f32_prefetch none = {NULL, 0, 0};
+  if (m1 - m0 > F32_PREFETCH_ROWS) return none;
+  int64_t next = after, next_k0 = 0;
+  if (p + 1 < p1) {
+    next = p + 1;
+    next_k0 = k0;
+  } else if (k0 + job->kc < job->K) {
+    next = p0;
+    next_k0 = k0 + job->kc;
+  }
+  if (next < 0 || job->part[next / job->part_panels].w.bf16) return none;
+  return f32_slice_weights(job, next, next_k0);
+}
 
 /* Rows [m0, m1) x panels [p0, p1) on a vector path. Each panel's weights are packed one K block at
  * a time (the whole K when it fits, see k_block) and used by every row tile of the unit, the
  * accumulators staying in registers over the block. K blocks are the outer loop: the unit's rows
  * of x in one K block are read by every panel, from L2 when they fit. ``after``: the panel that
- * this thread packs next, in its next unit (-1: none), whose weights the last panel prefetches. */
+ * this thread packs next, in its next unit (-1: none), whose weights the last slice prefetches. */
 static void f32_run_unit_vector(const f32_job* job, f32_pack_fn pack, f32_block_fn block, float* scratch, int64_t m0,
                                 int64_t m1, int64_t p0, int64_t p1, int64_t after) {
   const int64_t N = job->N, K = job->K;
   for (int64_t k0 = 0; k0 < K; k0 += job->kc) {
     int64_t k1 = k0 + job->kc < K ? k0 + job->kc : K;
     for (int64_t p = p0; p < p1; ++p) {
-      int64_t n0, ncols, next_n0, next_cols;
+      int64_t n0, ncols;
       const f32_part* part = f32_panel(job, p, &n0, &ncols);
       f32_epilogue ep = f32_part_epilogue(job, part);
-      /* The next panel's weights, prefetched while this one runs when the whole K is one block and
-       * the unit has few rows: then reading them from memory is a large part of a panel's time
-       * (with more rows it is small, and the prefetched lines compete with x for L2). */
-      int64_t next = p + 1 < p1 ? p + 1 : after;
-      const f32_part* next_part = next >= 0 ? f32_panel(job, next, &next_n0, &next_cols) : NULL;
-      int prefetch = next_part && !next_part->w.bf16 && job->kc >= K && m1 - m0 <= F32_PREFETCH_ROWS;
-      const float* w_next = NULL;
-      int64_t next_rows = 0;
-      if (prefetch) {
-        /* K rows of w, or the next packed panel seen as nr rows of K floats: the same lines. */
-        w_next = f32_panel_weights(job, next_part, next_n0);
-        next_rows = next_part->w.packed ? job->nr : next_cols;
-      }
+      f32_prefetch next = f32_next_slice(job, m0, m1, p0, p1, p, k0, after);
       const float* slice = scratch;
       if (part->w.packed)
         slice = f32_panel_weights(job, part, n0) + k0 * job->nr;
       else
         pack(&part->w, N, K, n0, k0, k1, scratch);
-      block(job->x + m0 * K + k0, K, slice, &ep, part->y, m0, m1, n0, ncols, N, k1 - k0,
-            k0 == 0, k1 == K, w_next, next_rows);
+      block(job->x + m0 * K + k0, K, slice, &ep, part->y, m0, m1, n0, ncols, N, k1 - k0, k0 == 0, k1 == K, &next);
     }
   }
 }
