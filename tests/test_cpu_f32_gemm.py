@@ -419,12 +419,14 @@ def test_bf16_libraries_have_no_prepack():
         "function": "prepack_params", "entries": {"encode": "encode_prepacked"}}  # fmt: skip
 
 
-def test_prepacked_library_equals_its_entries(clip_checkpoint, tmp_path):
+def test_prepacked_library_equals_its_entries(clip_checkpoint, tmp_path, monkeypatch):
     """A built library: each twin on the packed params gives exactly what its entry gives on the params
-    as loaded (same kernels and sums, only the packing moved), and ``VisionEncoder`` calls the twins."""
+    as loaded (same kernels and sums, only the packing moved), and ``VisionEncoder`` calls the twins;
+    where a packed copy would not fit in the memory left, it warns and calls the entries."""
     import tvm
 
     from mlc_vision.checkpoint.resolve import resolve_config
+    from mlc_vision.runtime import memory
     from mlc_vision.runtime.encoder import VisionEncoder
     from parity import CompiledCPU, convert_checkpoint
 
@@ -447,6 +449,11 @@ def test_prepacked_library_equals_its_entries(clip_checkpoint, tmp_path):
         np.testing.assert_array_equal(ours, theirs.numpy())
     np.testing.assert_array_equal(VisionEncoder(lib.lib_path, params_dir).encode_pixels(x), raw)
     np.testing.assert_array_equal(VisionEncoder(lib.lib_path, params_dir, prepack=False).encode_pixels(x), raw)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 << 20)
+    with pytest.warns(UserWarning, match="not packed at load"):
+        short_of_memory = VisionEncoder(lib.lib_path, params_dir)
+    assert not short_of_memory._loaded_params().packed
+    np.testing.assert_array_equal(short_of_memory.encode_pixels(x), raw)
 
 
 def test_pipeline_calls_the_kernel_only_when_asked(clip_checkpoint):

@@ -25,6 +25,7 @@ from ..weights.integrity import check_params_files
 from ..weights.params import load_params, read_params
 from ..cpu_features import check_cpu_library
 from .libcheck import check_library_file
+from .memory import prepack_fits
 from .native import NativeGeometry, attention_inputs, check_grid, preprocess_native
 from .preprocess import load_rgb, normalize, preprocess
 from .tiling import Grid, anyres_tiles, internvl_tiles, pack_anyres
@@ -117,6 +118,14 @@ def prepacked_params(vm, metadata: dict, params):
     then pack no weights per call), else as they are."""
     prepack = metadata.get("prepack")
     return vm[prepack["function"]](params) if prepack else params
+
+
+class _Params(NamedTuple):
+    """An encoder's loaded weights: as its entries take them, and whether they are the packed ones
+    (then the entries are the ``_prepacked`` twins, :func:`entry_function`)."""
+
+    tensors: object
+    packed: bool
 
 
 def entry_function(metadata: dict, entry: str, prepacked: bool = True) -> str:
@@ -270,7 +279,9 @@ class VisionEncoder:
     ``prepack``: an fp32 CPU library's weights are packed once, when they are
     loaded, into the layout its GEMM reads (``metadata["prepack"]``), instead of
     in every call; while they are packed its linear layers' weights are held
-    twice. ``prepack=False`` keeps them as loaded.
+    twice, so where that would not fit in the memory left they are kept as
+    loaded, with a warning (``runtime/memory.py``). ``prepack=False`` keeps them
+    as loaded.
     """
 
     def __init__(
@@ -317,7 +328,8 @@ class VisionEncoder:
         check_params_match(self.metadata, self.params_dir)
         check_params_files(self.params_dir, verify=self._verify)
         params = load_params(self.params_dir, param_names(self.metadata), self.tvm_device)
-        self._params = prepacked_params(self._vm, self.metadata, params) if self._prepack else params
+        packed = self._prepack and prepack_fits(self.metadata)
+        self._params = _Params(prepacked_params(self._vm, self.metadata, params) if packed else params, packed)
         self._newline = None
 
     def _loaded_params(self):
@@ -417,8 +429,8 @@ class VisionEncoder:
         """The entry's result as numpy: one array, or (several outputs) their tuple, see :data:`OUTPUT_TUPLES`."""
         params = self._loaded_params()
         tensors = [tvm.runtime.tensor(array, self.tvm_device) for array in arrays]
-        entry = entry_function(self.metadata, function, self._prepack)
-        return _to_numpy(self._vms[entry](*tensors, params), self.output_names)
+        entry = entry_function(self.metadata, function, params.packed)
+        return _to_numpy(self._vms[entry](*tensors, params.tensors), self.output_names)
 
     @property
     def output_names(self) -> tuple[str, ...]:

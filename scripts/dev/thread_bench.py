@@ -24,7 +24,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from mlc_vision.runtime.encoder import VisionEncoder
+from mlc_vision.runtime.encoder import VisionEncoder, entry_function
 
 
 class LockedVM:
@@ -38,7 +38,8 @@ class LockedVM:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         tensor = tvm.runtime.tensor(pixels, self.encoder.tvm_device)
         with self.lock:
-            return self.vm["encode"](tensor, self.encoder._params).numpy()
+            params = self.encoder._loaded_params()  # the encoder's own weights, packed or not
+            return self.vm[entry_function(self.encoder.metadata, "encode", params.packed)](tensor, params.tensors).numpy()
 
 
 def timed_threads(call, inputs: list[np.ndarray], threads: int) -> tuple[tuple[float, float], list]:
