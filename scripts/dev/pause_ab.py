@@ -1,0 +1,78 @@
+"""Dev A/B: a preset's fp32 library against ONNX Runtime, each call timed after an idle pause and right after a call.
+
+``bench`` sleeps before every call so that one engine's spinning threads do not slow the next; this
+times both engines that way and also right after a call of their own (one untimed call first), in
+alternation in one process, and prints the medians and the two ratios (docs/performance.md has
+the runs on a Zen 3):
+
+    python scripts/dev/pause_ab.py clip-vit-base-patch16 --batch 1 --runs 25
+    TVM_BIND_THREADS=0 python scripts/dev/pause_ab.py clip-vit-base-patch16   # TVM's threads unpinned
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    import tvm
+    from cpu_profile import random_params
+    from tvm import relax
+
+    from mlc_vision import bench_peers
+    from mlc_vision.compiler.export import build_library
+    from mlc_vision.compiler.module import build_module
+    from mlc_vision.config import load_preset
+    from mlc_vision.runtime.encoder import entry_function, prepacked_params
+    from mlc_vision.testing.references import torch_model
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("preset")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=21)
+    ap.add_argument("--pause", type=float, default=0.2, help="seconds of idle before a call (bench's)")
+    args = ap.parse_args()
+
+    config = dataclasses.replace(load_preset(args.preset), select_layer=-1, feature="cls_patch")
+    size = config.image_size
+    pixels = np.random.default_rng(1).standard_normal((args.batch, 3, size, size)).astype("float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        built = build_module(config, "float32", "cpu")
+        library = build_library(built.mod, "cpu", Path(tmp) / "lib.so", metadata=built.metadata)
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+        onnx = bench_peers.export_onnx(torch_model(config).eval(), pixels, Path(tmp) / "model.onnx")
+        session = bench_peers.onnxruntime_session(onnx)
+    loaded = [tvm.runtime.tensor(a, tvm.cpu()) for a in random_params(built.metadata["params"])]
+    params = prepacked_params(vm, built.metadata, loaded)  # as VisionEncoder and bench call it
+    encode = vm[entry_function(built.metadata, "encode")]
+    tensor = tvm.runtime.tensor(pixels, tvm.cpu())
+    calls = {"ours": lambda: encode(tensor, params), "ONNX Runtime": bench_peers.onnxruntime_runner(session, pixels)}
+    for call in calls.values():
+        call()
+        call()
+    times = {(name, after_pause): [] for name in calls for after_pause in (True, False)}
+    for _ in range(args.runs):
+        for after_pause in (True, False):
+            for name, call in calls.items():
+                time.sleep(args.pause if after_pause else 0.01)
+                if not after_pause:
+                    call()  # the timed call follows a call of its own
+                start = time.perf_counter()
+                call()
+                times[(name, after_pause)].append(time.perf_counter() - start)
+    medians = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
+    for (name, after_pause), ms in medians.items():
+        print(f"{name:13s} {'after a pause' if after_pause else 'right after a call':18s} median {ms:8.1f} ms")
+    for after_pause in (True, False):
+        ratio = medians[("ours", after_pause)] / medians[("ONNX Runtime", after_pause)]
+        print(f"ours / ONNX Runtime {'after a pause' if after_pause else 'right after a call'}: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
