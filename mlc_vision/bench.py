@@ -147,8 +147,7 @@ class OurLibrary:
 
         from .compiler.export import build_library
         from .compiler.module import build_module
-        from .runtime.encoder import entry_function, prepacked_params
-        from .runtime.memory import prepack_fits
+        from .runtime.encoder import entry_function, entry_params
 
         start = time.perf_counter()
         built = build_module(config, dtype, "cpu")
@@ -161,9 +160,9 @@ class OurLibrary:
         self.fp32_params = params if params is not None else _random_params(built.metadata)
         self.metadata = built.metadata
         loaded = [tvm.runtime.tensor(p.astype(self._np_dtype()), self.device) for p in self.fp32_params]
-        packed = prepack_fits(self.metadata)  # as VisionEncoder does
-        self.params = prepacked_params(self.vm, self.metadata, loaded) if packed else loaded
-        self.encode = self.vm[entry_function(self.metadata, "encode", packed)]
+        weights = entry_params(self.vm, self.metadata, loaded)  # as VisionEncoder loads them
+        self.params = weights.tensors
+        self.encode = self.vm[entry_function(self.metadata, "encode", weights.packed)]
         self.tokens = built.metadata["num_tokens"]
 
     def _np_dtype(self):

@@ -21,13 +21,12 @@ from .encoder import (
     PerThreadVM,
     check_params_match,
     entry_function,
+    entry_params,
     load_library,
     param_names,
     parse_device,
-    prepacked_params,
     read_metadata,
 )
-from .memory import prepack_fits
 from .preprocess import preprocess
 from .tokenize import TextTokenizer
 
@@ -65,8 +64,7 @@ class ContrastiveEncoder:
             )
         check_params_match(self.metadata, self.params_dir)
         params = load_params(self.params_dir, param_names(self.metadata), self.tvm_device)
-        self._packed = prepack_fits(self.metadata)  # fp32 CPU: weights packed once, where that fits in memory
-        self._params = prepacked_params(self._vm.first, self.metadata, params) if self._packed else params
+        self._params = entry_params(self._vm.first, self.metadata, params)  # fp32 CPU: weights packed once
         self.text = self.metadata["text"]
         self._tokenizer_dir = Path(tokenizer) if tokenizer is not None else self.params_dir
         self._tokenizer = None
@@ -86,8 +84,8 @@ class ContrastiveEncoder:
         from ..config import Preprocess
 
         pixels = images if isinstance(images, np.ndarray) else preprocess(images, Preprocess.from_dict(self.metadata["preprocess"]))
-        encode = self._vm[entry_function(self.metadata, "encode", self._packed)]
-        out = encode(self._tensor(pixels.astype(_numpy(self.metadata["dtype"]))), self._params).numpy()
+        encode = self._vm[entry_function(self.metadata, "encode", self._params.packed)]
+        out = encode(self._tensor(pixels.astype(_numpy(self.metadata["dtype"]))), self._params.tensors).numpy()
         return out[:, 0].astype(np.float32)
 
     def encode_token_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -96,9 +94,9 @@ class ContrastiveEncoder:
             raise MlcVisionError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be equal [batch, length]")
         if input_ids.shape[1] > self.text["max_length"]:
             raise MlcVisionError(f"{input_ids.shape[1]} tokens exceed the model's maximum of {self.text['max_length']}")
-        encode_text = self._vm[entry_function(self.metadata, "encode_text", self._packed)]
+        encode_text = self._vm[entry_function(self.metadata, "encode_text", self._params.packed)]
         ids, mask = (self._tensor(a.astype(np.int32)) for a in (input_ids, attention_mask))
-        out = encode_text(ids, mask, self._params)
+        out = encode_text(ids, mask, self._params.tensors)
         return out.numpy().astype(np.float32)
 
     @property

@@ -120,12 +120,20 @@ def prepacked_params(vm, metadata: dict, params):
     return vm[prepack["function"]](params) if prepack else params
 
 
-class _Params(NamedTuple):
-    """An encoder's loaded weights: as its entries take them, and whether they are the packed ones
+class EntryParams(NamedTuple):
+    """A library's loaded weights as its entries take them, and whether they are the packed ones
     (then the entries are the ``_prepacked`` twins, :func:`entry_function`)."""
 
     tensors: object
     packed: bool
+
+
+def entry_params(vm, metadata: dict, params, prepack: bool = True) -> EntryParams:
+    """``params`` as loaded, packed once (:func:`prepacked_params`) where ``prepack`` asks, the library
+    packs its weights and a packed copy fits in the memory left (``memory.prepack_fits``, which
+    warns where it does not)."""
+    packed = prepack and prepack_fits(metadata)
+    return EntryParams(prepacked_params(vm, metadata, params) if packed else params, packed)
 
 
 def entry_function(metadata: dict, entry: str, prepacked: bool = True) -> str:
@@ -328,8 +336,7 @@ class VisionEncoder:
         check_params_match(self.metadata, self.params_dir)
         check_params_files(self.params_dir, verify=self._verify)
         params = load_params(self.params_dir, param_names(self.metadata), self.tvm_device)
-        packed = self._prepack and prepack_fits(self.metadata)
-        self._params = _Params(prepacked_params(self._vm, self.metadata, params) if packed else params, packed)
+        self._params = entry_params(self._vm, self.metadata, params, self._prepack)
         self._newline = None
 
     def _loaded_params(self):

@@ -850,10 +850,9 @@ static f32_prefetch f32_slice_weights(const f32_job* job, int64_t p, int64_t k0)
  * it runs (the next panel, else the unit's first panel in the next K block, else ``after`` in the
  * next unit), when the unit has few rows: then reading the weights from memory is a large part of
  * a slice's time (with more rows it is small, and the prefetched lines compete with x for L2).
- * Weights kept in bf16 are not prefetched. With several K blocks (K = 4304 on a 512 KiB L2, and on
- * AVX-512 the MLP output layers on a 1 MiB L2) a unit's slices were not prefetched at all before:
- * SigLIP's block at 197 rows then took 1.12-1.13x as long; at 729 to 5832 rows prefetching them
- * measured 0.95 to 1.07x, so the row bound is the same for every K. */
+ * Weights kept in bf16 are not prefetched. The slices of every K block are prefetched alike (a job
+ * has several when a slice of the whole K would not fit in half of L2), under the same row bound
+ * (docs/cpu-schedules.md has the measurements). */
 static f32_prefetch f32_next_slice(const f32_job* job, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t p,
                                    int64_t k0, int64_t after) {
   const f32_prefetch none = {NULL, 0, 0};
