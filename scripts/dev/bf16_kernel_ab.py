@@ -60,7 +60,7 @@ def base_source(rev: str, workdir: Path, kernel: str) -> Path:
 def ab_model(preset: str, batch: int, runs: int, base: Path, workdir: Path, kernel: str) -> None:
     import ml_dtypes  # noqa: F401 (numpy bfloat16)
     import tvm
-    from cpu_profile import random_params
+    from preset_library import random_params
     from tvm import relax
 
     from mlc_vision.compiler.export import build_library

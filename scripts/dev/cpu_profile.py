@@ -17,34 +17,16 @@ import argparse
 import collections
 import dataclasses
 import re
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-
-
-def random_params(specs, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for spec in specs:
-        shape = spec["shape"]
-        if spec["name"].endswith("weight") and len(shape) == 1:
-            a = 1 + 0.1 * rng.standard_normal(shape)
-        else:
-            a = rng.standard_normal(shape) * (0.02 if len(shape) == 2 else 0.1)
-        out.append(a.astype("float32"))
-    return out
+from preset_library import build_preset_library
 
 
 def main() -> None:
     import tvm
-    from tvm import relax
 
-    from mlc_vision.compiler.export import build_library
-    from mlc_vision.compiler.module import build_module
     from mlc_vision.config import load_preset
-    from mlc_vision.runtime.encoder import entry_function, prepacked_params
 
     ap = argparse.ArgumentParser()
     ap.add_argument("preset")
@@ -54,20 +36,13 @@ def main() -> None:
     args = ap.parse_args()
 
     config = dataclasses.replace(load_preset(args.preset), select_layer=-1, feature="cls_patch")
-    built = build_module(config, args.dtype, "cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        lib_path = build_library(built.mod, "cpu", Path(tmp) / "lib.so", metadata=built.metadata)
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
-    dev = tvm.cpu()
-    cast = (lambda a: a.astype("bfloat16")) if args.dtype == "bfloat16" else (lambda a: a)
-    import ml_dtypes  # noqa: F401 (numpy bfloat16)
-
-    loaded = [tvm.runtime.tensor(cast(a), dev) for a in random_params(built.metadata["params"])]
+    lib = build_preset_library(config, args.dtype)
+    vm = lib.vm
     # as VisionEncoder calls it: an fp32 library's weights packed once, its _prepacked twin
-    params = prepacked_params(vm, built.metadata, loaded)
-    encode = vm[entry_function(built.metadata, "encode")]
+    params, encode = lib.prepacked(), lib.encode()
     size = config.image_size
-    pixels = tvm.runtime.tensor(cast(np.random.default_rng(1).standard_normal((args.batch, 3, size, size)).astype("float32")), dev)
+    pixels = np.random.default_rng(1).standard_normal((args.batch, 3, size, size)).astype("float32")
+    pixels = tvm.runtime.tensor(pixels.astype(args.dtype), tvm.cpu())
 
     wall, cpu, count = collections.Counter(), collections.Counter(), collections.Counter()
     start = {}

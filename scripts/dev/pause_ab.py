@@ -18,18 +18,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from preset_library import build_preset_library
 
 
 def main() -> None:
     import tvm
-    from cpu_profile import random_params
-    from tvm import relax
 
     from mlc_vision import bench_peers
-    from mlc_vision.compiler.export import build_library
-    from mlc_vision.compiler.module import build_module
     from mlc_vision.config import load_preset
-    from mlc_vision.runtime.encoder import entry_function, prepacked_params
     from mlc_vision.testing.references import torch_model
 
     ap = argparse.ArgumentParser()
@@ -42,15 +38,11 @@ def main() -> None:
     config = dataclasses.replace(load_preset(args.preset), select_layer=-1, feature="cls_patch")
     size = config.image_size
     pixels = np.random.default_rng(1).standard_normal((args.batch, 3, size, size)).astype("float32")
+    lib = build_preset_library(config)
+    params, encode = lib.prepacked(), lib.encode()  # as VisionEncoder and bench call it
     with tempfile.TemporaryDirectory() as tmp:
-        built = build_module(config, "float32", "cpu")
-        library = build_library(built.mod, "cpu", Path(tmp) / "lib.so", metadata=built.metadata)
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
         onnx = bench_peers.export_onnx(torch_model(config).eval(), pixels, Path(tmp) / "model.onnx")
         session = bench_peers.onnxruntime_session(onnx)
-    loaded = [tvm.runtime.tensor(a, tvm.cpu()) for a in random_params(built.metadata["params"])]
-    params = prepacked_params(vm, built.metadata, loaded)  # as VisionEncoder and bench call it
-    encode = vm[entry_function(built.metadata, "encode")]
     tensor = tvm.runtime.tensor(pixels, tvm.cpu())
     calls = {"ours": lambda: encode(tensor, params), "ONNX Runtime": bench_peers.onnxruntime_runner(session, pixels)}
     for call in calls.values():

@@ -13,22 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+from preset_library import build_preset_library
 
 
 def main() -> None:
     import tvm
-    from tvm import relax
 
-    from mlc_vision.bench import _random_params, machine_info
-    from mlc_vision.compiler.export import build_library
-    from mlc_vision.compiler.module import build_module
+    from mlc_vision.bench import machine_info
     from mlc_vision.config import load_preset
-    from mlc_vision.runtime.encoder import entry_function, prepacked_params
 
     ap = argparse.ArgumentParser()
     ap.add_argument("preset")
@@ -38,21 +33,17 @@ def main() -> None:
     args = ap.parse_args()
 
     config = load_preset(args.preset)
-    built = build_module(config, "float32", "cpu")
-    if built.metadata.get("prepack") is None:
+    lib = build_preset_library(config)
+    if lib.metadata.get("prepack") is None:
         raise SystemExit("error: this CPU's fp32 libraries have no prepacked entries (no AVX2 + FMA or AVX-512F)")
-    with tempfile.TemporaryDirectory() as tmp:
-        lib_path = build_library(built.mod, "cpu", Path(tmp) / "lib.so", metadata=built.metadata)
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
-    loaded = [tvm.runtime.tensor(p, tvm.cpu()) for p in _random_params(built.metadata)]
     start = time.perf_counter()
-    packed = prepacked_params(vm, built.metadata, loaded)
+    packed = lib.prepacked()
     pack_s = time.perf_counter() - start
     size = config.image_size
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype("float32"))
     sides = {
-        "per call": (vm["encode"], loaded),
-        "prepacked": (vm[entry_function(built.metadata, "encode")], packed),
+        "per call": (lib.encode(prepacked=False), lib.loaded),
+        "prepacked": (lib.encode(), packed),
     }
     outputs = {name: f(x, p).numpy() for name, (f, p) in sides.items()}
     same = np.array_equal(outputs["per call"], outputs["prepacked"])
