@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import tvm
+from preset_library import random_params  # fp32: the module this script builds is fp32
 from tvm import relax
 
 PRESETS = {"b16": "clip-vit-base-patch16", "l14": "clip-vit-large-patch14-336"}
@@ -33,19 +34,6 @@ def build_module(name, dtype="float32"):
 
     built = build(product_config(name), dtype, "cpu")
     return built.mod, built.metadata["params"], product_config(name).image_size
-
-
-def random_params(params, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for spec in params:
-        shape = spec["shape"]
-        if spec["name"].endswith("weight") and len(shape) == 1:
-            a = 1 + 0.1 * rng.standard_normal(shape)
-        else:
-            a = rng.standard_normal(shape) * (0.02 if len(shape) == 2 else 0.1)
-        out.append(a.astype(spec["dtype"]))
-    return out
 
 
 def compile_mod(mod, scheduled=True):
