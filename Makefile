@@ -19,9 +19,11 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
+	bash scripts/install_test_packages.sh
 	$(PY) -m pytest -q -x --durations=15 tests
 
 test-slow: $(STAMP)
+	bash scripts/install_test_packages.sh
 	$(PY) -m pytest -q --run-slow --parity-report -rs tests
 
 bench: $(STAMP)

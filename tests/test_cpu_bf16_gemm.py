@@ -2,7 +2,8 @@
 bf16 library against our fp32 library.
 
 The kernel is compiled alone and called through ctypes on every path this CPU
-runs (plain C always; AVX512-BF16 and AMX where present), on small shapes with
+runs (plain C always; AVX512-BF16 and AMX where present), and in an emulated build on every path
+whatever the CPU (tests/kernel_builds.py), on small shapes with
 row, column and k tails. The reference is numpy's fp32 product of the same
 bf16-rounded inputs, so the only difference allowed is fp32 summation order.
 No timing assertions.
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from mlc_vision.compiler.kernels import cpu_bf16_gemm, cpu_f32_gemm
+from kernel_builds import BUILDS, kernel_library
 from parity import CompiledCPU, assert_close, convert_checkpoint, randomize_all
 
 
@@ -32,14 +34,11 @@ SHAPES = [(1, 1, 2), (5, 70, 64), (13, 130, 96), (37, 64, 34), (70, 200, 128), (
           (37, 70, 1060), (2000, 40, 1060)]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    obj = cpu_bf16_gemm.compile_object(tmp_path_factory.mktemp("bf16-obj"))
-    so = obj.with_suffix(".so")
-    import subprocess
-
-    subprocess.run([cpu_bf16_gemm._compiler(), "-shared", str(obj), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
+@pytest.fixture(scope="module", params=BUILDS)
+def kernel(request, tmp_path_factory):
+    """The kernel by ctypes, as a library links it (``native``) and with the AVX512-BF16 and AMX paths
+    emulated (``emulated``, tests/kernel_builds.py)."""
+    lib = kernel_library(cpu_bf16_gemm, request.param, tmp_path_factory.mktemp(f"bf16-{request.param}"))
     lib.mlcv_bf16_linear_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
     lib.mlcv_bf16_attention_path.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]

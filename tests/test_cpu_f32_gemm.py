@@ -2,7 +2,8 @@
 the pass that routes linear layers to it.
 
 The kernel is compiled alone and called through ctypes on every path this CPU
-runs (plain C always; AVX2 + FMA and AVX-512 where present), on small shapes with row tails
+runs (plain C always; AVX2 + FMA and AVX-512 where present), and in an emulated build on every
+path whatever the CPU (tests/kernel_builds.py), on small shapes with row tails
 (the register tiles have 6 rows), column tails (64- and 16-column panels, 16- and 8-lane
 vectors), k not a multiple of the K block, several row blocks, and every
 epilogue. The reference is numpy in float64. No timing assertions.
@@ -13,13 +14,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
-import subprocess
 
 import numpy as np
 import pytest
 
 from mlc_vision.compiler.kernels import cpu_f32_gemm
-from mlc_vision.compiler.kernels.c_objects import c_compiler
+from kernel_builds import BUILDS, kernel_library
 from parity import assert_close
 
 #: (M, N, K): one row and one column; row and column tails; k shorter than a vector; a 16-lane tail
@@ -30,12 +30,11 @@ SHAPES = [(1, 1, 1), (5, 70, 7), (13, 130, 96), (37, 64, 250), (300, 200, 530), 
           (29, 90, 1024), (9, 40, 9000)]
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    obj = cpu_f32_gemm.compile_object(tmp_path_factory.mktemp("f32-obj"))
-    so = obj.with_suffix(".so")
-    subprocess.run([c_compiler(), "-shared", str(obj), "-o", str(so), "-lm"], check=True)
-    lib = ctypes.CDLL(str(so))
+@pytest.fixture(scope="module", params=BUILDS)
+def kernel(request, tmp_path_factory):
+    """The kernel by ctypes, as a library links it (``native``) and with every vector path emulated
+    (``emulated``, tests/kernel_builds.py)."""
+    lib = kernel_library(cpu_f32_gemm, request.param, tmp_path_factory.mktemp(f"f32-{request.param}"))
     lib.mlcv_f32_linear_path.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int32]
     lib.mlcv_f32_linear_path.restype = ctypes.c_int
     lib.mlcv_f32_pack_weights_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2

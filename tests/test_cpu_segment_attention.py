@@ -3,7 +3,7 @@
 model's segmented-attention call (passes/segment_attention.py) compiled for the CPU.
 
 The kernel is compiled alone and called through ctypes on every path this CPU
-runs, on random segment layouts: segments of one token, segments shorter and
+runs, and in an emulated build on every path whatever the CPU (tests/kernel_builds.py), on random segment layouts: segments of one token, segments shorter and
 longer than a key block (64) and a query block (32) and not multiples of
 either, several head dims (including ones that are not a multiple of 16). The
 reference is float64 numpy softmax attention per segment. No timing assertions.
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import math
-import subprocess
 
 import numpy as np
 import pytest
 
 from mlc_vision.compiler.kernels import cpu_segment_attention
-from mlc_vision.compiler.kernels.c_objects import c_compiler
 from mlc_vision.models.qwen2_vl import SEGMENT_ATTENTION
+
+from kernel_builds import BUILDS, kernel_library
 
 #: (segment lengths, heads, head_dim)
 LAYOUTS = [
@@ -56,12 +56,11 @@ def inputs(rng, lengths, heads, head_dim, dtype=np.float32):
     return q, k, v, segments
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    obj = cpu_segment_attention.compile_object(tmp_path_factory.mktemp("segment-attention-obj"))
-    so = obj.with_suffix(".so")
-    subprocess.run([c_compiler(), "-shared", str(obj), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
+@pytest.fixture(scope="module", params=BUILDS)
+def kernel(request, tmp_path_factory):
+    """The kernel by ctypes, as a library links it (``native``) and with every path reported and
+    compiled for the baseline CPU (``emulated``, tests/kernel_builds.py)."""
+    lib = kernel_library(cpu_segment_attention, request.param, tmp_path_factory.mktemp(f"segment-{request.param}"))
     lib.mlcv_segment_attention_path.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [
         ctypes.c_float
     ]

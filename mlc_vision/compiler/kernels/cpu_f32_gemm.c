@@ -96,6 +96,7 @@ enum { F32_ACT_NONE = 0, F32_ACT_QUICK_GELU = 1, F32_ACT_GELU_ERF = 2, F32_ACT_G
 static int f32_probe_avx512(void) {
 #if MLCV_X86
   uint32_t a, b, c, d;
+  if (MLCV_EMULATED) return 1;
   if (!mlcv_os_saves_avx512()) return 0;
   __cpuid_count(7, 0, a, b, c, d);
   return (b & (1u << 16)) != 0; /* AVX512F */
@@ -107,6 +108,7 @@ static int f32_probe_avx512(void) {
 static int f32_probe_avx2(void) {
 #if MLCV_X86
   uint32_t a, b, c, d;
+  if (MLCV_EMULATED) return 1;
   if (!mlcv_os_saves_avx()) return 0;
   __cpuid(1, a, b, c, d);
   int fma = (c & (1u << 12)) != 0;
@@ -324,7 +326,7 @@ static void f32_rows_generic(const float* x, const f32_weights* w, const f32_epi
 /* ------------------------------------------------------------------ AVX-512 */
 
 #if MLCV_X86
-#define F32_AVX512 __attribute__((target("avx512f")))
+#define F32_AVX512 MLCV_TARGET("avx512f")
 
 /* e^x for x in [-87, 88] (clamped outside): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-7
  * Taylor polynomial (relative error about 2e-8 before rounding), times 2^n. */
@@ -539,7 +541,7 @@ F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const floa
 /* ------------------------------------------------------------------ AVX2 + FMA */
 
 #if MLCV_X86
-#define F32_AVX2 __attribute__((target("avx2,fma")))
+#define F32_AVX2 MLCV_TARGET("avx2,fma")
 
 /* Lane masks for _mm256_maskload_ps / _mm256_maskstore_ps: the first ``lanes`` (0..8) of 8. */
 static const int32_t f32_lane_mask_table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};

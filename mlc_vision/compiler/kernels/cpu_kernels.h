@@ -12,10 +12,25 @@
 
 #if defined(__x86_64__)
 #include <cpuid.h>
-#include <immintrin.h>
 #define MLCV_X86 1
 #else
 #define MLCV_X86 0
+#endif
+
+/* MLCV_X86_EMULATION (tests only, tests/kernel_builds.py) names a header that supplies
+ * the vector intrinsics in portable C: the vector functions are then compiled without their target
+ * features and the feature probes report every path present, so that the AVX-512, AVX512-BF16 and
+ * AMX paths run, slowly, on any x86-64 CPU. Products never set it. */
+#if MLCV_X86 && defined(MLCV_X86_EMULATION)
+#include MLCV_X86_EMULATION
+#define MLCV_EMULATED 1
+#define MLCV_TARGET(features)
+#else
+#if MLCV_X86
+#include <immintrin.h>
+#endif
+#define MLCV_EMULATED 0
+#define MLCV_TARGET(features) __attribute__((target(features)))
 #endif
 
 #include "tvm_thread_pool.h" /* found beside this file */
@@ -44,7 +59,7 @@ static inline int mlcv_os_saves_avx(void) {
 }
 
 /* 8 x 8 transpose of fp32: r[i][j] -> r[j][i]. */
-__attribute__((target("avx"), always_inline)) static inline void mlcv_transpose8x8(__m256 r[8]) {
+MLCV_TARGET("avx") __attribute__((always_inline)) static inline void mlcv_transpose8x8(__m256 r[8]) {
   __m256 t[8], s[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
@@ -64,7 +79,7 @@ __attribute__((target("avx"), always_inline)) static inline void mlcv_transpose8
 }
 
 /* 16 x 16 transpose of 32-bit words: r[i][j] -> r[j][i]. */
-__attribute__((target("avx512f"), always_inline)) static inline void mlcv_transpose16x16(__m512i r[16]) {
+MLCV_TARGET("avx512f") __attribute__((always_inline)) static inline void mlcv_transpose16x16(__m512i r[16]) {
   __m512i t[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);

@@ -43,6 +43,17 @@
 #define MLCV_X86 0
 #endif
 
+/* MLCV_X86_EMULATION (tests only, as in cpu_kernels.h): the paths are compiled without their target
+ * features (the compiler splits their vectors into baseline ones) and all reported present, so the
+ * AVX-512 path's tiles run on any x86-64 CPU. */
+#if MLCV_X86 && defined(MLCV_X86_EMULATION)
+#define MLCV_EMULATED 1
+#define MLCV_TARGET(features)
+#else
+#define MLCV_EMULATED 0
+#define MLCV_TARGET(features) __attribute__((target(features)))
+#endif
+
 #include "tvm_thread_pool.h" /* found beside this file */
 
 enum { PATH_GENERIC = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
@@ -98,7 +109,7 @@ ALWAYS_INLINE void load_key_block(unit_buffers* b, const attention_job* job, int
 /* AVX-512: 16 lanes, 32 registers: score tiles of 4 rows x 4 vectors, context tiles of up to 24 vectors. */
 #define LANES 16
 #define PATH_NAME avx512
-#define PATH_TARGET __attribute__((target("avx512f,avx512dq,fma")))
+#define PATH_TARGET MLCV_TARGET("avx512f,avx512dq,fma")
 #define SCORE_ROWS 4
 #define CONTEXT_ACCUMULATORS 24
 #if MLCV_X86
@@ -113,7 +124,7 @@ ALWAYS_INLINE void load_key_block(unit_buffers* b, const attention_job* job, int
 /* AVX2 + FMA: 8 lanes, 16 registers: one score row of 8 vectors, context tiles of up to 12 vectors. */
 #define LANES 8
 #define PATH_NAME avx2
-#define PATH_TARGET __attribute__((target("avx2,fma")))
+#define PATH_TARGET MLCV_TARGET("avx2,fma")
 #define SCORE_ROWS 1
 #define CONTEXT_ACCUMULATORS 12
 #if MLCV_X86
@@ -129,6 +140,7 @@ ALWAYS_INLINE void load_key_block(unit_buffers* b, const attention_job* job, int
 
 static int path_supported(int path) {
 #if MLCV_X86
+  if (MLCV_EMULATED) return 1;
   __builtin_cpu_init();
   if (path == PATH_AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
   if (path == PATH_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
