@@ -36,7 +36,8 @@ def _has_simde(workdir: Path) -> bool:
     return result.returncode == 0
 
 
-def _emulated_object(source: Path, workdir: Path) -> Path:
+def emulated_object(source: Path, workdir: Path) -> Path:
+    """``source`` (a kernel's C file) compiled as the ``emulated`` build; skips where it cannot be."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the emulated build models x86 instructions: an x86-64 host compiles it")
     if not _has_simde(workdir):
@@ -54,7 +55,7 @@ def kernel_library(kernel_module, build: str, workdir: Path) -> ctypes.CDLL:
     if build == "native":
         obj = kernel_module.compile_object(workdir)
     else:
-        obj = _emulated_object(kernel_module.SOURCE, workdir)
+        obj = emulated_object(kernel_module.SOURCE, workdir)
     so = obj.with_suffix(".so")
     subprocess.run([c_compiler(), "-shared", str(obj), "-o", str(so), "-lm"], check=True)
     return ctypes.CDLL(str(so))

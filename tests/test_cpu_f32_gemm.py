@@ -455,6 +455,40 @@ def test_prepacked_library_equals_its_entries(clip_checkpoint, tmp_path, monkeyp
     np.testing.assert_array_equal(short_of_memory.encode_pixels(x), raw)
 
 
+#: Where the C file keeps a packed weight's register-tile width: the header after the panels
+#: (``F32_PACK_HEADER_FLOATS``: magic, nr, N, K as int64).
+PACK_HEADER_NR = 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_library_linking_the_emulated_kernel_runs_avx512(clip_checkpoint, tmp_path, monkeypatch, dtype):
+    """A whole library linking the emulated build of the fp32 kernel (tests/kernel_builds.py), which
+    takes its AVX-512 path on any CPU: an fp32 library's weights packed at load into 64-column panels
+    (the packed header says so) and its twins reading them; a bf16 library's weights widened from bf16
+    by the AVX-512 packing. Both give what the library with the native kernel gives."""
+    from mlc_vision.checkpoint.resolve import resolve_config
+    from parity import CompiledCPU, convert_checkpoint
+
+    from kernel_builds import emulated_object
+
+    _needs_vector_path()
+    config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
+    params_dir = convert_checkpoint(clip_checkpoint, tmp_path / "params", dtype=dtype)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    cpu = "haswell"  # AVX2 + FMA, no bf16 arithmetic: a bf16 library's linear layers are this kernel's too
+    native = CompiledCPU(config, params_dir, dtype, tmp_path / "native", cpu=cpu).encode(x)
+    obj = emulated_object(cpu_f32_gemm.SOURCE, tmp_path)
+    monkeypatch.setattr(cpu_f32_gemm, "compile_object", lambda workdir: obj)
+    lib = CompiledCPU(config, params_dir, dtype, tmp_path / "emulated", cpu=cpu)
+    if dtype == "float32":
+        hidden = TINY["hidden_size"]
+        packed = next(p.numpy() for p in lib.params if p.shape == (cpu_f32_gemm.packed_floats(hidden, hidden),))
+        header = packed[-cpu_f32_gemm.PACK_HEADER_FLOATS :].view(np.int64)
+        assert header[PACK_HEADER_NR] == 64, "the weights were not packed for the AVX-512 path"
+    assert_close(np.asarray(lib.encode(x), np.float32), np.asarray(native, np.float32),
+                 f"{dtype} library, emulated AVX-512 kernel against the native one", dtype)  # fmt: skip
+
+
 def test_pipeline_calls_the_kernel_only_when_asked(clip_checkpoint):
     """A plain ``tvm.compile`` with our pipeline links no C object: it keeps the TIR GEMM."""
     from mlc_vision.bench import kernel_calls
