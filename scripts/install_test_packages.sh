@@ -23,9 +23,10 @@ else
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
-if ! "${as_root[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
-  "${as_root[@]}" apt-get update -q >/dev/null 2>&1
-  "${as_root[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 ||
+apt() { timeout 300 "${as_root[@]}" apt-get "$@" >/dev/null 2>&1; } # bounded: a registry out of reach must not stall the tests
+if ! apt install -y -q --no-install-recommends "${missing[@]}"; then
+  apt update -q
+  apt install -y -q --no-install-recommends "${missing[@]}" ||
     echo "note: apt-get could not install ${missing[*]}: the emulated kernel tests will skip"
 fi
 exit 0
