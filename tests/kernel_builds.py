@@ -51,7 +51,8 @@ def emulated_object(source: Path, workdir: Path) -> Path:
 
 
 def kernel_library(kernel_module, build: str, workdir: Path) -> ctypes.CDLL:
-    """``kernel_module``'s C file (``cpu_f32_gemm``, ``cpu_bf16_gemm``) as a shared library in ``build``."""
+    """``kernel_module``'s C file (``cpu_f32_gemm``, ``cpu_bf16_gemm``, ``cpu_segment_attention``) as a
+    shared library in ``build``."""
     if build == "native":
         obj = kernel_module.compile_object(workdir)
     else:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mlc_vision.compiler.kernels import cpu_f32_gemm
-from kernel_builds import BUILDS, kernel_library
+from kernel_builds import BUILDS, emulated_object, kernel_library
 from parity import assert_close
 
 #: (M, N, K): one row and one column; row and column tails; k shorter than a vector; a 16-lane tail
@@ -469,8 +469,6 @@ def test_library_linking_the_emulated_kernel_runs_avx512(clip_checkpoint, tmp_pa
     from mlc_vision.checkpoint.resolve import resolve_config
     from parity import CompiledCPU, convert_checkpoint
 
-    from kernel_builds import emulated_object
-
     _needs_vector_path()
     config = dataclasses.replace(resolve_config(clip_checkpoint), select_layer=-1, feature="cls_patch")
     params_dir = convert_checkpoint(clip_checkpoint, tmp_path / "params", dtype=dtype)
@@ -484,7 +482,7 @@ def test_library_linking_the_emulated_kernel_runs_avx512(clip_checkpoint, tmp_pa
         hidden = TINY["hidden_size"]
         packed = next(p.numpy() for p in lib.params if p.shape == (cpu_f32_gemm.packed_floats(hidden, hidden),))
         header = packed[-cpu_f32_gemm.PACK_HEADER_FLOATS :].view(np.int64)
-        assert header[PACK_HEADER_NR] == 64, "the weights were not packed for the AVX-512 path"
+        assert header[PACK_HEADER_NR] == 64, "the weights were not packed for the AVX-512 path (64-column tile)"
     assert_close(np.asarray(lib.encode(x), np.float32), np.asarray(native, np.float32),
                  f"{dtype} library, emulated AVX-512 kernel against the native one", dtype)  # fmt: skip
 

@@ -6,8 +6,8 @@
  * x86-64 CPU. Slow, and only as exact as these models: a check of the code paths' logic (packing,
  * tails, masks, epilogues), not of the hardware's rounding.
  *
- * What SIMDe 0.7 lacks and the kernels use is written here after the instructions' definitions in
- * Intel's manual.
+ * What SIMDe 0.7 lacks (or gets wrong) and the kernels use is written here after the instructions'
+ * definitions in Intel's manual, replacing any SIMDe form of the same name.
  */
 #ifndef MLCV_TESTS_X86_EMULATION_H_
 #define MLCV_TESTS_X86_EMULATION_H_
@@ -64,10 +64,15 @@ static inline void emu_mm256_mask_storeu_epi16(void* p, __mmask16 k, __m256i a) 
     if (k >> i & 1) memcpy((uint16_t*)p + i, &v[i], 2);
 }
 
+#undef _mm512_maskz_loadu_ps
 #define _mm512_maskz_loadu_ps emu_mm512_maskz_loadu_ps
+#undef _mm512_maskz_loadu_epi32
 #define _mm512_maskz_loadu_epi32 emu_mm512_maskz_loadu_epi32
+#undef _mm512_mask_storeu_ps
 #define _mm512_mask_storeu_ps emu_mm512_mask_storeu_ps
+#undef _mm256_maskz_loadu_epi16
 #define _mm256_maskz_loadu_epi16 emu_mm256_maskz_loadu_epi16
+#undef _mm256_mask_storeu_epi16
 #define _mm256_mask_storeu_epi16 emu_mm256_mask_storeu_epi16
 
 /* ------------------------------------------------------------------ tests of 256 bits */
@@ -93,8 +98,8 @@ static inline int emu_mm256_testc_si256(__m256i a, __m256i b) {
 }
 
 #undef _mm256_testz_si256
-#undef _mm256_testc_si256
 #define _mm256_testz_si256 emu_mm256_testz_si256
+#undef _mm256_testc_si256
 #define _mm256_testc_si256 emu_mm256_testc_si256
 
 /* ------------------------------------------------------------------ arithmetic */
@@ -125,9 +130,13 @@ static inline float emu_mm512_reduce_max_ps(__m512 a) {
   return most;
 }
 
+#undef _mm512_cvtepu16_epi32
 #define _mm512_cvtepu16_epi32 emu_mm512_cvtepu16_epi32
+#undef _mm512_rcp14_ps
 #define _mm512_rcp14_ps emu_mm512_rcp14_ps
+#undef _mm512_reduce_add_ps
 #define _mm512_reduce_add_ps emu_mm512_reduce_add_ps
+#undef _mm512_reduce_max_ps
 #define _mm512_reduce_max_ps emu_mm512_reduce_max_ps
 
 /* ------------------------------------------------------------------ bf16 conversions */
@@ -166,7 +175,9 @@ static inline __m512bh emu_mm512_cvtne2ps_pbh(__m512 a, __m512 b) {
   return r;
 }
 
+#undef _mm512_cvtneps_pbh
 #define _mm512_cvtneps_pbh emu_mm512_cvtneps_pbh
+#undef _mm512_cvtne2ps_pbh
 #define _mm512_cvtne2ps_pbh emu_mm512_cvtne2ps_pbh
 
 /* ------------------------------------------------------------------ AMX */
@@ -225,11 +236,17 @@ static inline void emu_tile_dpbf16ps(int c, int a, int b) {
 
 static inline void emu_tile_release(void) { memset(&emu_amx, 0, sizeof(emu_amx)); }
 
+#undef _tile_loadconfig
 #define _tile_loadconfig emu_tile_loadconfig
+#undef _tile_loadd
 #define _tile_loadd emu_tile_loadd
+#undef _tile_stored
 #define _tile_stored emu_tile_stored
+#undef _tile_zero
 #define _tile_zero emu_tile_zero
+#undef _tile_dpbf16ps
 #define _tile_dpbf16ps emu_tile_dpbf16ps
+#undef _tile_release
 #define _tile_release emu_tile_release
 
 #endif /* MLCV_TESTS_X86_EMULATION_H_ */
