@@ -1,7 +1,8 @@
 /*
- * What the GEMM and attention kernels (cpu_f32_gemm.c, cpu_bf16_gemm.c) share: the x86 switch, the
- * OS checks for the AVX and AVX-512 register states, 8 x 8 and 16 x 16 transposes of 32-bit words,
- * and grow-only scratch buffers per thread.
+ * What the CPU kernels (cpu_f32_gemm.c, cpu_bf16_gemm.c, cpu_segment_attention.c) share: the x86
+ * switch, the target attribute of a path (MLCV_TARGET) and its emulated test build, the OS checks for
+ * the AVX and AVX-512 register states, 8 x 8 and 16 x 16 transposes of 32-bit words, and grow-only
+ * scratch buffers per thread.
  */
 #ifndef MLCV_CPU_KERNELS_H_
 #define MLCV_CPU_KERNELS_H_

@@ -37,24 +37,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__)
-#define MLCV_X86 1
-#else
-#define MLCV_X86 0
-#endif
-
-/* MLCV_X86_EMULATION (tests only, as in cpu_kernels.h): the paths are compiled without their target
- * features (the compiler splits their vectors into baseline ones) and all reported present, so the
- * AVX-512 path's tiles run on any x86-64 CPU. */
-#if MLCV_X86 && defined(MLCV_X86_EMULATION)
-#define MLCV_EMULATED 1
-#define MLCV_TARGET(features)
-#else
-#define MLCV_EMULATED 0
-#define MLCV_TARGET(features) __attribute__((target(features)))
-#endif
-
-#include "tvm_thread_pool.h" /* found beside this file */
+/* MLCV_X86, the thread pool, and MLCV_TARGET / MLCV_EMULATED: in the emulated test build the paths
+ * are compiled without their target features (the compiler splits their vectors into baseline ones)
+ * and all reported present, so the AVX-512 path's tiles run on any x86-64 CPU. */
+#include "cpu_kernels.h" /* found beside this file */
 
 enum { PATH_GENERIC = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
 enum { OK = 0, OUT_OF_MEMORY = -1, SEGMENTS_NOT_SORTED = -2, BAD_HEAD_DIM = -3 };
