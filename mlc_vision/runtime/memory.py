@@ -14,9 +14,10 @@ the same numbers and pack their weights in every call instead.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from pathlib import Path
+
+from ..weights.params import NUMPY_DTYPES
 
 #: Memory left free beyond the packed copy: the packing pads each weight to 64 columns, and the
 #: process allocates activations and scratch right after.
@@ -61,13 +62,7 @@ def available_memory_bytes() -> int | None:
 
 def params_bytes(metadata: dict) -> int:
     """Bytes of the library's parameters (``metadata["params"]``), the bound on what packing copies."""
-    return sum(math.prod(spec["shape"]) * _dtype_bytes(spec["dtype"]) for spec in metadata["params"])
-
-
-def _dtype_bytes(dtype: str) -> int:
-    """Bytes per element of a TVM dtype name (float32, bfloat16, int8, ...)."""
-    bits = re.search(r"(\d+)$", dtype)
-    return max(1, int(bits.group(1)) // 8) if bits else 4
+    return sum(math.prod(spec["shape"]) * NUMPY_DTYPES[spec["dtype"]].itemsize for spec in metadata["params"])
 
 
 def prepack_fits(metadata: dict, available: int | None = None) -> bool:
