@@ -19,8 +19,7 @@ import dataclasses
 import re
 import time
 
-import numpy as np
-from preset_library import build_preset_library
+from preset_library import build_preset_library, random_pixels
 
 
 def main() -> None:
@@ -40,9 +39,7 @@ def main() -> None:
     vm = lib.vm
     # as VisionEncoder calls it: an fp32 library's weights packed once, its _prepacked twin
     params, encode = lib.prepacked(), lib.encode()
-    size = config.image_size
-    pixels = np.random.default_rng(1).standard_normal((args.batch, 3, size, size)).astype("float32")
-    pixels = tvm.runtime.tensor(pixels.astype(args.dtype), tvm.cpu())
+    pixels = tvm.runtime.tensor(random_pixels(config, args.batch).astype(args.dtype), tvm.cpu())
 
     wall, cpu, count = collections.Counter(), collections.Counter(), collections.Counter()
     start = {}

@@ -11,14 +11,13 @@ the runs on a Zen 3):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from preset_library import build_preset_library
+from preset_library import ab_argument_parser, build_preset_library, random_pixels
 
 
 def main() -> None:
@@ -28,16 +27,9 @@ def main() -> None:
     from mlc_vision.config import load_preset
     from mlc_vision.testing.references import torch_model
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("preset")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=21)
-    ap.add_argument("--pause", type=float, default=0.2, help="seconds of idle before a call (bench's)")
-    args = ap.parse_args()
-
+    args = ab_argument_parser("seconds of idle before a call (bench's)").parse_args()
     config = dataclasses.replace(load_preset(args.preset), select_layer=-1, feature="cls_patch")
-    size = config.image_size
-    pixels = np.random.default_rng(1).standard_normal((args.batch, 3, size, size)).astype("float32")
+    pixels = random_pixels(config, args.batch)
     lib = build_preset_library(config)
     params, encode = lib.prepacked(), lib.encode()  # as VisionEncoder and bench call it
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,12 +11,11 @@ Also prints how long ``prepack_params`` took (once, at load).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import numpy as np
-from preset_library import build_preset_library
+from preset_library import ab_argument_parser, build_preset_library, random_pixels
 
 
 def main() -> None:
@@ -25,12 +24,7 @@ def main() -> None:
     from mlc_vision.bench import machine_info
     from mlc_vision.config import load_preset
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("preset")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=21)
-    ap.add_argument("--pause", type=float, default=0.2, help="seconds between calls")
-    args = ap.parse_args()
+    args = ab_argument_parser("seconds between calls").parse_args()
 
     config = load_preset(args.preset)
     lib = build_preset_library(config)
@@ -39,8 +33,7 @@ def main() -> None:
     start = time.perf_counter()
     packed = lib.prepacked()
     pack_s = time.perf_counter() - start
-    size = config.image_size
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype("float32"))
+    x = tvm.runtime.tensor(random_pixels(config, args.batch, seed=0))
     sides = {
         "per call": (lib.encode(prepacked=False), lib.loaded),
         "prepacked": (lib.encode(), packed),

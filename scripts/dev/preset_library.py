@@ -5,10 +5,14 @@ with random params, and the params and entry a runtime calls (``entry_params``, 
     lib = build_preset_library(config, "float32")
     params = lib.prepacked()                      # what VisionEncoder loads
     lib.encode()(pixels, params)                  # its encode (the _prepacked twin where packed)
+
+Also the command line the A/B scripts share (:func:`ab_argument_parser`) and their random images
+(:func:`random_pixels`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import tempfile
 from pathlib import Path
@@ -28,6 +32,23 @@ def random_params(specs, seed=0):
             a = rng.standard_normal(shape) * (0.02 if len(shape) == 2 else 0.1)
         out.append(a.astype("float32"))
     return out
+
+
+def random_pixels(config, batch: int, seed: int = 1):
+    """fp32 ``[batch, 3, size, size]`` standard-normal pixels for ``config``'s image size."""
+    size = config.image_size
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype("float32")
+
+
+def ab_argument_parser(pause_help: str) -> argparse.ArgumentParser:
+    """A preset, ``--batch``, ``--runs`` (timed calls of each side) and ``--pause`` (seconds before a
+    call; ``pause_help`` says which): what the A/B scripts take, for them to add their own."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("preset")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=21)
+    ap.add_argument("--pause", type=float, default=0.2, help=pause_help)
+    return ap
 
 
 @dataclasses.dataclass
