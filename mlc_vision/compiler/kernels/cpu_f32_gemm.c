@@ -432,15 +432,15 @@ F32_AVX512 static void f32_pack_b(const f32_weights* w, int64_t N, int64_t K, in
 /* One register tile: ``mr`` rows x NR columns of y at (m, n0), over kc values of k: rows of x at
  * ``a`` (``lda`` floats apart), the weight slice ``b`` (kc rows of NR). ``first``: start from 0,
  * else from the partial sums in y; ``last``: finish with the epilogue. ``next``: the next tile's
- * rows, prefetched into L1 while this one runs. ``pf``: ``pf_rows`` rows of the weights (``pf_ld``
- * floats apart, kc values each) that the next slice is made of, prefetched into L2 one cache line per
+ * rows, prefetched into L1 while this one runs. ``pf``: this tile's share of the weight rows the
+ * next slice is made of (f32_tile_prefetch, kc values each), prefetched into L2 one cache line per
  * row every 16 k, so that reading them from memory overlaps this slice's FMAs. */
 F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, const float* a, const float* b,
                                                                      const float* next, const f32_epilogue* ep,
                                                                      float* y, int64_t m, int64_t n0,
                                                                      const __mmask16* masks, int64_t N, int64_t lda,
-                                                                     int64_t kc, int first, int last, const float* pf,
-                                                                     int pf_rows, int64_t pf_ld) {
+                                                                     int64_t kc, int first, int last,
+                                                                     f32_prefetch pf) {
   __m512 acc[F32_MR][F32_NV];
 #pragma GCC unroll 16
   for (int r = 0; r < F32_MR; ++r)
@@ -452,7 +452,7 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
     if ((k & 15) == 0) {
 #pragma GCC unroll 16
       for (int r = 0; r < F32_MR; ++r) _mm_prefetch((const char*)(next + r * lda + k), _MM_HINT_T0);
-      for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * pf_ld + k), _MM_HINT_T1);
+      for (int r = 0; r < pf.rows; ++r) _mm_prefetch((const char*)(pf.start + r * pf.ld + k), _MM_HINT_T1);
     }
     __m512 bv[F32_NV];
 #pragma GCC unroll 8
@@ -489,22 +489,23 @@ F32_AVX512 __attribute__((always_inline)) static inline void f32_tile(int mr, co
   }
 }
 
-/* How many of the next slice's weight rows row tile ``t`` prefetches: ``per_tile`` each, in order,
- * until none are left. */
-static inline int f32_prefetch_rows(const f32_prefetch* next, int64_t t, int64_t per_tile) {
-  int64_t left = next->rows - t * per_tile;
-  return (int)(left <= 0 ? 0 : left < per_tile ? left : per_tile);
+/* Rows of ``next`` per row tile when a block's ``tiles`` row tiles share its prefetching. */
+static inline int64_t f32_prefetch_per_tile(const f32_prefetch* next, int64_t tiles) {
+  return tiles > 0 && next->start ? (next->rows + tiles - 1) / tiles : 0;
 }
 
-/* The first weight row row tile ``t`` prefetches (NULL when there is no next slice). */
-static inline const float* f32_prefetch_start(const f32_prefetch* next, int64_t t, int64_t per_tile) {
-  return next->start ? next->start + t * per_tile * next->ld : NULL;
+/* The rows of ``next`` that row tile ``t`` prefetches: ``per_tile`` each, in order, until none are
+ * left (none: start NULL). */
+static inline f32_prefetch f32_tile_prefetch(const f32_prefetch* next, int64_t t, int64_t per_tile) {
+  int64_t left = next->rows - t * per_tile;
+  int64_t rows = left <= 0 ? 0 : left < per_tile ? left : per_tile;
+  return (f32_prefetch){rows > 0 ? next->start + t * per_tile * next->ld : NULL, rows, next->ld};
 }
 
 #define F32_TILE_CASE(R)                                                                             \
   case R:                                                                                            \
     f32_tile(R, a, b, a, ep, y, m, n0, masks, N, lda, kc, first, last,                               \
-             f32_prefetch_start(next, t, per_tile), f32_prefetch_rows(next, t, per_tile), next->ld); \
+             f32_tile_prefetch(next, t, per_tile));                                                  \
     break;
 
 /* Rows [m0, m1) x columns [n0, n0 + ncols) (the slice ``b``), one K block of kc; row r of the
@@ -519,12 +520,12 @@ F32_AVX512 static void f32_block_avx512(const float* a0, int64_t lda, const floa
     masks[j] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
   }
   const int64_t tiles = (m1 - m0 + F32_MR - 1) / F32_MR;
-  const int64_t per_tile = tiles > 0 && next->start ? (next->rows + tiles - 1) / tiles : 0;
+  const int64_t per_tile = f32_prefetch_per_tile(next, tiles);
   int64_t m = m0, t = 0;
   const float* a = a0;
   for (; m + F32_MR <= m1; m += F32_MR, a += F32_MR * lda, ++t)
     f32_tile(F32_MR, a, b, a + F32_MR * lda, ep, y, m, n0, masks, N, lda, kc, first, last,
-             f32_prefetch_start(next, t, per_tile), f32_prefetch_rows(next, t, per_tile), next->ld);
+             f32_tile_prefetch(next, t, per_tile));
   switch (m1 - m) { /* constant row counts: each case is its own unrolled tile */
 #if F32_MR > 13
     F32_TILE_CASE(13) F32_TILE_CASE(12) F32_TILE_CASE(11) F32_TILE_CASE(10) F32_TILE_CASE(9) F32_TILE_CASE(8)
@@ -698,7 +699,7 @@ F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr,
                                                                           float* y, int64_t m, int64_t n0,
                                                                           const __m256i* masks, int64_t N, int64_t lda,
                                                                           int64_t kc, int first, int last,
-                                                                          const float* pf, int pf_rows, int64_t pf_ld) {
+                                                                          f32_prefetch pf) {
   __m256 acc[F32_AVX2_MR][F32_AVX2_NV];
 #pragma GCC unroll 6
   for (int r = 0; r < F32_AVX2_MR; ++r)
@@ -708,7 +709,7 @@ F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr,
                                      : _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     if ((k & 15) == 0) {
-      for (int r = 0; r < pf_rows; ++r) _mm_prefetch((const char*)(pf + r * pf_ld + k), _MM_HINT_T1);
+      for (int r = 0; r < pf.rows; ++r) _mm_prefetch((const char*)(pf.start + r * pf.ld + k), _MM_HINT_T1);
     }
     __m256 bv[F32_AVX2_NV];
 #pragma GCC unroll 3
@@ -749,7 +750,7 @@ F32_AVX2 __attribute__((always_inline)) static inline void f32_tile_avx2(int mr,
 #define F32_AVX2_TILE_CASE(R)                                                                          \
   case R:                                                                                              \
     f32_tile_avx2(R, a, b, ep, y, m, n0, masks, N, lda, kc, first, last,                               \
-                  f32_prefetch_start(next, t, per_tile), f32_prefetch_rows(next, t, per_tile), next->ld); \
+                  f32_tile_prefetch(next, t, per_tile));                                               \
     break;
 
 /* f32_block_avx512 on the 6 x 16 ymm tile. */
@@ -759,12 +760,12 @@ F32_AVX2 static void f32_block_avx2(const float* a0, int64_t lda, const float* b
   __m256i masks[F32_AVX2_NV];
   for (int j = 0; j < F32_AVX2_NV; ++j) masks[j] = f32_lanes_avx2(ncols - 8 * j);
   const int64_t tiles = (m1 - m0 + F32_AVX2_MR - 1) / F32_AVX2_MR;
-  const int64_t per_tile = tiles > 0 && next->start ? (next->rows + tiles - 1) / tiles : 0;
+  const int64_t per_tile = f32_prefetch_per_tile(next, tiles);
   int64_t m = m0, t = 0;
   const float* a = a0;
   for (; m + F32_AVX2_MR <= m1; m += F32_AVX2_MR, a += F32_AVX2_MR * lda, ++t)
     f32_tile_avx2(F32_AVX2_MR, a, b, ep, y, m, n0, masks, N, lda, kc, first, last,
-                  f32_prefetch_start(next, t, per_tile), f32_prefetch_rows(next, t, per_tile), next->ld);
+                  f32_tile_prefetch(next, t, per_tile));
   switch (m1 - m) {
     F32_AVX2_TILE_CASE(5) F32_AVX2_TILE_CASE(4) F32_AVX2_TILE_CASE(3) F32_AVX2_TILE_CASE(2) F32_AVX2_TILE_CASE(1)
     default: break;
