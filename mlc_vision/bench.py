@@ -33,6 +33,7 @@ from . import bench_peers
 from .bench_peers import machine_info
 from .compiler.targets import attention_modes
 from .config import VisionConfig, list_presets, load_preset
+from .weights.params import NUMPY_DTYPES
 
 DEFAULT_MODELS = (
     "clip-vit-base-patch16",
@@ -159,23 +160,16 @@ class OurLibrary:
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
         self.fp32_params = params if params is not None else _random_params(built.metadata)
         self.metadata = built.metadata
-        loaded = [tvm.runtime.tensor(p.astype(self._np_dtype()), self.device) for p in self.fp32_params]
+        loaded = [tvm.runtime.tensor(p.astype(NUMPY_DTYPES[self.dtype]), self.device) for p in self.fp32_params]
         weights = entry_params(self.vm, self.metadata, loaded)  # as VisionEncoder loads them
         self.params = weights.tensors
         self.encode = self.vm[entry_function(self.metadata, "encode", weights.packed)]
         self.tokens = built.metadata["num_tokens"]
 
-    def _np_dtype(self):
-        if self.dtype == "bfloat16":
-            import ml_dtypes
-
-            return ml_dtypes.bfloat16
-        return np.dtype(self.dtype)
-
     def timer(self, pixels: np.ndarray):
         import tvm
 
-        x = tvm.runtime.tensor(pixels.astype(self._np_dtype()), self.device)
+        x = tvm.runtime.tensor(pixels.astype(NUMPY_DTYPES[self.dtype]), self.device)
         return lambda: self.encode(x, self.params)
 
 

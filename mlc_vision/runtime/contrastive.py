@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 
 from ..errors import MlcVisionError
-from ..weights.params import load_params, read_params
+from ..weights.params import NUMPY_DTYPES, load_params, read_params
 from ..cpu_features import check_cpu_library
 from .encoder import (
     PerThreadVM,
@@ -85,7 +85,7 @@ class ContrastiveEncoder:
 
         pixels = images if isinstance(images, np.ndarray) else preprocess(images, Preprocess.from_dict(self.metadata["preprocess"]))
         encode = self._vm[entry_function(self.metadata, "encode", self._params.packed)]
-        out = encode(self._tensor(pixels.astype(_numpy(self.metadata["dtype"]))), self._params.tensors).numpy()
+        out = encode(self._tensor(pixels.astype(NUMPY_DTYPES[self.metadata["dtype"]])), self._params.tensors).numpy()
         return out[:, 0].astype(np.float32)
 
     def encode_token_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -117,11 +117,3 @@ class ContrastiveEncoder:
         """``[n_images, n_texts]``: softmax over the texts (CLIP, EVA) or sigmoid per pair (SigLIP)."""
         logits = self.logits_per_image(self.encode_images(images), self.encode_texts(texts))
         return PROBABILITIES[self.text["logits"]](logits)
-
-
-def _numpy(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)

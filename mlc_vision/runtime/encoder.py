@@ -22,7 +22,7 @@ from tvm.runtime.vm import VirtualMachine  # not tvm.relax: the runtime must loa
 from ..config import Preprocess, check_tile_range
 from ..errors import MlcVisionError
 from ..weights.integrity import check_params_files
-from ..weights.params import load_params, read_params
+from ..weights.params import NUMPY_DTYPES, load_params, read_params
 from ..cpu_features import check_cpu_library
 from .libcheck import check_library_file
 from .memory import prepack_fits
@@ -405,7 +405,7 @@ class VisionEncoder:
     @property
     def dummy_feature(self) -> np.ndarray:
         """``zeros(1, hidden_size)`` in the library's dtype (LLaVA's placeholder for text-only batches)."""
-        return np.zeros((1, self.hidden_size), dtype=_numpy_dtype(self.dtype))
+        return np.zeros((1, self.hidden_size), dtype=NUMPY_DTYPES[self.dtype])
 
     # ---- calling -----------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
@@ -419,7 +419,7 @@ class VisionEncoder:
                 f"pixel_values has shape {list(pixel_values.shape)}; the library takes [batch, {', '.join(map(str, expected))}]"
             )
         warn_if_not_finite(pixel_values)
-        array = np.ascontiguousarray(pixel_values.astype(_numpy_dtype(self.dtype)))
+        array = np.ascontiguousarray(pixel_values.astype(NUMPY_DTYPES[self.dtype]))
         return self._call("encode", array)
 
     def encode_rgb8(self, pixels: np.ndarray) -> np.ndarray:
@@ -479,7 +479,7 @@ class VisionEncoder:
         if patches.ndim != 2 or patches.shape != (count, width):
             raise MlcVisionError(f"patches have shape {list(patches.shape)}; grid_thw {list(grids)} needs [{count}, {width}]")
         warn_if_not_finite(patches)
-        arrays = {"patches": np.ascontiguousarray(patches.astype(_numpy_dtype(self.dtype))),
+        arrays = {"patches": np.ascontiguousarray(patches.astype(NUMPY_DTYPES[self.dtype])),
                   **attention_inputs(grids, geometry)}  # fmt: skip
         ordered = [arrays[spec["name"]] for spec in self.native_resolution["inputs"]]
         group = geometry.merge_size**2
@@ -616,11 +616,3 @@ def _as_dtype(features, input_dtype: np.dtype, match: bool):
         cast = [f.astype(input_dtype, copy=False) for f in features]
         return type(features)._make(cast) if hasattr(features, "_make") else tuple(cast)
     return features.astype(input_dtype, copy=False)
-
-
-def _numpy_dtype(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)
