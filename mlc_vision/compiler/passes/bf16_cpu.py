@@ -17,7 +17,7 @@ a GPU bf16 library. Inside, only the linear layers run in bf16:
    added by the kernel too. The activation cast fuses into the kernel that
    produces x (LayerNorm), the weight cast disappears. A linear layer whose
    only consumer is the next one's input through an activation the kernel
-   knows (``ACTIVATIONS``: CLIP's quick GELU, GELU with erf or tanh), e.g. the
+   knows (``cpu_bf16_gemm.ACTIVATIONS``: CLIP's quick GELU, GELU with erf or tanh), e.g. the
    MLP's fc1, applies the activation and the bf16 cast in its own epilogue and
    writes bf16: no fp32 ``[tokens, intermediate]`` tensor, no GELU kernel.
 3. :func:`bf16_attention_cpu`: in a bf16 library, every plain ``R.nn.attention``
@@ -39,22 +39,21 @@ import re
 import tvm
 from tvm import relax
 
-from ..kernels.cpu_bf16_gemm import ACTIVATIONS, attention_primfunc, linear_primfunc, uses_bf16_kernel
+from ..kernels.cpu_bf16_gemm import attention_primfunc, linear_primfunc, uses_bf16_kernel
 from .relax_rewrite import (
     ATTENTION_OP,
-    bound_value,
+    BF16,
+    F32,
+    LinearLayerRewriter,
     llvm_cpu_features,
     plain_attention_shape,
     rewrite_relax_functions,
+    same_f32_shape,
     static_int,
 )
 
-BF16 = "bfloat16"
-F32 = "float32"
-#: Relax ops that are one of the kernel's ``ACTIVATIONS`` of their argument.
+#: Relax ops that are one of the kernel's activations (``cpu_bf16_gemm.ACTIVATIONS``) of their argument.
 ACTIVATION_OPS = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh"}
-#: quick GELU is ``y * sigmoid(QUICK_GELU_SCALE * y)`` (layers.quick_gelu).
-QUICK_GELU_SCALE = 1.702
 
 
 # ---------------------------------------------------------------- interface
@@ -118,15 +117,8 @@ def bf16_interface(mod: tvm.IRModule) -> tvm.IRModule:
 # ---------------------------------------------------------------- linear layers
 
 
-def _same_dim(a, b) -> bool:
-    """Two shape dims are the same: equal constants, or one symbolic variable."""
-    if static_int(a) is not None or static_int(b) is not None:
-        return static_int(a) == static_int(b)
-    return a.same_as(b)
-
-
 @relax.expr_functor.mutator
-class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+class _Bf16LinearRewriter(LinearLayerRewriter):  # pylint: disable=abstract-method
     """``matmul(x, permute_dims(astype(w_bf16)))`` (+ bias) -> ``call_tir(bf16_linear, ...)``."""
 
     def __init__(self, mod):
@@ -134,37 +126,13 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
         self.matmul = tvm.ir.Op.get("relax.matmul")
         self.add = tvm.ir.Op.get("relax.add")
         self.multiply = tvm.ir.Op.get("relax.multiply")
-        self.kernels = {}
         self.bf16_inputs = {}
 
     # -- matching helpers
-    def _value(self, expr):
-        """What ``expr`` stands for (:func:`relax_rewrite.bound_value`)."""
-        return bound_value(self, expr)
-
-    def _bound(self, expr, op):
-        """The call ``op(...)`` that ``expr`` stands for, else None."""
-        value = self._value(expr)
-        if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)):
-            return value
-        return None
-
     def _bf16_weight(self, b):
         """The stored bf16 ``[n, k]`` weight behind a matmul's right operand ``permute_dims(w)``, else None."""
-        transpose = self._bound(b, "relax.permute_dims")
-        if transpose is None or transpose.args[0].ty.ndim != 2:
-            return None
-        if transpose.attrs.axes is not None and [int(a) for a in transpose.attrs.axes] != [1, 0]:
-            return None
-        w = transpose.args[0]
-        reshape = self._bound(w, "relax.reshape")
-        source = reshape.args[0] if reshape is not None else w
-        cast = self._bound(source, "relax.astype")
-        if cast is None or cast.args[0].ty.dtype != BF16:
-            return None
-        if reshape is None:
-            return cast.args[0]
-        return self.builder_.emit(relax.op.reshape(cast.args[0], reshape.args[1]))
+        w = self._transposed_weight(b)
+        return self._bf16_source(w) if w is not None else None
 
     def _kernel(self, lead_ndim: int, k: int, n: int, bias: bool, residual: bool = False, act: str | None = None):
         key = (lead_ndim, k, n, bias, residual, act)
@@ -177,38 +145,19 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
     def _linear_call(self, expr):
         """``(key, call)`` when ``expr`` is a var bound to one of our fp32-output linear kernels' ``call_tir``
         (not one with an activation epilogue), else None."""
-        if not isinstance(expr, relax.Var):
-            return None
-        call = self.lookup_binding(expr)
-        if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
-            return None
-        key = next((key for key, gv in self.kernels.items() if gv.same_as(call.args[0])), None)
-        return (key, call) if key is not None and key[5] is None else None
-
-    def _scaled(self, expr, y, scale: float) -> bool:
-        """Whether ``expr`` stands for ``y * scale`` (a scalar constant, either order)."""
-        mul = self._bound(expr, "relax.multiply")
-        if mul is None:
-            return False
-        for a, c in (mul.args, mul.args[::-1]):
-            if a.same_as(y) and isinstance(c, tvm.ir.Constant) and c.value.numpy().size == 1:
-                return abs(float(c.value.numpy().reshape(())) - scale) < 1e-6
-        return False
+        found = self._kernel_call(expr)
+        return found if found is not None and found[0][5] is None else None
 
     def _activation(self, x):
-        """``(name, y)`` when ``x`` stands for the activation ``name`` (of ``ACTIVATIONS``) of ``y``, else None."""
+        """``(name, y)`` when ``x`` stands for the activation ``name`` (of ``ACTIVATION_OPS`` or quick GELU) of ``y``, else None."""
         value = self._value(x)
         if not isinstance(value, relax.Call):
             return None
         for op, name in ACTIVATION_OPS.items():
             if value.op.same_as(tvm.ir.Op.get(op)):
                 return name, value.args[0]
-        if value.op.same_as(self.multiply):
-            for y, s in (value.args, value.args[::-1]):
-                sigmoid = self._bound(s, "relax.sigmoid")
-                if sigmoid is not None and self._scaled(sigmoid.args[0], y, QUICK_GELU_SCALE):
-                    return "quick_gelu", y
-        return None
+        y = self._quick_gelu_input(value) if value.op.same_as(self.multiply) else None
+        return ("quick_gelu", y) if y is not None else None
 
     def _linear_with_activation(self, x):
         """``x = act(linear(...))`` in bf16 by one kernel with the activation epilogue, else None."""
@@ -287,14 +236,10 @@ class _Bf16LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-meth
             if found is None or found[0][4]:
                 continue
             (lead_ndim, k, n, bias, _, _), linear = found
-            rt, yt = residual.ty, y.ty
-            same_shape = isinstance(rt, relax.TensorType) and rt.dtype == F32 and rt.ndim == yt.ndim and all(
-                _same_dim(a, b) for a, b in zip(rt.shape.values, yt.shape.values)
-            )
-            if not same_shape:
+            if not same_f32_shape(residual.ty, y.ty):
                 continue
             args = list(linear.args[1].fields) + [residual]
-            return relax.call_tir(self._kernel(lead_ndim, k, n, bias, True), args, yt)
+            return relax.call_tir(self._kernel(lead_ndim, k, n, bias, True), args, y.ty)
         return call
 
 

@@ -60,14 +60,19 @@ from ..kernels.cpu_f32_gemm import (
     packed_floats,
 )
 from .fuse_attention import replace_attention
-from .relax_rewrite import add_kernel_once, bound_value, llvm_cpu_features, rewrite_relax_functions, static_int
+from .relax_rewrite import (
+    BF16,
+    F32,
+    LinearLayerRewriter,
+    add_kernel_once,
+    llvm_cpu_features,
+    rewrite_relax_functions,
+    same_f32_shape,
+    static_int,
+)
 
-F32 = "float32"
-BF16 = "bfloat16"
 #: Relax ops that are one of the kernel's activations of their argument.
 ACTIVATION_OPS = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.silu": "silu"}
-#: quick GELU is ``y * sigmoid(QUICK_GELU_SCALE * y)`` (layers.quick_gelu).
-QUICK_GELU_SCALE = 1.702
 #: With ``prepack``: the function that packs the weights once, and the suffix of each entry's twin.
 PREPACK_FUNCTION = "prepack_params"
 PREPACKED_SUFFIX = "_prepacked"
@@ -77,19 +82,6 @@ def target_runs_f32_kernel(target) -> bool:
     """Whether the LLVM CPU target ``target`` (mcpu and mattr) has one of the C kernel's vector paths."""
     features = llvm_cpu_features(target)
     return features is not None and has_vector_path(features)
-
-
-def _same_dim(a, b) -> bool:
-    """Two shape dims are the same: equal constants, or one symbolic variable."""
-    if static_int(a) is not None or static_int(b) is not None:
-        return static_int(a) == static_int(b)
-    return a.same_as(b)
-
-
-def _same_shape(a, b) -> bool:
-    """``a`` and ``b`` are fp32 tensors of one shape (symbolic dims compared by variable)."""
-    ok = all(isinstance(t, relax.TensorType) and t.dtype == F32 and t.shape is not None for t in (a, b))
-    return ok and a.ndim == b.ndim and all(_same_dim(x, y) for x, y in zip(a.shape.values, b.shape.values))
 
 
 class _Key(NamedTuple):
@@ -117,7 +109,7 @@ class _Key(NamedTuple):
 
 
 @relax.expr_functor.mutator
-class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-method
+class _F32LinearRewriter(LinearLayerRewriter):  # pylint: disable=abstract-method
     """``matmul(x, permute_dims(w))`` and its epilogue -> ``call_tir(f32_linear, ...)``.
 
     Each kernel is named by its :class:`_Key`.
@@ -126,49 +118,17 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
     def __init__(self, mod):
         super().__init__(mod)
         self.ops = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "add", "multiply")}
-        self.kernels = {}
 
     # -- matching helpers
-    def _value(self, expr):
-        """What ``expr`` stands for (:func:`relax_rewrite.bound_value`)."""
-        return bound_value(self, expr)
-
-    def _bound(self, expr, op):
-        """The call ``op(...)`` that ``expr`` stands for, else None."""
-        value = self._value(expr)
-        if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)):
-            return value
-        return None
-
     def _weight(self, b):
         """The ``[n, k]`` weight (static n and k) behind a matmul's right operand ``permute_dims(w)``, else None.
 
         An fp32 ``w`` is the weight; so is the bf16 tensor ``w`` is cast from (a bf16 library's
         parameter, possibly reshaped after the cast: the kernel widens it as it packs).
         """
-        transpose = self._bound(b, "relax.permute_dims")
-        if transpose is None:
-            return None
-        w = transpose.args[0]
-        wt = w.ty
-        if not isinstance(wt, relax.TensorType) or wt.ndim != 2 or wt.dtype != F32 or wt.shape is None:
-            return None
-        if transpose.attrs.axes is not None and [int(a) for a in transpose.attrs.axes] != [1, 0]:
-            return None
-        if None in [static_int(d) for d in wt.shape.values]:
-            return None
-        source = self._bf16_source(w)
+        w = self._transposed_weight(b)
+        source = self._bf16_source(w) if w is not None else None
         return w if source is None else source
-
-    def _bf16_source(self, w):
-        """The bf16 tensor, in ``w``'s shape, that fp32 ``w`` is cast from (``astype`` then maybe
-        ``reshape``), else None."""
-        reshape = self._bound(w, "relax.reshape")
-        cast = self._bound(reshape.args[0] if reshape is not None else w, "relax.astype")
-        if cast is None or cast.args[0].ty.dtype != BF16:
-            return None
-        source = cast.args[0]
-        return source if reshape is None else self.builder_.emit(relax.op.reshape(source, w.ty.shape))
 
     def _kernel(self, key: _Key):
         if key not in self.kernels:
@@ -182,13 +142,8 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
 
     def _linear(self, expr):
         """``(key, args)`` when ``expr`` is a var bound to one of our kernels' ``call_tir``, else None."""
-        if not isinstance(expr, relax.Var):
-            return None
-        call = self.lookup_binding(expr)
-        if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
-            return None
-        key = next((key for key, gv in self.kernels.items() if gv.same_as(call.args[0])), None)
-        return (key, list(call.args[1].fields)) if key is not None else None
+        found = self._kernel_call(expr)
+        return (found[0], list(found[1].args[1].fields)) if found is not None else None
 
     def _bare(self, expr):
         """Like :meth:`_linear`, for a kernel with nothing after its bias yet (:meth:`_Key.bare`)."""
@@ -257,7 +212,7 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
         """``add(r, linear(...))`` (either order) -> the kernel adding ``r`` in its epilogue."""
         for y, residual in (call.args, call.args[::-1]):
             found = self._linear(y)
-            if found is None or not found[0]._replace(scale=False).bare() or not _same_shape(residual.ty, y.ty):
+            if found is None or not found[0]._replace(scale=False).bare() or not same_f32_shape(residual.ty, y.ty):
                 continue
             key, args = found
             return self._call(key._replace(residual=True), args + [residual], y.ty)
@@ -273,21 +228,8 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
 
     def _fold_quick_gelu(self, call):
         """``y * sigmoid(y * 1.702)`` (any operand order) of a linear layer's output -> quick GELU epilogue."""
-        for y, s in (call.args, call.args[::-1]):
-            sigmoid = self._bound(s, "relax.sigmoid")
-            if sigmoid is not None and self._scaled(sigmoid.args[0], y, QUICK_GELU_SCALE):
-                return self._fold_activation(call, y, "quick_gelu")
-        return call
-
-    def _scaled(self, expr, y, scale: float) -> bool:
-        """Whether ``expr`` stands for ``y * scale`` (a scalar constant, either order)."""
-        mul = self._bound(expr, "relax.multiply")
-        if mul is None:
-            return False
-        for a, c in (mul.args, mul.args[::-1]):
-            if a.same_as(y) and isinstance(c, tvm.ir.Constant) and c.value.numpy().size == 1:
-                return abs(float(c.value.numpy().reshape(())) - scale) < 1e-6
-        return False
+        y = self._quick_gelu_input(call)
+        return call if y is None else self._fold_activation(call, y, "quick_gelu")
 
     def _fold_gate(self, call):
         """``act(linear_g(x)) * u`` (either order; SwiGLU) -> the gate kernel multiplying by ``u``."""
@@ -295,7 +237,7 @@ class _F32LinearRewriter(relax.PyExprMutator):  # pylint: disable=abstract-metho
             found = self._linear(y)
             if found is None or found[0].act is None or found[0].residual or found[0].gate:
                 continue
-            if not _same_shape(u.ty, y.ty):
+            if not same_f32_shape(u.ty, y.ty):
                 continue
             key, args = found
             return self._call(key._replace(gate=True), args + [u], y.ty)
