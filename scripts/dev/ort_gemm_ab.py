@@ -8,7 +8,7 @@ times its contenders (``bench.interleaved_medians_ms``: alternated, a pause befo
 the previous engine's threads have stopped spinning; ONNX Runtime's session as ``bench`` makes it):
 
     python scripts/dev/ort_gemm_ab.py --m 197
-    python scripts/dev/ort_gemm_ab.py --m 1576 --runs 5
+    python scripts/dev/ort_gemm_ab.py --m 1576 --runs 5 --packed
 
 Prints the median of each and their ratio: where the GEMMs alone stand against ONNX Runtime's, apart
 from attention and the rest of a library.
@@ -55,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=197, help="rows (tokens x batch)")
     ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--packed", action="store_true", help="ours on weights packed beforehand, as an fp32 library's")
     args = ap.parse_args()
     from mlc_vision.bench import interleaved_medians_ms
 
@@ -66,7 +67,7 @@ def main() -> None:
             session = onnx_session(args.m, weights, biases, Path(tmp) / "chain.onnx")
             x = np.random.default_rng(1).standard_normal((args.m, dims[0][0])).astype(np.float32)
             contenders = {
-                "ours": f32_gemm_bench.linear_chain(lib, args.m, weights, biases),
+                "ours": f32_gemm_bench.linear_chain(lib, args.m, weights, biases, args.packed),
                 "onnxruntime": lambda x, session=session: session.run(None, {"x": x})[0],
             }
             ref = contenders["onnxruntime"](x)
