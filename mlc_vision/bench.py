@@ -124,6 +124,8 @@ class Row:
     tvm_gflops_per_s: float
     pct_peak: float
     compile_s: float
+    probe_before_gflops: float | None = None
+    probe_after_gflops: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -253,16 +255,21 @@ def bench_one(preset: str, batches: list[int], runs: int, workdir: Path, torch_c
         if ours16 is not None:
             contenders["tvm_bf16"] = ours16.timer(pixels)
             cos16 = cosine(contenders["tvm"]().numpy(), contenders["tvm_bf16"]().numpy().astype("float32"))
+        before = bench_peers.probe_now()
         ms = interleaved_medians_ms(contenders, runs)
-        rows.append(_make_row(preset, config, batch, ms, cos16, peer_engines, ours.compile_s, peak, notes))
+        probes = (before, bench_peers.probe_now())
+        rows.append(_make_row(preset, config, batch, ms, cos16, peer_engines, ours.compile_s, peak, notes, probes))
         print(_row_line(rows[-1]), flush=True)
         if on_row is not None:
             on_row(rows[-1])
     return rows
 
 
-def _make_row(preset, config, batch, ms, cos16, peer_engines, compile_s, peak, notes) -> Row:
+def _make_row(preset, config, batch, ms, cos16, peer_engines, compile_s, peak, notes, probes=(None, None)) -> Row:
+    """The row of one batch; ``probes``: the FMA probe's readings before and after its calls. The % of
+    peak divides by the best of ``peak`` (the run's first reading) and those two."""
     tvm_ms = ms["tvm"]
+    peak = max([peak, *(p for p in probes if p)])
     fp32_peers = {k: ms[k] for k in FP32_PEERS if k in ms}
     best = min(fp32_peers, key=fp32_peers.get)
     flops = encoder_flops(config, batch, config.num_layers_compiled)
@@ -280,6 +287,7 @@ def _make_row(preset, config, batch, ms, cos16, peer_engines, compile_s, peak, n
         ratio_bf16_openvino=_ratio(ms.get("tvm_bf16"), ms.get("ov_default")),
         gflops=round(flops / 1e9, 1), tvm_gflops_per_s=round(achieved, 1),
         pct_peak=round(100 * achieved / peak, 1), compile_s=round(compile_s, 1), notes=notes,
+        probe_before_gflops=rnd(probes[0]), probe_after_gflops=rnd(probes[1]),
     )  # fmt: skip
 
 
@@ -293,8 +301,14 @@ def _row_line(r: Row) -> str:
         f"compile {_fmt(r.torch_compile_ms)} | ORT {_fmt(r.onnxruntime_ms)} | OV f32 {_fmt(r.openvino_f32_ms)} | "
         f"ours/best {r.ratio_best_fp32:.2f} ({r.best_fp32_peer}) | ours bf16 {_fmt(r.tvm_bf16_ms)} "
         f"(cos {_fmt(r.bf16_cosine, '.6f')}) vs OV {r.openvino_default_precision or 'default'} "
-        f"{_fmt(r.openvino_default_ms)}: {_fmt(r.ratio_bf16_openvino, '.2f')} | {r.tvm_gflops_per_s:6.1f} GFLOP/s ({r.pct_peak:.0f}% peak)"
+        f"{_fmt(r.openvino_default_ms)}: {_fmt(r.ratio_bf16_openvino, '.2f')} | {r.tvm_gflops_per_s:6.1f} GFLOP/s ({r.pct_peak:.0f}% peak) "
+        f"| probe {_probes(r)} GFLOP/s"
     )
+
+
+def _probes(r: Row) -> str:
+    """The row's FMA-probe readings, before / after its calls."""
+    return f"{_fmt(r.probe_before_gflops, '.0f')} / {_fmt(r.probe_after_gflops, '.0f')}"
 
 
 def markdown_table(rows: list[Row], machine: dict, runs: int) -> str:
@@ -303,8 +317,8 @@ def markdown_table(rows: list[Row], machine: dict, runs: int) -> str:
         "",
         "| model | batch | tokens | ours fp32 ms | torch eager ms | torch.compile ms | ONNX Runtime ms | OpenVINO f32 ms "
         "| ours / fastest fp32 peer | ours bf16 ms | bf16 cosine vs our fp32 | OpenVINO default ms (precision) "
-        "| ours bf16 / OpenVINO default | ours fp32 GFLOP/s | % of fp32 peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ours bf16 / OpenVINO default | ours fp32 GFLOP/s | % of fp32 peak | FMA probe before / after, GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ov_default = f"{_fmt(r.openvino_default_ms)} ({r.openvino_default_precision})" if r.openvino_default_ms else "n/a"
@@ -312,14 +326,16 @@ def markdown_table(rows: list[Row], machine: dict, runs: int) -> str:
             f"| {r.model} | {r.batch} | {r.tokens} | {r.tvm_ms:.1f} | {r.torch_eager_ms:.1f} | {_fmt(r.torch_compile_ms)} | "
             f"{_fmt(r.onnxruntime_ms)} | {_fmt(r.openvino_f32_ms)} | {r.ratio_best_fp32:.2f} ({r.best_fp32_peer}) | "
             f"{_fmt(r.tvm_bf16_ms)} | {_fmt(r.bf16_cosine, '.6f')} | {ov_default} | {_fmt(r.ratio_bf16_openvino, '.2f')} | "
-            f"{r.tvm_gflops_per_s:.0f} | {r.pct_peak:.0f} |"
+            f"{r.tvm_gflops_per_s:.0f} | {r.pct_peak:.0f} | {_probes(r)} |"
         )
     notes = [f"- {r.model} b={r.batch}: {n}" for r in rows for n in r.notes]
     lines += [
         "",
         f"Median of {runs} timed calls after 2 warm-up calls, every contender timed in alternation in one process, "
         f"{QUIET_S:g} s of pause before each call; random weights; ONNX Runtime and OpenVINO run the same ONNX "
-        "export of the torch model.",
+        "export of the torch model. The FMA probe of the header is read again before and after each row's calls: "
+        "readings well under the best mean that other work shared the cores while the row ran; the % column "
+        "divides by the best of the header's reading and the row's two.",
         *notes,
     ]
     return "\n".join(lines) + "\n"

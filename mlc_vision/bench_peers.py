@@ -117,6 +117,11 @@ def _cpuinfo_fields() -> dict[str, str]:
     return fields
 
 
+def _cpu_flags(info: dict[str, str]) -> set[str]:
+    """The instruction-set flags of :func:`_cpuinfo_fields` (x86 ``flags``, Arm ``Features``)."""
+    return set((info.get("flags") or info.get("Features") or "").split())
+
+
 def fp32_flops_per_cycle(vendor: str, family: int, model: int, flags: set[str]) -> int:
     """fp32 FLOP one core retires per cycle at best: by model range, else by the widest FMA."""
     for (known_vendor, known_family, first_model), per_cycle in FLOPS_PER_CYCLE_BY_MODEL:
@@ -132,7 +137,7 @@ def machine_info(measure_peak: bool = False) -> dict:
     every core (None where it cannot run), and the clock that implies (``measured_ghz``).
     """
     info = _cpuinfo_fields()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
+    flags = _cpu_flags(info)
     vendor = info.get("vendor_id", "")
     family = int(info.get("cpu family", "0") or 0)
     cores = os.cpu_count() or 1
@@ -173,7 +178,7 @@ def machine_header(machine: dict) -> str:
     if machine.get("measured_fp32_gflops"):
         line += (
             f"; measured (FMA-only loop on every core) {machine['measured_fp32_gflops']:.0f} GFLOP/s, "
-            f"{machine['measured_ghz']:.2f} GHz effective: the peak of the % column"
+            f"{machine['measured_ghz']:.2f} GHz effective: the peak of the % column where a row's own readings are not higher"
         )
     return line
 
@@ -244,6 +249,13 @@ def measure_fma_peak(flags: set[str], cores: int) -> float | None:
         loop.argtypes = [ctypes.c_int64]
         flop = cores * FMA_PROBE_ITERATIONS * FMA_CHAINS * lanes * 2
         return max(flop / _run_on_threads(loop, cores) / 1e9 for _ in range(3))
+
+
+def probe_now() -> float | None:
+    """:func:`measure_fma_peak` on every core, now (None where it cannot run). ``bench`` reads it
+    before and after each row: on a shared host the cores' throughput drops while other work runs
+    on them (other tenants' threads on the same physical cores), and every engine's time with it."""
+    return measure_fma_peak(_cpu_flags(_cpuinfo_fields()), os.cpu_count() or 1)
 
 
 def _run_on_threads(loop, threads: int) -> float:

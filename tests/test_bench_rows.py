@@ -24,6 +24,21 @@ def tiny_preset(monkeypatch, tmp_path, source: str, name: str, **fields) -> str:
     return name
 
 
+def test_percent_of_peak_divides_by_the_best_probe_reading():
+    """A row carries the FMA probe's readings around its calls; its % of peak takes the best of them and
+    the run's first reading, so a slow first reading does not put rows over 100 %."""
+    config = config_module.load_preset("clip-vit-base-patch16")
+    ms = {"tvm": 100.0, "eager": 120.0}
+    row = bench._make_row("clip-vit-base-patch16", config, 1, ms, None, None, 1.0, 100.0, [], (150.0, 120.0))
+    assert (row.probe_before_gflops, row.probe_after_gflops) == (150.0, 120.0)
+    assert row.pct_peak == pytest.approx(100 * row.tvm_gflops_per_s / 150.0, abs=0.1)
+    unprobed = bench._make_row("clip-vit-base-patch16", config, 1, ms, None, None, 1.0, 100.0, [])
+    assert unprobed.pct_peak == pytest.approx(100 * unprobed.tvm_gflops_per_s / 100.0, abs=0.1)
+    machine = {"cpu": "test", "isa": [], "cores": 2, "ghz": 2.0, "fp32_flops_per_cycle": 32, "fp32_peak_gflops": 128.0}
+    assert "| 150 / 120 |" in bench.markdown_table([row], machine, 3)
+    assert "| n/a / n/a |" in bench.markdown_table([unprobed], machine, 3)
+
+
 @pytest.mark.parametrize("count, grid", [(1, (1, 1)), (6, (2, 3)), (7, (1, 7)), (12, (3, 4))])
 def test_tile_grid_is_the_squarest(count, grid):
     assert bench.tile_grid(count) == grid

@@ -277,4 +277,14 @@ def test_bench_command(tiny_preset, tmp_path, capsys):
     for row in report["rows"]:
         assert row["tvm_ms"] > 0 and row["torch_eager_ms"] > 0 and row["torch_compile_ms"] is None
         assert row["layers"] == TINY["num_hidden_layers"] and row["tokens"] == TOKENS + 1
-    assert f"| {tiny_preset} | 1 |" in (out_dir / "bench.md").read_text()
+        # the FMA probe read before and after the row's calls; the % column divides by the best reading
+        measured = report["machine"]["measured_fp32_gflops"]
+        probes = [row["probe_before_gflops"], row["probe_after_gflops"]]
+        if measured is None:  # off x86, no FMA or no C compiler
+            assert probes == [None, None]
+        else:
+            assert all(p > 0 for p in probes)
+            best = max(measured, *probes)
+            assert row["pct_peak"] == pytest.approx(100 * row["tvm_gflops_per_s"] / best, rel=0.02, abs=0.1)
+    table = (out_dir / "bench.md").read_text()
+    assert f"| {tiny_preset} | 1 |" in table and "FMA probe before / after" in table
