@@ -16,6 +16,7 @@ frequency, fp32 peak) and the measured fp32 peak (:func:`measure_fma_peak`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import platform
@@ -241,14 +242,24 @@ def measure_fma_peak(flags: set[str], cores: int) -> float | None:
     if register is None:
         return None
     name, lanes = register
+    loop = _fma_loop(name)
+    if loop is None:
+        return None
+    flop = cores * FMA_PROBE_ITERATIONS * FMA_CHAINS * lanes * 2
+    return max(flop / _run_on_threads(loop, cores) / 1e9 for _ in range(3))
+
+
+@functools.lru_cache(maxsize=None)
+def _fma_loop(register: str):
+    """The probe's ``fma_loop`` on ``register`` vectors, built and loaded once per process (``bench``
+    reads the probe before and after every row); None where it does not build."""
     with tempfile.TemporaryDirectory(prefix="mlcv-fma-") as tmp:
-        library = build_fma_probe(name, Path(tmp))
+        library = build_fma_probe(register, Path(tmp))
         if library is None:
             return None
-        loop = ctypes.CDLL(str(library)).fma_loop  # ctypes releases the GIL: the threads run in parallel
-        loop.argtypes = [ctypes.c_int64]
-        flop = cores * FMA_PROBE_ITERATIONS * FMA_CHAINS * lanes * 2
-        return max(flop / _run_on_threads(loop, cores) / 1e9 for _ in range(3))
+        loop = ctypes.CDLL(str(library)).fma_loop  # stays mapped once the file is gone
+    loop.argtypes = [ctypes.c_int64]  # ctypes releases the GIL: the threads run in parallel
+    return loop
 
 
 def probe_now() -> float | None:
