@@ -50,13 +50,21 @@ def export_onnx(model, pixels, path: Path) -> Path:
     return path
 
 
-def onnxruntime_session(path: Path):
-    """An fp32 ONNX Runtime session on the CPU with one thread per core."""
+def onnxruntime_options():
+    """The session options ``bench`` runs ONNX Runtime with: one thread per core, every graph optimization."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def onnxruntime_session(path: Path, options=None):
+    """An fp32 ONNX Runtime session on the CPU (``options``: :func:`onnxruntime_options` by default)."""
+    import onnxruntime as ort
+
+    options = options if options is not None else onnxruntime_options()
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -29,8 +29,6 @@ MATMUL_OPS = ("MatMul", "FusedMatMul", "Gemm")
 
 
 def main() -> None:
-    import onnxruntime as ort
-
     from mlc_vision import bench, bench_peers
     from mlc_vision.config import load_preset
     from mlc_vision.testing.references import torch_model
@@ -45,10 +43,10 @@ def main() -> None:
     pixels = random_pixels(config, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         onnx = bench_peers.export_onnx(torch_model(config).eval(), pixels, Path(tmp) / "model.onnx")
-        options = bench_peers.onnxruntime_session(onnx).get_session_options()
+        options = bench_peers.onnxruntime_options()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+        session = bench_peers.onnxruntime_session(onnx, options)
         run = bench_peers.onnxruntime_runner(session, pixels)
         run()
         times = []
