@@ -10,7 +10,8 @@ OpenVINO's default precision; all in alternation. We report the median of
 means we are faster), ours bf16 / OpenVINO default, the bf16 library's cosine
 against our fp32 library, and the achieved GFLOP/s against this machine's fp32
 peak (measured by an FMA-only loop on every core where one builds, else the
-nominal one). Every table starts with the machine (CPU, ISA, frequency, peaks).
+nominal one; the loop runs again before and after every row, and the best
+reading counts). Every table starts with the machine (CPU, ISA, frequency, peaks).
 Results go to ``<output>/bench.json`` and ``<output>/bench.md``.
 
 The torch references live in :mod:`mlc_vision.testing` (the ``test`` extra:
